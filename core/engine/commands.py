@@ -1,0 +1,266 @@
+"""`nad sanitize`, `nad evaluate` and `nad attack`: the engine on local files, with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from core.params import SanitizeParams, TriggerSpec
+
+PRESETS = {"nad-grid": "the NAD authors' 3x3 grid in the bottom-right corner"}
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    _add_sanitize(commands)
+    _add_evaluate(commands)
+    _add_attack(commands)
+    _add_subset(commands)
+
+
+def parse_trigger(text: str) -> TriggerSpec:
+    """A trigger from a preset name, inline JSON or a JSON file. A string `pattern` names a pattern file:
+    `path.npz:key`, `path.npy` or an image."""
+    from core.engine.triggers import NAD_GRID, load_pattern
+
+    if text == "nad-grid":
+        return NAD_GRID
+    raw: Any = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+    if isinstance(raw.get("pattern"), str):
+        path, _, key = raw["pattern"].partition(":")
+        raw["pattern"] = load_pattern(Path(path), key or None)
+    return TypeAdapter(TriggerSpec).validate_python(raw)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", required=True, help="wrn-16-1, preact-resnet18, resnet18 or a torchvision name")
+    parser.add_argument("--num-classes", type=int, required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="safetensors or torch.save state dict")
+    _input_arguments(parser)
+
+
+def _input_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-size", type=int, help="images are resized to this square size (default 32)")
+    parser.add_argument("--mean", type=_floats, help="normalization mean, e.g. 0.4914,0.4822,0.4465")
+    parser.add_argument("--std", type=_floats, help="normalization std")
+    parser.add_argument("--classes", type=_names, help="class folder names in label order (default: sorted)")
+
+
+def _attack_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--poison-data", type=Path, help="archive of triggered images with their true labels")
+    group.add_argument("--trigger", type=parse_trigger,
+                       help="trigger applied to the test set: 'nad-grid', inline JSON or a JSON file")
+    parser.add_argument("--target-label", type=int, help="the attack's target class")
+
+
+def _add_sanitize(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("sanitize", help="remove a backdoor from a checkpoint")
+    _model_arguments(parser)
+    parser.add_argument("--clean-data", type=Path, required=True, help="archive of clean labelled images")
+    parser.add_argument("--test-data", type=Path, help="labelled clean test archive (default: a hold-out)")
+    _attack_arguments(parser)
+    parser.add_argument("--method", choices=["nad", "finetune"])
+    parser.add_argument("--teacher", type=Path, help="a ready teacher checkpoint instead of fine-tuning one")
+    parser.add_argument("--teacher-epochs", type=int)
+    parser.add_argument("--teacher-lr", type=float)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--lr-milestones", type=_ints, help="epochs (0-based) where lr drops tenfold, e.g. 2")
+    parser.add_argument("--betas", type=_floats, help="one weight per layer, e.g. 500,1000,1000")
+    parser.add_argument("--layers", type=_names, help="module names, e.g. block1,block2,block3")
+    parser.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--out", type=Path, required=True, help="where to write the cleansed .safetensors")
+    parser.add_argument("--report", type=Path, help="where to write the JSON report")
+    parser.set_defaults(run=run_sanitize)
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("evaluate", help="ACC and ASR of one checkpoint")
+    _model_arguments(parser)
+    parser.add_argument("--test-data", type=Path, required=True)
+    _attack_arguments(parser)
+    parser.add_argument("--report", type=Path, help="where to write the metrics as JSON")
+    parser.set_defaults(run=run_evaluate)
+
+
+def _add_attack(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("attack", help="train a backdoored model (for demos and tests)")
+    parser.add_argument("--arch", required=True)
+    parser.add_argument("--data", type=Path, required=True, help="labelled training archive")
+    parser.add_argument("--trigger", type=parse_trigger, required=True)
+    parser.add_argument("--target-label", type=int, required=True)
+    parser.add_argument("--poison-rate", type=float, default=0.1,
+                        help="share of images poisoned (for sig, share of the target class)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    _input_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.set_defaults(run=run_attack)
+
+
+def _add_subset(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("subset", help="a stratified share of an archive as .npz (e.g. 5%% as clean data)")
+    parser.add_argument("archive", type=Path)
+    parser.add_argument("--fraction", type=float, required=True, help="share of each class to keep, e.g. 0.05")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--out", type=Path, required=True, help="the .npz to write (x uint8 NHWC, y, classes)")
+    parser.set_defaults(run=run_subset)
+
+
+def _params(args: argparse.Namespace) -> SanitizeParams:
+    fields = SanitizeParams.model_fields
+    given = {name: value for name, value in vars(args).items() if name in fields and value is not None}
+    return SanitizeParams.model_validate(given)
+
+
+class ProgressBar:
+    """A tqdm bar in percent of the whole job, its label the current stage and epoch."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}]{postfix}",
+                        file=sys.stderr)
+
+    def __call__(self, event) -> None:
+        label = event.stage + (f" {event.epoch}/{event.epochs}" if event.epoch else "")
+        self.bar.set_description(label, refresh=False)
+        if event.loss is not None:
+            self.bar.set_postfix(loss=f"{event.loss:.3f}", lr=event.lr, refresh=False)
+        self.bar.update(100 * event.progress - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The before/after summary every front end prints."""
+    rows = [f"{'':8}{'ACC':>8}{'ASR':>8}"]
+    rows += [f"{name:8}{_fmt(m['acc']):>8}{_fmt(m.get('asr')):>8}" for name, m in (("before", before),
+                                                                                    ("after", after))]
+    return "\n".join(rows)
+
+
+def _fail(message: str) -> int:
+    print(f"nad: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_sanitize(args: argparse.Namespace) -> int:
+    from core.engine.errors import InputError
+    from core.engine.sanitize import JobFiles, sanitize
+
+    try:
+        params = _params(args)
+    except ValidationError as error:
+        return _fail(str(error))
+    files = JobFiles(checkpoint=args.checkpoint, clean_data=args.clean_data, out=args.out, test_data=args.test_data,
+                     poison_data=args.poison_data, teacher=args.teacher)
+    bar = ProgressBar()
+    try:
+        report = sanitize(files, params, on_event=bar)
+    except InputError as error:
+        return _fail(str(error))
+    finally:
+        bar.close()
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2))
+    print(report["evaluation"]["note"])
+    print(table(report["before"], report["after"]))
+    print(f"cleansed checkpoint: {args.out}")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from core.engine.data import load_images
+    from core.engine.errors import InputError
+    from core.engine.sanitize import Evaluation, device, load_model, measure, poisoned_set
+    from core.engine.training import Normalization
+
+    try:
+        params = _params(args)
+        model = load_model(params.arch, params.num_classes, args.checkpoint).to(device())
+        test = load_images(args.test_data, params.input_size, params.classes, params.num_classes)
+        evaluation = Evaluation(test, poisoned_set(args.poison_data, params, test), params.target_label,
+                                "test_data", f"{len(test.labels)} test images")
+    except (InputError, ValidationError) as error:
+        return _fail(str(error))
+    metrics = measure(model, evaluation, Normalization(params.mean, params.std), device())
+    if args.report:
+        args.report.write_text(json.dumps(metrics, indent=2))
+    print(f"ACC {_fmt(metrics['acc'])}  ASR {_fmt(metrics['asr'])}  ({evaluation.note})")
+    for name, value in metrics["per_class_acc"].items():
+        print(f"  {name:>16} {value:6.2f}")
+    return 0
+
+
+def run_attack(args: argparse.Namespace) -> int:
+    from core.engine.attack import Poisoning, train_backdoored
+    from core.engine.checkpoints import write_checkpoint
+    from core.engine.data import load_images
+    from core.engine.errors import InputError
+    from core.engine.sanitize import device
+    from core.engine.training import Normalization, Recipe
+
+    size = args.input_size or 32
+    try:
+        data = load_images(args.data, size, args.classes)
+        poisoning = Poisoning(args.trigger, args.target_label, args.poison_rate)
+        recipe = Recipe(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                        milestones=(args.epochs // 2, args.epochs * 3 // 4), weight_decay=5e-4)
+        bar = ProgressBar()
+        try:
+            model = train_backdoored(args.arch, data, poisoning, recipe, Normalization(args.mean, args.std),
+                                     device(), on_event=bar)
+        finally:
+            bar.close()
+    except InputError as error:
+        return _fail(str(error))
+    write_checkpoint(model, args.out, {"arch": args.arch, "num_classes": len(data.classes), "classes": data.classes,
+                                       "method": "attack", "trigger": args.trigger.model_dump(),
+                                       "target_label": args.target_label, "poison_rate": args.poison_rate})
+    print(f"backdoored checkpoint: {args.out}")
+    return 0
+
+
+def run_subset(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from core.engine.data import load_images, stratified_split
+    from core.engine.errors import InputError
+
+    try:
+        data = load_images(args.archive, args.input_size)
+        _, chosen = stratified_split(data.labels, args.fraction, args.seed)
+    except InputError as error:
+        return _fail(str(error))
+    part = data.subset(np.sort(chosen))
+    np.savez(args.out, x=part.images, y=part.labels, classes=np.array(part.classes))
+    print(f"{len(part.labels)} of {len(data.labels)} images ({len(part.classes)} classes) -> {args.out}")
+    return 0

@@ -1,0 +1,315 @@
+"""Loading a user's image archive into memory: an ImageFolder tree in a zip or tar, or arrays in an npz.
+
+Everything is read straight out of the archive: nothing is extracted and no member name is ever used as a
+filesystem path, so a hostile archive cannot write or read anywhere on the server. Only numpy and Pillow are
+needed, so the API can check an upload with the same code the worker trains on.
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import struct
+import tarfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+from core.engine.errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+# Pillow plugins allowed to decode: the formats of IMAGE_SUFFIXES and nothing else, so a file named .png
+# cannot reach a riskier decoder (EPS, for one, starts Ghostscript).
+DECODERS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
+# The largest image decoded (8192 x 8192): far above any training image, and a bound on the memory one member
+# takes however well it compresses. Checked per image rather than by lowering Pillow's process-wide limit.
+MAX_SOURCE_PIXELS = 8192 * 8192
+ACCEPTED = (
+    "a .zip, .tar, .tar.gz or .tgz archive of <class>/<image> folders "
+    f"({', '.join(IMAGE_SUFFIXES)} images), or an .npz with arrays x (uint8, N x H x W x 3) and y (labels)"
+)
+# What the standard library's readers raise for a damaged or truncated archive.
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError)
+# What Pillow raises for a file it cannot decode.
+DECODE_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error,
+    Image.DecompressionBombError, Image.DecompressionBombWarning,
+)
+NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """Images and labels in memory. eq=False: comparing arrays field by field has no single truth value."""
+
+    images: np.ndarray  # uint8, N x S x S x 3 (NHWC)
+    labels: np.ndarray  # int64, N
+    classes: list[str]  # class names in label order
+
+    def subset(self, index: np.ndarray) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.classes)
+
+
+def load_images(
+    path: Path, input_size: int, classes: list[str] | None = None, num_classes: int | None = None
+) -> ImageSet:
+    """Read an ImageFolder archive (zip, tar, tar.gz) or an npz into uint8 NHWC images of input_size.
+
+    Labels follow `classes` when given, else sorted folder names (as torchvision's ImageFolder numbers them),
+    so a model trained on the same folders sees the same indices.
+    """
+    kind = _kind(path)
+    if kind == "npz":
+        return _load_npz(path, input_size, classes, num_classes)
+    members = _zip_members(path) if kind == "zip" else _tar_members(path)
+    return _load_folders(members, input_size, classes, num_classes)
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, holdout), holdout about `fraction` of every class, so a small validation split still
+    measures each class; a class of two or more images always has at least one image on each side."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be between 0 and 1, not {fraction}")
+    rng = np.random.default_rng(seed)
+    holdout = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        if len(members) >= 2:
+            count = min(max(round(len(members) * fraction), 1), len(members) - 1)
+            holdout.append(members[:count])
+    held = np.sort(np.concatenate(holdout)) if holdout else np.empty(0, dtype=np.int64)
+    keep = np.setdiff1d(np.arange(len(labels)), held)
+    return keep.astype(np.int64), held.astype(np.int64)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """The one place user image bytes are decoded: only the formats we accept, none above MAX_SOURCE_PIXELS
+    (checked from the header, before decoding), and any failure an InputError that names the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=DECODERS)
+            if image.width * image.height <= MAX_SOURCE_PIXELS:
+                return image.convert("RGB")
+    except Image.UnidentifiedImageError:
+        raise InputError(
+            f"'{name}' is named like an image but is not a {'/'.join(DECODERS)} file; "
+            "remove it or replace it with a valid PNG or JPEG"
+        ) from None
+    except DECODE_ERRORS as error:
+        raise InputError(
+            f"'{name}' is named like an image but could not be decoded ({error_reason(error)}); "
+            "remove it or replace it with a valid PNG or JPEG"
+        ) from None
+    raise InputError(
+        f"image '{name}' is {image.width}x{image.height} pixels, more than the {MAX_SOURCE_PIXELS:,} "
+        "accepted; shrink it before uploading"
+    )
+
+
+def error_reason(error: BaseException) -> str:
+    """A library error's first line, fit for a user: never an OSError's file name, which is a server path."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return error.strerror or type(error).__name__
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    return text or type(error).__name__
+
+
+def _kind(path: Path) -> str:
+    """'zip', 'tar' or 'npz', from the file's first bytes (uploads may be stored under any name); the suffix
+    only tells an npz from a zip when the zip holds no x.npy and y.npy."""
+    with path.open("rb") as stream:
+        head = stream.read(4)
+    if head in (b"PK\x03\x04", b"PK\x05\x06"):
+        if path.name.lower().endswith(".npz") or _holds_arrays(path):
+            return "npz"
+        return "zip"
+    if tarfile.is_tarfile(path):
+        return "tar"
+    raise InputError(f"the data file is not in a format we read (or is damaged); send {ACCEPTED}")
+
+
+def _holds_arrays(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {"x.npy", "y.npy"} <= set(archive.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+# ---- ImageFolder archives ------------------------------------------------------------------------------
+
+
+def _zip_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
+    """(name, content) of each regular member; content None for members that are surely not images, so
+    they are never decompressed."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.is_dir() or stat.S_ISLNK(info.external_attr >> 16):
+                    continue
+                name = info.filename.replace("\\", "/")
+                yield name, archive.read(info) if _is_image_name(name) else None
+    except ARCHIVE_ERRORS as error:
+        raise _damaged("zip", error) from None
+    except RuntimeError as error:  # a password, or a compression method the standard library lacks
+        raise InputError(
+            f"the zip archive could not be read ({error_reason(error)}); create it again without a password "
+            "and with standard (deflate) compression"
+        ) from None
+
+
+def _tar_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
+    """As _zip_members, streaming: a tar.gz is read once, front to back. Links, devices and fifos are
+    skipped, never followed."""
+    try:
+        with tarfile.open(path, mode="r|*") as archive:
+            for member in archive:
+                if not member.isreg():
+                    continue
+                if not _is_image_name(member.name):
+                    yield member.name, None
+                    continue
+                stream = archive.extractfile(member)
+                yield member.name, stream.read() if stream is not None else b""
+    except ARCHIVE_ERRORS as error:
+        raise _damaged("tar", error) from None
+
+
+def _damaged(kind: str, error: BaseException) -> InputError:
+    return InputError(f"the {kind} archive is damaged or truncated ({error_reason(error)}); create it again")
+
+
+def _is_image_name(name: str) -> bool:
+    """Image suffix, and not macOS or hidden clutter (`__MACOSX/`, `._photo.jpg`, `.DS_Store`)."""
+    parts = PurePosixPath(name).parts
+    clutter = any(part == "__MACOSX" or part.startswith(".") for part in parts)
+    return not clutter and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _load_folders(
+    members: Iterator[tuple[str, bytes | None]],
+    input_size: int,
+    classes: list[str] | None,
+    num_classes: int | None,
+) -> ImageSet:
+    images: list[np.ndarray] = []
+    folders: list[str] = []
+    skipped = 0
+    for name, content in members:
+        if content is None:
+            skipped += 1
+            continue
+        folders.append(_class_folder(name))
+        images.append(_sized(decode_image(content, name), input_size))
+    if not images:
+        raise InputError(f"the archive holds no images ({skipped} other files were skipped); send {ACCEPTED}")
+    names = _class_names(sorted(set(folders)), classes, num_classes)
+    index = {name: i for i, name in enumerate(names)}
+    labels = np.array([index[folder] for folder in folders], dtype=np.int64)
+    return ImageSet(np.stack(images), labels, names)
+
+
+def _class_folder(name: str) -> str:
+    parts = PurePosixPath(name).parts
+    if len(parts) < 2:
+        raise InputError(
+            f"image '{name}' is not inside a class folder; arrange the archive as <class>/<image>, "
+            "e.g. cat/0001.png"
+        )
+    return parts[-2]
+
+
+def _sized(image: Image.Image, size: int) -> np.ndarray:
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _class_names(folders: list[str], classes: list[str] | None, num_classes: int | None) -> list[str]:
+    """The label order: `classes` when given (every folder must be one of them), else the sorted folders."""
+    if classes is not None:
+        unknown = [folder for folder in folders if folder not in classes]
+        if unknown:
+            raise InputError(
+                f"class folders {unknown} are not among the classes {classes}; rename the folders or fix "
+                "the classes list"
+            )
+        return list(classes)
+    if num_classes is not None and len(folders) > num_classes:
+        raise InputError(
+            f"the archive has {len(folders)} class folders ({', '.join(folders)}) but the model has "
+            f"{num_classes} classes; remove the extra folders or correct num_classes"
+        )
+    return folders
+
+
+# ---- npz arrays --------------------------------------------------------------------------------------
+
+
+def _load_npz(path: Path, input_size: int, classes: list[str] | None, num_classes: int | None) -> ImageSet:
+    x, y, stored = _read_arrays(path)
+    images = _rgb_array(x)
+    classes = classes if classes is not None else stored
+    limit = len(classes) if classes is not None else num_classes
+    labels = _labels(y, len(images), limit)
+    if images.shape[1:3] != (input_size, input_size):
+        images = np.stack([_sized(Image.fromarray(image), input_size) for image in images])
+    names = list(classes) if classes is not None else [str(i) for i in range(limit or int(labels.max()) + 1)]
+    return ImageSet(np.ascontiguousarray(images), labels, names)
+
+
+def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """x, y and, when the file names them (as `nad subset` writes), the class names in label order."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            found = {key: arrays[key] for key in ("x", "y", "classes") if key in arrays.files}
+            keys = sorted(arrays.files)
+    except NPZ_ERRORS as error:
+        raise InputError(
+            f"the npz could not be read ({error_reason(error)}); save plain numeric arrays with "
+            "np.savez(file, x=images, y=labels)"
+        ) from None
+    if "x" not in found or "y" not in found:
+        shown = ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
+        raise InputError(
+            f"the npz needs arrays named x and y but holds [{shown}]; "
+            "save it as np.savez(file, x=images, y=labels)"
+        )
+    names = found.get("classes")
+    if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
+        raise InputError("the npz's `classes` must be a 1-D array of strings, e.g. np.array(['cat', 'dog'])")
+    return found["x"], found["y"], None if names is None else names.tolist()
+
+
+def _rgb_array(x: np.ndarray) -> np.ndarray:
+    """uint8 N x H x W x 3; grey N x H x W or N x H x W x 1 has its one channel repeated."""
+    if x.dtype != np.uint8:
+        raise InputError(
+            f"x holds {x.dtype} values; it must be uint8 (0-255), e.g. (x * 255).round().astype(np.uint8)"
+        )
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[3] not in (1, 3) or 0 in x.shape:
+        raise InputError(f"x has shape {x.shape}; it must be N x H x W x 3 (or N x H x W grey), N > 0")
+    return np.repeat(x, 3, axis=3) if x.shape[3] == 1 else x
+
+
+def _labels(y: np.ndarray, count: int, num_classes: int | None) -> np.ndarray:
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"y holds {y.dtype} values; labels must be integers")
+    if y.size != count:
+        raise InputError(f"y has {y.size} labels for {count} images; give one label per image")
+    labels = y.reshape(-1).astype(np.int64)
+    upper = num_classes if num_classes is not None else np.iinfo(np.int64).max
+    outside = labels[(labels < 0) | (labels >= upper)]
+    if outside.size:
+        limit = f"0 to {num_classes - 1}" if num_classes is not None else "non-negative"
+        raise InputError(f"y holds labels outside {limit}, e.g. {int(outside[0])}; fix y or num_classes")
+    return labels

@@ -1,0 +1,48 @@
+"""Clean accuracy (ACC), attack success rate (ASR) and per-class accuracy, in percent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.engine.training import Normalization, to_tensor
+
+EVAL_BATCH = 512
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, normalize: Normalization, device: torch.device) -> np.ndarray:
+    """Predicted labels for uint8 NHWC images, in evaluation mode."""
+    model.eval()
+    predictions = []
+    for start in range(0, len(images), EVAL_BATCH):
+        batch = to_tensor(images[start : start + EVAL_BATCH], device)
+        predictions.append(model(normalize(batch)).argmax(1).cpu())
+    return torch.cat(predictions).numpy() if predictions else np.zeros(0, dtype=np.int64)
+
+
+def _percent(hits: np.ndarray) -> float:
+    return round(100.0 * float(hits.mean()), 2) if len(hits) else float("nan")
+
+
+def clean_metrics(predictions: np.ndarray, labels: np.ndarray, classes: list[str],
+                  target_label: int | None) -> dict[str, Any]:
+    """ACC over all images, per class, and over the non-target classes when a target is known (the figure
+    the NAD paper reports)."""
+    hits = predictions == labels
+    result: dict[str, Any] = {
+        "acc": _percent(hits),
+        "per_class_acc": {name: _percent(hits[labels == c]) for c, name in enumerate(classes) if (labels == c).any()},
+    }
+    if target_label is not None:
+        result["acc_non_target"] = _percent(hits[labels != target_label])
+    return result
+
+
+def attack_success_rate(predictions: np.ndarray, labels: np.ndarray, target_label: int) -> float:
+    """Share of triggered images classified as the target, among those whose true class is not the target."""
+    keep = labels != target_label
+    return _percent(predictions[keep] == target_label)

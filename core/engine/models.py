@@ -1,0 +1,212 @@
+"""Architectures by name, each with the layers NAD distils by default.
+
+The parameter layouts follow the code people actually train backdoored models with, so their checkpoints load
+unchanged: WideResNet as in the widely used WideResNet-pytorch (the NAD authors' own), PreAct-ResNet18 as in
+BackdoorBench, ResNet18 as in the common CIFAR form (3x3 stem, no max-pool), and any classification model of
+torchvision by its name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from core.engine.errors import InputError
+
+# The NAD authors' betas for WRN-16-1's three residual groups; used for every arch's three default layers.
+DEFAULT_BETAS = (500.0, 1000.0, 1000.0)
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation block of WideResNet-pytorch; attribute names are part of the checkpoint format."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.equal_in_out = in_planes == out_planes
+        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(activated))))
+        shortcut = x if self.convShortcut is None else self.convShortcut(activated)
+        return shortcut + out
+
+
+class WideGroup(nn.Module):
+    def __init__(self, blocks: int, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(
+            *(WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+              for i in range(blocks))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth: int, width: int, num_classes: int) -> None:
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise InputError(f"WideResNet depth must be 6n+4 (10, 16, 22, 28, 40...), not {depth}")
+        blocks = (depth - 4) // 6
+        channels = [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
+        self.block1 = WideGroup(blocks, channels[0], channels[1], 1)
+        self.block2 = WideGroup(blocks, channels[1], channels[2], 2)
+        self.block3 = WideGroup(blocks, channels[2], channels[3], 2)
+        self.bn1 = nn.BatchNorm2d(channels[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(channels[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = self.relu(self.bn1(out))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet18(nn.Module):
+    """ResNet18 in its CIFAR form; `preact` selects BackdoorBench's PreAct-ResNet18 (final bn before pooling)."""
+
+    def __init__(self, num_classes: int, preact: bool) -> None:
+        super().__init__()
+        block = PreActBlock if preact else BasicBlock
+        self.preact = preact
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        if not preact:
+            self.bn1 = nn.BatchNorm2d(64)
+        planes, stages = 64, []
+        for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(block(planes, width, stride), block(width, width, 1)))
+            planes = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        if preact:
+            self.bn = nn.BatchNorm2d(512)
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x) if self.preact else F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        if self.preact:
+            out = F.relu(self.bn(out))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Which module outputs NAD matches, and how strongly."""
+
+    layers: tuple[str, ...]
+    betas: tuple[float, ...]
+
+
+_WRN = re.compile(r"wrn-(\d+)-(\d+)")
+
+
+def torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def arch_names() -> list[str]:
+    """What `build_model` accepts, for error messages and docs."""
+    examples = ", ".join(torchvision_names()[:5])
+    return [
+        "wrn-D-W (e.g. wrn-16-1, wrn-28-10)",
+        "preact-resnet18",
+        "resnet18 (CIFAR form)",
+        f"any torchvision classification model by name (torchvision.resnet18 for its ImageNet form): {examples}, ...",
+    ]
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A freshly initialised model of the named architecture."""
+    if match := _WRN.fullmatch(arch):
+        return WideResNet(int(match[1]), int(match[2]), num_classes)
+    if arch == "preact-resnet18":
+        return CifarResNet18(num_classes, preact=True)
+    if arch == "resnet18":
+        return CifarResNet18(num_classes, preact=False)
+    name = arch.removeprefix("torchvision.")
+    if name in torchvision_names():
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    raise InputError(f"unknown architecture {arch!r}; known: " + "; ".join(arch_names()))
+
+
+def default_layers(arch: str, model: nn.Module) -> tuple[str, ...]:
+    """The three residual groups' outputs, as in the NAD paper; for other torchvision models the last three
+    stages of `features`."""
+    if _WRN.fullmatch(arch):
+        return ("block1", "block2", "block3")
+    names = dict(model.named_children())
+    if {"layer2", "layer3", "layer4"} <= names.keys():
+        return ("layer2", "layer3", "layer4")
+    features = names.get("features")
+    if isinstance(features, nn.Sequential) and len(features) >= 3:
+        return tuple(f"features.{i}" for i in range(len(features) - 3, len(features)))
+    raise InputError(f"no default distillation layers for {arch!r}: choose them with `layers` (module names)")
+
+
+def choose_distillation(
+    arch: str, model: nn.Module, layers: list[str] | None, betas: list[float] | None
+) -> Distillation:
+    """The layers and betas a job distils with, checked against the model's module names."""
+    chosen = tuple(layers) if layers else default_layers(arch, model)
+    modules = dict(model.named_modules())
+    unknown = [name for name in chosen if name not in modules]
+    if unknown:
+        known = ", ".join(name for name in modules if name)
+        raise InputError(f"no module named {', '.join(map(repr, unknown))} in {arch}; module names: {known}")
+    if betas:
+        weights = tuple(betas)
+    elif len(chosen) == len(DEFAULT_BETAS):
+        weights = DEFAULT_BETAS
+    else:
+        raise InputError(f"{len(chosen)} layers chosen: give one beta per layer with `betas`")
+    if len(weights) != len(chosen):
+        raise InputError(f"{len(weights)} betas for {len(chosen)} layers: give one beta per layer")
+    return Distillation(chosen, weights)

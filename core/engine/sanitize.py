@@ -1,0 +1,227 @@
+"""One sanitization job from files to report: load, measure, defend, measure again, save."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, write_checkpoint
+from core.engine.data import ImageSet, load_images, stratified_split
+from core.engine.defenses import distill, finetune
+from core.engine.errors import Cancelled, InputError
+from core.engine.events import Event, EventSink, ignore
+from core.engine.metrics import attack_success_rate, clean_metrics, predict
+from core.engine.models import build_model, choose_distillation
+from core.engine.training import Normalization, Recipe, Watch, to_tensor
+from core.engine.triggers import poison
+from core.params import SanitizeParams
+
+HOLDOUT_FRACTION = 0.1
+# Shares of the whole job's progress bar outside training; training takes the rest, split by epochs.
+LOAD_SHARE, EVALUATE_SHARE = 0.02, 0.04
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    """Where a job's inputs are and where its cleansed checkpoint goes. Paths the caller chose, never names
+    a client sent."""
+
+    checkpoint: Path
+    clean_data: Path
+    out: Path
+    test_data: Path | None = None
+    poison_data: Path | None = None
+    teacher: Path | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The images a model is measured on: a clean test set and, when the attack is known, triggered images
+    with their true labels."""
+
+    clean: ImageSet
+    poisoned: ImageSet | None
+    target_label: int | None
+    source: str
+    note: str
+
+
+@dataclass
+class Clock:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def time(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - start, 3)
+
+
+def never() -> bool:
+    return False
+
+
+def device() -> torch.device:
+    """The GPU when there is one; the engine runs the same on the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(arch: str, num_classes: int, checkpoint: Path) -> nn.Module:
+    model = build_model(arch, num_classes)
+    load_weights(model, read_state_dict(checkpoint), arch)
+    return model
+
+
+def measure(model: nn.Module, evaluation: Evaluation, normalize: Normalization, dev: torch.device) -> dict[str, Any]:
+    """ACC (overall, per class, non-target) and ASR of one model."""
+    clean = evaluation.clean
+    result = clean_metrics(predict(model, clean.images, normalize, dev), clean.labels, clean.classes,
+                           evaluation.target_label)
+    result["asr"] = None
+    if evaluation.poisoned is not None and evaluation.target_label is not None:
+        predictions = predict(model, evaluation.poisoned.images, normalize, dev)
+        result["asr"] = attack_success_rate(predictions, evaluation.poisoned.labels, evaluation.target_label)
+    return result
+
+
+def load_clean(path: Path, params: SanitizeParams) -> ImageSet:
+    """The clean training archive. It fixes the class order for every other archive, so a clean set with
+    fewer class folders than the model has classes is refused: sorted folder names would shift the labels."""
+    clean = load_images(path, params.input_size, params.classes, params.num_classes)
+    if params.classes is None and len(clean.classes) != params.num_classes:
+        raise InputError(
+            f"the clean data has {len(clean.classes)} classes but the model has {params.num_classes}; "
+            "give every class some images, or list all class names in label order with `classes`"
+        )
+    return clean
+
+
+def prepare_evaluation(files: JobFiles, params: SanitizeParams, clean: ImageSet) -> tuple[ImageSet, Evaluation]:
+    """The training images and the evaluation sets: the test archive when given, else a stratified hold-out
+    of the clean data (said so in the report)."""
+    if files.test_data is not None:
+        test = load_images(files.test_data, params.input_size, clean.classes, params.num_classes)
+        train_set, source = clean, "test_data"
+        note = f"measured on the {len(test.labels)} images of the test archive"
+    else:
+        keep, held = stratified_split(clean.labels, HOLDOUT_FRACTION, params.seed)
+        train_set, test, source = clean.subset(keep), clean.subset(held), "holdout"
+        note = (f"no test set given: measured on a stratified hold-out of {len(held)} clean images "
+                f"({HOLDOUT_FRACTION:.0%}), trained on the other {len(keep)}")
+    return train_set, Evaluation(test, poisoned_set(files.poison_data, params, test), params.target_label,
+                                 source, note)
+
+
+def poisoned_set(poison_data: Path | None, params: SanitizeParams, test: ImageSet) -> ImageSet | None:
+    """Triggered images with their true labels, the target class left out: the user's poison archive, or the
+    trigger spec applied to the clean test images; None when the attack is unknown."""
+    if poison_data is not None:
+        if params.target_label is None:
+            raise InputError("poison_data needs target_label, the class the attack aims at")
+        loaded = load_images(poison_data, params.input_size, test.classes, params.num_classes)
+        return loaded.subset(np.flatnonzero(loaded.labels != params.target_label))
+    if params.trigger is not None and params.target_label is not None:
+        images, labels = poison(test.images, test.labels, params.trigger, params.target_label)
+        return ImageSet(images, labels, test.classes)
+    return None
+
+
+def _recipes(params: SanitizeParams) -> tuple[Recipe, Recipe]:
+    common = {"batch_size": params.batch_size, "augment": params.augment, "seed": params.seed}
+    teacher = Recipe(epochs=params.teacher_epochs, lr=params.teacher_lr, **common)
+    student = Recipe(epochs=params.epochs, lr=params.lr, milestones=tuple(params.lr_milestones), **common)
+    return teacher, student
+
+
+def _training_spans(params: SanitizeParams, trains_teacher: bool) -> dict[str, tuple[float, float]]:
+    """Progress shares of the teacher and student stages, proportional to their epochs."""
+    start, end = LOAD_SHARE + EVALUATE_SHARE, 1.0 - EVALUATE_SHARE
+    epochs = {"teacher": params.teacher_epochs if trains_teacher else 0,
+              "student": params.epochs if params.method == "nad" else 0}
+    total = max(sum(epochs.values()), 1)
+    teacher_end = start + (end - start) * epochs["teacher"] / total
+    return {"teacher": (start, teacher_end), "student": (teacher_end, end)}
+
+
+def sanitize(
+    files: JobFiles,
+    params: SanitizeParams,
+    on_event: EventSink = ignore,
+    should_stop: Callable[[], bool] = never,
+) -> dict[str, Any]:
+    """Run one job and return its report (a JSON-able dict); the cleansed checkpoint is written to `files.out`.
+
+    Raises InputError for files or parameters that cannot be used, Cancelled when `should_stop()` turned true
+    (checked between epochs).
+    """
+    clock, dev = Clock(), device()
+    normalize = Normalization(params.mean, params.std)
+    on_event(Event("load", 0.0))
+    with clock.time("load"):
+        model = load_model(params.arch, params.num_classes, files.checkpoint).to(dev)
+        distillation = choose_distillation(params.arch, model, params.layers, params.betas)
+        clean = load_clean(files.clean_data, params)
+        train_set, evaluation = prepare_evaluation(files, params, clean)
+        teacher = load_model(params.arch, params.num_classes, files.teacher).to(dev) if files.teacher else None
+        images, labels = to_tensor(train_set.images, dev), torch.from_numpy(train_set.labels).to(dev)
+    on_event(Event("evaluate_before", LOAD_SHARE))
+    with clock.time("evaluate_before"):
+        before = measure(model, evaluation, normalize, dev)
+    on_event(Event("evaluate_before", LOAD_SHARE + EVALUATE_SHARE, metrics=before))
+
+    teacher_recipe, student_recipe = _recipes(params)
+    spans = _training_spans(params, trains_teacher=teacher is None)
+    history: list[dict[str, Any]] = []
+    if teacher is None:
+        teacher = copy.deepcopy(model)
+        with clock.time("teacher"):
+            finetune(teacher, images, labels, teacher_recipe, normalize,
+                     Watch("teacher", on_event, should_stop, *spans["teacher"], history))
+    result = teacher
+    if params.method == "nad":
+        with clock.time("student"):
+            distill(model, teacher, distillation, images, labels, student_recipe, normalize,
+                    Watch("student", on_event, should_stop, *spans["student"], history))
+        result = model
+    if should_stop():
+        raise Cancelled("cancelled before the final evaluation")
+
+    on_event(Event("evaluate_after", 1.0 - EVALUATE_SHARE))
+    with clock.time("evaluate_after"):
+        after = measure(result, evaluation, normalize, dev)
+    report = {
+        "arch": params.arch,
+        "num_classes": params.num_classes,
+        "classes": clean.classes,
+        "method": params.method,
+        "params": params.model_dump(mode="json"),
+        "input_sha256": sha256_file(files.checkpoint),
+        "teacher": "supplied" if files.teacher else f"fine-tuned {params.teacher_epochs} epochs",
+        "layers": list(distillation.layers) if params.method == "nad" else [],
+        "betas": list(distillation.betas) if params.method == "nad" else [],
+        "evaluation": {"test_source": evaluation.source, "note": evaluation.note,
+                       "n_train": len(train_set.labels), "n_clean": len(evaluation.clean.labels),
+                       "n_poison": None if evaluation.poisoned is None else len(evaluation.poisoned.labels),
+                       "target_label": evaluation.target_label},
+        "before": before,
+        "after": after,
+        "history": history,
+        "device": str(dev),
+    }
+    write_checkpoint(result, files.out, {
+        "arch": params.arch, "num_classes": params.num_classes, "classes": clean.classes,
+        "method": params.method, "params": report["params"], "input_sha256": report["input_sha256"],
+    })
+    clock.timings["total"] = round(sum(clock.timings.values()), 3)
+    report["timings"] = clock.timings
+    on_event(Event("done", 1.0, metrics={"before": before, "after": after}))
+    return report

@@ -1,0 +1,171 @@
+"""The training loop every defense shares: SGD with nesterov momentum, a step learning-rate schedule, batched
+crop-and-flip augmentation on uint8 tensors, progress events and cooperative cancellation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.engine.errors import Cancelled
+from core.engine.events import Event, EventSink
+
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+CROP_PADDING = 4
+
+# An objective maps a batch (inputs, labels) to (loss to minimise, named parts to log, logits).
+Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How long and how fast to train. The lr is divided by 10 from each milestone epoch (0-based) on."""
+
+    epochs: int
+    lr: float
+    milestones: tuple[int, ...] = ()
+    batch_size: int = 64
+    augment: bool = True
+    seed: int = 0
+    weight_decay: float = WEIGHT_DECAY
+
+    def lr_at(self, epoch: int) -> float:
+        return self.lr * 0.1 ** sum(epoch >= m for m in self.milestones)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Maps uint8 images to the model's input: x / 255, then (x - mean) / std when given."""
+
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255)
+        if self.mean is None or self.std is None:
+            return x
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+@dataclass
+class Watch:
+    """Who is told about progress, and the share of the whole job this training run covers."""
+
+    stage: str
+    on_event: EventSink
+    should_stop: Callable[[], bool]
+    start: float = 0.0
+    end: float = 1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def at(self, fraction: float) -> float:
+        return self.start + (self.end - self.start) * fraction
+
+
+def to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC array -> uint8 NCHW tensor on `device` (kept as uint8: four times smaller than float)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, for a whole uint8 NCHW batch at once."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (CROP_PADDING,) * 4)
+    span = 2 * CROP_PADDING + 1
+    dy = torch.randint(0, span, (n,), generator=generator).to(images.device)
+    dx = torch.randint(0, span, (n,), generator=generator).to(images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    cropped = padded[batch, channel, rows, cols]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)[:, None, None, None]
+    return torch.where(flip, cropped.flip(3), cropped)
+
+
+def cross_entropy(model: nn.Module) -> Objective:
+    def objective(inputs: torch.Tensor, labels: torch.Tensor):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, labels)
+        return loss, {"ce_loss": loss}, logits
+
+    return objective
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches; a last batch of one image is dropped (batch norm cannot train on it)."""
+    order = torch.randperm(n, generator=generator)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()
+    return batches
+
+
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    objective: Objective,
+    recipe: Recipe,
+    normalize: Normalization,
+    watch: Watch,
+) -> list[dict[str, Any]]:
+    """Train `model` in place on uint8 `images`; returns one history row per epoch.
+
+    Checks `watch.should_stop()` before every epoch and raises Cancelled when it turns true, so a model is
+    never left half-way through an epoch.
+    """
+    generator = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=MOMENTUM, weight_decay=recipe.weight_decay, nesterov=True
+    )
+    rows = []
+    for epoch in range(recipe.epochs):
+        if watch.should_stop():
+            raise Cancelled(f"cancelled before {watch.stage} epoch {epoch + 1}")
+        lr = recipe.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows.append(_epoch(model, images, labels, objective, recipe, normalize, watch, optimizer, generator, epoch))
+        rows[-1].update(stage=watch.stage, epoch=epoch + 1, epochs=recipe.epochs, lr=lr)
+        watch.history.append(rows[-1])
+        watch.on_event(
+            Event(watch.stage, watch.at((epoch + 1) / recipe.epochs), epoch=epoch + 1, epochs=recipe.epochs,
+                  loss=rows[-1]["loss"], lr=lr, metrics={k: v for k, v in rows[-1].items() if k.endswith("_loss")})
+        )
+    return rows
+
+
+def _epoch(model, images, labels, objective, recipe, normalize, watch, optimizer, generator, epoch) -> dict:
+    model.train()
+    batches = _batches(len(images), recipe.batch_size, generator)
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=images.device)
+    seen = 0
+    for step, index in enumerate(batches, start=1):
+        index = index.to(images.device)
+        batch = augment(images[index], generator) if recipe.augment else images[index]
+        target = labels[index]
+        loss, parts, logits = objective(normalize(batch), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in {"loss": loss, **parts}.items():
+            sums[name] = sums.get(name, 0) + value.detach() * len(index)
+        correct += (logits.argmax(1) == target).sum()
+        seen += len(index)
+        fraction = (epoch + step / len(batches)) / recipe.epochs
+        watch.on_event(Event(watch.stage, watch.at(fraction), epoch=epoch + 1, epochs=recipe.epochs,
+                             step=step, steps=len(batches)))
+    row = {name: float(total) / seen for name, total in sums.items()}
+    row["train_acc"] = 100.0 * float(correct) / seen
+    return row

@@ -1,0 +1,110 @@
+"""The parameters of a sanitization job: one schema for the command line, the HTTP API and the engine.
+
+This module imports neither torch nor anything web-related, so the API can validate a job's `params`
+form field before a single byte reaches the worker, and the engine can trust what it receives.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Pixel = Annotated[int, Field(ge=0, le=255)]
+# A pattern is rows of pixels: each pixel one grey value (all channels alike) or one value per channel.
+Pattern = list[list[Pixel]] | list[list[list[Pixel]]]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BadNetsTrigger(_Spec):
+    """Pixels set to fixed values at a position (BadNets, Gu et al. 2017)."""
+
+    type: Literal["badnets"] = "badnets"
+    pattern: Pattern = Field(description="rows of pixel values; each a grey value or one value per channel")
+    position: tuple[int, int] = Field(
+        description="(row, column) of the pattern's top-left pixel; negative values count from the bottom/right"
+    )
+
+
+class PatchTrigger(_Spec):
+    """A small image pasted at a position."""
+
+    type: Literal["patch"] = "patch"
+    pattern: Pattern = Field(description="the image, HxWxC (or HxW grey), uint8 values")
+    position: tuple[int, int] = Field(description="(row, column) of the top-left pixel; negative counts from the end")
+
+
+class BlendTrigger(_Spec):
+    """The whole image blended with a pattern: round((1 - alpha) * x + alpha * pattern) (Chen et al. 2017)."""
+
+    type: Literal["blend"] = "blend"
+    pattern: Pattern = Field(description="an image of the input's size, HxWxC (or HxW grey), uint8 values")
+    alpha: float = Field(gt=0, le=1)
+
+
+class SigTrigger(_Spec):
+    """A horizontal sinusoid added to every row and channel (Barni et al. 2019):
+    clip(round(x + amplitude * sin(2 * pi * column * frequency / width)))."""
+
+    type: Literal["sig"] = "sig"
+    amplitude: float = Field(gt=0, le=255)
+    frequency: float = Field(gt=0)
+
+
+TriggerSpec = Annotated[
+    BadNetsTrigger | PatchTrigger | BlendTrigger | SigTrigger, Field(discriminator="type")
+]
+
+Method = Literal["nad", "finetune"]
+
+
+class SanitizeParams(_Spec):
+    """Everything a sanitization job needs besides its files.
+
+    Defaults are the NAD authors' (Li et al., ICLR 2021): student 20 epochs at lr 0.1, dropped tenfold from
+    epoch 2; teacher fine-tuned 10 epochs at lr 0.01; SGD with nesterov momentum 0.9, weight decay 1e-4;
+    batch 64; betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation.
+    """
+
+    arch: str = Field(description="architecture name, e.g. wrn-16-1, preact-resnet18, resnet18, or a torchvision name")
+    num_classes: int = Field(ge=2, le=100_000)
+    classes: list[str] | None = Field(
+        default=None, description="class folder names in label order; default: sorted folder names"
+    )
+    input_size: int = Field(default=32, ge=8, le=1024, description="images are resized to this square size")
+    mean: tuple[float, float, float] | None = Field(default=None, description="per-channel normalization mean")
+    std: tuple[float, float, float] | None = Field(default=None, description="per-channel normalization std")
+    method: Method = "nad"
+    epochs: int = Field(default=20, ge=1, le=1000, description="student (or fine-tuning) epochs")
+    lr: float = Field(default=0.1, gt=0, le=10, description="student learning rate")
+    lr_milestones: list[int] = Field(
+        default=[2], description="epochs (0-based) from which the student's lr is divided by 10"
+    )
+    teacher_epochs: int = Field(default=10, ge=1, le=1000)
+    teacher_lr: float = Field(default=0.01, gt=0, le=10)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    layers: list[str] | None = Field(default=None, description="module names to distil; default: the arch's own")
+    betas: list[float] | None = Field(default=None, description="one weight per layer; default: the arch's own")
+    augment: bool = Field(default=True, description="random crop (padding 4) and horizontal flip while training")
+    seed: int = 0
+    target_label: int | None = Field(default=None, ge=0, description="the attack's target class, for ASR")
+    trigger: TriggerSpec | None = Field(default=None, description="a trigger applied to the clean test set for ASR")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SanitizeParams:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
+        if self.classes is not None and len(self.classes) != self.num_classes:
+            raise ValueError(f"classes lists {len(self.classes)} names but num_classes is {self.num_classes}")
+        if self.betas is not None and self.layers is not None and len(self.betas) != len(self.layers):
+            raise ValueError(f"{len(self.betas)} betas for {len(self.layers)} layers: give one beta per layer")
+        if self.target_label is not None and self.target_label >= self.num_classes:
+            raise ValueError(f"target_label {self.target_label} is not below num_classes {self.num_classes}")
+        if self.trigger is not None and self.target_label is None:
+            raise ValueError("a trigger needs target_label")
+        return self

@@ -1,0 +1,67 @@
+"""Attention maps and the AT loss, against hand computations; and proof the AT term trains the student."""
+
+import math
+
+import pytest
+import torch
+
+from core.engine.attention import EPS, attention_loss, attention_map, tap
+from core.engine.defenses import nad_objective
+from core.engine.models import Distillation, build_model
+
+
+def test_attention_map_matches_hand_computation():
+    # one image, two channels, 1x2 spatial: |F|^2 summed over channels = [1+9, 4+16] = [10, 20]
+    features = torch.tensor([[[[1.0, -2.0]], [[3.0, 4.0]]]])
+    norm = math.sqrt(10**2 + 20**2)
+    expected = torch.tensor([[[[10 / (norm + EPS), 20 / (norm + EPS)]]]])
+    assert torch.allclose(attention_map(features), expected)
+
+
+def test_attention_map_is_unit_norm_per_image():
+    amap = attention_map(torch.randn(4, 8, 5, 5))
+    assert amap.shape == (4, 1, 5, 5)
+    assert torch.allclose(amap.flatten(1).norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_attention_loss_is_beta_weighted_mse():
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    expected = 500 * ((attention_map(s) - attention_map(t)) ** 2).mean()
+    assert torch.allclose(attention_loss([s], [t], [500.0]), expected)
+    assert attention_loss([t], [t], [1000.0]).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_attention_loss_tolerates_different_map_sizes():
+    loss = attention_loss([torch.randn(2, 3, 8, 8)], [torch.randn(2, 6, 4, 4)], [1.0])
+    assert torch.isfinite(loss)
+
+
+def test_attention_term_sends_gradient_to_the_student_only():
+    student, teacher = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4, requires_grad=True)
+    attention_loss([student], [teacher], [1000.0]).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_nad_objective_trains_the_student_through_the_attention_term():
+    """With cross-entropy taken out, the student's weights still receive gradient: the AT term is live (the
+    authors' public code once detached it, so it trained nothing)."""
+    torch.manual_seed(0)
+    student, teacher = build_model("wrn-16-1", 10), build_model("wrn-16-1", 10)
+    distillation = Distillation(("block1", "block2", "block3"), (500.0, 1000.0, 1000.0))
+    inputs, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with tap(student, distillation.layers) as s_feats, tap(teacher, distillation.layers) as t_feats:
+        _, parts, _ = nad_objective(student, teacher, distillation, s_feats, t_feats)(inputs, labels)
+    assert parts["at_loss"].item() > 0
+    parts["at_loss"].backward()
+    conv = student.block1.layer[0].conv1.weight
+    assert conv.grad is not None and conv.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_tap_records_named_outputs_and_removes_its_hooks():
+    model = build_model("wrn-16-1", 10)
+    with tap(model, ["block1", "block3"]) as outputs:
+        model(torch.rand(2, 3, 32, 32))
+        assert [tuple(o.shape) for o in outputs] == [(2, 16, 32, 32), (2, 64, 8, 8)]
+    assert not model.block1._forward_hooks

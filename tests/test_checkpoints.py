@@ -1,0 +1,114 @@
+import collections
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from core.engine.checkpoints import load_weights, read_metadata, read_state_dict, sha256_file, write_checkpoint
+from core.engine.errors import InputError
+from core.engine.models import build_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+OFFICIAL = SHARED / "models" / "nad-official"
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(0)
+    return build_model("wrn-16-1", 10)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [lambda sd: sd, lambda sd: {"state_dict": sd, "epoch": 3}, lambda sd: {"model": sd},
+     lambda sd: {"net": sd, "acc": 91.0}, lambda sd: {f"module.{k}": v for k, v in sd.items()},
+     lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "best_prec": 0.9}],
+    ids=["plain", "state_dict", "model", "net", "dataparallel", "wrapped-dataparallel"],
+)
+def test_torch_save_wrappers_are_unwrapped(tmp_path, model, wrap):
+    path = tmp_path / "model.pth"
+    torch.save(wrap(model.state_dict()), path)
+    assert _same(read_state_dict(path), model.state_dict())
+
+
+def test_safetensors_round_trip_with_metadata(tmp_path, model):
+    source = tmp_path / "in.pt"
+    torch.save(model.state_dict(), source)
+    out = tmp_path / "out.safetensors"
+    write_checkpoint(model, out, {"arch": "wrn-16-1", "num_classes": 10, "input_sha256": sha256_file(source)})
+    assert _same(read_state_dict(out), model.state_dict())
+    meta = read_metadata(out)
+    assert meta["arch"] == "wrn-16-1" and meta["num_classes"] == "10"
+    assert meta["input_sha256"] == sha256_file(source) and meta["format"] == "nad-service/1"
+    fresh = build_model("wrn-16-1", 10)
+    load_weights(fresh, read_state_dict(out), "wrn-16-1")
+    assert _same(fresh.state_dict(), model.state_dict())
+
+
+def test_plain_safetensors_is_read(tmp_path, model):
+    path = tmp_path / "m.safetensors"
+    save_file(model.state_dict(), path)
+    assert _same(read_state_dict(path), model.state_dict())
+
+
+def test_pickled_whole_module_is_refused_with_advice(tmp_path, model):
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    with pytest.raises(InputError, match=r"state_dict\(\)"):
+        read_state_dict(path)
+
+
+class Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/nad-test-should-not-exist"),))
+
+
+def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    marker = Path("/tmp/nad-test-should-not-exist")
+    marker.unlink(missing_ok=True)
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(1), "x": Payload()}, path)
+    marker.unlink(missing_ok=True)  # torch.save itself does not run it, but be sure
+    with pytest.raises(InputError, match="not a plain state dict"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+def test_other_architecture_names_the_keys(model):
+    state = collections.OrderedDict(model.state_dict())
+    state.pop("fc.bias")
+    state["extra.weight"] = torch.zeros(1)
+    state["fc.weight"] = torch.zeros(5, 64)
+    with pytest.raises(InputError) as error:
+        load_weights(build_model("wrn-16-1", 10), state, "wrn-16-1")
+    message = str(error.value)
+    assert "missing keys: fc.bias" in message and "unexpected keys: extra.weight" in message
+    assert "fc.weight (5, 64) != (10, 64)" in message
+
+
+def test_nan_weights_are_refused(model):
+    state = dict(model.state_dict())
+    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
+    with pytest.raises(InputError, match="NaN"):
+        load_weights(build_model("wrn-16-1", 10), state, "wrn-16-1")
+
+
+def test_damaged_safetensors_is_an_input_error(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes((100).to_bytes(8, "little") + b'{"a": 1')
+    with pytest.raises(InputError):
+        read_state_dict(path)
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not OFFICIAL.exists(), reason="../shared is absent")
+@pytest.mark.parametrize("name", ["backdoored", "teacher", "nad-erased"])
+def test_the_authors_gpu_saved_legacy_checkpoints_load(name):
+    model = build_model("wrn-16-1", 10)
+    load_weights(model, read_state_dict(OFFICIAL / f"wrn16_1-badnets-grid-{name}.pth.tar"), "wrn-16-1")
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)

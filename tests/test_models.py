@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from core.engine.errors import InputError
+from core.engine.models import build_model, choose_distillation
+
+
+@pytest.mark.parametrize(
+    ("arch", "layers"),
+    [("wrn-16-1", ("block1", "block2", "block3")), ("wrn-16-2", ("block1", "block2", "block3")),
+     ("preact-resnet18", ("layer2", "layer3", "layer4")), ("resnet18", ("layer2", "layer3", "layer4")),
+     ("mobilenet_v2", ("features.16", "features.17", "features.18"))],
+)
+def test_registry_builds_models_with_default_layers(arch, layers):
+    model = build_model(arch, 7)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+    chosen = choose_distillation(arch, model, None, None)
+    assert chosen.layers == layers and chosen.betas == (500.0, 1000.0, 1000.0)
+
+
+def test_wrn_has_the_wideresnet_pytorch_parameter_layout():
+    keys = build_model("wrn-16-1", 10).state_dict().keys()
+    assert {"conv1.weight", "block1.layer.0.bn1.weight", "block2.layer.0.convShortcut.weight", "bn1.running_mean",
+            "fc.weight"} <= set(keys)
+
+
+def test_cifar_resnets_have_a_3x3_stem_and_no_max_pool():
+    for arch in ("resnet18", "preact-resnet18"):
+        model = build_model(arch, 10)
+        assert model.conv1.kernel_size == (3, 3)
+        assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+
+
+def test_torchvision_models_by_name():
+    assert build_model("torchvision.resnet18", 3).fc.out_features == 3
+    assert build_model("resnet18", 3).linear.out_features == 3
+
+
+def test_unknown_arch_lists_known_names():
+    with pytest.raises(InputError, match="wrn-D-W"):
+        build_model("resnet19x", 10)
+
+
+def test_unknown_layer_lists_module_names():
+    model = build_model("wrn-16-1", 10)
+    with pytest.raises(InputError, match=r"'block9'.*block1\.layer\.0"):
+        choose_distillation("wrn-16-1", model, ["block9"], [1.0])
+
+
+def test_custom_layers_need_matching_betas():
+    model = build_model("wrn-16-1", 10)
+    assert choose_distillation("wrn-16-1", model, ["block3"], [2000.0]).betas == (2000.0,)
+    with pytest.raises(InputError, match="one beta per layer"):
+        choose_distillation("wrn-16-1", model, ["block2", "block3"], None)

@@ -1,0 +1,114 @@
+"""The engine end to end on real data: a backdoored digits model is sanitized; ASR falls and ACC holds."""
+
+import json
+
+import pytest
+import torch
+
+from core.engine.checkpoints import read_metadata, sha256_file
+from core.engine.errors import Cancelled, InputError
+from core.engine.sanitize import JobFiles, load_model, sanitize
+from core.params import SanitizeParams
+
+
+def _files(case, tmp_path, **extra) -> JobFiles:
+    return JobFiles(checkpoint=case.checkpoint, clean_data=case.clean, test_data=case.test,
+                    out=tmp_path / "clean.safetensors", **extra)
+
+
+def test_nad_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp_path):
+    params = SanitizeParams.model_validate(digits_backdoor.params)
+    events = []
+    report = sanitize(_files(digits_backdoor, tmp_path), params, on_event=events.append)
+    before, after = report["before"], report["after"]
+    assert before["asr"] > 90, "the fixture's model should carry the backdoor"
+    assert after["asr"] < 10
+    assert after["acc"] > before["acc"] - 8
+    assert report["evaluation"]["test_source"] == "test_data"
+    assert report["layers"] == ["block1", "block2", "block3"] and report["betas"] == [500, 1000, 1000]
+    assert set(report["timings"]) >= {"load", "evaluate_before", "teacher", "student", "evaluate_after", "total"}
+    stages = [(row["stage"], row["epoch"]) for row in report["history"]]
+    assert stages == [("teacher", e) for e in range(1, 6)] + [("student", e) for e in range(1, 6)]
+    assert all(row["at_loss"] > 0 for row in report["history"] if row["stage"] == "student")
+    progress = [e.progress for e in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    meta = read_metadata(tmp_path / "clean.safetensors")
+    assert meta["method"] == "nad" and meta["input_sha256"] == sha256_file(digits_backdoor.checkpoint)
+    json.dumps(report)  # the report must be storable as it is
+
+
+def test_finetune_returns_the_fine_tuned_teacher(digits_backdoor, tmp_path):
+    params = SanitizeParams.model_validate({**digits_backdoor.params, "method": "finetune"})
+    report = sanitize(_files(digits_backdoor, tmp_path), params)
+    assert {row["stage"] for row in report["history"]} == {"teacher"}
+    assert report["after"]["asr"] < report["before"]["asr"]
+    assert read_metadata(tmp_path / "clean.safetensors")["method"] == "finetune"
+
+
+def test_nad_is_deterministic_for_a_seed(digits_backdoor, tmp_path):
+    params = SanitizeParams.model_validate({**digits_backdoor.params, "teacher_epochs": 1, "epochs": 1})
+    first = sanitize(_files(digits_backdoor, tmp_path / "a"), params)
+    second = sanitize(_files(digits_backdoor, tmp_path / "b"), params)
+    assert first["after"] == second["after"] and first["history"] == second["history"]
+    a = load_model("wrn-16-1", 10, tmp_path / "a" / "clean.safetensors").state_dict()
+    b = load_model("wrn-16-1", 10, tmp_path / "b" / "clean.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_supplied_teacher_is_used_instead_of_fine_tuning(digits_backdoor, tmp_path):
+    params = SanitizeParams.model_validate({**digits_backdoor.params, "epochs": 1})
+    report = sanitize(_files(digits_backdoor, tmp_path, teacher=digits_backdoor.checkpoint), params)
+    assert report["teacher"] == "supplied"
+    assert {row["stage"] for row in report["history"]} == {"student"}
+
+
+def test_without_a_test_set_a_stratified_holdout_is_used_and_said(digits_backdoor, tmp_path):
+    params = SanitizeParams.model_validate({**digits_backdoor.params, "teacher_epochs": 1, "epochs": 1})
+    files = JobFiles(checkpoint=digits_backdoor.checkpoint, clean_data=digits_backdoor.clean,
+                     out=tmp_path / "o.safetensors")
+    report = sanitize(files, params)
+    assert report["evaluation"]["test_source"] == "holdout"
+    assert "hold-out" in report["evaluation"]["note"]
+    assert report["evaluation"]["n_clean"] + report["evaluation"]["n_train"] == 300
+
+
+def test_cancel_stops_between_epochs(digits_backdoor, tmp_path):
+    params = SanitizeParams.model_validate(digits_backdoor.params)
+    epochs_seen = []
+
+    def watch(event):
+        if event.loss is not None:
+            epochs_seen.append(event.epoch)
+
+    with pytest.raises(Cancelled):
+        sanitize(_files(digits_backdoor, tmp_path), params, on_event=watch, should_stop=lambda: len(epochs_seen) >= 2)
+    assert epochs_seen == [1, 2]
+    assert not (tmp_path / "clean.safetensors").exists()
+
+
+def test_wrong_class_count_is_an_input_error_naming_keys(digits_backdoor, tmp_path):
+    params = SanitizeParams.model_validate({**digits_backdoor.params, "num_classes": 12, "target_label": 0})
+    with pytest.raises(InputError, match="fc.weight"):
+        sanitize(_files(digits_backdoor, tmp_path), params)
+
+
+def test_clean_data_missing_a_class_folder_is_refused(tmp_path):
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from core.engine.sanitize import load_clean
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "PNG")
+    archive = tmp_path / "clean.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("cat/0.png", buffer.getvalue())
+        zf.writestr("dog/0.png", buffer.getvalue())
+    params = SanitizeParams(arch="wrn-16-1", num_classes=3, input_size=8)
+    with pytest.raises(InputError, match="2 classes but the model has 3"):
+        load_clean(archive, params)
+    named = SanitizeParams(arch="wrn-16-1", num_classes=3, input_size=8, classes=["cat", "cow", "dog"])
+    assert load_clean(archive, named).labels.tolist() == [0, 2]
