@@ -160,10 +160,11 @@ def _fmt(value: float | None) -> str:
 
 
 def table(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """The before/after summary every front end prints."""
-    rows = [f"{'':8}{'ACC':>8}{'ASR':>8}"]
-    rows += [f"{name:8}{_fmt(m['acc']):>8}{_fmt(m.get('asr')):>8}" for name, m in (("before", before),
-                                                                                    ("after", after))]
+    """The before/after summary every front end prints; ACC* leaves the target class out, as the NAD paper
+    reports it."""
+    rows = [f"{'':8}{'ACC':>8}{'ACC*':>8}{'ASR':>8}"]
+    for name, m in (("before", before), ("after", after)):
+        rows.append(f"{name:8}{_fmt(m['acc']):>8}{_fmt(m.get('acc_non_target')):>8}{_fmt(m.get('asr')):>8}")
     return "\n".join(rows)
 
 
@@ -214,7 +215,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = measure(model, evaluation, Normalization(params.mean, params.std), device())
     if args.report:
         args.report.write_text(json.dumps(metrics, indent=2))
-    print(f"ACC {_fmt(metrics['acc'])}  ASR {_fmt(metrics['asr'])}  ({evaluation.note})")
+    print(f"ACC {_fmt(metrics['acc'])}  ACC* {_fmt(metrics.get('acc_non_target'))}  ASR {_fmt(metrics['asr'])}"
+          f"  ({evaluation.note}; ACC* leaves out the target class)")
     for name, value in metrics["per_class_acc"].items():
         print(f"  {name:>16} {value:6.2f}")
     return 0

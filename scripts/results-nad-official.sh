@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Reproduces docs/results.md: the NAD authors' BadNets WRN-16-1 on the shared CIFAR-10, measured by this engine.
+# Usage: bash scripts/results-nad-official.sh [OUT_DIR]   (about 20 minutes on 2 CPU cores)
+set -euo pipefail
+out=${1:-var/results}
+shared=../shared
+cifar=$shared/datasets/cifar10
+official=$shared/models/nad-official
+nad=.venv/bin/nad
+mkdir -p "$out"
+common=(--arch wrn-16-1 --num-classes 10 --test-data "$cifar/test.tar.gz" --trigger nad-grid --target-label 5)
+
+[ -f "$out/clean-5pct.npz" ] || $nad subset "$cifar/train.tar.gz" --fraction 0.05 --seed 0 --out "$out/clean-5pct.npz"
+for name in backdoored teacher nad-erased; do
+  $nad evaluate "${common[@]}" --checkpoint "$official/wrn16_1-badnets-grid-$name.pth.tar" --report "$out/eval-$name.json"
+done
+run() {  # name, then extra sanitize arguments
+  local name=$1; shift
+  $nad sanitize "${common[@]}" --checkpoint "$official/wrn16_1-badnets-grid-backdoored.pth.tar" \
+    --clean-data "$out/clean-5pct.npz" --out "$out/$name.safetensors" --report "$out/$name.json" "$@"
+}
+run finetune --method finetune
+run nad-own-teacher --method nad
+run nad-authors-teacher --method nad --teacher "$official/wrn16_1-badnets-grid-teacher.pth.tar"

@@ -1,0 +1,72 @@
+"""The `nad` command on real files: attack, evaluate, subset and sanitize, with their reports."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DIGITS_TRIGGER, digits_arrays
+from core.cli import main
+
+TRIGGER = json.dumps(DIGITS_TRIGGER)
+
+
+@pytest.fixture(scope="module")
+def digits_npz(tmp_path_factory) -> Path:
+    x, y = digits_arrays()
+    path = tmp_path_factory.mktemp("cli") / "digits.npz"
+    np.savez(path, x=x[:400], y=y[:400])
+    return path
+
+
+def test_attack_then_evaluate(digits_npz, tmp_path, capsys):
+    model = tmp_path / "bd.safetensors"
+    assert main(["attack", "--arch", "wrn-16-1", "--data", str(digits_npz), "--trigger", TRIGGER,
+                 "--target-label", "0", "--epochs", "1", "--input-size", "16", "--out", str(model)]) == 0
+    assert model.exists()
+    report = tmp_path / "metrics.json"
+    assert main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(model),
+                 "--test-data", str(digits_npz), "--input-size", "16", "--trigger", TRIGGER, "--target-label", "0",
+                 "--report", str(report)]) == 0
+    metrics = json.loads(report.read_text())
+    assert set(metrics) >= {"acc", "acc_non_target", "asr", "per_class_acc"}
+    assert "ASR" in capsys.readouterr().out
+
+
+def test_sanitize_writes_checkpoint_report_and_table(digits_backdoor, tmp_path, capsys):
+    out, report = tmp_path / "clean.safetensors", tmp_path / "report.json"
+    code = main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--input-size", "16",
+                 "--checkpoint", str(digits_backdoor.checkpoint), "--clean-data", str(digits_backdoor.clean),
+                 "--test-data", str(digits_backdoor.test), "--trigger", TRIGGER, "--target-label", "0",
+                 "--teacher-epochs", "1", "--epochs", "1", "--lr", "0.01", "--betas", "500,1000,1000",
+                 "--layers", "block1,block2,block3", "--out", str(out), "--report", str(report)])
+    assert code == 0 and out.exists()
+    data = json.loads(report.read_text())
+    for key in ("before", "after"):
+        assert {"acc", "asr", "per_class_acc"} <= set(data[key])
+    assert data["params"]["epochs"] == 1 and data["history"] and data["timings"]["total"] > 0
+    printed = capsys.readouterr().out
+    assert "before" in printed and "after" in printed and "ASR" in printed
+
+
+def test_subset_is_stratified(digits_npz, tmp_path):
+    out = tmp_path / "part.npz"
+    assert main(["subset", str(digits_npz), "--fraction", "0.25", "--input-size", "16", "--out", str(out)]) == 0
+    with np.load(out) as part:
+        assert len(part["y"]) == pytest.approx(100, abs=10)
+        assert set(part["y"].tolist()) == set(range(10))
+
+
+def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):
+    code = main(["evaluate", "--arch", "vgg99", "--num-classes", "10", "--checkpoint", str(digits_npz),
+                 "--test-data", str(digits_npz)])
+    assert code == 2 and "unknown architecture 'vgg99'" in capsys.readouterr().err
+
+
+def test_the_console_script_is_installed():
+    nad = Path(sys.executable).with_name("nad")
+    result = subprocess.run([str(nad), "--help"], capture_output=True, text=True, check=True)
+    assert "sanitize" in result.stdout and "evaluate" in result.stdout
