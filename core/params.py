@@ -59,6 +59,7 @@ TriggerSpec = Annotated[
 ]
 
 Method = Literal["nad", "finetune"]
+Mode = Literal["fast", "reference"]
 
 
 class SanitizeParams(_Spec):
@@ -90,6 +91,11 @@ class SanitizeParams(_Spec):
     betas: list[float] | None = Field(default=None, description="one weight per layer; default: the arch's own")
     augment: bool = Field(default=True, description="random crop (padding 4) and horizontal flip while training")
     seed: int = 0
+    mode: Mode = Field(
+        default="fast",
+        description="fast: the same computation laid out for speed (channels_last, bf16 autocast on a GPU, large "
+        "evaluation batches); reference: the authors' execution (eager fp32, evaluation batch 64)",
+    )
     target_label: int | None = Field(default=None, ge=0, description="the attack's target class, for ASR")
     trigger: TriggerSpec | None = Field(default=None, description="a trigger applied to the clean test set for ASR")
 

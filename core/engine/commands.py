@@ -88,6 +88,7 @@ def _add_sanitize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--layers", type=_names, help="module names, e.g. block1,block2,block3")
     parser.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--mode", choices=["fast", "reference"], help="fast (default) or the authors' execution")
     parser.add_argument("--out", type=Path, required=True, help="where to write the cleansed .safetensors")
     parser.add_argument("--report", type=Path, help="where to write the JSON report")
     parser.set_defaults(run=run_sanitize)
@@ -199,20 +200,13 @@ def run_sanitize(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from core.engine.data import load_images
     from core.engine.errors import InputError
-    from core.engine.sanitize import Evaluation, device, load_model, measure, poisoned_set
-    from core.engine.training import Normalization
+    from core.engine.sanitize import evaluate_checkpoint
 
     try:
-        params = _params(args)
-        model = load_model(params.arch, params.num_classes, args.checkpoint).to(device())
-        test = load_images(args.test_data, params.input_size, params.classes, params.num_classes)
-        evaluation = Evaluation(test, poisoned_set(args.poison_data, params, test), params.target_label,
-                                "test_data", f"{len(test.labels)} test images")
+        metrics, evaluation = evaluate_checkpoint(args.checkpoint, args.test_data, _params(args), args.poison_data)
     except (InputError, ValidationError) as error:
         return _fail(str(error))
-    metrics = measure(model, evaluation, Normalization(params.mean, params.std), device())
     if args.report:
         args.report.write_text(json.dumps(metrics, indent=2))
     print(f"ACC {_fmt(metrics['acc'])}  ACC* {_fmt(metrics.get('acc_non_target'))}  ASR {_fmt(metrics['asr'])}"

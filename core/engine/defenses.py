@@ -11,13 +11,13 @@ from torch import nn
 
 from core.engine.attention import attention_loss, tap
 from core.engine.models import Distillation
-from core.engine.training import Normalization, Objective, Recipe, Watch, cross_entropy, train
+from core.engine.training import Execution, Normalization, Objective, Recipe, Watch, cross_entropy, train
 
 
 def finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
-             normalize: Normalization, watch: Watch) -> list[dict[str, Any]]:
+             normalize: Normalization, watch: Watch, execution: Execution) -> list[dict[str, Any]]:
     """Plain fine-tuning with cross-entropy: the baseline, and how NAD's teacher is made."""
-    return train(model, images, labels, cross_entropy(model), recipe, normalize, watch)
+    return train(model, images, labels, cross_entropy(model), recipe, normalize, watch, execution)
 
 
 def nad_objective(student: nn.Module, teacher: nn.Module, distillation: Distillation,
@@ -37,7 +37,8 @@ def nad_objective(student: nn.Module, teacher: nn.Module, distillation: Distilla
 
 
 def distill(student: nn.Module, teacher: nn.Module, distillation: Distillation, images: torch.Tensor,
-            labels: torch.Tensor, recipe: Recipe, normalize: Normalization, watch: Watch) -> list[dict[str, Any]]:
+            labels: torch.Tensor, recipe: Recipe, normalize: Normalization, watch: Watch,
+            execution: Execution) -> list[dict[str, Any]]:
     """Fine-tune `student` in place, matching its attention maps to the frozen `teacher`'s."""
     teacher.eval()
     for parameter in teacher.parameters():
@@ -46,4 +47,4 @@ def distill(student: nn.Module, teacher: nn.Module, distillation: Distillation, 
         student_features = stack.enter_context(tap(student, distillation.layers))
         teacher_features = stack.enter_context(tap(teacher, distillation.layers))
         objective = nad_objective(student, teacher, distillation, student_features, teacher_features)
-        return train(student, images, labels, objective, recipe, normalize, watch)
+        return train(student, images, labels, objective, recipe, normalize, watch, execution)

@@ -8,19 +8,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.engine.training import Normalization, to_tensor
-
-EVAL_BATCH = 512
+from core.engine.training import Execution, Normalization, to_tensor
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, normalize: Normalization, device: torch.device) -> np.ndarray:
+@torch.inference_mode()
+def predict(model: nn.Module, images: np.ndarray, normalize: Normalization, device: torch.device,
+            execution: Execution) -> np.ndarray:
     """Predicted labels for uint8 NHWC images, in evaluation mode."""
     model.eval()
     predictions = []
-    for start in range(0, len(images), EVAL_BATCH):
-        batch = to_tensor(images[start : start + EVAL_BATCH], device)
-        predictions.append(model(normalize(batch)).argmax(1).cpu())
+    for start in range(0, len(images), execution.eval_batch):
+        batch = to_tensor(images[start : start + execution.eval_batch], device)
+        with execution.autocast(device):
+            predictions.append(model(execution.inputs(normalize(batch))).argmax(1).cpu())
     return torch.cat(predictions).numpy() if predictions else np.zeros(0, dtype=np.int64)
 
 

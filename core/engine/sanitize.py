@@ -21,7 +21,7 @@ from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event, EventSink, ignore
 from core.engine.metrics import attack_success_rate, clean_metrics, predict
 from core.engine.models import build_model, choose_distillation
-from core.engine.training import Normalization, Recipe, Watch, to_tensor
+from core.engine.training import Execution, Normalization, Recipe, Watch, to_tensor
 from core.engine.triggers import poison
 from core.params import SanitizeParams
 
@@ -81,14 +81,15 @@ def load_model(arch: str, num_classes: int, checkpoint: Path) -> nn.Module:
     return model
 
 
-def measure(model: nn.Module, evaluation: Evaluation, normalize: Normalization, dev: torch.device) -> dict[str, Any]:
+def measure(model: nn.Module, evaluation: Evaluation, normalize: Normalization, dev: torch.device,
+            execution: Execution) -> dict[str, Any]:
     """ACC (overall, per class, non-target) and ASR of one model."""
     clean = evaluation.clean
-    result = clean_metrics(predict(model, clean.images, normalize, dev), clean.labels, clean.classes,
+    result = clean_metrics(predict(model, clean.images, normalize, dev, execution), clean.labels, clean.classes,
                            evaluation.target_label)
     result["asr"] = None
     if evaluation.poisoned is not None and evaluation.target_label is not None:
-        predictions = predict(model, evaluation.poisoned.images, normalize, dev)
+        predictions = predict(model, evaluation.poisoned.images, normalize, dev, execution)
         result["asr"] = attack_success_rate(predictions, evaluation.poisoned.labels, evaluation.target_label)
     return result
 
@@ -103,6 +104,18 @@ def load_clean(path: Path, params: SanitizeParams) -> ImageSet:
             "give every class some images, or list all class names in label order with `classes`"
         )
     return clean
+
+
+def evaluate_checkpoint(checkpoint: Path, test_data: Path, params: SanitizeParams,
+                        poison_data: Path | None = None) -> tuple[dict[str, Any], Evaluation]:
+    """The metrics of one checkpoint on a test archive (ASR from `poison_data` or `params.trigger`)."""
+    dev = device()
+    execution = Execution.for_mode(params.mode, dev)
+    model = execution.prepare(load_model(params.arch, params.num_classes, checkpoint).to(dev))
+    test = load_images(test_data, params.input_size, params.classes, params.num_classes)
+    evaluation = Evaluation(test, poisoned_set(poison_data, params, test), params.target_label, "test_data",
+                            f"{len(test.labels)} test images")
+    return measure(model, evaluation, Normalization(params.mean, params.std), dev, execution), evaluation
 
 
 def prepare_evaluation(files: JobFiles, params: SanitizeParams, clean: ImageSet) -> tuple[ImageSet, Evaluation]:
@@ -165,17 +178,19 @@ def sanitize(
     """
     clock, dev = Clock(), device()
     normalize = Normalization(params.mean, params.std)
+    execution = Execution.for_mode(params.mode, dev)
     on_event(Event("load", 0.0))
     with clock.time("load"):
-        model = load_model(params.arch, params.num_classes, files.checkpoint).to(dev)
+        model = execution.prepare(load_model(params.arch, params.num_classes, files.checkpoint).to(dev))
         distillation = choose_distillation(params.arch, model, params.layers, params.betas)
         clean = load_clean(files.clean_data, params)
         train_set, evaluation = prepare_evaluation(files, params, clean)
-        teacher = load_model(params.arch, params.num_classes, files.teacher).to(dev) if files.teacher else None
+        teacher = (execution.prepare(load_model(params.arch, params.num_classes, files.teacher).to(dev))
+                   if files.teacher else None)
         images, labels = to_tensor(train_set.images, dev), torch.from_numpy(train_set.labels).to(dev)
     on_event(Event("evaluate_before", LOAD_SHARE))
     with clock.time("evaluate_before"):
-        before = measure(model, evaluation, normalize, dev)
+        before = measure(model, evaluation, normalize, dev, execution)
     on_event(Event("evaluate_before", LOAD_SHARE + EVALUATE_SHARE, metrics=before))
 
     teacher_recipe, student_recipe = _recipes(params)
@@ -185,19 +200,19 @@ def sanitize(
         teacher = copy.deepcopy(model)
         with clock.time("teacher"):
             finetune(teacher, images, labels, teacher_recipe, normalize,
-                     Watch("teacher", on_event, should_stop, *spans["teacher"], history))
+                     Watch("teacher", on_event, should_stop, *spans["teacher"], history), execution)
     result = teacher
     if params.method == "nad":
         with clock.time("student"):
             distill(model, teacher, distillation, images, labels, student_recipe, normalize,
-                    Watch("student", on_event, should_stop, *spans["student"], history))
+                    Watch("student", on_event, should_stop, *spans["student"], history), execution)
         result = model
     if should_stop():
         raise Cancelled("cancelled before the final evaluation")
 
     on_event(Event("evaluate_after", 1.0 - EVALUATE_SHARE))
     with clock.time("evaluate_after"):
-        after = measure(result, evaluation, normalize, dev)
+        after = measure(result, evaluation, normalize, dev, execution)
     report = {
         "arch": params.arch,
         "num_classes": params.num_classes,

@@ -36,7 +36,7 @@ class Recipe:
     weight_decay: float = WEIGHT_DECAY
 
     def lr_at(self, epoch: int) -> float:
-        return self.lr * 0.1 ** sum(epoch >= m for m in self.milestones)
+        return self.lr / 10 ** sum(epoch >= m for m in self.milestones)
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,35 @@ class Normalization:
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How the arithmetic is laid out, never what it computes: the `mode` parameter.
+
+    `fast` keeps activations in channels_last (about 1.8x faster convolutions on these CPUs and on GPUs),
+    autocasts to bf16 on a GPU only (on CPUs bf16 is many times slower), and evaluates in large batches.
+    `reference` is the authors' execution: eager fp32 in NCHW, evaluation batch 64.
+    """
+
+    channels_last: bool = False
+    bf16: bool = False
+    eval_batch: int = 64
+
+    @classmethod
+    def for_mode(cls, mode: str, device: torch.device) -> Execution:
+        if mode == "reference":
+            return cls()
+        return cls(channels_last=True, bf16=device.type == "cuda", eval_batch=1024)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 @dataclass
@@ -117,6 +146,7 @@ def train(
     recipe: Recipe,
     normalize: Normalization,
     watch: Watch,
+    execution: Execution,
 ) -> list[dict[str, Any]]:
     """Train `model` in place on uint8 `images`; returns one history row per epoch.
 
@@ -135,7 +165,8 @@ def train(
         lr = recipe.lr_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows.append(_epoch(model, images, labels, objective, recipe, normalize, watch, optimizer, generator, epoch))
+        rows.append(_epoch(model, images, labels, objective, recipe, (normalize, execution), watch, optimizer,
+                           generator, epoch))
         rows[-1].update(stage=watch.stage, epoch=epoch + 1, epochs=recipe.epochs, lr=lr)
         watch.history.append(rows[-1])
         watch.on_event(
@@ -145,7 +176,8 @@ def train(
     return rows
 
 
-def _epoch(model, images, labels, objective, recipe, normalize, watch, optimizer, generator, epoch) -> dict:
+def _epoch(model, images, labels, objective, recipe, pipeline, watch, optimizer, generator, epoch) -> dict:
+    normalize, execution = pipeline
     model.train()
     batches = _batches(len(images), recipe.batch_size, generator)
     sums: dict[str, torch.Tensor] = {}
@@ -155,7 +187,8 @@ def _epoch(model, images, labels, objective, recipe, normalize, watch, optimizer
         index = index.to(images.device)
         batch = augment(images[index], generator) if recipe.augment else images[index]
         target = labels[index]
-        loss, parts, logits = objective(normalize(batch), target)
+        with execution.autocast(images.device):
+            loss, parts, logits = objective(execution.inputs(normalize(batch)), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
