@@ -68,15 +68,22 @@ class Payload:
         return (Path.touch, (Path("/tmp/nad-test-should-not-exist"),))
 
 
-def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
+@pytest.mark.parametrize(
+    ("content", "zip_format"),
+    [(lambda: Payload(), True), (lambda: {"state_dict": {"weight": torch.zeros(1), "x": Payload()}}, True),
+     (lambda: {"weight": torch.zeros(1), "x": Payload()}, False), (lambda: Payload(), False)],
+    ids=["top-level", "nested-in-state-dict", "legacy-nested", "legacy-top-level"],
+)
+def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, content, zip_format):
     marker = Path("/tmp/nad-test-should-not-exist")
     marker.unlink(missing_ok=True)
     path = tmp_path / "evil.pt"
-    torch.save({"weight": torch.zeros(1), "x": Payload()}, path)
+    torch.save(content(), path, _use_new_zipfile_serialization=zip_format)
     marker.unlink(missing_ok=True)  # torch.save itself does not run it, but be sure
-    with pytest.raises(InputError, match="not a plain state dict"):
+    with pytest.raises(InputError, match="not a plain state dict") as caught:
         read_state_dict(path)
     assert not marker.exists()
+    assert "Unsupported global" in str(caught.value) and "weights_only" not in str(caught.value)
 
 
 def test_other_architecture_names_the_keys(model):
@@ -91,9 +98,10 @@ def test_other_architecture_names_the_keys(model):
     assert "fc.weight (5, 64) != (10, 64)" in message
 
 
-def test_nan_weights_are_refused(model):
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_weights_are_refused(model, value):
     state = dict(model.state_dict())
-    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
+    state["fc.weight"][3, 5] = float(value)
     with pytest.raises(InputError, match="NaN"):
         load_weights(build_model("wrn-16-1", 10), state, "wrn-16-1")
 

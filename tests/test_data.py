@@ -194,16 +194,22 @@ def test_truncated_archive_is_an_input_error(tmp_path):
     assert str(tmp_path) not in str(caught.value)
 
 
-def test_tar_links_and_devices_are_skipped(tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [(tarfile.SYMTYPE, "a symbolic link"), (tarfile.LNKTYPE, "a hard link"), (tarfile.CHRTYPE, "a device"),
+     (tarfile.BLKTYPE, "a device"), (tarfile.FIFOTYPE, "fifo")],
+    ids=["symlink", "hardlink", "char-device", "block-device", "fifo"],
+)
+def test_tar_links_and_devices_are_refused_by_name(tmp_path, kind, message):
+    """A data set holds none, so a link or device is a probe: refused, not silently skipped."""
     path = _tar(tmp_path / "d.tar", {"cat/0.png": _encode(_pixels(0))})
     with tarfile.open(path, "a") as archive:
-        for name, kind in [("cat/sym.png", tarfile.SYMTYPE), ("cat/hard.png", tarfile.LNKTYPE),
-                           ("cat/dev.png", tarfile.CHRTYPE)]:
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = kind, "/etc/passwd" if kind == tarfile.SYMTYPE else "cat/0.png"
-            archive.addfile(info)
-    loaded = load_images(path, 32)
-    assert len(loaded.labels) == 1
+        info = tarfile.TarInfo("cat/odd.png")
+        info.type, info.linkname = kind, "/etc/passwd" if kind == tarfile.SYMTYPE else "cat/0.png"
+        archive.addfile(info)
+    with pytest.raises(InputError, match=message) as caught:
+        load_images(path, 32)
+    assert "'cat/odd.png'" in str(caught.value)
 
 
 def test_images_above_the_pixel_cap_are_refused(tmp_path, monkeypatch):
@@ -277,10 +283,11 @@ def test_npz_bad_labels_are_errors(tmp_path, y, kwargs, message):
     [
         ({"x": np.zeros((2, 4, 4, 3), np.float32), "y": np.array([0, 1])}, "uint8"),
         ({"x": np.zeros((2, 4, 4, 4), np.uint8), "y": np.array([0, 1])}, "N x H x W x 3"),
+        ({"x": np.zeros((2, 4, 4, 2), np.uint8), "y": np.array([0, 1])}, "N x H x W x 3"),
         ({"images": np.zeros((2, 4, 4, 3), np.uint8), "labels": np.array([0, 1])}, "images, labels"),
-        ({"x": np.array([object(), 1], dtype=object), "y": np.array([0, 1])}, "could not be read"),
+        ({"x": np.array([object(), 1], dtype=object), "y": np.array([0, 1])}, "Python objects"),
     ],
-    ids=["float", "four-channels", "wrong-keys", "pickled"],
+    ids=["float", "four-channels", "two-channels", "wrong-keys", "pickled"],
 )
 def test_npz_bad_arrays_are_errors(tmp_path, arrays, message):
     with pytest.raises(InputError, match=message):

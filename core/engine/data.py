@@ -1,13 +1,20 @@
 """Loading a user's image archive into memory: an ImageFolder tree in a zip or tar, or arrays in an npz.
 
 Everything is read straight out of the archive: nothing is extracted and no member name is ever used as a
-filesystem path, so a hostile archive cannot write or read anywhere on the server. Only numpy and Pillow are
-needed, so the API can check an upload with the same code the worker trains on.
+filesystem path, so a hostile archive cannot write or read anywhere on the server. What only a hostile or
+mistaken archive holds (links, devices, `..` or absolute names, archives inside the archive) is refused by
+name, and bytes are counted as they are unpacked, so a zip or tar bomb stops at a cap rather than filling
+memory. Only numpy and Pillow are needed, so the API can check an upload with the same code the worker
+trains on.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
+import math
 import stat
 import struct
 import tarfile
@@ -17,6 +24,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -34,8 +42,24 @@ ACCEPTED = (
     "a .zip, .tar, .tar.gz or .tgz archive of <class>/<image> folders "
     f"({', '.join(IMAGE_SUFFIXES)} images), or an .npz with arrays x (uint8, N x H x W x 3) and y (labels)"
 )
+# Caps on one archive, checked while it is read: far above any real data set (CIFAR-10's 50,000 training
+# images are a 130 MB tar), far below what a zip or tar bomb unpacks to. Tests lower them.
+MAX_UNPACKED_BYTES = 4 << 30
+MAX_MEMBERS = 1_000_000
+# A zip member, npz array or compressed tar stream that has unpacked more than RATIO_FLOOR bytes may not
+# unpack to more than MAX_RATIO times its compressed size: images compress a few times at most, bombs a
+# thousand times.
+MAX_RATIO = 200
+RATIO_FLOOR = 1 << 20
+# How much of a zip member is decompressed at a time between checks of the caps.
+CHUNK = 1 << 20
+# Members that are archives themselves: their images would be silently skipped, and unpacking them is how a
+# bomb gets a second stage.
+NESTED_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".npz", ".7z", ".rar")
+# Compressed tars by their first bytes, and how to read them decompressed.
+TAR_COMPRESSIONS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
 # What the standard library's readers raise for a damaged or truncated archive.
-ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError)
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError)
 # What Pillow raises for a file it cannot decode.
 DECODE_ERRORS = (
     OSError, SyntaxError, ValueError, EOFError, struct.error,
@@ -130,9 +154,20 @@ def _kind(path: Path) -> str:
         if path.name.lower().endswith(".npz") or _holds_arrays(path):
             return "npz"
         return "zip"
-    if tarfile.is_tarfile(path):
+    if _is_tar(path):
         return "tar"
     raise InputError(f"the data file is not in a format we read (or is damaged); send {ACCEPTED}")
+
+
+def _is_tar(path: Path) -> bool:
+    """A tar, perhaps compressed, by its first 512-byte block: a ustar header, or zeros for an empty tar. Not
+    tarfile.is_tarfile, which reads the whole first member's header data (a pax header can be gigabytes)."""
+    try:
+        with path.open("rb") as raw, _decompressed(raw) as stream:
+            block = stream.read(512)
+    except ARCHIVE_ERRORS:
+        return False
+    return block[257:262] == b"ustar" or block == bytes(512)
 
 
 def _holds_arrays(path: Path) -> bool:
@@ -147,15 +182,26 @@ def _holds_arrays(path: Path) -> bool:
 
 
 def _zip_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
-    """(name, content) of each regular member; content None for members that are surely not images, so
-    they are never decompressed."""
+    """(name, content) of each file member; content None for members that are surely not images, so they
+    are never decompressed. Every member's name and kind is checked first (see _member_name)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.is_dir() or stat.S_ISLNK(info.external_attr >> 16):
+            infos = archive.infolist()
+            _check_count(len(infos))
+            unpacked = 0
+            for info in infos:
+                name = _member_name(info.filename)
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise _not_a_file(name, "a symbolic link")
+                if info.is_dir():
                     continue
-                name = info.filename.replace("\\", "/")
-                yield name, archive.read(info) if _is_image_name(name) else None
+                _check_not_nested(name)
+                if not _is_image_name(name):
+                    yield name, None
+                    continue
+                content = _read_zip_member(archive, info, name, unpacked)
+                unpacked += len(content)
+                yield name, content
     except ARCHIVE_ERRORS as error:
         raise _damaged("zip", error) from None
     except RuntimeError as error:  # a password, or a compression method the standard library lacks
@@ -165,21 +211,129 @@ def _zip_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
         ) from None
 
 
+def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, unpacked: int) -> bytes:
+    """A member's bytes, decompressed a CHUNK at a time and counted (`unpacked`: the archive's bytes so far),
+    so that a bomb stops at the caps rather than after it has filled memory."""
+    chunks, size = [], 0
+    with archive.open(info) as stream:
+        while chunk := stream.read(CHUNK):
+            chunks.append(chunk)
+            size += len(chunk)
+            _check_inflation(unpacked + size, size, info.compress_size, f"'{name}'")
+    return b"".join(chunks)
+
+
 def _tar_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
-    """As _zip_members, streaming: a tar.gz is read once, front to back. Links, devices and fifos are
-    skipped, never followed."""
+    """As _zip_members, streaming: a tar(.gz) is read once, front to back, and what it unpacks to is counted
+    as it comes (_Counted)."""
     try:
-        with tarfile.open(path, mode="r|*") as archive:
-            for member in archive:
-                if not member.isreg():
+        with (
+            path.open("rb") as raw,
+            _decompressed(raw) as stream,
+            tarfile.open(fileobj=_Counted(raw, stream), mode="r|") as archive,
+        ):
+            for count, member in enumerate(archive, 1):
+                _check_count(count)
+                name = _member_name(member.name)
+                if member.isdir():
                     continue
-                if not _is_image_name(member.name):
-                    yield member.name, None
+                _check_tar_file(member, name)
+                _check_not_nested(name)
+                if not _is_image_name(name):
+                    yield name, None
                     continue
-                stream = archive.extractfile(member)
-                yield member.name, stream.read() if stream is not None else b""
+                content = archive.extractfile(member)
+                yield name, content.read() if content is not None else b""
     except ARCHIVE_ERRORS as error:
         raise _damaged("tar", error) from None
+
+
+def _decompressed(raw: BinaryIO) -> BinaryIO:
+    """The tar stream in `raw`: raw itself, or a gzip, bzip2 or xz reader of it, by its first bytes."""
+    head = raw.read(6)
+    raw.seek(0)
+    for magic, opener in TAR_COMPRESSIONS.items():
+        if head.startswith(magic):
+            return opener(raw)
+    return raw
+
+
+class _Counted:
+    """A tar stream that counts the bytes it hands to tarfile and checks the caps at every read. Counting at
+    this level rather than per member also covers what tarfile reads whole before yielding a member (pax and
+    long-name headers) and the members it skips."""
+
+    def __init__(self, raw: BinaryIO, stream: BinaryIO) -> None:
+        self.raw, self.stream, self.size = raw, stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.size += len(data)
+        _check_inflation(self.size, self.size, self.raw.tell(), "the tar stream")
+        return data
+
+
+def _check_count(count: int) -> None:
+    if count > MAX_MEMBERS:
+        raise InputError(
+            f"the archive has more than {MAX_MEMBERS:,} members; split the data set into smaller archives"
+        )
+
+
+def _check_inflation(total: int, size: int, packed: int, what: str) -> None:
+    """Stop an archive that unpacks past MAX_UNPACKED_BYTES in all (`total`), or a part of it (`what`: a zip
+    member, an npz array, a compressed tar stream) whose `size` bytes so far came from more than MAX_RATIO
+    times fewer `packed` bytes: the two marks of a compression bomb."""
+    if total > MAX_UNPACKED_BYTES:
+        raise InputError(
+            f"the archive unpacks to more than {MAX_UNPACKED_BYTES:,} bytes (at {what}); "
+            "send a smaller data set, or split it"
+        )
+    if size > RATIO_FLOOR and size > MAX_RATIO * packed:
+        raise InputError(
+            f"{what} unpacks to more than {MAX_RATIO} times its compressed size, as a compression bomb does; "
+            "send real images (PNG or JPEG files, or uint8 arrays), not padding"
+        )
+
+
+def _member_name(name: str) -> str:
+    """The member's name, with / separators and any undecodable bytes escaped (so a message can show it),
+    refused when it is absolute (/..., C:...) or climbs out with `..` (zip slip): harmless here, since
+    nothing is extracted, but no legitimate archive has such names and no class may be derived from one."""
+    name = name.replace("\\", "/").encode("utf-8", "backslashreplace").decode("utf-8")
+    parts = name.split("/")
+    if name.startswith("/") or ".." in parts or (name[:1].isalpha() and name[1:2] == ":"):
+        raise InputError(
+            f"archive member '{name}' has an absolute path or a '..' component; create the archive again "
+            "from inside the data folder, e.g. `cd data && zip -r ../data.zip .`"
+        )
+    return name
+
+
+def _check_tar_file(member: tarfile.TarInfo, name: str) -> None:
+    """A tar member that is not a folder must be a plain file: links, devices, fifos and sparse files (whose
+    holes tarfile fills with zeros it never reads, past any count) have no place in a data set."""
+    if member.issym() or member.islnk():
+        raise _not_a_file(name, f"a {'symbolic' if member.issym() else 'hard'} link")
+    if not member.isreg():
+        raise _not_a_file(name, "a device, fifo or other special file")
+    if member.issparse():
+        raise _not_a_file(name, "a sparse file")
+
+
+def _not_a_file(name: str, kind: str) -> InputError:
+    return InputError(
+        f"archive member '{name}' is {kind}, not a plain file; create the archive again from plain files "
+        "(e.g. `tar --dereference` or `zip` without `--symlinks`)"
+    )
+
+
+def _check_not_nested(name: str) -> None:
+    if name.lower().endswith(NESTED_SUFFIXES):
+        raise InputError(
+            f"archive member '{name}' is itself an archive; unpack it and archive the images directly, "
+            "one archive per upload"
+        )
 
 
 def _damaged(kind: str, error: BaseException) -> InputError:
@@ -269,8 +423,14 @@ def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """x, y and, when the file names them (as `nad subset` writes), the class names in label order."""
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            found = {key: arrays[key] for key in ("x", "y", "classes") if key in arrays.files}
+            members = [f"{key}.npy" for key in ("x", "y", "classes") if f"{key}.npy" in arrays.zip.namelist()]
+            unpacked = 0
+            for member in members:
+                unpacked += _npy_bytes(arrays.zip, member, unpacked)
+            found = {member.removesuffix(".npy"): arrays[member] for member in members}
             keys = sorted(arrays.files)
+    except InputError:
+        raise
     except NPZ_ERRORS as error:
         raise InputError(
             f"the npz could not be read ({error_reason(error)}); save plain numeric arrays with "
@@ -286,6 +446,24 @@ def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
         raise InputError("the npz's `classes` must be a 1-D array of strings, e.g. np.array(['cat', 'dog'])")
     return found["x"], found["y"], None if names is None else names.tolist()
+
+
+def _npy_bytes(archive: zipfile.ZipFile, member: str, unpacked: int) -> int:
+    """The bytes of the array in `member`, from its .npy header, before numpy allocates it: an object array
+    (a pickle) is refused, and so is one past the caps on unpacked bytes and inflation, which a few
+    kilobytes of compressed zeros could otherwise make numpy allocate."""
+    with archive.open(member) as stream:
+        version = np.lib.format.read_magic(stream)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = header(stream)
+    if dtype.hasobject:
+        raise InputError(
+            f"'{member}' is an array of Python objects, which is a pickle; save plain numeric arrays with "
+            "np.savez(file, x=images, y=labels)"
+        )
+    size = math.prod(shape) * dtype.itemsize
+    _check_inflation(unpacked + size, size, archive.getinfo(member).compress_size, f"'{member}'")
+    return size
 
 
 def _rgb_array(x: np.ndarray) -> np.ndarray:
