@@ -26,10 +26,65 @@ def _add_engine_commands(commands: argparse._SubParsersAction) -> None:
 
 def _add_keys_command(commands: argparse._SubParsersAction) -> None:
     """keys: API key management against the service's database."""
+    parser = commands.add_parser("keys", help="create, list and revoke API keys (in NAD_DATABASE_URL)")
+    actions = parser.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a key; the key itself is printed once, on the last line")
+    create.add_argument("--name", required=True, help="who or what the key is for")
+    revoke = actions.add_parser("revoke", help="stop a key from working; its jobs stay, out of reach")
+    revoke.add_argument("key_id", help="the key's id, as `nad keys list` shows it")
+    actions.add_parser("list", help="every key: id, name, created, revoked")
+
+    def run(args: argparse.Namespace) -> int:
+        from core import keys
+        from core.database import Database
+        from core.settings import get_settings
+
+        database = Database(get_settings().database_url)
+        database.migrate()
+        with database.session() as session:
+            if args.action == "create":
+                key, text = keys.create_key(session, args.name)
+                print(f"created key {key.id} ({key.name}); it is shown only now:")
+                print(text)
+            elif args.action == "revoke":
+                if not keys.revoke_key(session, args.key_id):
+                    print(f"nad: error: no live key {args.key_id}", file=sys.stderr)
+                    return 2
+                print(f"revoked key {args.key_id}")
+            else:
+                for key in keys.list_keys(session):
+                    revoked = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "live"
+                    print(f"{key.id}  {key.created_at:%Y-%m-%d %H:%M}  {revoked:<24}  {key.name}")
+        return 0
+
+    parser.set_defaults(run=run)
 
 
 def _add_submit_command(commands: argparse._SubParsersAction) -> None:
     """submit: the HTTP client of a running service."""
+    from pathlib import Path
+
+    parser = commands.add_parser(
+        "submit", help="sanitize a checkpoint on a running service and download the result",
+        description="Upload a job, follow it to its end, download the cleansed checkpoint and print the "
+                    "before/after ACC and ASR. NAD_API_URL and NAD_API_KEY are the defaults of --url, --key.")
+    parser.add_argument("model", type=Path, help="the suspect checkpoint (safetensors or torch.save)")
+    parser.add_argument("clean_data", type=Path, help="clean labelled images: zip/tar(.gz) of folders or npz")
+    parser.add_argument("--params", required=True,
+                        help='job parameters as JSON or @file.json: {"arch": "wrn-16-1", "num_classes": 10}')
+    parser.add_argument("--test-data", type=Path, help="labelled clean test images (default: a hold-out)")
+    parser.add_argument("--poison-data", type=Path, help="triggered images with their true labels, for ASR")
+    parser.add_argument("--teacher", type=Path, help="a ready teacher checkpoint")
+    parser.add_argument("--out", type=Path, help="where to save the result (default: <job id>.safetensors)")
+    parser.add_argument("--url", help="the service's base URL (default: NAD_API_URL or http://127.0.0.1:8000)")
+    parser.add_argument("--key", help="API key (default: NAD_API_KEY)")
+
+    def run(args: argparse.Namespace) -> int:
+        from core.client import run_submit
+
+        return run_submit(args)
+
+    parser.set_defaults(run=run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""The FastAPI application. Serve it with `python -m api`, or `uvicorn --factory api.app:create_app`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
+from starlette.concurrency import run_in_threadpool
+
+from api import health, jobs, problems
+from api.services import Services
+from core.database import Database
+from core.params import SanitizeParams
+from core.settings import Settings, get_settings
+from core.storage import Storage
+from worker.app import make_celery
+
+# An upload still in incoming/ after a day was left by an API process that died while receiving it.
+STALE_UPLOAD_SECONDS = 24 * 3600
+
+DESCRIPTION = """
+Removes backdoors from image classifiers with **Neural Attention Distillation** (Li et al., ICLR 2021).
+
+1. `POST /sanitize` a suspect checkpoint, a small set of clean labelled images and the job's parameters
+   (multipart). The answer is `202 Accepted` with `Location: /jobs/{id}`.
+2. Poll `GET /jobs/{id}` until `status` is `succeeded` (or `failed`, with an `error` that says why).
+3. `GET /jobs/{id}/metrics` for clean accuracy (ACC) and attack success rate (ASR) before and after;
+   `GET /jobs/{id}/model` for the cleansed checkpoint (safetensors).
+
+```
+curl -sS -H "Authorization: Bearer $NAD_API_KEY" \\
+     -F model=@backdoored.pt -F clean_data=@clean.tar.gz -F test_data=@test.tar.gz \\
+     -F 'params={"arch": "wrn-16-1", "num_classes": 10, "target_label": 5, "trigger": {"type": "badnets",
+                 "position": [-3, -3], "pattern": [[0, 0, 255], [0, 255, 0], [255, 0, 255]]}}' \\
+     http://127.0.0.1:8000/sanitize
+```
+
+Every job endpoint needs an API key, as `Authorization: Bearer <key>` or `X-API-Key: <key>`; an operator makes
+one with `nad keys create --name NAME`. A job is visible only to the key that created it. Every error is an
+RFC 9457 problem (`application/problem+json`) whose `detail` says what to do.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for `settings` (default: this process's NAD_ environment). Connects to nothing until it starts;
+    on start it migrates the database and clears uploads a crashed process left behind."""
+    settings = settings or get_settings()
+    services = Services(settings=settings, db=Database(settings.database_url),
+                        storage=Storage(settings.storage_dir), queue=make_celery(settings))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(services.db.migrate)
+        await run_in_threadpool(services.storage.sweep_incoming, STALE_UPLOAD_SECONDS)
+        yield
+        services.db.dispose()
+
+    app = FastAPI(title="NAD sanitization service", version="0.1.0", description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.services = services
+    problems.install(app)
+    app.include_router(jobs.router)
+    app.include_router(health.router)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's description, with the schemas that routes refer to by hand (the problem document, and
+    SanitizeParams for the `params` field of the multipart upload) and FastAPI's own 422 shape replaced by
+    the problem that is actually sent."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        models = [(SanitizeParams, "validation"), (problems.Problem, "serialization")]
+        _, definitions = models_json_schema(models, ref_template="#/components/schemas/{model}")
+        schemas.update(definitions["$defs"])
+        for path in schema["paths"].values():
+            for operation in path.values():
+                if "application/json" in operation["responses"].get("422", {}).get("content", {}):
+                    operation["responses"]["422"] = problems.responses(422)[422]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

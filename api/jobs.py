@@ -1,0 +1,260 @@
+"""The job endpoints: submit, look, list, cancel, delete, and fetch the metrics and the cleansed model."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+
+from api import uploads
+from api.auth import Owner
+from api.problems import FieldError, ProblemError, field_name, invalid, responses
+from api.schemas import JobPage, JobResource, Metrics
+from api.services import Service, Services
+from core import jobs
+from core.jobs import OUTPUT, Job, Status
+from core.params import SanitizeParams
+from worker.app import SANITIZE
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["jobs"])
+
+# Publishing a job id takes milliseconds; a broker that does not answer within about a second is down, and
+# the client is better told so than kept waiting.
+SEND_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+PARAMS_EXAMPLE = {
+    "arch": "wrn-16-1", "num_classes": 10, "epochs": 20, "teacher_epochs": 10, "target_label": 5,
+    "trigger": {"type": "badnets", "position": [-3, -3],
+                "pattern": [[0, 0, 255], [0, 255, 0], [255, 0, 255]]},
+}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": list(uploads.REQUIRED),
+                    "properties": {
+                        **{name: {"type": "string", "format": "binary", "description": description}
+                           for name, description in uploads.FILE_FIELDS.items()},
+                        uploads.PARAMS: {
+                            "allOf": [{"$ref": "#/components/schemas/SanitizeParams"}],
+                            "description": "the job's parameters as a JSON object (a form field, not a file)",
+                            "examples": [PARAMS_EXAMPLE],
+                        },
+                    },
+                },
+                "encoding": {uploads.PARAMS: {"contentType": "application/json"}},
+            }
+        },
+    }
+}
+IdempotencyKey = Annotated[
+    str | None,
+    Header(max_length=255, description="any unique string; a retried POST with the same key (and API key) "
+                                       "returns the job the first one created instead of a second job"),
+]
+
+
+def _owned(session: Session, job_id: str, owner: str) -> Job:
+    job = jobs.get_job(session, job_id, owner)
+    if job is None:
+        raise ProblemError(404, f"there is no job {job_id} for this API key: it was deleted, never existed, "
+                                "or belongs to another key; GET /jobs lists yours")
+    return job
+
+
+def _not_succeeded(job: Job, what: str) -> ProblemError:
+    """409 for a result asked of a job that has none (yet), saying what happens next."""
+    reason = {
+        Status.QUEUED: "it is queued and has not started; ask again once it has succeeded",
+        Status.RUNNING: f"it is running ({round(100 * job.progress)}% done); ask again once it has succeeded",
+        Status.CANCELLING: "it is being cancelled and will have none",
+        Status.CANCELLED: "it was cancelled; submit it again for a result",
+        Status.FAILED: f"it failed: {job.error}",
+    }[Status(job.status)]
+    return ProblemError(409, f"job {job.id} has no {what}: {reason}")
+
+
+def _accepted(response: Response, job: Job) -> JobResource:
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return JobResource.of(job)
+
+
+def _params(text: str) -> SanitizeParams:
+    try:
+        return SanitizeParams.model_validate_json(text)
+    except ValidationError as error:
+        raise invalid([FieldError(field=field_name(("params", *e["loc"])), message=e["msg"])
+                       for e in error.errors()]) from None
+
+
+@router.post(
+    "/sanitize",
+    status_code=202,
+    summary="Submit a checkpoint to sanitize",
+    openapi_extra=UPLOAD_BODY,
+    responses=responses(400, 401, 413, 415, 422, 503),
+)
+async def submit(request: Request, response: Response, owner: Owner, service: Service,
+                 idempotency_key: IdempotencyKey = None) -> JobResource:
+    """Upload a suspect checkpoint, clean data and parameters; the job is queued for a worker.
+
+    Answers `202 Accepted` with the job and `Location: /jobs/{id}`. Each file may be up to
+    `NAD_MAX_UPLOAD_BYTES` (413 past it). Files are streamed to disk and checked by the worker, not here: a
+    checkpoint or archive the engine cannot use fails the job with a message saying why.
+
+    A retry with an `Idempotency-Key` already used is received like any upload (so the client is never cut
+    off mid-body), then discarded, and answered with the first job.
+    """
+    job_id = jobs.new_job_id()
+    try:
+        upload = await uploads.receive(request, service.storage, job_id, service.settings.max_upload_bytes)
+        params = _params(upload.params)
+    except BaseException:
+        service.storage.discard_incoming(job_id)
+        raise
+    job = await run_in_threadpool(_create, service, job_id, owner, params, upload, idempotency_key)
+    return _accepted(response, job)
+
+
+def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, upload: uploads.Upload,
+            idempotency_key: str | None) -> Job:
+    """Move the upload into place, record the job, then send its id to the workers, in that order: a worker
+    never receives an id the database does not know."""
+    storage = service.storage
+    storage.adopt(job_id)
+    try:
+        with service.db.session() as session:
+            job = jobs.create_job(session, job_id, owner, params.model_dump(mode="json"),
+                                  list(upload.files.values()), idempotency_key)
+    except jobs.DuplicateRequest:
+        storage.remove(job_id)
+        with service.db.session() as session:
+            return jobs.find_by_idempotency_key(session, owner, idempotency_key)
+    except BaseException:
+        storage.remove(job_id)
+        raise
+    try:
+        service.queue.send_task(SANITIZE, args=[job_id], retry_policy=SEND_RETRY)
+    except Exception:
+        log.exception("job %s: could not be sent to the broker", job_id)
+        with service.db.session() as session:
+            jobs.withdraw(session, job_id)
+        storage.remove(job_id)
+        raise ProblemError(503, "the job queue is unreachable right now, so the job was not kept; send it "
+                                "again in a minute") from None
+    return job
+
+
+@router.get("/jobs", summary="List your jobs, newest first", responses=responses(401, 422))
+def list_jobs(
+    owner: Owner,
+    service: Service,
+    limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
+) -> JobPage:
+    with service.db.session() as session:
+        page, next_cursor = jobs.list_jobs(session, owner, limit, cursor, status)
+        return JobPage(items=[JobResource.of(job) for job in page], next_cursor=next_cursor)
+
+
+@router.get("/jobs/{job_id}", summary="A job's status and progress", responses=responses(401, 404))
+def get_job(job_id: str, owner: Owner, service: Service) -> JobResource:
+    with service.db.session() as session:
+        return JobResource.of(_owned(session, job_id, owner))
+
+
+@router.get("/jobs/{job_id}/metrics", summary="Before/after ACC and ASR of a succeeded job",
+            responses=responses(401, 404, 409), response_model_exclude_unset=True)
+def get_metrics(job_id: str, owner: Owner, service: Service) -> Metrics:
+    with service.db.session() as session:
+        job = _owned(session, job_id, owner)
+        if job.status != Status.SUCCEEDED:
+            raise _not_succeeded(job, "metrics")
+        return Metrics(job_id=job.id, **job.report)
+
+
+MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the cleansed checkpoint (safetensors)",
+          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    206: {"description": "the byte range asked for with `Range`"},
+    304: {"description": "`If-None-Match` holds the checkpoint's ETag: the copy you have is current"},
+    **responses(400, 401, 404, 409, 416),
+}
+
+
+@router.get("/jobs/{job_id}/model", summary="Download the cleansed checkpoint", response_class=FileResponse,
+            responses=MODEL_RESPONSES)
+def get_model(
+    job_id: str,
+    owner: Owner,
+    service: Service,
+    range_: Annotated[str | None, Header(alias="range", description="e.g. `bytes=0-1048575`")] = None,
+    if_none_match: Annotated[str | None, Header(description="an ETag you have")] = None,
+) -> Response:
+    """The safetensors file, with its sha256 as `ETag`; `Range` resumes a download (206)."""
+    with service.db.session() as session:
+        job = _owned(session, job_id, owner)
+        output = job.artifact(OUTPUT)
+        if job.status != Status.SUCCEEDED or output is None:
+            raise _not_succeeded(job, "model")
+    etag = f'"{output.sha256}"'
+    if if_none_match and (if_none_match.strip() == "*" or etag in map(str.strip, if_none_match.split(","))):
+        return Response(status_code=304, headers={"ETag": etag})
+    if range_:
+        _check_range(range_, output.size)
+    return FileResponse(service.storage.path(job.id, output.path), media_type="application/octet-stream",
+                        filename=f"{job.id}.safetensors", headers={"ETag": etag})
+
+
+def _check_range(header: str, size: int) -> None:
+    """Refuse a Range that FileResponse would refuse, but as a problem (it answers those in plain text)."""
+    try:
+        FileResponse._parse_range_header(header, size)
+    except MalformedRangeHeader:
+        raise ProblemError(400, f"the Range header {header!r} is malformed; use e.g. bytes=0-1023") from None
+    except RangeNotSatisfiable:
+        raise ProblemError(416, f"the Range {header!r} lies outside the file's {size} bytes",
+                           headers={"Content-Range": f"bytes */{size}"}) from None
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, summary="Cancel a queued or running job",
+             responses={200: {"description": "the job was queued and is now cancelled"},
+                        **responses(401, 404, 409)})
+def cancel_job(job_id: str, owner: Owner, service: Service, response: Response) -> JobResource:
+    """A queued job is cancelled at once (200). A running one becomes `cancelling` (202) and stops at its
+    next epoch boundary, then turns `cancelled`."""
+    with service.db.session() as session:
+        job = _owned(session, job_id, owner)
+        try:
+            jobs.request_cancel(session, job)
+        except jobs.InvalidTransition as error:
+            raise ProblemError(409, f"job {job_id} already {error.status}: nothing to cancel") from None
+        if job.status == Status.CANCELLED:
+            response.status_code = 200
+        return JobResource.of(job)
+
+
+@router.delete("/jobs/{job_id}", status_code=204, summary="Delete a finished job and its files",
+               responses=responses(401, 404, 409))
+def delete_job(job_id: str, owner: Owner, service: Service) -> Response:
+    """Only a succeeded, failed or cancelled job can be deleted: cancel a queued or running one first."""
+    with service.db.session() as session:
+        job = _owned(session, job_id, owner)
+        try:
+            jobs.delete_job(session, job)
+        except jobs.InvalidTransition as error:
+            raise ProblemError(409, f"job {job_id} is {error.status}; cancel it first (POST "
+                                    f"/jobs/{job_id}/cancel), then delete it once it is cancelled") from None
+    service.storage.remove(job_id)
+    return Response(status_code=204)

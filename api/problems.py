@@ -1,0 +1,111 @@
+"""Errors as RFC 9457 problem details (`application/problem+json`), every one of them.
+
+Each `detail` tells a person what to do next. None carries a stack trace or a server path: unexpected errors
+are logged here and answered with a generic 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPE = "application/problem+json"
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the request field, dotted: `params.epochs`, `limit`, `model`")
+    message: str
+
+
+class Problem(BaseModel):
+    """An error, as RFC 9457 describes it."""
+
+    type: str = Field(default="about:blank", description="`about:blank`: the status code says it all")
+    title: str = Field(description="the HTTP status phrase", examples=["Conflict"])
+    status: int = Field(examples=[409])
+    detail: str = Field(
+        description="what went wrong and what to do about it",
+        examples=["job 0192f3a4c5d6e7f8a9b0c1d2e3f4a5b6 is running: its metrics exist once it has succeeded"],
+    )
+    instance: str = Field(description="the path of the request that failed", examples=["/jobs/0192.../model"])
+    errors: list[FieldError] | None = Field(default=None, description="each invalid field (422 only)")
+
+
+class ProblemError(Exception):
+    """Raise to answer with a problem; `headers` go with it (Allow, WWW-Authenticate, Content-Range)."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None,
+                 errors: list[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers, self.errors = status, detail, headers, errors
+
+
+def problem_response(request: Request, status: int, detail: str, headers: dict[str, str] | None = None,
+                     errors: list[FieldError] | None = None) -> JSONResponse:
+    problem = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail,
+                      instance=request.url.path, errors=errors)
+    return JSONResponse(problem.model_dump(exclude_none=True), status_code=status, headers=headers,
+                        media_type=MEDIA_TYPE)
+
+
+def field_name(location: Sequence[Any]) -> str:
+    """A pydantic error location as a person names the field: ('query', 'limit') -> 'limit'."""
+    parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "request"
+
+
+def invalid(errors: list[FieldError]) -> ProblemError:
+    """A 422 whose detail names every invalid field."""
+    return ProblemError(422, "; ".join(f"{error.field}: {error.message}" for error in errors), errors=errors)
+
+
+async def _on_problem(request: Request, error: ProblemError) -> JSONResponse:
+    return problem_response(request, error.status, error.detail, error.headers, error.errors)
+
+
+async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own 404 and 405 (no such route, wrong method) with a detail that helps."""
+    if error.status_code == 404:
+        detail = f"there is nothing at {request.url.path}; the API is described at /docs"
+    elif error.status_code == 405:
+        allowed = {k.lower(): v for k, v in (error.headers or {}).items()}.get("allow", "")
+        detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}"
+    else:
+        detail = str(error.detail)
+    return problem_response(request, error.status_code, detail, error.headers)
+
+
+async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    errors = [FieldError(field=field_name(e["loc"]), message=e["msg"]) for e in error.errors()]
+    return await _on_problem(request, invalid(errors))
+
+
+async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    return problem_response(request, 500, "the server hit an internal error; try again, and if it persists "
+                                          "report the time of the request to the service's operators")
+
+
+def install(app: FastAPI) -> None:
+    """Route every error of `app` through the handlers above."""
+    app.add_exception_handler(ProblemError, _on_problem)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route that may answer with these problems, for the OpenAPI description."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {status: {"description": HTTPStatus(status).phrase, "content": {MEDIA_TYPE: {"schema": schema}}}
+            for status in statuses}

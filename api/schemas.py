@@ -1,0 +1,127 @@
+"""What the API answers with: the job resource, a page of jobs, a job's metrics."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.jobs import FINISHED, OUTPUT, Job, Status
+
+JOB_ID_EXAMPLE = "0192f3a4c5d6e7f8a9b0c1d2e3f4a5b6"
+
+
+class Progress(BaseModel):
+    stage: str | None = Field(
+        description="load, evaluate_before, teacher, student, evaluate_after or done; null before the start",
+        examples=["student"],
+    )
+    epoch: int | None = Field(description="the epoch of `stage` under way (1-based)", examples=[3])
+    epochs: int | None = Field(description="epochs in `stage`", examples=[20])
+    percent: float = Field(description="share of the whole job done", examples=[42.5])
+
+
+class StoredFile(BaseModel):
+    filename: str | None = Field(description="the name the client sent (for display)", examples=["model.pt"])
+    size: int = Field(description="bytes", examples=[1426651])
+    sha256: str
+
+
+class JobResource(BaseModel):
+    """A sanitization job, as `GET /jobs/{id}` shows it."""
+
+    id: str = Field(examples=[JOB_ID_EXAMPLE])
+    status: Status
+    progress: Progress
+    attempts: int = Field(description="how often a worker started the job (more than 1 after a worker died)")
+    error: str | None = Field(description="why the job failed, and what to do about it")
+    timestamps: dict[str, datetime] = Field(
+        description="when the job entered each status it went through (queued, running, cancelling, and its "
+                    "final one)",
+        examples=[{"queued": "2026-01-05T10:00:00Z", "running": "2026-01-05T10:00:02Z"}],
+    )
+    updated_at: datetime
+    params: dict[str, Any] = Field(description="the job's SanitizeParams, defaults filled in")
+    inputs: dict[str, StoredFile] = Field(description="the uploaded files by field name")
+    output: StoredFile | None = Field(description="the cleansed checkpoint, once the job succeeded")
+    links: dict[str, str] = Field(
+        examples=[{"self": f"/jobs/{JOB_ID_EXAMPLE}", "metrics": f"/jobs/{JOB_ID_EXAMPLE}/metrics",
+                   "model": f"/jobs/{JOB_ID_EXAMPLE}/model", "cancel": f"/jobs/{JOB_ID_EXAMPLE}/cancel"}]
+    )
+
+    @classmethod
+    def of(cls, job: Job) -> JobResource:
+        # A job cancelled while queued never ran, so it went straight to cancelled, never through cancelling.
+        timestamps = {Status.QUEUED: job.created_at, Status.RUNNING: job.started_at,
+                      Status.CANCELLING: job.cancel_requested_at if job.started_at else None}
+        if job.status in FINISHED:
+            timestamps[job.status] = job.finished_at
+        files = {a.role: StoredFile(filename=a.filename, size=a.size, sha256=a.sha256) for a in job.artifacts}
+        output = files.pop(OUTPUT, None)
+        base = f"/jobs/{job.id}"
+        return cls(
+            id=job.id,
+            status=job.status,
+            progress=Progress(stage=job.stage, epoch=job.epoch, epochs=job.epochs,
+                              percent=round(100 * job.progress, 1)),
+            attempts=job.attempts,
+            error=job.error,
+            timestamps={str(status): at for status, at in timestamps.items() if at is not None},
+            updated_at=job.updated_at,
+            params=job.params,
+            inputs=files,
+            output=output,
+            links={"self": base, "metrics": f"{base}/metrics", "model": f"{base}/model",
+                   "cancel": f"{base}/cancel"},
+        )
+
+
+class JobPage(BaseModel):
+    items: list[JobResource]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+
+
+class Measurement(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    acc: float = Field(description="clean accuracy, percent", examples=[76.56])
+    acc_non_target: float | None = Field(default=None, description="ACC without the target class's images, "
+                                         "as the NAD paper reports it", examples=[74.1])
+    asr: float | None = Field(description="attack success rate, percent; null when the attack is unknown",
+                              examples=[100.0])
+    per_class_acc: dict[str, float] = Field(examples=[{"airplane": 81.2, "automobile": 88.0}])
+
+
+class Evaluation(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    test_source: str = Field(description="test_data (uploaded) or holdout (split off clean_data)")
+    note: str
+    n_clean: int
+    n_poison: int | None
+
+
+class Metrics(BaseModel):
+    """The engine's report of a succeeded job, as stored when it finished."""
+
+    model_config = ConfigDict(extra="allow")
+
+    job_id: str = Field(examples=[JOB_ID_EXAMPLE])
+    arch: str = Field(examples=["wrn-16-1"])
+    num_classes: int = Field(examples=[10])
+    method: str = Field(examples=["nad"])
+    input_sha256: str = Field(description="sha256 of the uploaded checkpoint")
+    params: dict[str, Any]
+    evaluation: Evaluation
+    before: Measurement
+    after: Measurement
+    history: list[dict[str, Any]] = Field(
+        description="one row per training epoch: stage (teacher/student), epoch, epochs, loss, lr, ...",
+        examples=[[{"stage": "student", "epoch": 1, "epochs": 20, "loss": 0.41, "lr": 0.1}]],
+    )
+    timings: dict[str, float] = Field(
+        description="seconds spent in each stage",
+        examples=[{"load": 0.4, "evaluate_before": 3.1, "teacher": 60.2, "student": 121.7,
+                   "evaluate_after": 3.0, "total": 188.4}],
+    )

@@ -1,0 +1,28 @@
+"""What the API's routes work with, made once per app by `api.app.create_app` and kept in its state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+
+from core.database import Database
+from core.settings import Settings
+from core.storage import Storage
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    db: Database
+    storage: Storage
+    queue: Celery
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+Service = Annotated[Services, Depends(services)]

@@ -1,0 +1,157 @@
+"""The HTTP client of the service, behind `nad submit`: upload, follow the job, download the result.
+
+It needs httpx and tqdm only, so it runs on a user's machine without torch. Uploads stream from disk with a
+progress bar, and carry an Idempotency-Key so that a POST retried after a dropped connection cannot create a
+second job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+from tqdm.utils import CallbackIOWrapper
+
+FINISHED = ("succeeded", "failed", "cancelled")
+# Attempts of the upload when the connection fails before an answer arrives (never when the service answered).
+UPLOAD_TRIES = 3
+
+
+class ServiceError(Exception):
+    """The service answered with an error (its problem detail is the message) or could not be reached."""
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    raise ServiceError(f"{response.status_code} {response.reason_phrase}: {detail}")
+
+
+class Client:
+    def __init__(self, url: str, key: str | None, timeout: float = 60.0) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        # No write timeout: a large upload on a slow line takes as long as it takes.
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(timeout, write=None))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def submit(self, files: dict[str, Path], params: dict[str, Any], show_progress: bool = True
+               ) -> dict[str, Any]:
+        """Upload a job (files by form field: model, clean_data, ...) and return the job resource."""
+        headers = {"Idempotency-Key": uuid.uuid4().hex}
+        for attempt in range(1, UPLOAD_TRIES + 1):
+            try:
+                with self._streams(files, show_progress) as streams:
+                    response = self.http.post("/sanitize", files=streams, data={"params": json.dumps(params)},
+                                              headers=headers)
+                break
+            except httpx.TransportError as error:
+                if attempt == UPLOAD_TRIES:
+                    raise ServiceError(f"could not reach {self.http.base_url}: {error}") from None
+                time.sleep(2 * attempt)
+        return _checked(response).json()
+
+    @contextmanager
+    def _streams(self, files: dict[str, Path], show_progress: bool) -> Iterator[dict[str, Any]]:
+        """The files opened for httpx's multipart encoder, which reads them in chunks; one bar for all."""
+        total = sum(path.stat().st_size for path in files.values())
+        with ExitStack() as stack:
+            bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc="upload",
+                                           file=sys.stderr, disable=not show_progress))
+            streams = {}
+            for field, path in files.items():
+                stream = stack.enter_context(path.open("rb"))
+                streams[field] = (path.name, CallbackIOWrapper(bar.update, stream, "read"))
+            yield streams
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return _checked(self.http.get(f"/jobs/{job_id}")).json()
+
+    def wait(self, job_id: str, interval: float = 2.0, show_progress: bool = True) -> dict[str, Any]:
+        """Poll the job until it has finished, showing its stage, epoch and percent; the final resource."""
+        with tqdm(total=100, unit="%", desc="queued", file=sys.stderr, disable=not show_progress,
+                  bar_format="{l_bar}{bar}| [{elapsed}]") as bar:
+            while True:
+                job = self.job(job_id)
+                progress = job["progress"]
+                epoch = f" {progress['epoch']}/{progress['epochs']}" if progress.get("epoch") else ""
+                label = f"{job['status']} {progress.get('stage') or ''}{epoch}".strip()
+                bar.set_description(label, refresh=False)
+                bar.update(progress["percent"] - bar.n)
+                if job["status"] in FINISHED:
+                    return job
+                time.sleep(interval)
+
+    def metrics(self, job_id: str) -> dict[str, Any]:
+        return _checked(self.http.get(f"/jobs/{job_id}/metrics")).json()
+
+    def download(self, job_id: str, destination: Path, show_progress: bool = True) -> Path:
+        """Stream the cleansed checkpoint to `destination`, checking it against its ETag (the sha256)."""
+        partial = destination.with_name(destination.name + ".part")
+        digest = hashlib.sha256()
+        with self.http.stream("GET", f"/jobs/{job_id}/model") as response:
+            _checked(response)
+            total = int(response.headers.get("content-length", 0)) or None
+            with partial.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="download",
+                                                  file=sys.stderr, disable=not show_progress) as bar:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        expected = response.headers.get("etag", "").strip('"')
+        if expected and digest.hexdigest() != expected:
+            partial.unlink()
+            raise ServiceError(f"job {job_id}'s model arrived damaged (sha256 mismatch); download it again")
+        partial.replace(destination)
+        return destination
+
+
+def _params(text: str) -> dict[str, Any]:
+    """--params: inline JSON, or @file."""
+    return json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    """`nad submit`: upload, follow, download, and print the before/after table. Exit 0 when the job
+    succeeded, 1 when it failed or was cancelled, 2 when it could not be submitted or followed."""
+    from core.engine.commands import table
+    from core.settings import ClientSettings
+
+    settings = ClientSettings()
+    files = {field: path for field, path in (("model", args.model), ("clean_data", args.clean_data),
+                                             ("test_data", args.test_data), ("poison_data", args.poison_data),
+                                             ("teacher", args.teacher)) if path is not None}
+    client = Client(args.url or settings.api_url, args.key or settings.api_key)
+    try:
+        job = client.submit(files, _params(args.params))
+        print(f"job {job['id']} queued", file=sys.stderr)
+        job = client.wait(job["id"])
+        if job["status"] != "succeeded":
+            print(f"job {job['id']} {job['status']}: {job.get('error') or 'no result'}", file=sys.stderr)
+            return 1
+        out = client.download(job["id"], args.out or Path(f"{job['id']}.safetensors"))
+        metrics = client.metrics(job["id"])
+    except (ServiceError, OSError, ValueError) as error:
+        print(f"nad: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    print(metrics["evaluation"]["note"])
+    print(table(metrics["before"], metrics["after"]))
+    print(f"cleansed checkpoint: {out}")
+    return 0

@@ -1,0 +1,317 @@
+"""Job records: the tables, and every function that reads or changes a job's state.
+
+The database is the source of truth for a job; the broker only carries its id to a worker. Each state change
+is one conditional UPDATE (`... WHERE status IN (...)`), so the API and a worker changing the same job at the
+same moment cannot both win: a cancel that arrives as the job finishes either cancels it or is refused.
+
+Statuses: queued -> running -> succeeded | failed | cancelling -> cancelled; queued -> cancelled at once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    delete,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+
+from core.database import Base
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+# What a user reads when a job failed for a reason of ours, not theirs; the traceback is in the worker's log.
+INTERNAL_ERROR = (
+    "the worker hit an internal error while running this job; submitting it again may work, and if it "
+    "fails again please report the job id to the service's operators"
+)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timestamps stored in UTC and always read back timezone-aware (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    """32 hex digits: 12 of milliseconds since the epoch, then 20 random. Ids sort by creation time, which is
+    what listing newest-first and its cursor rely on; the random part keeps them unguessable."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+        Index("ix_jobs_owner_id", "owner", "id"),  # an owner's jobs, newest first
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default=Status.QUEUED)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    stage: Mapped[str | None] = mapped_column(String(32))
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    epochs: Mapped[int | None] = mapped_column(Integer)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+
+    artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin",
+        order_by="Artifact.id",
+    )
+
+    def artifact(self, role: str) -> Artifact | None:
+        return next((a for a in self.artifacts if a.role == role), None)
+
+
+class Artifact(Base):
+    """A file of a job: an upload (role model, clean_data, ...) or the cleansed checkpoint (role output)."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "role", name="uq_artifacts_job_role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    role: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(String(255), doc="relative to the job's storage folder")
+    filename: Mapped[str | None] = mapped_column(String(255), doc="the client's name: shown, never used")
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+    job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+OUTPUT = "output"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What is known of a stored file when it is registered as an artifact."""
+
+    role: str
+    path: str
+    size: int
+    sha256: str
+    filename: str | None = None
+
+
+def _artifact(record: FileRecord) -> Artifact:
+    return Artifact(role=record.role, path=record.path, filename=record.filename, size=record.size,
+                    sha256=record.sha256)
+
+
+class DuplicateRequest(Exception):
+    """Another request with the same Idempotency-Key created its job first."""
+
+
+class InvalidTransition(Exception):
+    """The job is not in a status that allows the change; `status` is the one it is in."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+# ---- the API's side -------------------------------------------------------------------------------------
+
+
+def create_job(
+    session: Session,
+    job_id: str,
+    owner: str,
+    params: dict[str, Any],
+    inputs: list[FileRecord],
+    idempotency_key: str | None = None,
+) -> Job:
+    """Record a queued job and its uploaded files. Raises DuplicateRequest when `idempotency_key` was used by
+    the same owner in the meantime (the caller then answers with that job)."""
+    job = Job(id=job_id, owner=owner, params=params, idempotency_key=idempotency_key,
+              artifacts=[_artifact(record) for record in inputs])
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise DuplicateRequest from None
+    return job
+
+
+def get_job(session: Session, job_id: str, owner: str) -> Job | None:
+    """The owner's job, or None: another owner's job is as absent as one that never existed."""
+    job = session.get(Job, job_id)
+    return job if job is not None and job.owner == owner else None
+
+
+def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+def list_jobs(
+    session: Session, owner: str, limit: int, cursor: str | None = None, status: Status | None = None
+) -> tuple[list[Job], str | None]:
+    """A page of the owner's jobs, newest first, and the cursor of the next page (None on the last). The
+    cursor is the last id shown: ids sort by creation time, so a page is stable while jobs are added."""
+    query = select(Job).where(Job.owner == owner).order_by(Job.id.desc()).limit(limit + 1)
+    if cursor is not None:
+        query = query.where(Job.id < cursor)
+    if status is not None:
+        query = query.where(Job.status == status)
+    found = list(session.scalars(query))
+    page = found[:limit]
+    return page, page[-1].id if len(found) > limit else None
+
+
+def _transition(session: Session, job_id: str, allowed: tuple[Status, ...], **values: Any) -> bool:
+    """Set `values` if the job is in one of the `allowed` statuses; False if it is not (or is gone)."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(allowed))
+        .values(updated_at=now(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def request_cancel(session: Session, job: Job) -> None:
+    """A queued job is cancelled at once; a running one is asked to stop (the worker checks between epochs).
+    Asking again is harmless. Raises InvalidTransition for a job that already succeeded or failed."""
+    stamp = now()
+    cancelled = _transition(session, job.id, (Status.QUEUED,), status=Status.CANCELLED,
+                            cancel_requested_at=stamp, finished_at=stamp)
+    if not cancelled:
+        _transition(session, job.id, (Status.RUNNING,), status=Status.CANCELLING, cancel_requested_at=stamp)
+    session.refresh(job)
+    if job.status not in (Status.CANCELLING, Status.CANCELLED):
+        raise InvalidTransition(job.status)
+
+
+def delete_job(session: Session, job: Job) -> None:
+    """Forget a finished job (its files are the caller's to remove). Raises InvalidTransition otherwise."""
+    result = session.execute(delete(Job).where(Job.id == job.id, Job.status.in_(FINISHED)))
+    if result.rowcount != 1:
+        session.refresh(job)
+        raise InvalidTransition(job.status)
+
+
+def withdraw(session: Session, job_id: str) -> None:
+    """Remove a job whose id never reached the broker, as if it had not been submitted."""
+    session.execute(delete(Job).where(Job.id == job_id))
+
+
+# ---- the worker's side ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What a worker needs to run a job: its parameters and its input files by role."""
+
+    job_id: str
+    params: dict[str, Any]
+    inputs: dict[str, str]
+
+
+def start_attempt(session: Session, job_id: str, max_attempts: int) -> Assignment | None:
+    """Count one more start of the job and mark it running; None when there is nothing to run.
+
+    A message delivered again after its worker died finds the job still running (or cancelling): that counts
+    as another attempt, and past `max_attempts` the job fails instead of taking down one more worker.
+    A job cancelled, deleted or finished in the meantime is not run.
+    """
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.status in FINISHED:
+        return None
+    if job.status == Status.CANCELLING:
+        finish_cancelled(session, job_id)
+        return None
+    if job.attempts >= max_attempts:
+        fail(session, job_id, f"the job was started {job.attempts} times and its worker stopped each time "
+                              "before it finished (out of memory, or the machine restarted); try smaller "
+                              "batch_size or fewer images, or ask the operators")
+        return None
+    job.attempts += 1
+    job.status = Status.RUNNING
+    job.started_at = job.updated_at = now()
+    job.stage, job.epoch, job.epochs, job.progress = None, None, None, 0.0
+    return Assignment(job.id, job.params, {a.role: a.path for a in job.artifacts})
+
+
+def record_progress(session: Session, job_id: str, stage: str, progress: float, epoch: int | None,
+                    epochs: int | None) -> None:
+    """Where a running job is; ignored once the job has left running/cancelling."""
+    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), stage=stage, progress=progress,
+                epoch=epoch, epochs=epochs)
+
+
+def stop_requested(session: Session, job_id: str) -> bool:
+    """Whether the job should stop: it is being cancelled or no longer exists. One primary-key read."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return status != Status.RUNNING
+
+
+def succeed(session: Session, job_id: str, report: dict[str, Any], output: FileRecord) -> bool:
+    """Store the report and register the cleansed checkpoint; False when the job was cancelled meanwhile
+    (the caller then discards the output and calls finish_cancelled)."""
+    done = _transition(session, job_id, (Status.RUNNING,), status=Status.SUCCEEDED, report=report,
+                       progress=1.0, stage="done", finished_at=now())
+    if done:
+        artifact = _artifact(output)
+        artifact.job_id = job_id
+        session.add(artifact)
+    return done
+
+
+def fail(session: Session, job_id: str, error: str) -> None:
+    """Mark the job failed with a message its owner can act on."""
+    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), status=Status.FAILED, error=error,
+                finished_at=now())
+
+
+def finish_cancelled(session: Session, job_id: str) -> None:
+    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), status=Status.CANCELLED,
+                finished_at=now())

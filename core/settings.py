@@ -1,0 +1,62 @@
+"""The service's configuration: environment variables prefixed `NAD_`, and nothing else.
+
+The API, the worker, `nad keys` and `make up` all read this one class, so a deployment is configured in one
+place (the README lists every variable). The `nad submit` client has its own two variables in
+`ClientSettings`: it runs on a user's machine, not beside the service.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the API and the worker need to agree on, with defaults for one machine (`make up`)."""
+
+    model_config = SettingsConfigDict(env_prefix="NAD_", frozen=True)
+
+    database_url: str = Field(
+        default="sqlite:///var/nad.db",
+        description="SQLAlchemy URL of the job database, e.g. postgresql+psycopg://user:pw@host/db",
+    )
+    broker_url: str = Field(default="redis://127.0.0.1:6379/0", description="Celery broker URL")
+    queue: str = Field(default="nad", description="the broker queue jobs are sent to and taken from")
+    storage_dir: Path = Field(
+        default=Path("var/storage"), description="folder holding every job's files; shared by API and worker"
+    )
+    max_upload_bytes: int = Field(default=2 << 30, ge=1, description="size cap of each uploaded file")
+    auth_enabled: bool = Field(default=True, description="require an API key on every job endpoint")
+    job_time_limit: int = Field(
+        default=6 * 3600, ge=10, description="seconds a job may run before it is stopped and failed"
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="how often a job is started before a worker that keeps dying fails it"
+    )
+    api_host: str = Field(default="127.0.0.1", description="address `python -m api` listens on")
+    api_port: int = Field(default=8000, ge=1, le=65535, description="port `python -m api` listens on")
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds Redis waits before handing an unacknowledged job to another worker. It must exceed the
+        longest a job can take (the hard limit is a minute past `job_time_limit`), or a running job would be
+        delivered twice."""
+        return self.job_time_limit + 600
+
+
+class ClientSettings(BaseSettings):
+    """Defaults of `nad submit`, so a user sets the service's address and their key once."""
+
+    model_config = SettingsConfigDict(env_prefix="NAD_", frozen=True, extra="ignore")
+
+    api_url: str = Field(default="http://127.0.0.1:8000", description="base URL of the service")
+    api_key: str | None = Field(default=None, description="API key sent as `Authorization: Bearer`")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process, read once from its environment."""
+    return Settings()

@@ -1,0 +1,12 @@
+# The GPU worker. PyPI's Linux torch wheels bring their own CUDA libraries; the host needs an NVIDIA driver
+# and the NVIDIA container toolkit (docker-compose.yml reserves one GPU). Without a GPU it runs on the CPU.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY core ./core
+COPY api ./api
+COPY worker ./worker
+RUN pip install --no-cache-dir . \
+    && useradd --create-home --uid 1000 nad && mkdir -p /data/storage && chown -R nad /data
+USER nad
+CMD ["celery", "-A", "worker.app", "worker", "--loglevel", "INFO", "--without-mingle", "--without-gossip"]

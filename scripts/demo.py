@@ -1,0 +1,96 @@
+"""`make demo`: send a real backdoored model through the running service (`make up`) with `nad submit`, and
+print the before/after table.
+
+With ../shared present: the NAD authors' BadNets WRN-16-1 (their grid trigger, target class 5), a stratified
+5% of the CIFAR-10 training set (2,500 images) as clean data, and the 10,000-image test set. Without it: a
+WRN-16-1 backdoored here on scikit-learn's handwritten digits (about two minutes on two cores), the same case
+the end-to-end tests use. The service is NAD_API_URL, else this machine's NAD_API_HOST:NAD_API_PORT; the API
+key is NAD_API_KEY, else a new one made in the service's database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from core import keys
+from core.cli import main as nad
+from core.database import Database
+from core.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+WORK = ROOT / "var" / "demo"
+# The digits case lives with the tests that share it.
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def cifar_case() -> tuple[list[str], dict]:
+    """The authors' backdoored model, 5% of CIFAR-10's training set, the test set."""
+    from core.engine.triggers import NAD_GRID
+
+    clean, cifar = WORK / "cifar10-clean-5pct.npz", SHARED / "datasets/cifar10"
+    subset = ["subset", str(cifar / "train.tar.gz"), "--fraction", "0.05", "--out", str(clean)]
+    if not clean.exists() and nad(subset):
+        sys.exit("could not make the clean subset")
+    files = [str(SHARED / "models/nad-official/wrn16_1-badnets-grid-backdoored.pth.tar"), str(clean),
+             "--test-data", str(cifar / "test.tar.gz")]
+    params = {"arch": "wrn-16-1", "num_classes": 10, "target_label": 5,
+              "trigger": NAD_GRID.model_dump(mode="json")}
+    return files, params
+
+
+def digits_case() -> tuple[list[str], dict]:
+    """The case of tests/conftest.py's `digits_backdoor`: a WRN-16-1 backdoored (here with `nad attack`) on
+    1,300 digits, 500 of them without the trigger as the defender's clean data, the other 497 as test set."""
+    from conftest import DIGITS_TARGET, DIGITS_TRIGGER, digits_arrays
+
+    x, y = digits_arrays()
+    order = np.random.default_rng(0).permutation(len(y))
+    parts = {"attack": order[:1300], "clean": order[:500], "test": order[1300:]}
+    paths = {name: WORK / f"digits-{name}.npz" for name in parts}
+    for name, index in parts.items():
+        np.savez(paths[name], x=x[index], y=y[index])
+    model = WORK / "digits-backdoored.safetensors"
+    attack = ["attack", "--arch", "wrn-16-1", "--data", str(paths["attack"]), "--input-size", "16",
+              "--trigger", json.dumps(DIGITS_TRIGGER), "--target-label", str(DIGITS_TARGET), "--epochs", "15",
+              "--batch-size", "64", "--out", str(model)]
+    if not model.exists() and nad(attack):
+        sys.exit("could not train the backdoored digits model")
+    params = {"arch": "wrn-16-1", "num_classes": 10, "input_size": 16, "target_label": DIGITS_TARGET,
+              "trigger": DIGITS_TRIGGER, "teacher_epochs": 5, "teacher_lr": 0.03, "epochs": 5, "lr": 0.05,
+              "batch_size": 32}
+    return [str(model), str(paths["clean"]), "--test-data", str(paths["test"])], params
+
+
+def service_url() -> str:
+    """NAD_API_URL, else where `make up` serves the API on this machine."""
+    settings = get_settings()
+    return os.environ.get("NAD_API_URL") or f"http://{settings.api_host}:{settings.api_port}"
+
+
+def api_key() -> str:
+    if os.environ.get("NAD_API_KEY"):
+        return os.environ["NAD_API_KEY"]
+    database = Database(get_settings().database_url)
+    with database.session() as session:
+        _, key = keys.create_key(session, "make demo")
+    database.dispose()
+    return key
+
+
+def main() -> int:
+    WORK.mkdir(parents=True, exist_ok=True)
+    print("case: " + ("the NAD authors' BadNets WRN-16-1 on CIFAR-10" if SHARED.is_dir() else
+                      "a WRN-16-1 backdoored on scikit-learn's digits (../shared is absent)"))
+    files, params = cifar_case() if SHARED.is_dir() else digits_case()
+    return nad(["submit", *files, "--params", json.dumps(params), "--url", service_url(), "--key", api_key(),
+                "--out", str(WORK / "cleansed.safetensors")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""`make up` and `make down`: the whole service on one machine, in the background.
+
+up: migrates the database (SQLite at var/nad.db unless NAD_DATABASE_URL says otherwise), picks a broker (the
+Redis at NAD_BROKER_URL if it answers, else a `redis-server` started here if one is installed, else kombu's
+SQLAlchemy transport on SQLite, which needs no server), starts a worker and the API, waits until the API is
+ready, and prints its URL and a new API key. down: stops what up started, by the process ids it recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import redis
+
+from core import keys
+from core.database import Database
+from core.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+VAR = ROOT / "var"
+RUN, LOG = VAR / "run", VAR / "log"
+FALLBACK_BROKER = f"sqla+sqlite:///{VAR / 'broker.sqlite'}"
+SERVICES = ("api", "worker", "redis")
+
+
+def _alive(name: str) -> int | None:
+    """The pid of a service up started, if it still runs."""
+    pidfile = RUN / f"{name}.pid"
+    if not pidfile.exists():
+        return None
+    pid = int(pidfile.read_text())
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        pidfile.unlink()
+        return None
+    return pid
+
+
+def _start(name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start a service in its own session (so down can stop it and its children), logging to var/log."""
+    with (LOG / f"{name}.log").open("ab") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=os.environ | env, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    (RUN / f"{name}.pid").write_text(str(process.pid))
+    return process
+
+
+def _wait(what: str, ready, process: subprocess.Popen, log: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = "\n".join((LOG / log).read_text(errors="replace").splitlines()[-30:])
+            sys.exit(f"{what} did not start; the end of var/log/{log}:\n{tail}")
+        time.sleep(0.3)
+
+
+def _redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def choose_broker(url: str) -> tuple[str, str]:
+    """The broker URL to use and a sentence saying which it is."""
+    if not url.startswith("redis://"):
+        return url, f"broker: {url} (as NAD_BROKER_URL says)"
+    if _redis_answers(url):
+        return url, f"broker: the Redis at {url}"
+    server = shutil.which("redis-server")
+    parts = urlsplit(url)
+    if server and parts.hostname in ("127.0.0.1", "localhost"):
+        port = str(parts.port or 6379)
+        (VAR / "redis").mkdir(exist_ok=True)
+        process = _start("redis", [server, "--bind", "127.0.0.1", "--port", port, "--dir", str(VAR / "redis"),
+                                   "--appendonly", "yes", "--maxmemory-policy", "noeviction"], {})
+        _wait("redis-server", lambda: _redis_answers(url), process, "redis.log", timeout=30)
+        return url, f"broker: redis-server started here on port {port} (data in var/redis)"
+    return FALLBACK_BROKER, ("broker: no Redis answers and none is installed: kombu's SQLAlchemy transport "
+                             "on var/broker.sqlite (fine for one machine; use Redis for anything more)")
+
+
+def up() -> None:
+    settings = get_settings()
+    RUN.mkdir(parents=True, exist_ok=True)
+    LOG.mkdir(parents=True, exist_ok=True)
+    database = Database(settings.database_url)
+    database.migrate()
+    url = f"http://{settings.api_host}:{settings.api_port}"
+    if _alive("api"):
+        print(f"already running at {url} (`make down` stops it)")
+    else:
+        broker, said = choose_broker(settings.broker_url)
+        print(said)
+        env = {"NAD_BROKER_URL": broker}
+        log = LOG / "worker.log"
+        start = log.stat().st_size if log.exists() else 0
+        worker = _start("worker", [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel",
+                                   "INFO", "--without-mingle", "--without-gossip"], env)
+        _wait("the worker", lambda: b" ready." in log.read_bytes()[start:], worker, "worker.log")
+        api = _start("api", [sys.executable, "-m", "api"], env)
+        _wait("the API", lambda: _ready(url), api, "api.log")
+    with database.session() as session:
+        _, key = keys.create_key(session, "make up")
+    database.dispose()
+    print(f"API:      {url}  (docs at {url}/docs; logs in var/log)")
+    print(f"database: {settings.database_url}")
+    print(f"API key:  {key}")
+    print(f"try:      curl -H 'Authorization: Bearer {key}' {url}/jobs")
+    print(f"          export NAD_API_KEY={key}   # for `nad submit` and `make demo`")
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def down() -> None:
+    """SIGTERM lets the worker finish its job; a job still running after a grace period is stopped with
+    SIGQUIT, which gives its message back to the broker (it runs again on the next `make up`)."""
+    for name in SERVICES:
+        pid = _alive(name)
+        if pid is None:
+            continue
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGQUIT, 30), (signal.SIGKILL, 5)):
+            os.killpg(pid, sig)
+            deadline = time.monotonic() + grace
+            while _alive(name) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not _alive(name):
+                break
+        (RUN / f"{name}.pid").unlink(missing_ok=True)
+        print(f"stopped {name}")
+
+
+if __name__ == "__main__":
+    {"up": up, "down": down}[sys.argv[1]]()

@@ -1,0 +1,269 @@
+"""Fixtures of the service's tests: a real PostgreSQL database, a real Redis, a real Celery worker process,
+the API in-process or as a uvicorn process. Registered by the test modules with `pytest_plugins`.
+
+The servers default to the ones `.ci/run` starts; NAD_TEST_POSTGRES_URL (an admin connection, which may
+create databases) and NAD_TEST_REDIS_URL point elsewhere. A test that needs one of them is skipped, not
+failed, when it cannot be reached.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from api.app import create_app
+from core import keys
+from core.database import Database
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_ADMIN_URL = os.environ.get(
+    "NAD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("NAD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, uniquely named PostgreSQL database for this session, dropped at its end."""
+    admin = create_engine(
+        POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
+    )
+    try:
+        connection = admin.connect()
+    except OperationalError:
+        pytest.skip(f"PostgreSQL is unreachable at {make_url(POSTGRES_ADMIN_URL).render_as_string()}")
+    name = f"nad_test_{uuid.uuid4().hex[:12]}"
+    connection.execute(text(f'CREATE DATABASE "{name}"'))
+    yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    connection.close()
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"Redis is unreachable at {REDIS_URL}")
+    yield REDIS_URL
+    client.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated job database on each backend: a new SQLite file, or the session's PostgreSQL database."""
+    sqlite = request.param == "sqlite"
+    db = Database(f"sqlite:///{tmp_path / 'nad.db'}" if sqlite else request.getfixturevalue("postgres_url"))
+    db.migrate()
+    yield db
+    db.dispose()
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """The NAD_ environment that gives another process these settings."""
+    return {
+        f"NAD_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+        for name, value in settings.model_dump().items()
+    }
+
+
+@pytest.fixture(scope="session")
+def make_settings(postgres_url: str, redis_url: str, tmp_path_factory) -> Iterator[Callable[..., Settings]]:
+    """Settings on the session's database and Redis, each call with its own queue and storage folder; the
+    queues are deleted from Redis at the end."""
+    queues: list[str] = []
+
+    def make(**overrides: Any) -> Settings:
+        queue = f"nad-test-{uuid.uuid4().hex[:8]}"
+        queues.append(queue)
+        values = {
+            "database_url": postgres_url,
+            "broker_url": redis_url,
+            "queue": queue,
+            "storage_dir": tmp_path_factory.mktemp("storage"),
+            "job_time_limit": 600,
+        }
+        return Settings(**(values | overrides))
+
+    yield make
+    client = redis.Redis.from_url(redis_url)
+    for queue in queues:  # the queue and kombu's bindings of it
+        for key in client.scan_iter(match=f"*{queue}*"):
+            client.delete(key)
+    client.close()
+
+
+def new_key(settings: Settings, name: str = "test") -> dict[str, str]:
+    """Headers with a new API key of the settings' database."""
+    db = Database(settings.database_url)
+    with db.session() as session:
+        _, secret = keys.create_key(session, name)
+    db.dispose()
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture(scope="session")
+def api_settings(make_settings) -> Settings:
+    """The API tests' settings: their queue has no worker, so the jobs they submit stay queued."""
+    return make_settings()
+
+
+@pytest.fixture(scope="session")
+def api(api_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(api_settings)) as client:
+        yield client
+
+
+@pytest.fixture
+def auth(api_settings: Settings) -> dict[str, str]:
+    """A new API key for each test, so that each sees only its own jobs."""
+    return new_key(api_settings)
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class ServiceProcess:
+    """A process of the service (worker or API) started for a test, with its log."""
+
+    process: subprocess.Popen
+    log: Path
+
+    def children(self) -> list[int]:
+        """Ids of the process's children (a Celery worker's pool process)."""
+        pid = self.process.pid
+        found: list[int] = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(child) for child in (task / "children").read_text().split()]
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL to the process group it leads (the process and its pool), then reap it."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+
+def _start(
+    command: list[str], env: dict[str, str], log: Path, ready: Callable[[], bool], timeout: float = 120
+) -> ServiceProcess:
+    with log.open("ab") as stream:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=os.environ | env,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    started = ServiceProcess(process, log)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            started.kill()
+            pytest.fail(f"{' '.join(command)} did not start:\n{tail(log)}")
+        time.sleep(0.2)
+    return started
+
+
+def start_worker(settings: Settings, log: Path) -> ServiceProcess:
+    """A real Celery worker process on the settings' broker, queue, database and storage."""
+    before = log.stat().st_size if log.exists() else 0
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+        "--hostname",
+        f"test-{uuid.uuid4().hex[:6]}@%h",
+    ]
+    return _start(
+        command, service_env(settings), log, lambda: log.exists() and b" ready." in log.read_bytes()[before:]
+    )
+
+
+def start_api(settings: Settings, port: int, log: Path) -> ServiceProcess:
+    """`python -m api` on 127.0.0.1:port."""
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    env = service_env(settings) | {"NAD_API_HOST": "127.0.0.1", "NAD_API_PORT": str(port)}
+    return _start([sys.executable, "-m", "api"], env, log, ready)
+
+
+@pytest.fixture(scope="session")
+def stack_settings(make_settings) -> Settings:
+    """The settings of the end-to-end tests, whose queue a real worker consumes."""
+    return make_settings()
+
+
+@pytest.fixture(scope="session")
+def worker(stack_settings: Settings, tmp_path_factory) -> Iterator[ServiceProcess]:
+    process = start_worker(stack_settings, tmp_path_factory.mktemp("worker") / "worker.log")
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="session")
+def stack(stack_settings: Settings, worker: ServiceProcess) -> Iterator[TestClient]:
+    """The API in-process, in front of the real worker."""
+    with TestClient(create_app(stack_settings)) as client:
+        yield client
+
+
+def wait_for(
+    client: TestClient | httpx.Client,
+    job_id: str,
+    headers: dict[str, str],
+    done: Callable[[dict], bool] = lambda job: job["status"] in FINISHED,
+    timeout: float = 300,
+    log: Path | None = None,
+) -> dict:
+    """Poll a job until `done(job)`; fail with the worker's log when it takes longer than `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/jobs/{job_id}", headers=headers).json()
+        if done(job):
+            return job
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {job_id} still {job['status']} after {timeout} s\n{tail(log) if log else ''}")
+        time.sleep(0.3)

@@ -1,0 +1,457 @@
+"""The HTTP API against a real PostgreSQL database and a real Redis broker (no worker consumes its queue, so
+submitted jobs stay queued unless a test moves them on through core.jobs, as a worker would)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+from http import HTTPStatus
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from service_fixtures import ROOT, free_port, new_key
+from sqlalchemy import select
+
+from api.app import create_app
+from core import jobs, keys
+from core.database import Database
+from core.settings import Settings
+from core.storage import Storage
+
+pytest_plugins = ["service_fixtures"]
+
+PARAMS = {"arch": "wrn-16-1", "num_classes": 10}
+REPORT = {
+    "arch": "wrn-16-1",
+    "num_classes": 10,
+    "method": "nad",
+    "params": PARAMS,
+    "input_sha256": "0" * 64,
+    "evaluation": {
+        "test_source": "holdout",
+        "note": "a hold-out of 250 images",
+        "n_clean": 250,
+        "n_poison": 225,
+    },
+    "before": {"acc": 80.0, "asr": 99.0, "per_class_acc": {"cat": 70.0, "dog": 90.0}},
+    "after": {"acc": 78.5, "asr": 2.5, "per_class_acc": {"cat": 69.0, "dog": 88.0}},
+    "history": [{"stage": "student", "epoch": 1, "epochs": 1, "loss": 0.5, "lr": 0.1}],
+    "timings": {"load": 0.1, "total": 9.0},
+}
+
+
+def submit(
+    client: TestClient,
+    headers: dict[str, str],
+    params: object = PARAMS,
+    files: dict | None = None,
+    **extra_headers: str,
+) -> httpx.Response:
+    files = files or {
+        "model": ("model.pt", b"checkpoint bytes"),
+        "clean_data": ("clean.zip", b"archive bytes"),
+    }
+    text = params if isinstance(params, str) else json.dumps(params)
+    return client.post("/sanitize", headers=headers | extra_headers, files=files, data={"params": text})
+
+
+def problem(response: httpx.Response, status: int) -> dict:
+    """The response's RFC 9457 problem, checked for shape and for leaks."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == "about:blank" and body["title"] == HTTPStatus(status).phrase
+    assert body["status"] == status and body["instance"] == response.request.url.path and body["detail"]
+    assert "Traceback" not in response.text and str(ROOT) not in response.text and "/tmp" not in response.text
+    return body
+
+
+def queue_length(settings: Settings) -> int:
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        return client.llen(settings.queue)
+    finally:
+        client.close()
+
+
+def job_ids(client: TestClient, headers: dict[str, str], **query: object) -> list[str]:
+    return [job["id"] for job in client.get("/jobs", headers=headers, params=query).json()["items"]]
+
+
+def leftovers(settings: Settings) -> list[Path]:
+    """Files of uploads under way, and job folders without a job: a refused upload must leave neither."""
+    incoming = [path for path in (settings.storage_dir / "incoming").rglob("*") if path.is_file()]
+    db = Database(settings.database_url)
+    with db.session() as session:
+        known = set(session.scalars(select(jobs.Job.id)))
+    db.dispose()
+    folders = settings.storage_dir / "jobs"
+    return incoming + [path for path in folders.glob("*") if path.name not in known]
+
+
+def finish(settings: Settings, job_id: str, checkpoint: bytes) -> None:
+    """Do what a worker does when a job succeeds: write the checkpoint, store the report."""
+    path = Storage(settings.storage_dir).output_path(job_id)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(checkpoint)
+    db = Database(settings.database_url)
+    with db.session() as session:
+        jobs.start_attempt(session, job_id, max_attempts=3)
+        jobs.succeed(
+            session,
+            job_id,
+            REPORT,
+            jobs.FileRecord(
+                jobs.OUTPUT,
+                "output/model.safetensors",
+                len(checkpoint),
+                hashlib.sha256(checkpoint).hexdigest(),
+            ),
+        )
+    db.dispose()
+
+
+# What the API image (docker/api.Dockerfile) leaves out: the engine's dependencies.
+ENGINE_ONLY = ("torch", "torchvision", "numpy", "PIL", "safetensors")
+CHECK_IMPORTS = (
+    f"import sys; leaked = [m for m in {ENGINE_ONLY} if m in sys.modules]; assert not leaked, leaked;"
+)
+
+
+def test_the_api_never_imports_torch(tmp_path: Path) -> None:
+    code = f"import api.app, api.__main__; api.app.create_app(); {CHECK_IMPORTS}"
+    env = {"NAD_DATABASE_URL": f"sqlite:///{tmp_path / 'nad.db'}", "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
+
+
+def test_nad_keys_creates_a_working_key_without_importing_torch(
+    api: TestClient, api_settings: Settings
+) -> None:
+    create = "from core.cli import main; code = main(['keys', 'create', '--name', 'ci'])"
+    code = f"{create}; {CHECK_IMPORTS} exit(code)"
+    env = {"NAD_DATABASE_URL": api_settings.database_url, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
+    key = done.stdout.strip().splitlines()[-1]
+    assert api.get("/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    listed = subprocess.run(
+        [sys.executable, "-m", "core.cli", "keys", "list"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert key.split("_")[1] in listed and "ci" in listed
+
+
+def test_health_and_readiness(api: TestClient) -> None:
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert api.get("/readyz").json() == {"status": "ready"}
+
+
+def test_readiness_names_what_is_down(api_settings: Settings) -> None:
+    down = api_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
+    app = create_app(down)
+    with TestClient(app) as client:
+        assert "broker" in problem(client.get("/readyz"), 503)["detail"]
+        services = app.state.services
+        app.state.services = dataclasses.replace(
+            services, db=Database(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/nothing")
+        )
+        detail = problem(client.get("/readyz"), 503)["detail"]
+        assert "database" in detail and "broker" in detail
+        app.state.services = services
+
+
+def test_every_job_endpoint_needs_a_valid_key(api: TestClient, api_settings: Settings) -> None:
+    for method, path in (
+        ("GET", "/jobs"),
+        ("POST", "/sanitize"),
+        ("GET", "/jobs/x"),
+        ("GET", "/jobs/x/model"),
+        ("GET", "/jobs/x/metrics"),
+        ("POST", "/jobs/x/cancel"),
+        ("DELETE", "/jobs/x"),
+    ):
+        missing = problem(api.request(method, path), 401)
+        assert "nad keys create" in missing["detail"]
+        assert api.request(method, path).headers["www-authenticate"] == "Bearer"
+        problem(api.request(method, path, headers={"Authorization": "Bearer nad_123_wrong"}), 401)
+    header = new_key(api_settings)["Authorization"].removeprefix("Bearer ")
+    assert api.get("/jobs", headers={"X-API-Key": header}).status_code == 200
+    db = Database(api_settings.database_url)
+    with db.session() as session:
+        keys.revoke_key(session, header.split("_")[1])
+    db.dispose()
+    assert "revoked" in problem(api.get("/jobs", headers={"X-API-Key": header}), 401)["detail"]
+
+
+def test_without_auth_everyone_is_one_owner(api_settings: Settings) -> None:
+    with TestClient(create_app(api_settings.model_copy(update={"auth_enabled": False}))) as client:
+        job = submit(client, {}).json()
+        assert job["id"] in job_ids(client, {})
+
+
+def test_submit_stores_the_upload_records_the_job_and_sends_its_id(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    queued_before = queue_length(api_settings)
+    response = submit(
+        api,
+        auth,
+        params=PARAMS | {"epochs": 3},
+        files={
+            "model": ("../../etc/passwd", b"checkpoint bytes"),
+            "clean_data": ("clean.zip", b"archive bytes"),
+            "test_data": ("test.tar.gz", b"test bytes"),
+        },
+    )
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/jobs/{job['id']}" == job["links"]["self"]
+    assert job["status"] == "queued" and job["attempts"] == 0 and set(job["timestamps"]) == {"queued"}
+    assert job["params"]["epochs"] == 3 and job["params"]["lr"] == 0.1  # validated, defaults filled in
+    assert job["inputs"]["model"] == {
+        "filename": "passwd",
+        "size": 16,
+        "sha256": hashlib.sha256(b"checkpoint bytes").hexdigest(),
+    }
+    folder = Storage(api_settings.storage_dir).job_dir(job["id"])
+    assert {p.name: p.read_bytes() for p in (folder / "inputs").iterdir()} == {
+        "model": b"checkpoint bytes",
+        "clean_data": b"archive bytes",
+        "test_data": b"test bytes",
+    }
+    assert queue_length(api_settings) == queued_before + 1
+    raw = redis.Redis.from_url(api_settings.broker_url).lindex(api_settings.queue, 0)
+    message = json.loads(raw)["headers"]
+    assert message["task"] == "nad.sanitize" and job["id"] in message["argsrepr"]
+    assert api.get(job["links"]["self"], headers=auth).json()["id"] == job["id"]
+
+
+def test_a_job_the_broker_cannot_take_is_not_kept(api_settings: Settings) -> None:
+    down = api_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0",
+                                           "storage_dir": api_settings.storage_dir / "down"})
+    with TestClient(create_app(down)) as client:
+        headers = new_key(down)
+        assert "send it again" in problem(submit(client, headers), 503)["detail"]
+        assert job_ids(client, headers) == [] and leftovers(down) == []
+
+
+def test_a_retried_submit_with_the_same_idempotency_key_returns_the_same_job(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    queued_before = queue_length(api_settings)
+    first = submit(api, auth, **{"Idempotency-Key": "upload-7"})
+    again = submit(api, auth, **{"Idempotency-Key": "upload-7"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"] and again.headers["location"] == first.headers["location"]
+    assert job_ids(api, auth) == [first.json()["id"]] and queue_length(api_settings) == queued_before + 1
+    assert leftovers(api_settings) == []  # the retried upload was discarded
+    other = new_key(api_settings)
+    assert submit(api, other, **{"Idempotency-Key": "upload-7"}).json()["id"] != first.json()["id"]
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"arch": "wrn-16-1", "num_classes": 10, "epochs": 0}, "params.epochs"),
+        ({"arch": "wrn-16-1"}, "params.num_classes"),
+        (
+            {
+                "arch": "wrn-16-1",
+                "num_classes": 10,
+                "trigger": {"type": "sig", "amplitude": 20, "frequency": 6},
+            },
+            "params",
+        ),
+        ({"arch": "wrn-16-1", "num_classes": 10, "bogus": 1}, "params.bogus"),
+        ("{not json", "params"),
+    ],
+)
+def test_invalid_params_are_422_naming_the_field(
+    api: TestClient, api_settings: Settings, auth: dict[str, str], params: object, field: str
+) -> None:
+    body = problem(submit(api, auth, params=params), 422)
+    assert [error["field"] for error in body["errors"]] == [field] and body["detail"].startswith(field)
+    assert job_ids(api, auth) == [] and leftovers(api_settings) == []
+
+
+def test_missing_unknown_repeated_and_empty_parts_are_422(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    cases = {
+        "model": {"clean_data": ("c.zip", b"c")},
+        "weights": {"model": ("m.pt", b"m"), "clean_data": ("c.zip", b"c"), "weights": ("w", b"w")},
+        "clean_data": {"model": ("m.pt", b"m"), "clean_data": ("c.zip", b"")},
+    }
+    for field, files in cases.items():
+        body = problem(submit(api, auth, files=files), 422)
+        assert [error["field"] for error in body["errors"]] == [field]
+    twice = [("model", ("m.pt", b"m")), ("model", ("m.pt", b"m")), ("clean_data", ("c.zip", b"c"))]
+    response = api.post("/sanitize", headers=auth, files=twice, data={"params": json.dumps(PARAMS)})
+    assert "sent twice" in problem(response, 422)["detail"]
+    assert job_ids(api, auth) == [] and leftovers(api_settings) == []
+
+
+def test_a_body_that_is_not_multipart_is_415(api: TestClient, auth: dict[str, str]) -> None:
+    assert "multipart/form-data" in problem(api.post("/sanitize", headers=auth, json=PARAMS), 415)["detail"]
+
+
+def test_an_upload_past_the_size_cap_is_413_and_leaves_nothing(api_settings: Settings) -> None:
+    small = api_settings.model_copy(
+        update={"max_upload_bytes": 1000, "storage_dir": api_settings.storage_dir / "cap"}
+    )
+    with TestClient(create_app(small)) as client:
+        headers = new_key(small)
+        files = {"model": ("model.pt", b"x" * 5000), "clean_data": ("clean.zip", b"y" * 10)}
+        body = problem(submit(client, headers, files=files), 413)
+        assert "model" in body["detail"] and "1000 bytes" in body["detail"]
+        assert job_ids(client, headers) == [] and leftovers(small) == []
+        at_the_cap = {"model": ("m", b"x" * 1000), "clean_data": ("c", b"y")}
+        assert submit(client, headers, files=at_the_cap).status_code == 202
+
+
+def test_a_body_cut_short_leaves_no_job_and_no_file(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    cut = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="params"\r\n\r\n'
+        + json.dumps(PARAMS).encode()
+        + b'\r\n--XyZ\r\nContent-Disposition: form-data; name="model"; filename="m.pt"\r\n\r\n'
+        + b"m" * 5000
+    )
+    response = api.post(
+        "/sanitize", headers=auth | {"Content-Type": "multipart/form-data; boundary=XyZ"}, content=cut
+    )
+    assert "closing boundary" in problem(response, 400)["detail"]
+    assert job_ids(api, auth) == [] and leftovers(api_settings) == []
+
+
+def test_a_job_and_its_files_are_invisible_to_other_keys(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    job_id = submit(api, auth).json()["id"]
+    finish(api_settings, job_id, b"cleansed weights")
+    other = new_key(api_settings)
+    for method, path in (
+        ("GET", ""),
+        ("GET", "/metrics"),
+        ("GET", "/model"),
+        ("POST", "/cancel"),
+        ("DELETE", ""),
+    ):
+        assert job_id in problem(api.request(method, f"/jobs/{job_id}{path}", headers=other), 404)["detail"]
+    assert job_ids(api, other) == []
+    assert api.get(f"/jobs/{job_id}/model", headers=auth).content == b"cleansed weights"
+
+
+def test_listing_is_paginated_newest_first_and_filtered_by_status(
+    api: TestClient, auth: dict[str, str]
+) -> None:
+    created = [submit(api, auth).json()["id"] for _ in range(3)]
+    api.post(f"/jobs/{created[0]}/cancel", headers=auth)
+    first = api.get("/jobs", headers=auth, params={"limit": 2}).json()
+    assert [job["id"] for job in first["items"]] == created[:0:-1] and first["next_cursor"]
+    second = api.get("/jobs", headers=auth, params={"limit": 2, "cursor": first["next_cursor"]}).json()
+    assert [job["id"] for job in second["items"]] == [created[0]] and second["next_cursor"] is None
+    assert job_ids(api, auth, status="cancelled") == [created[0]]
+    assert job_ids(api, auth, status="queued") == created[:0:-1]
+    assert problem(api.get("/jobs", headers=auth, params={"limit": 0}), 422)["errors"][0]["field"] == "limit"
+    assert (
+        problem(api.get("/jobs", headers=auth, params={"status": "done"}), 422)["errors"][0]["field"]
+        == "status"
+    )
+
+
+def test_cancel_a_queued_job_then_delete_it_with_its_files(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    job_id = submit(api, auth).json()["id"]
+    folder = Storage(api_settings.storage_dir).job_dir(job_id)
+    assert "cancel it first" in problem(api.delete(f"/jobs/{job_id}", headers=auth), 409)["detail"]
+    cancelled = api.post(f"/jobs/{job_id}/cancel", headers=auth)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert set(cancelled.json()["timestamps"]) == {"queued", "cancelled"}
+    assert api.post(f"/jobs/{job_id}/cancel", headers=auth).status_code == 200  # cancelling twice is harmless
+    assert "cancelled" in problem(api.get(f"/jobs/{job_id}/metrics", headers=auth), 409)["detail"]
+    problem(api.get(f"/jobs/{job_id}/model", headers=auth), 409)
+    assert folder.is_dir()
+    assert api.delete(f"/jobs/{job_id}", headers=auth).status_code == 204
+    assert not folder.exists()
+    problem(api.get(f"/jobs/{job_id}", headers=auth), 404)
+
+
+def test_a_succeeded_job_serves_its_metrics_and_its_model_with_etag_and_ranges(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    job_id = submit(api, auth).json()["id"]
+    assert "queued" in problem(api.get(f"/jobs/{job_id}/metrics", headers=auth), 409)["detail"]
+    weights = bytes(range(256)) * 40
+    finish(api_settings, job_id, weights)
+    assert "succeeded" in problem(api.post(f"/jobs/{job_id}/cancel", headers=auth), 409)["detail"]
+    assert api.get(f"/jobs/{job_id}/metrics", headers=auth).json() == REPORT | {"job_id": job_id}
+    job = api.get(f"/jobs/{job_id}", headers=auth).json()
+    assert (
+        job["output"]["sha256"] == hashlib.sha256(weights).hexdigest() and job["progress"]["percent"] == 100
+    )
+
+    whole = api.get(f"/jobs/{job_id}/model", headers=auth)
+    etag = f'"{hashlib.sha256(weights).hexdigest()}"'
+    assert whole.content == weights and whole.headers["etag"] == etag
+    assert whole.headers["content-disposition"] == f'attachment; filename="{job_id}.safetensors"'
+    assert whole.headers["accept-ranges"] == "bytes"
+    part = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": "bytes=100-1123"})
+    assert part.status_code == 206 and part.content == weights[100:1124]
+    assert part.headers["content-range"] == f"bytes 100-1123/{len(weights)}"
+    tail_part = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": "bytes=-10", "If-Range": etag})
+    assert tail_part.status_code == 206 and tail_part.content == weights[-10:]
+    assert api.get(f"/jobs/{job_id}/model", headers=auth | {"If-None-Match": etag}).status_code == 304
+    unsatisfiable = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": f"bytes={len(weights)}-"})
+    assert problem(unsatisfiable, 416) and unsatisfiable.headers["content-range"] == f"bytes */{len(weights)}"
+    problem(api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": "pages=1-2"}), 400)
+
+
+def test_unknown_routes_wrong_methods_and_unexpected_errors_are_problems(
+    api_settings: Settings, auth: dict[str, str]
+) -> None:
+    app = create_app(api_settings)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError(f"secret detail at {ROOT}")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert "/docs" in problem(client.get("/nowhere"), 404)["detail"]
+        wrong = client.put("/sanitize", headers=auth)
+        assert "POST" in problem(wrong, 405)["detail"] and wrong.headers["allow"] == "POST"
+        problem(client.get("/jobs/0123456789abcdef0123456789abcdef", headers=auth), 404)
+        crashed = problem(client.get("/boom"), 500)
+        assert "secret" not in crashed["detail"] and "internal error" in crashed["detail"]
+
+
+def test_the_openapi_description_documents_the_upload_and_the_problems(api: TestClient) -> None:
+    spec = api.get("/openapi.json").json()
+    upload = spec["paths"]["/sanitize"]["post"]
+    form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["model", "clean_data", "params"]
+    assert form["properties"]["model"]["format"] == "binary" and form["properties"]["params"]["examples"]
+    assert {"202", "401", "413", "422"} <= set(upload["responses"])
+    assert upload["responses"]["413"]["content"]["application/problem+json"]["schema"]["$ref"].endswith(
+        "Problem"
+    )
+    schemas = spec["components"]["schemas"]
+    assert {"Problem", "SanitizeParams", "JobResource", "Metrics", "BadNetsTrigger"} <= set(schemas)
+    assert {"HTTPBearer", "APIKeyHeader"} <= set(spec["components"]["securitySchemes"])
+    for path in spec["paths"].values():
+        for operation in path.values():
+            validation = operation["responses"].get("422", {}).get("content", {})
+            assert "application/json" not in validation  # FastAPI's own shape: every error is a problem

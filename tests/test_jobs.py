@@ -1,0 +1,266 @@
+"""Job records, API keys and storage, on real databases: each test runs on a SQLite file and on PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from core import jobs, keys
+from core.database import Base, Database
+from core.engine.events import Event
+from core.jobs import FileRecord, Status
+from core.storage import Storage, TooLarge
+from worker.tasks import ProgressRecorder
+
+pytest_plugins = ["service_fixtures"]
+
+INPUTS = [
+    FileRecord("model", "inputs/model", 3, "a" * 64, "m.pt"),
+    FileRecord("clean_data", "inputs/clean_data", 5, "b" * 64, "clean.zip"),
+]
+OUTPUT = FileRecord(jobs.OUTPUT, "output/model.safetensors", 7, "c" * 64)
+
+
+def owner() -> str:
+    """A new owner per test: tests sharing the session's PostgreSQL database do not see each other."""
+    return uuid.uuid4().hex[:12]
+
+
+def new_job(db: Database, who: str, key: str | None = None) -> str:
+    job_id = jobs.new_job_id()
+    with db.session() as session:
+        jobs.create_job(session, job_id, who, {"arch": "wrn-16-1"}, INPUTS, key)
+    return job_id
+
+
+def status(db: Database, job_id: str) -> str | None:
+    with db.session() as session:
+        job = session.get(jobs.Job, job_id)
+        return None if job is None else job.status
+
+
+def start(db: Database, job_id: str, max_attempts: int = 3) -> jobs.Assignment | None:
+    with db.session() as session:
+        return jobs.start_attempt(session, job_id, max_attempts)
+
+
+def test_migrations_build_exactly_the_models(database: Database) -> None:
+    database.migrate()  # a second run is a no-op
+    with database.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
+def test_a_job_is_recorded_with_its_inputs_and_visible_to_its_owner_only(database: Database) -> None:
+    me = owner()
+    job_id = new_job(database, me)
+    with database.session() as session:
+        job = jobs.get_job(session, job_id, me)
+        assert job.status == Status.QUEUED and job.attempts == 0 and job.created_at.tzinfo is not None
+        assert {a.role: (a.path, a.sha256) for a in job.artifacts} == {
+            "model": ("inputs/model", "a" * 64),
+            "clean_data": ("inputs/clean_data", "b" * 64),
+        }
+        assert jobs.get_job(session, job_id, owner()) is None
+
+
+def test_an_idempotency_key_names_one_job_per_owner(database: Database) -> None:
+    me, key = owner(), "retry-1"
+    first = new_job(database, me, key)
+    with pytest.raises(jobs.DuplicateRequest):
+        new_job(database, me, key)
+    with database.session() as session:
+        assert jobs.find_by_idempotency_key(session, me, key).id == first
+    assert new_job(database, owner(), key) != first  # the same key of another owner is another request
+
+
+def test_listing_is_newest_first_with_a_cursor_and_a_status_filter(database: Database) -> None:
+    me = owner()
+    created = [new_job(database, me) for _ in range(5)]
+    new_job(database, owner())  # someone else's
+    with database.session() as session:
+        jobs.request_cancel(session, jobs.get_job(session, created[1], me))
+    seen, cursor = [], None
+    for expected_size in (2, 2, 1):
+        with database.session() as session:
+            page, cursor = jobs.list_jobs(session, me, 2, cursor)
+        assert len(page) == expected_size
+        seen += [job.id for job in page]
+    assert cursor is None and seen == created[::-1]
+    with database.session() as session:
+        cancelled, _ = jobs.list_jobs(session, me, 10, status=Status.CANCELLED)
+    assert [job.id for job in cancelled] == [created[1]]
+
+
+def test_cancel_stops_a_queued_job_at_once_and_asks_a_running_one(database: Database) -> None:
+    me = owner()
+    queued, running = new_job(database, me), new_job(database, me)
+    start(database, running)
+    with database.session() as session:
+        jobs.request_cancel(session, jobs.get_job(session, queued, me))
+        jobs.request_cancel(session, jobs.get_job(session, running, me))
+        jobs.request_cancel(session, jobs.get_job(session, running, me))  # asking twice is harmless
+    assert (status(database, queued), status(database, running)) == ("cancelled", "cancelling")
+    with database.session() as session:
+        assert jobs.stop_requested(session, running)
+        job = jobs.get_job(session, running, me)
+        assert job.cancel_requested_at is not None and job.finished_at is None
+
+
+def test_a_finished_job_cannot_be_cancelled_and_an_unfinished_one_not_deleted(database: Database) -> None:
+    me = owner()
+    job_id = new_job(database, me)
+    with database.session() as session, pytest.raises(jobs.InvalidTransition):
+        jobs.delete_job(session, jobs.get_job(session, job_id, me))
+    start(database, job_id)
+    with database.session() as session:
+        jobs.succeed(session, job_id, {"after": {}}, OUTPUT)
+    with database.session() as session, pytest.raises(jobs.InvalidTransition) as refused:
+        jobs.request_cancel(session, jobs.get_job(session, job_id, me))
+    assert refused.value.status == "succeeded"
+    with database.session() as session:
+        jobs.delete_job(session, jobs.get_job(session, job_id, me))
+    with database.session() as session:
+        assert session.get(jobs.Job, job_id) is None
+        assert session.query(jobs.Artifact).filter_by(job_id=job_id).count() == 0  # cascaded
+
+
+def test_each_start_is_an_attempt_and_a_job_that_keeps_killing_workers_fails(database: Database) -> None:
+    job_id = new_job(database, owner())
+    first = start(database, job_id, max_attempts=2)
+    assert first.inputs == {"model": "inputs/model", "clean_data": "inputs/clean_data"}
+    assert start(database, job_id, max_attempts=2) is not None  # redelivered after its worker died
+    assert start(database, job_id, max_attempts=2) is None
+    with database.session() as session:
+        job = session.get(jobs.Job, job_id)
+        assert job.status == "failed" and job.attempts == 2 and "started 2 times" in job.error
+
+
+def test_a_cancelled_or_finished_job_is_not_run_again(database: Database) -> None:
+    me = owner()
+    cancelled, cancelling = new_job(database, me), new_job(database, me)
+    with database.session() as session:
+        jobs.request_cancel(session, jobs.get_job(session, cancelled, me))
+    start(database, cancelling)
+    with database.session() as session:
+        jobs.request_cancel(session, jobs.get_job(session, cancelling, me))
+    assert start(database, cancelled) is None and start(database, cancelling) is None
+    assert status(database, cancelling) == "cancelled"  # its worker died while it was being cancelled
+
+
+def test_success_registers_the_output_unless_a_cancel_came_first(database: Database) -> None:
+    me = owner()
+    done, late = new_job(database, me), new_job(database, me)
+    for job_id in (done, late):
+        start(database, job_id)
+    with database.session() as session:
+        jobs.request_cancel(session, jobs.get_job(session, late, me))
+    with database.session() as session:
+        assert jobs.succeed(session, done, {"after": {"asr": 1.0}}, OUTPUT)
+        assert not jobs.succeed(session, late, {}, OUTPUT)
+    with database.session() as session:
+        job = jobs.get_job(session, done, me)
+        assert job.status == "succeeded" and job.report == {"after": {"asr": 1.0}} and job.progress == 1.0
+        assert job.artifact(jobs.OUTPUT).sha256 == "c" * 64
+        assert jobs.get_job(session, late, me).artifact(jobs.OUTPUT) is None
+
+
+def test_failure_keeps_the_message_for_the_owner(database: Database) -> None:
+    job_id = new_job(database, owner())
+    start(database, job_id)
+    with database.session() as session:
+        jobs.fail(session, job_id, "the checkpoint does not fit wrn-16-1")
+    with database.session() as session:
+        job = session.get(jobs.Job, job_id)
+        assert (job.status, job.error) == ("failed", "the checkpoint does not fit wrn-16-1")
+        assert job.finished_at >= job.started_at
+
+
+def test_progress_is_written_at_most_once_a_second_but_always_at_epoch_ends(database: Database) -> None:
+    job_id = new_job(database, owner())
+    start(database, job_id)
+    record = ProgressRecorder(database, job_id)
+
+    def progress() -> tuple:
+        with database.session() as session:
+            job = session.get(jobs.Job, job_id)
+            return job.stage, job.epoch, job.progress
+
+    record(Event("teacher", 0.10, epoch=1, epochs=5, step=1, steps=10))
+    assert progress() == ("teacher", 1, 0.10)
+    record(Event("teacher", 0.11, epoch=1, epochs=5, step=2, steps=10))  # within a second: skipped
+    assert progress() == ("teacher", 1, 0.10)
+    record(Event("teacher", 0.20, epoch=1, epochs=5, loss=0.5, lr=0.01))  # the epoch's end
+    assert progress() == ("teacher", 1, 0.20)
+    record(Event("student", 0.21, epoch=1, epochs=5, step=1, steps=10))  # a new stage
+    assert progress() == ("student", 1, 0.21)
+    time.sleep(1.05)
+    record(Event("student", 0.22, epoch=1, epochs=5, step=2, steps=10))
+    assert progress() == ("student", 1, 0.22)
+
+
+def test_keys_are_stored_hashed_checked_and_revocable(database: Database) -> None:
+    with database.session() as session:
+        key, secret = keys.create_key(session, "alice")
+    assert secret.startswith(f"nad_{key.id}_") and key.secret_sha256 not in secret
+    assert key.secret_sha256 == hashlib.sha256(secret.split("_", 2)[2].encode()).hexdigest()
+    with database.session() as session:
+        assert keys.authenticate(session, secret) == key.id
+        assert keys.authenticate(session, secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
+        assert keys.authenticate(session, "nad_nothing") is None and keys.authenticate(session, "") is None
+        assert keys.revoke_key(session, key.id)
+        assert not keys.revoke_key(session, key.id)
+    with database.session() as session:
+        assert keys.authenticate(session, secret) is None
+        assert key.id in [k.id for k in keys.list_keys(session)]
+
+
+# ---- storage --------------------------------------------------------------------------------------------
+
+
+def test_an_upload_is_hashed_and_never_written_past_the_cap(tmp_path: Path) -> None:
+    storage, job_id = Storage(tmp_path), jobs.new_job_id()
+    writer = storage.input_writer(job_id, "model", limit=10)
+    writer.write(b"12345")
+    with pytest.raises(TooLarge):
+        writer.write(b"678901")
+    assert (storage.incoming_dir(job_id) / "inputs/model").read_bytes() == b"12345"
+    good = storage.input_writer(job_id, "clean_data", limit=10)
+    good.write(b"abc")
+    assert good.close().sha256 == hashlib.sha256(b"abc").hexdigest()
+    with pytest.raises(FileExistsError):
+        storage.input_writer(job_id, "clean_data", limit=10)
+
+
+def test_a_received_upload_becomes_the_job_folder_and_paths_stay_inside_it(tmp_path: Path) -> None:
+    storage, job_id = Storage(tmp_path), jobs.new_job_id()
+    writer = storage.input_writer(job_id, "model", limit=10)
+    writer.write(b"w")
+    writer.close()
+    storage.adopt(job_id)
+    assert storage.path(job_id, "inputs/model").read_bytes() == b"w"
+    assert not storage.incoming_dir(job_id).exists()
+    for hostile in ("../other/inputs/model", "/etc/passwd", "inputs/../../x"):
+        with pytest.raises(ValueError):
+            storage.path(job_id, hostile)
+    with pytest.raises(ValueError):
+        storage.job_dir("../../etc")
+    storage.remove(job_id)
+    assert not storage.job_dir(job_id).exists()
+
+
+def test_sweeping_removes_only_stale_incoming_uploads(tmp_path: Path) -> None:
+    storage = Storage(tmp_path)
+    stale, fresh = jobs.new_job_id(), jobs.new_job_id()
+    for job_id in (stale, fresh):
+        storage.input_writer(job_id, "model", limit=10).close()
+    old = time.time() - 7200
+    os.utime(storage.incoming_dir(stale), (old, old))
+    assert storage.sweep_incoming(older_than=3600) == 1
+    assert not storage.incoming_dir(stale).exists() and storage.incoming_dir(fresh).exists()

@@ -1,0 +1,55 @@
+"""The Celery application, shared by the worker that consumes jobs and the API that sends them.
+
+Start a worker with `celery -A worker.app worker`. Importing this module imports neither torch nor the task
+code (`worker.tasks` is loaded by the worker only), so the API can send jobs through it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_init
+
+from core.database import Database
+from core.settings import Settings, get_settings
+
+SANITIZE = "nad.sanitize"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for `settings`. Delivery is at-least-once: a job is acknowledged only when its task
+    returns, and a worker that dies mid-job (out of memory, killed) gives it back to the queue, where its
+    `attempts` count in the database stops it from looping forever."""
+    app = Celery("nad", broker=settings.broker_url, include=["worker.tasks"])
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One job at a time per worker (a GPU trains one model well, not two), and no job held back in a
+        # busy worker's buffer while another worker idles.
+        worker_concurrency=1,
+        worker_prefetch_multiplier=1,
+        # A fresh child process per job: whatever one job leaves in GPU memory goes with its process.
+        worker_max_tasks_per_child=1,
+        task_soft_time_limit=settings.job_time_limit,
+        task_time_limit=settings.job_time_limit + 60,
+        # Results live in the job database, not in Celery's result backend.
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+    )
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Redis's redelivery clock; other transports take no such option (SQLAlchemy's refuses it).
+        app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout}
+    return app
+
+
+app = make_celery(get_settings())
+
+
+@worker_init.connect
+def _migrate(**_kwargs) -> None:
+    """A worker brings the schema up to date before it takes a job, as the API does when it starts."""
+    database = Database(get_settings().database_url)
+    database.migrate()
+    database.dispose()
