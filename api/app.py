@@ -19,9 +19,6 @@ from core.settings import Settings, get_settings
 from core.storage import Storage
 from worker.app import make_celery
 
-# An upload still in incoming/ after a day was left by an API process that died while receiving it.
-STALE_UPLOAD_SECONDS = 24 * 3600
-
 DESCRIPTION = """
 Removes backdoors from image classifiers with **Neural Attention Distillation** (Li et al., ICLR 2021).
 
@@ -55,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(services.db.migrate)
-        await run_in_threadpool(services.storage.sweep_incoming, STALE_UPLOAD_SECONDS)
+        await run_in_threadpool(services.storage.sweep_incoming)
         yield
         services.db.dispose()
 

@@ -20,14 +20,11 @@ from api.services import Service, Services
 from core import jobs
 from core.jobs import OUTPUT, Job, Status
 from core.params import SanitizeParams
-from worker.app import SANITIZE
+from core.storage import JOB_ID
+from worker.dispatch import send_job
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"])
-
-# Publishing a job id takes milliseconds; a broker that does not answer within about a second is down, and
-# the client is better told so than kept waiting.
-SEND_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 PARAMS_EXAMPLE = {
     "arch": "wrn-16-1", "num_classes": 10, "epochs": 20, "teacher_epochs": 10, "target_label": 5,
@@ -43,7 +40,8 @@ UPLOAD_BODY = {
                     "type": "object",
                     "required": list(uploads.REQUIRED),
                     "properties": {
-                        **{name: {"type": "string", "format": "binary", "description": description}
+                        # minLength: an empty file is refused (422), so a client knows before sending one.
+                        **{name: {"type": "string", "format": "binary", "minLength": 1, "description": description}
                            for name, description in uploads.FILE_FIELDS.items()},
                         uploads.PARAMS: {
                             "allOf": [{"$ref": "#/components/schemas/SanitizeParams"}],
@@ -57,6 +55,9 @@ UPLOAD_BODY = {
         },
     }
 }
+# Seconds a client refused for a full queue is asked to wait: jobs take minutes, so sooner would mostly be
+# refused again.
+QUEUE_FULL_RETRY_AFTER = 60
 IdempotencyKey = Annotated[
     str | None,
     Header(max_length=255, description="any unique string; a retried POST with the same key (and API key) "
@@ -65,7 +66,9 @@ IdempotencyKey = Annotated[
 
 
 def _owned(session: Session, job_id: str, owner: str) -> Job:
-    job = jobs.get_job(session, job_id, owner)
+    # Something that is not a job id names no job, and is not sent to the database: PostgreSQL answers some
+    # strings (a NUL byte) with an error instead of no row.
+    job = jobs.get_job(session, job_id, owner) if JOB_ID.fullmatch(job_id) else None
     if job is None:
         raise ProblemError(404, f"there is no job {job_id} for this API key: it was deleted, never existed, "
                                 "or belongs to another key; GET /jobs lists yours")
@@ -97,12 +100,40 @@ def _params(text: str) -> SanitizeParams:
                        for e in error.errors()]) from None
 
 
+def _check_epochs(params: SanitizeParams, max_epochs: int) -> None:
+    """The operator's cap on training length (NAD_MAX_EPOCHS), tighter than the schema's: a job that could
+    not finish within the time limit is refused now rather than failed hours later."""
+    errors = [FieldError(field=f"params.{name}", message=f"{value} is more than this service's limit of "
+                                                          f"{max_epochs} epochs; ask for at most {max_epochs}")
+              for name, value in (("epochs", params.epochs), ("teacher_epochs", params.teacher_epochs))
+              if value > max_epochs]
+    if errors:
+        raise invalid(errors)
+
+
+def _check_queue(service: Services, owner: str, idempotency_key: str | None) -> None:
+    """Refuse (429) a key that already has NAD_MAX_QUEUED_JOBS jobs waiting or running, so that one client
+    cannot fill the queue. One count query, before the body is read: a refused client has not uploaded
+    gigabytes for nothing. A retry of a submission that made its job is let through to get that job back."""
+    limit = service.settings.max_queued_jobs
+    with service.db.session() as session:
+        if idempotency_key and jobs.find_by_idempotency_key(session, owner, idempotency_key) is not None:
+            return
+        count = jobs.count_unfinished(session, owner)
+    if count >= limit:
+        held = "1 job" if count == 1 else f"{count} jobs"
+        raise ProblemError(429, f"this API key already has {held} queued or running, and this service takes "
+                                f"at most {limit} at once per key; wait until one has finished (GET "
+                                "/jobs lists them) or cancel one, then send this job again",
+                           headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
+
+
 @router.post(
     "/sanitize",
     status_code=202,
     summary="Submit a checkpoint to sanitize",
     openapi_extra=UPLOAD_BODY,
-    responses=responses(400, 401, 413, 415, 422, 503),
+    responses=responses(400, 401, 413, 415, 422, 429, 503, 507),
 )
 async def submit(request: Request, response: Response, owner: Owner, service: Service,
                  idempotency_key: IdempotencyKey = None) -> JobResource:
@@ -112,13 +143,19 @@ async def submit(request: Request, response: Response, owner: Owner, service: Se
     `NAD_MAX_UPLOAD_BYTES` (413 past it). Files are streamed to disk and checked by the worker, not here: a
     checkpoint or archive the engine cannot use fails the job with a message saying why.
 
+    A key that already has `NAD_MAX_QUEUED_JOBS` jobs queued or running is answered 429 (with `Retry-After`)
+    before its body is read; `epochs` or `teacher_epochs` past `NAD_MAX_EPOCHS` is a 422; a server whose disk
+    is full answers 507.
+
     A retry with an `Idempotency-Key` already used is received like any upload (so the client is never cut
     off mid-body), then discarded, and answered with the first job.
     """
+    await run_in_threadpool(_check_queue, service, owner, idempotency_key)
     job_id = jobs.new_job_id()
     try:
         upload = await uploads.receive(request, service.storage, job_id, service.settings.max_upload_bytes)
         params = _params(upload.params)
+        _check_epochs(params, service.settings.max_epochs)
     except BaseException:
         service.storage.discard_incoming(job_id)
         raise
@@ -144,7 +181,7 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
         storage.remove(job_id)
         raise
     try:
-        service.queue.send_task(SANITIZE, args=[job_id], retry_policy=SEND_RETRY)
+        send_job(service.queue, job_id, job.dispatch)
     except Exception:
         log.exception("job %s: could not be sent to the broker", job_id)
         with service.db.session() as session:
@@ -160,7 +197,10 @@ def list_jobs(
     owner: Owner,
     service: Service,
     limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    # A cursor is a job id (the last of the previous page); anything else is a 422, not a query that
+    # PostgreSQL may answer with an error (a NUL byte).
+    cursor: Annotated[str | None, Query(pattern=f"^{JOB_ID.pattern}$",
+                                        description="`next_cursor` of the previous page")] = None,
     status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
 ) -> JobPage:
     with service.db.session() as session:
@@ -187,9 +227,11 @@ def get_metrics(job_id: str, owner: Owner, service: Service) -> Metrics:
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the cleansed checkpoint (safetensors)",
           "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-    206: {"description": "the byte range asked for with `Range`"},
+    206: {"description": "the byte range asked for with `Range`; several ranges come as multipart/byteranges",
+          "content": {media_type: {"schema": {"type": "string", "format": "binary"}}
+                      for media_type in ("application/octet-stream", "multipart/byteranges")}},
     304: {"description": "`If-None-Match` holds the checkpoint's ETag: the copy you have is current"},
-    **responses(400, 401, 404, 409, 416),
+    **responses(400, 401, 404, 409, 416, 500),
 }
 
 
@@ -208,13 +250,25 @@ def get_model(
         output = job.artifact(OUTPUT)
         if job.status != Status.SUCCEEDED or output is None:
             raise _not_succeeded(job, "model")
+    path = service.storage.path(job.id, output.path)
+    if not path.is_file():
+        raise _missing_output(job.id)
     etag = f'"{output.sha256}"'
     if if_none_match and (if_none_match.strip() == "*" or etag in map(str.strip, if_none_match.split(","))):
         return Response(status_code=304, headers={"ETag": etag})
-    if range_:
+    if range_ is not None:  # an empty Range too: FileResponse would answer it 400 in plain text
         _check_range(range_, output.size)
-    return FileResponse(service.storage.path(job.id, output.path), media_type="application/octet-stream",
-                        filename=f"{job.id}.safetensors", headers={"ETag": etag})
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}.safetensors",
+                        headers={"ETag": etag})
+
+
+def _missing_output(job_id: str) -> ProblemError:
+    """A succeeded job whose checkpoint is gone from storage (removed by hand, a volume lost): the server's
+    fault, said as a problem before FileResponse would fail mid-response on the missing file."""
+    log.error("job %s: succeeded, but its output file is missing from storage", job_id)
+    return ProblemError(500, f"job {job_id} succeeded, but its cleansed checkpoint is missing from the "
+                             "service's storage; submit the job again, and report the job id to the "
+                             "service's operators")
 
 
 def _check_range(header: str, size: int) -> None:

@@ -8,6 +8,7 @@ memory, and never parses one: checkpoints and archives are the worker's to open.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
@@ -139,7 +140,8 @@ class _Receiver:
 
 async def receive(request: Request, storage: Storage, job_id: str, limit: int) -> Upload:
     """Stream the body into `job_id`'s incoming folder and return what arrived. Raises ProblemError (400,
-    413, 415, 422) for a body that cannot make a job; the caller removes the folder on any exception."""
+    413, 415, 422) for a body that cannot make a job, 507 when the disk fills up while receiving it; the
+    caller removes the folder on any exception."""
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
@@ -156,6 +158,12 @@ async def receive(request: Request, storage: Storage, job_id: str, limit: int) -
                                 "it (curl -F, requests' files=, httpx's files=)") from None
     except ClientDisconnect:
         raise ProblemError(400, "the upload stopped before the body was complete; send it again") from None
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise ProblemError(507, "the service ran out of disk space while receiving the upload, so the job was "
+                                "not kept; send it again later, and tell the service's operators if this "
+                                "persists") from None
     finally:
         receiver.abort()
     if not receiver.finished:

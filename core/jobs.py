@@ -29,6 +29,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     delete,
+    func,
     select,
     update,
 )
@@ -90,6 +91,10 @@ class Job(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    dispatch: Mapped[int] = mapped_column(
+        Integer, default=0, doc="which message may run the job: the sweeper's re-sends count it up, so that a "
+                                "message it replaced is dropped if it turns up after all"
+    )
     stage: Mapped[str | None] = mapped_column(String(32))
     epoch: Mapped[int | None] = mapped_column(Integer)
     epochs: Mapped[int | None] = mapped_column(Integer)
@@ -100,6 +105,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime, doc="last sign of life of the process running the job: the sweeper requeues a job whose "
+                         "process has been silent too long (its whole worker died)"
+    )
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
 
     artifacts: Mapped[list[Artifact]] = relationship(
@@ -109,6 +118,11 @@ class Job(Base):
 
     def artifact(self, role: str) -> Artifact | None:
         return next((a for a in self.artifacts if a.role == role), None)
+
+
+def task_id(job_id: str, dispatch: int) -> str:
+    """The broker message id of a job's `dispatch`-th sending: the sweeper finds a job's message by it."""
+    return f"{job_id}-{dispatch}"
 
 
 class Artifact(Base):
@@ -192,6 +206,13 @@ def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | Non
     return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
 
 
+def count_unfinished(session: Session, owner: str) -> int:
+    """How many of the owner's jobs are queued or running (cancelling included: it holds a worker until its
+    epoch ends). One count query, so the API can refuse a submission past its cap before receiving the body."""
+    unfinished = (Status.QUEUED, Status.RUNNING, Status.CANCELLING)
+    return session.scalar(select(func.count(Job.id)).where(Job.owner == owner, Job.status.in_(unfinished)))
+
+
 def list_jobs(
     session: Session, owner: str, limit: int, cursor: str | None = None, status: Status | None = None
 ) -> tuple[list[Job], str | None]:
@@ -207,14 +228,14 @@ def list_jobs(
     return page, page[-1].id if len(found) > limit else None
 
 
-def _transition(session: Session, job_id: str, allowed: tuple[Status, ...], **values: Any) -> bool:
-    """Set `values` if the job is in one of the `allowed` statuses; False if it is not (or is gone)."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(allowed))
-        .values(updated_at=now(), **values)
-        .execution_options(synchronize_session=False)
-    )
+def _transition(session: Session, job_id: str, allowed: tuple[Status, ...], dispatch: int | None = None,
+                **values: Any) -> bool:
+    """Set `values` if the job is in one of the `allowed` statuses (and, given `dispatch`, still run by that
+    sending: a worker whose job was taken from it changes nothing); False if not (or the job is gone)."""
+    query = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
+    if dispatch is not None:
+        query = query.where(Job.dispatch == dispatch)
+    result = session.execute(query.values(updated_at=now(), **values).execution_options(synchronize_session=False))
     return result.rowcount == 1
 
 
@@ -239,6 +260,25 @@ def delete_job(session: Session, job: Job) -> None:
         raise InvalidTransition(job.status)
 
 
+def waiting(session: Session, since: datetime) -> list[tuple[str, int]]:
+    """(id, dispatch) of every job queued, and not changed, since before `since`: those whose message the
+    sweeper looks for in the broker."""
+    query = select(Job.id, Job.dispatch).where(Job.status == Status.QUEUED, Job.updated_at < since)
+    return [(job_id, dispatch) for job_id, dispatch in session.execute(query.order_by(Job.id))]
+
+
+def redispatch(session: Session, job_id: str, dispatch: int) -> bool:
+    """Claim the re-sending of a queued job whose message `dispatch` is lost; False when the job has started,
+    finished or been re-sent meanwhile (by another sweeper), so exactly one new message is sent."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == Status.QUEUED, Job.dispatch == dispatch)
+        .values(dispatch=dispatch + 1, updated_at=now())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
 def withdraw(session: Session, job_id: str) -> None:
     """Remove a job whose id never reached the broker, as if it had not been submitted."""
     session.execute(delete(Job).where(Job.id == job_id))
@@ -252,52 +292,67 @@ class Assignment:
     """What a worker needs to run a job: its parameters and its input files by role."""
 
     job_id: str
+    dispatch: int
     params: dict[str, Any]
     inputs: dict[str, str]
 
 
-def start_attempt(session: Session, job_id: str, max_attempts: int) -> Assignment | None:
+def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: int) -> Assignment | None:
     """Count one more start of the job and mark it running; None when there is nothing to run.
 
     A message delivered again after its worker died finds the job still running (or cancelling): that counts
     as another attempt, and past `max_attempts` the job fails instead of taking down one more worker.
-    A job cancelled, deleted or finished in the meantime is not run.
+    A job cancelled, deleted or finished in the meantime is not run, nor one whose message the sweeper has
+    replaced (`dispatch` is not the job's): the replacement runs it.
     """
     job = session.get(Job, job_id, with_for_update=True)
-    if job is None or job.status in FINISHED:
+    if job is None or job.status in FINISHED or job.dispatch != dispatch:
         return None
     if job.status == Status.CANCELLING:
-        finish_cancelled(session, job_id)
+        finish_cancelled(session, job_id, dispatch)
         return None
     if job.attempts >= max_attempts:
-        fail(session, job_id, f"the job was started {job.attempts} times and its worker stopped each time "
+        fail(session, job_id, dispatch, f"the job was started {job.attempts} times and its worker stopped each time "
                               "before it finished (out of memory, or the machine restarted); try smaller "
                               "batch_size or fewer images, or ask the operators")
         return None
     job.attempts += 1
     job.status = Status.RUNNING
-    job.started_at = job.updated_at = now()
+    job.started_at = job.updated_at = job.heartbeat_at = now()
     job.stage, job.epoch, job.epochs, job.progress = None, None, None, 0.0
-    return Assignment(job.id, job.params, {a.role: a.path for a in job.artifacts})
+    return Assignment(job.id, dispatch, job.params, {a.role: a.path for a in job.artifacts})
 
 
-def record_progress(session: Session, job_id: str, stage: str, progress: float, epoch: int | None,
+def record_progress(session: Session, job_id: str, dispatch: int, stage: str, progress: float, epoch: int | None,
                     epochs: int | None) -> None:
     """Where a running job is; ignored once the job has left running/cancelling."""
-    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), stage=stage, progress=progress,
-                epoch=epoch, epochs=epochs)
+    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, stage=stage, progress=progress,
+                epoch=epoch, epochs=epochs, heartbeat_at=now())
 
 
-def stop_requested(session: Session, job_id: str) -> bool:
-    """Whether the job should stop: it is being cancelled or no longer exists. One primary-key read."""
-    status = session.scalar(select(Job.status).where(Job.id == job_id))
-    return status != Status.RUNNING
+def heartbeat(session: Session, job_id: str, dispatch: int) -> bool:
+    """The job's process is alive; False once the job is no longer its to run (finished, or requeued by the
+    sweeper). Not a change of the job, so `updated_at` stays."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_((Status.RUNNING, Status.CANCELLING)), Job.dispatch == dispatch)
+        .values(heartbeat_at=now())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
 
 
-def succeed(session: Session, job_id: str, report: dict[str, Any], output: FileRecord) -> bool:
-    """Store the report and register the cleansed checkpoint; False when the job was cancelled meanwhile
-    (the caller then discards the output and calls finish_cancelled)."""
-    done = _transition(session, job_id, (Status.RUNNING,), status=Status.SUCCEEDED, report=report,
+def stop_requested(session: Session, job_id: str, dispatch: int) -> bool:
+    """Whether the job should stop: it is being cancelled, no longer exists, or was given to another worker.
+    One primary-key read."""
+    row = session.execute(select(Job.status, Job.dispatch).where(Job.id == job_id)).one_or_none()
+    return row is None or tuple(row) != (Status.RUNNING, dispatch)
+
+
+def succeed(session: Session, job_id: str, dispatch: int, report: dict[str, Any], output: FileRecord) -> bool:
+    """Store the report and register the cleansed checkpoint; False when the job was cancelled (or taken
+    from this worker) meanwhile: the caller then discards the output and calls finish_cancelled."""
+    done = _transition(session, job_id, (Status.RUNNING,), dispatch, status=Status.SUCCEEDED, report=report,
                        progress=1.0, stage="done", finished_at=now())
     if done:
         artifact = _artifact(output)
@@ -306,12 +361,44 @@ def succeed(session: Session, job_id: str, report: dict[str, Any], output: FileR
     return done
 
 
-def fail(session: Session, job_id: str, error: str) -> None:
+def fail(session: Session, job_id: str, dispatch: int, error: str) -> None:
     """Mark the job failed with a message its owner can act on."""
-    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), status=Status.FAILED, error=error,
+    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, status=Status.FAILED,
+                error=error, finished_at=now())
+
+
+def finish_cancelled(session: Session, job_id: str, dispatch: int) -> None:
+    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, status=Status.CANCELLED,
                 finished_at=now())
 
 
-def finish_cancelled(session: Session, job_id: str) -> None:
-    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), status=Status.CANCELLED,
-                finished_at=now())
+# ---- the sweeper's side ---------------------------------------------------------------------------------
+
+
+def silent(session: Session, since: datetime) -> list[tuple[str, int]]:
+    """(id, dispatch) of every running or cancelling job whose process has given no sign of life since before
+    `since`: its worker died with it (a machine lost, a `kill -9` of the whole worker)."""
+    query = select(Job.id, Job.dispatch).where(
+        Job.status.in_((Status.RUNNING, Status.CANCELLING)), Job.heartbeat_at < since
+    )
+    return [(job_id, dispatch) for job_id, dispatch in session.execute(query.order_by(Job.id))]
+
+
+def recover(session: Session, job_id: str, dispatch: int, since: datetime) -> bool:
+    """Take a silent job from its dead worker: a cancelling one ends cancelled, a running one goes back to
+    queued under a new dispatch, and True says a message must be sent for it. The conditions are checked
+    again in the UPDATE, so a job that spoke up or was recovered by another sweeper meanwhile is left alone."""
+    silent_since = (Job.id == job_id, Job.dispatch == dispatch, Job.heartbeat_at < since)
+    stamp = now()
+    session.execute(
+        update(Job).where(*silent_since, Job.status == Status.CANCELLING)
+        .values(status=Status.CANCELLED, finished_at=stamp, updated_at=stamp)
+        .execution_options(synchronize_session=False)
+    )
+    result = session.execute(
+        update(Job).where(*silent_since, Job.status == Status.RUNNING)
+        .values(status=Status.QUEUED, dispatch=dispatch + 1, stage=None, epoch=None, epochs=None, progress=0.0,
+                updated_at=stamp)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1

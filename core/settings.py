@@ -29,12 +29,26 @@ class Settings(BaseSettings):
         default=Path("var/storage"), description="folder holding every job's files; shared by API and worker"
     )
     max_upload_bytes: int = Field(default=2 << 30, ge=1, description="size cap of each uploaded file")
+    max_queued_jobs: int = Field(
+        default=10, ge=1, description="jobs one API key may have queued or running; more are refused with 429"
+    )
+    max_epochs: int = Field(
+        default=200, ge=1, description="cap on a job's `epochs` and `teacher_epochs`, checked at submission"
+    )
+    max_images: int = Field(
+        default=200_000, ge=1, description="cap on the images of one job's archives together (clean, test, "
+        "poison); the worker fails a job past it, counting while it reads"
+    )
     auth_enabled: bool = Field(default=True, description="require an API key on every job endpoint")
     job_time_limit: int = Field(
         default=6 * 3600, ge=10, description="seconds a job may run before it is stopped and failed"
     )
     max_attempts: int = Field(
         default=3, ge=1, description="how often a job is started before a worker that keeps dying fails it"
+    )
+    sweep_interval: float = Field(
+        default=60.0, gt=0, description="seconds between two looks of a worker for queued jobs whose broker "
+        "message was lost (a Redis restarted without its data); a job must have waited that long to be re-sent"
     )
     api_host: str = Field(default="127.0.0.1", description="address `python -m api` listens on")
     api_port: int = Field(default=8000, ge=1, le=65535, description="port `python -m api` listens on")

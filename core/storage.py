@@ -1,26 +1,38 @@
 """Job files on disk: one storage root, one folder per job, names chosen here and never by a client.
 
-    <root>/incoming/<job id>/inputs/<role>     an upload being received
-    <root>/jobs/<job id>/inputs/<role>         a job's uploads (role: model, clean_data, test_data, ...)
-    <root>/jobs/<job id>/output/model.safetensors
+    <root>/incoming/<instance>/.lock                     held locked by the API process that receives here
+    <root>/incoming/<instance>/<job id>/inputs/<role>    an upload being received by that process
+    <root>/jobs/<job id>/inputs/<role>                   a job's uploads (role: model, clean_data, ...)
+    <root>/jobs/<job id>/output/<dispatch>/model.safetensors   the cleansed checkpoint (worker.dispatch)
 
 An upload is written under incoming/ and renamed into jobs/ only once it is complete and its job recorded,
-so a half-received upload never looks like a job's files, and whatever a crash leaves in incoming/ is
-garbage that `sweep_incoming` removes. The API and the worker share the root (one volume in compose).
+so a half-received upload never looks like a job's files. Each receiving process has its own instance folder
+and holds an exclusive flock on its lock file for as long as it lives; the kernel drops the lock however the
+process ends (kill -9 included). So a lock that `sweep_incoming` can take marks a folder whose owner is dead,
+and it removes exactly those, never an upload another live replica is receiving. The API and the worker
+share the root (one volume in compose).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import os
 import re
 import shutil
-import time
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
-OUTPUT_PATH = "output/model.safetensors"
+LOCK_FILE = ".lock"
+
+
+def output_name(dispatch: int) -> str:
+    """A job's output path, relative to its folder, for the run of its `dispatch`-th sending."""
+    return f"output/{dispatch}/model.safetensors"
 
 
 class TooLarge(Exception):
@@ -64,12 +76,36 @@ class FileWriter:
         return StoredFile(self.relative, self.size, self._digest.hexdigest())
 
     def abort(self) -> None:
-        self._stream.close()
+        """Close a file that will be discarded. Closing flushes its last buffered bytes, which fails again on a
+        full disk: that second error must not hide the first, which says why the upload stopped."""
+        with contextlib.suppress(OSError):
+            self._stream.close()
+
+
+def _lock_folder(folder: Path) -> int | None:
+    """An open descriptor holding the exclusive flock of `folder`'s lock file; None when a live process holds
+    it or the folder is gone. The lock is checked to still be the folder's: whoever removes a folder (the
+    sweeper) holds its lock while it does, so a lock won on a file unlinked meanwhile is a lock on nothing."""
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except (BlockingIOError, FileNotFoundError):
+        pass
+    os.close(fd)
+    return None
 
 
 class Storage:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._inbox: Path | None = None
+        self._claiming = threading.Lock()
 
     def _checked(self, job_id: str) -> str:
         if not JOB_ID.fullmatch(job_id):
@@ -80,7 +116,18 @@ class Storage:
         return self.root / "jobs" / self._checked(job_id)
 
     def incoming_dir(self, job_id: str) -> Path:
-        return self.root / "incoming" / self._checked(job_id)
+        return self.inbox() / self._checked(job_id)
+
+    def inbox(self) -> Path:
+        """This process's instance folder under incoming/, claimed on first use and kept locked until the
+        process ends (the descriptor is never closed), so that no other process sweeps it while it lives."""
+        with self._claiming:  # uploads are received on several threads
+            while self._inbox is None:
+                folder = self.root / "incoming" / uuid.uuid4().hex
+                folder.mkdir(parents=True)
+                if _lock_folder(folder) is not None:  # else a sweeper took it in between: try another
+                    self._inbox = folder
+            return self._inbox
 
     def input_writer(self, job_id: str, role: str, limit: int) -> FileWriter:
         """A writer for the upload `role` of a job being received; FileExistsError if it was sent before."""
@@ -102,21 +149,29 @@ class Storage:
             raise ValueError(f"not a path inside a job folder: {relative!r}")
         return self.job_dir(job_id).joinpath(*parts)
 
-    def output_path(self, job_id: str) -> Path:
-        return self.path(job_id, OUTPUT_PATH)
+    def output_path(self, job_id: str, dispatch: int) -> Path:
+        """Where the run of a job's `dispatch`-th sending writes the cleansed checkpoint: one file per sending,
+        so a worker whose job was taken from it (`worker.dispatch`) never overwrites its successor's."""
+        return self.path(job_id, output_name(dispatch))
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
-    def sweep_incoming(self, older_than: float) -> int:
-        """Remove uploads left in incoming/ by a process that died while receiving them; how many."""
+    def sweep_incoming(self) -> int:
+        """Remove the instance folders under incoming/ whose process is dead (their lock is free), with the
+        uploads it was receiving when it died; how many. The lock is held while removing, so a process
+        claiming a folder at the same moment cannot end up with one removed under it."""
         folder = self.root / "incoming"
         if not folder.is_dir():
             return 0
-        stale = [p for p in folder.iterdir() if time.time() - p.stat().st_mtime > older_than]
-        for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
-        return len(stale)
+        swept = 0
+        for inbox in folder.iterdir():
+            fd = _lock_folder(inbox)
+            if fd is not None:
+                shutil.rmtree(inbox, ignore_errors=True)
+                os.close(fd)
+                swept += 1
+        return swept
 
     def check_writable(self) -> None:
         """Raise OSError unless a file can be created under the root (for readiness checks)."""

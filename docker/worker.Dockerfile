@@ -9,4 +9,6 @@ COPY worker ./worker
 RUN pip install --no-cache-dir . \
     && useradd --create-home --uid 1000 nad && mkdir -p /data/storage && chown -R nad /data
 USER nad
+# Every torch.load in the image reads weights only, whatever its call asks (worker/app.py sets it as well).
+ENV TORCH_FORCE_WEIGHTS_ONLY_LOAD=1
 CMD ["celery", "-A", "worker.app", "worker", "--loglevel", "INFO", "--without-mingle", "--without-gossip"]

@@ -41,9 +41,8 @@ REDIS_URL = os.environ.get("NAD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh, uniquely named PostgreSQL database for this session, dropped at its end."""
+def fresh_postgres() -> Iterator[str]:
+    """A new, uniquely named PostgreSQL database, dropped when the generator is closed."""
     admin = create_engine(
         POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
     )
@@ -57,6 +56,19 @@ def postgres_url() -> Iterator[str]:
     connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     connection.close()
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The session's PostgreSQL database."""
+    yield from fresh_postgres()
+
+
+@pytest.fixture(scope="module")
+def module_postgres_url() -> Iterator[str]:
+    """A PostgreSQL database of the module's own, for tests whose subject (the sweeper) acts on every job of
+    its database: the session's holds other tests' jobs."""
+    yield from fresh_postgres()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from api.app import create_app
 from core import jobs, keys
 from core.database import Database
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import LOCK_FILE, Storage, output_name
 
 pytest_plugins = ["service_fixtures"]
 
@@ -86,7 +86,8 @@ def job_ids(client: TestClient, headers: dict[str, str], **query: object) -> lis
 
 def leftovers(settings: Settings) -> list[Path]:
     """Files of uploads under way, and job folders without a job: a refused upload must leave neither."""
-    incoming = [path for path in (settings.storage_dir / "incoming").rglob("*") if path.is_file()]
+    incoming = [path for path in (settings.storage_dir / "incoming").rglob("*")
+                if path.is_file() and path.name != LOCK_FILE]
     db = Database(settings.database_url)
     with db.session() as session:
         known = set(session.scalars(select(jobs.Job.id)))
@@ -97,19 +98,20 @@ def leftovers(settings: Settings) -> list[Path]:
 
 def finish(settings: Settings, job_id: str, checkpoint: bytes) -> None:
     """Do what a worker does when a job succeeds: write the checkpoint, store the report."""
-    path = Storage(settings.storage_dir).output_path(job_id)
+    path = Storage(settings.storage_dir).output_path(job_id, 0)
     path.parent.mkdir(parents=True)
     path.write_bytes(checkpoint)
     db = Database(settings.database_url)
     with db.session() as session:
-        jobs.start_attempt(session, job_id, max_attempts=3)
+        jobs.start_attempt(session, job_id, dispatch=0, max_attempts=3)
         jobs.succeed(
             session,
             job_id,
+            0,
             REPORT,
             jobs.FileRecord(
                 jobs.OUTPUT,
-                "output/model.safetensors",
+                output_name(0),
                 len(checkpoint),
                 hashlib.sha256(checkpoint).hexdigest(),
             ),
@@ -233,7 +235,8 @@ def test_submit_stores_the_upload_records_the_job_and_sends_its_id(
     assert queue_length(api_settings) == queued_before + 1
     raw = redis.Redis.from_url(api_settings.broker_url).lindex(api_settings.queue, 0)
     message = json.loads(raw)["headers"]
-    assert message["task"] == "nad.sanitize" and job["id"] in message["argsrepr"]
+    assert message["task"] == "nad.sanitize" and message["id"] == f"{job['id']}-0"
+    assert message["argsrepr"] == repr([job["id"], 0])
     assert api.get(job["links"]["self"], headers=auth).json()["id"] == job["id"]
 
 

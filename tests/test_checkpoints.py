@@ -1,4 +1,7 @@
 import collections
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,8 @@ from core.engine.checkpoints import load_weights, read_metadata, read_state_dict
 from core.engine.errors import InputError
 from core.engine.models import build_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 OFFICIAL = SHARED / "models" / "nad-official"
 
 
@@ -63,9 +67,17 @@ def test_pickled_whole_module_is_refused_with_advice(tmp_path, model):
         read_state_dict(path)
 
 
+MARKER = Path("/tmp/nad-test-should-not-exist")
+
+
 class Payload:
+    """Unpickled in full, it runs code: it creates `marker`."""
+
+    def __init__(self, marker: Path = MARKER) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (Path.touch, (Path("/tmp/nad-test-should-not-exist"),))
+        return (Path.touch, (self.marker,))
 
 
 @pytest.mark.parametrize(
@@ -75,7 +87,7 @@ class Payload:
     ids=["top-level", "nested-in-state-dict", "legacy-nested", "legacy-top-level"],
 )
 def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, content, zip_format):
-    marker = Path("/tmp/nad-test-should-not-exist")
+    marker = MARKER
     marker.unlink(missing_ok=True)
     path = tmp_path / "evil.pt"
     torch.save(content(), path, _use_new_zipfile_serialization=zip_format)
@@ -84,6 +96,33 @@ def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, content,
         read_state_dict(path)
     assert not marker.exists()
     assert "Unsupported global" in str(caught.value) and "weights_only" not in str(caught.value)
+
+
+# Asks torch for a full unpickle, in a fresh interpreter that has run `preamble` first.
+LOAD_IN_FULL = """
+import sys
+{preamble}
+assert "torch" not in sys.modules, "torch was imported before the preamble's settings could take effect"
+import torch
+try:
+    torch.load(sys.argv[1], weights_only=False)
+except Exception as error:
+    print(type(error).__name__)
+"""
+
+
+@pytest.mark.parametrize(("preamble", "runs"), [("import worker.app", False), ("", True)], ids=["worker", "control"])
+def test_the_worker_process_refuses_a_full_unpickle_whatever_the_call_asks(tmp_path, preamble, runs):
+    """worker.app forces weights-only loading before torch is imported; the control shows that the same load
+    without it does run the file's code."""
+    marker, path = tmp_path / "ran", tmp_path / "evil.pt"
+    torch.save(Payload(marker), path)
+    # This process may carry the setting already (any test module importing api.app or worker.app sets it).
+    env = {name: value for name, value in os.environ.items() if name != "TORCH_FORCE_WEIGHTS_ONLY_LOAD"}
+    done = subprocess.run([sys.executable, "-c", LOAD_IN_FULL.format(preamble=preamble), str(path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert marker.exists() == runs and ("UnpicklingError" in done.stdout) != runs, done.stdout
 
 
 def test_other_architecture_names_the_keys(model):

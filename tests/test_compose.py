@@ -92,6 +92,12 @@ def test_the_api_image_installs_no_torch_and_nothing_pyproject_does_not_pin() ->
     assert not names & {"torch", "torchvision", "numpy", "pillow", "safetensors"}
 
 
+def test_the_worker_image_forces_weights_only_torch_loads() -> None:
+    """Besides worker/app.py's own setting, so that any other entry point into the image is covered."""
+    env = re.findall(r"^ENV\s+(\S+)\s*$", dockerfile("worker"), flags=re.MULTILINE)
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD=1" in env
+
+
 def test_the_images_non_editable_install_carries_the_migrations() -> None:
     """`pip install .` ships only package data that pyproject names; the images migrate at start."""
     patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["core"]

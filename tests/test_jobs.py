@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -11,12 +13,13 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from service_fixtures import ROOT
 
 from core import jobs, keys
 from core.database import Base, Database
 from core.engine.events import Event
 from core.jobs import FileRecord, Status
-from core.storage import Storage, TooLarge
+from core.storage import LOCK_FILE, Storage, TooLarge
 from worker.tasks import ProgressRecorder
 
 pytest_plugins = ["service_fixtures"]
@@ -25,7 +28,7 @@ INPUTS = [
     FileRecord("model", "inputs/model", 3, "a" * 64, "m.pt"),
     FileRecord("clean_data", "inputs/clean_data", 5, "b" * 64, "clean.zip"),
 ]
-OUTPUT = FileRecord(jobs.OUTPUT, "output/model.safetensors", 7, "c" * 64)
+OUTPUT = FileRecord(jobs.OUTPUT, "output/0/model.safetensors", 7, "c" * 64)
 
 
 def owner() -> str:
@@ -46,9 +49,9 @@ def status(db: Database, job_id: str) -> str | None:
         return None if job is None else job.status
 
 
-def start(db: Database, job_id: str, max_attempts: int = 3) -> jobs.Assignment | None:
+def start(db: Database, job_id: str, max_attempts: int = 3, dispatch: int = 0) -> jobs.Assignment | None:
     with db.session() as session:
-        return jobs.start_attempt(session, job_id, max_attempts)
+        return jobs.start_attempt(session, job_id, dispatch, max_attempts)
 
 
 def test_migrations_build_exactly_the_models(database: Database) -> None:
@@ -108,7 +111,7 @@ def test_cancel_stops_a_queued_job_at_once_and_asks_a_running_one(database: Data
         jobs.request_cancel(session, jobs.get_job(session, running, me))  # asking twice is harmless
     assert (status(database, queued), status(database, running)) == ("cancelled", "cancelling")
     with database.session() as session:
-        assert jobs.stop_requested(session, running)
+        assert jobs.stop_requested(session, running, 0)
         job = jobs.get_job(session, running, me)
         assert job.cancel_requested_at is not None and job.finished_at is None
 
@@ -120,7 +123,7 @@ def test_a_finished_job_cannot_be_cancelled_and_an_unfinished_one_not_deleted(da
         jobs.delete_job(session, jobs.get_job(session, job_id, me))
     start(database, job_id)
     with database.session() as session:
-        jobs.succeed(session, job_id, {"after": {}}, OUTPUT)
+        jobs.succeed(session, job_id, 0, {"after": {}}, OUTPUT)
     with database.session() as session, pytest.raises(jobs.InvalidTransition) as refused:
         jobs.request_cancel(session, jobs.get_job(session, job_id, me))
     assert refused.value.status == "succeeded"
@@ -140,6 +143,46 @@ def test_each_start_is_an_attempt_and_a_job_that_keeps_killing_workers_fails(dat
     with database.session() as session:
         job = session.get(jobs.Job, job_id)
         assert job.status == "failed" and job.attempts == 2 and "started 2 times" in job.error
+
+
+def test_a_redispatch_is_claimed_once_and_retires_the_old_message(database: Database) -> None:
+    queued, running = new_job(database, owner()), new_job(database, owner())
+    start(database, running)
+    with database.session() as session:
+        waiting = dict(jobs.waiting(session, jobs.now()))
+        assert waiting.get(queued) == 0 and running not in waiting
+        assert jobs.redispatch(session, queued, 0)
+        assert not jobs.redispatch(session, queued, 0)  # another sweeper got there first
+        assert not jobs.redispatch(session, running, 0)  # a started job is not re-sent
+    assert start(database, queued, dispatch=0) is None  # the replaced message, turning up late
+    assert status(database, queued) == "queued"
+    assert start(database, queued, dispatch=1).job_id == queued
+
+
+def test_a_silent_job_is_taken_from_its_dead_worker_once(database: Database) -> None:
+    me = owner()
+    running, cancelling, lively = new_job(database, me), new_job(database, me), new_job(database, me)
+    for job_id in (running, cancelling, lively):
+        start(database, job_id)
+    with database.session() as session:
+        jobs.request_cancel(session, jobs.get_job(session, cancelling, me))
+    since = jobs.now()
+    with database.session() as session:
+        assert jobs.heartbeat(session, lively, 0)
+        assert {running, cancelling} <= dict(jobs.silent(session, since)).keys()
+        assert lively not in dict(jobs.silent(session, since))
+        assert jobs.recover(session, running, 0, since)
+        assert not jobs.recover(session, running, 0, since)  # another sweeper got there first
+        assert not jobs.recover(session, cancelling, 0, since)  # nothing to send: it ends cancelled
+        assert not jobs.recover(session, lively, 0, since)
+        assert jobs.stop_requested(session, running, 0)  # the old run, should it be alive, stops
+        assert not jobs.heartbeat(session, running, 0)
+    assert (status(database, running), status(database, cancelling), status(database, lively)) == (
+        "queued", "cancelled", "running")
+    assert start(database, running, dispatch=1).job_id == running
+    with database.session() as session:
+        jobs.fail(session, running, 0, "from the old run")  # changes nothing
+        assert session.get(jobs.Job, running).status == "running"
 
 
 def test_a_cancelled_or_finished_job_is_not_run_again(database: Database) -> None:
@@ -162,8 +205,8 @@ def test_success_registers_the_output_unless_a_cancel_came_first(database: Datab
     with database.session() as session:
         jobs.request_cancel(session, jobs.get_job(session, late, me))
     with database.session() as session:
-        assert jobs.succeed(session, done, {"after": {"asr": 1.0}}, OUTPUT)
-        assert not jobs.succeed(session, late, {}, OUTPUT)
+        assert jobs.succeed(session, done, 0, {"after": {"asr": 1.0}}, OUTPUT)
+        assert not jobs.succeed(session, late, 0, {}, OUTPUT)
     with database.session() as session:
         job = jobs.get_job(session, done, me)
         assert job.status == "succeeded" and job.report == {"after": {"asr": 1.0}} and job.progress == 1.0
@@ -175,7 +218,7 @@ def test_failure_keeps_the_message_for_the_owner(database: Database) -> None:
     job_id = new_job(database, owner())
     start(database, job_id)
     with database.session() as session:
-        jobs.fail(session, job_id, "the checkpoint does not fit wrn-16-1")
+        jobs.fail(session, job_id, 0, "the checkpoint does not fit wrn-16-1")
     with database.session() as session:
         job = session.get(jobs.Job, job_id)
         assert (job.status, job.error) == ("failed", "the checkpoint does not fit wrn-16-1")
@@ -185,7 +228,7 @@ def test_failure_keeps_the_message_for_the_owner(database: Database) -> None:
 def test_progress_is_written_at_most_once_a_second_but_always_at_epoch_ends(database: Database) -> None:
     job_id = new_job(database, owner())
     start(database, job_id)
-    record = ProgressRecorder(database, job_id)
+    record = ProgressRecorder(database, job_id, 0)
 
     def progress() -> tuple:
         with database.session() as session:
@@ -255,12 +298,27 @@ def test_a_received_upload_becomes_the_job_folder_and_paths_stay_inside_it(tmp_p
     assert not storage.job_dir(job_id).exists()
 
 
+# A process that dies, as under kill -9, while it receives an upload.
+DIES_MID_UPLOAD = """
+import os, signal, sys
+from pathlib import Path
+from core.storage import Storage
+Storage(Path(sys.argv[1])).input_writer(sys.argv[2], "model", limit=10).write(b"12")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
 def test_sweeping_removes_only_stale_incoming_uploads(tmp_path: Path) -> None:
-    storage = Storage(tmp_path)
-    stale, fresh = jobs.new_job_id(), jobs.new_job_id()
-    for job_id in (stale, fresh):
-        storage.input_writer(job_id, "model", limit=10).close()
-    old = time.time() - 7200
-    os.utime(storage.incoming_dir(stale), (old, old))
-    assert storage.sweep_incoming(older_than=3600) == 1
-    assert not storage.incoming_dir(stale).exists() and storage.incoming_dir(fresh).exists()
+    """Stale means its receiving process is dead, however young the upload: a live replica's stays."""
+    live = Storage(tmp_path)
+    receiving = live.input_writer(jobs.new_job_id(), "model", limit=10)
+    receiving.write(b"1")
+    died = subprocess.run([sys.executable, "-c", DIES_MID_UPLOAD, str(tmp_path), jobs.new_job_id()], cwd=ROOT)
+    assert died.returncode == -signal.SIGKILL
+    unlocked = tmp_path / "incoming" / jobs.new_job_id() / "inputs/model"  # a layout without locks
+    unlocked.parent.mkdir(parents=True)
+    unlocked.write_bytes(b"1")
+    assert len(list((tmp_path / "incoming").iterdir())) == 3
+    assert Storage(tmp_path).sweep_incoming() == 2
+    assert list((tmp_path / "incoming").iterdir()) == [live.inbox()]
+    assert (live.inbox() / LOCK_FILE).exists() and receiving.close().size == 1

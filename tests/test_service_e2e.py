@@ -8,22 +8,27 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from service_fixtures import ROOT, ServiceProcess, free_port, new_key, start_api, start_worker, wait_for
+from test_checkpoints import Payload
+from test_hostile_files import _entry, _png, _safetensors, _zip
 
 from api.app import create_app
 from core.client import Client
 from core.engine.sanitize import evaluate_checkpoint
-from core.jobs import INTERNAL_ERROR
+from core.jobs import INTERNAL_ERROR, new_job_id
 from core.params import SanitizeParams
 from core.settings import Settings
-from core.storage import Storage
+from core.storage import LOCK_FILE, Storage
 
 pytest_plugins = ["service_fixtures"]
 
@@ -42,9 +47,13 @@ def upload(case) -> dict:
     }
 
 
-def submit(client: TestClient, headers: dict[str, str], case, **overrides) -> str:
+def submit(client: TestClient, headers: dict[str, str], case, files: dict | None = None, **overrides) -> str:
+    """A digits job, its `files` in place of the case's own and `overrides` over its params."""
     response = client.post(
-        "/sanitize", headers=headers, files=upload(case), data={"params": json.dumps(case.params | overrides)}
+        "/sanitize",
+        headers=headers,
+        files=upload(case) | (files or {}),
+        data={"params": json.dumps(case.params | overrides)},
     )
     assert response.status_code == 202, response.text
     return response.json()["id"]
@@ -108,7 +117,7 @@ def test_a_running_job_stops_at_an_epoch_boundary_when_cancelled(
     job = wait_for(stack, job_id, headers, timeout=120, log=worker.log)
     assert job["status"] == "cancelled" and job["output"] is None
     assert list(job["timestamps"]) == ["queued", "running", "cancelling", "cancelled"]
-    assert not Storage(stack_settings.storage_dir).output_path(job_id).exists()
+    assert not [p for p in (Storage(stack_settings.storage_dir).job_dir(job_id) / "output").rglob("*") if p.is_file()]
     assert stack.get(f"/jobs/{job_id}/metrics", headers=headers).status_code == 409
     assert stack.delete(f"/jobs/{job_id}", headers=headers).status_code == 204
 
@@ -220,3 +229,89 @@ def test_nad_submit_runs_a_job_and_prints_the_before_after_table(
     assert header[0] == "ACC" and header[-1] == "ASR"
     assert len(table["before"]) == len(table["after"]) == len(header)
     assert out.stat().st_size > 0 and f"cleansed checkpoint: {out}" in done.stdout
+
+
+def start_uploading(port: int, headers: dict[str, str]) -> socket.socket:
+    """POST /sanitize announcing a 64 MiB body, of which only the first MiB of the model is sent: the upload
+    stays under way for as long as the connection is open."""
+    boundary = "nad-test-boundary"
+    request = (
+        f"POST /sanitize HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {headers['Authorization']}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {64 << 20}\r\n\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"; filename="model.pt"\r\n\r\n'
+    )
+    connection = socket.create_connection(("127.0.0.1", port))
+    connection.sendall(request.encode() + bytes(1 << 20))
+    return connection
+
+
+def received_part(incoming: Path, timeout: float = 30) -> Path:
+    """The first upload file under `incoming` with bytes in it, once one has."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [path for path in incoming.glob("*/*/inputs/model") if path.stat().st_size > 0]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    pytest.fail(f"no upload appeared under {incoming} within {timeout} s")
+
+
+def test_an_api_killed_mid_upload_leaves_no_job_and_no_file(make_settings, tmp_path: Path) -> None:
+    """The next API to start removes what the dead one was receiving, and only that: the upload this test
+    process is receiving meanwhile (another live replica's, on the same storage) stays."""
+    settings, port, log = make_settings(), free_port(), tmp_path / "api.log"
+    incoming = settings.storage_dir / "incoming"
+    api = start_api(settings, port, log)  # it migrates the database: a key can be made after it
+    try:
+        headers = new_key(settings)
+        with start_uploading(port, headers):
+            partial = received_part(incoming)
+            api.kill()  # while the upload is under way: one the client breaks off is discarded by the API
+    finally:
+        api.kill()  # dead already, unless the upload never showed
+    replica = Storage(settings.storage_dir).input_writer(new_job_id(), "model", limit=10)
+    replica.write(b"1")
+    api = start_api(settings, port, log)
+    try:
+        listed = httpx.get(f"http://127.0.0.1:{port}/jobs", headers=headers).json()
+    finally:
+        api.kill()
+    assert listed["items"] == [] and not any((settings.storage_dir / "jobs").glob("*"))
+    assert not partial.parents[2].exists(), "the dead API's folder is still there"
+    left = sorted(path.name for path in incoming.rglob("*") if path.is_file())
+    assert left == [LOCK_FILE, "model"] and replica.close().size == 1  # the live replica's upload
+
+
+def hostile_inputs(folder: Path, marker: Path) -> dict[str, dict]:
+    """Upload files built to hurt the worker, each by what the reason of its job's failure must say."""
+    pickle = folder / "evil.pt"
+    torch.save(Payload(marker), pickle)
+    slip = _zip(folder / "clean.zip", {"0/ok.png": _png(), "../evil.png": _png(1)})
+    lying = _safetensors(folder / "m.safetensors", {"w": _entry("U8", [2**40, 2**40], [0, 8])}, bytes(8))
+    return {
+        "can be read safely": {"model": ("evil.pt", pickle.read_bytes())},
+        "archive member '../evil.png'": {"clean_data": ("clean.zip", slip.read_bytes())},
+        "safetensors file is damaged": {"model": ("m.safetensors", lying.read_bytes())},
+    }
+
+
+def written_by_the_worker(storage: Storage, job_id: str) -> list[Path]:
+    """The files in a job's folder besides its uploads (inputs/)."""
+    folder = storage.job_dir(job_id)
+    return [path for path in folder.rglob("*") if path.is_file() and path.relative_to(folder).parts[0] != "inputs"]
+
+
+def test_hostile_uploads_fail_their_jobs_harmlessly_and_the_worker_takes_the_next(
+    stack: TestClient, stack_settings: Settings, worker: ServiceProcess, digits_backdoor, tmp_path: Path
+) -> None:
+    headers, marker = new_key(stack_settings), tmp_path / "ran"
+    failing = {reason: submit(stack, headers, digits_backdoor, files)
+               for reason, files in hostile_inputs(tmp_path, marker).items()}
+    good = submit(stack, headers, digits_backdoor, **SHORT)
+    storage = Storage(stack_settings.storage_dir)
+    for reason, job_id in failing.items():
+        job = wait_for(stack, job_id, headers, timeout=120, log=worker.log)
+        assert job["status"] == "failed" and reason in job["error"], job["error"]
+        assert job["output"] is None and written_by_the_worker(storage, job_id) == []
+    assert not marker.exists(), "the pickle's code ran"
+    assert wait_for(stack, good, headers, log=worker.log)["status"] == "succeeded"

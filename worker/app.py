@@ -6,13 +6,23 @@ code (`worker.tasks` is loaded by the worker only), so the API can send jobs thr
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
 from celery.signals import worker_init
 
 from core.database import Database
 from core.settings import Settings, get_settings
+from worker.dispatch import SANITIZE, Sweeper
 
-SANITIZE = "nad.sanitize"
+__all__ = ["SANITIZE", "app", "make_celery"]
+
+# Set on import, before anything imports torch (`celery -A worker.app` imports this module first): every
+# torch.load in the worker then reads weights only, whatever its call says, so no later code (ours or a
+# library's) can unpickle an uploaded checkpoint in full and run the code a pickle can carry. The engine
+# already asks for weights_only=True; this is the process-wide guard behind it. Forced, not defaulted: an
+# inherited "0" must not turn it off. Harmless in the API, which imports this module but never torch.
+os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -41,6 +51,7 @@ def make_celery(settings: Settings) -> Celery:
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # Redis's redelivery clock; other transports take no such option (SQLAlchemy's refuses it).
         app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout}
+    app.steps["worker"].add(Sweeper)
     return app
 
 

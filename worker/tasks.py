@@ -3,8 +3,12 @@ storage folder, so a message carries nothing a client wrote, and a redelivered m
 
 from __future__ import annotations
 
+import errno
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from core.engine.events import Event
 from core.engine.sanitize import JobFiles, sanitize
 from core.params import SanitizeParams
 from core.settings import get_settings
-from core.storage import OUTPUT_PATH, Storage
+from core.storage import Storage, output_name
 from worker.app import SANITIZE, app
 
 log = logging.getLogger(__name__)
@@ -39,8 +43,8 @@ class ProgressRecorder:
     """Writes the engine's events to the job's row, sparingly: a step event every few milliseconds would
     otherwise mean as many database writes."""
 
-    def __init__(self, db: Database, job_id: str) -> None:
-        self.db, self.job_id = db, job_id
+    def __init__(self, db: Database, job_id: str, dispatch: int) -> None:
+        self.db, self.job_id, self.dispatch = db, job_id, dispatch
         self.stage: str | None = None
         self.written_at = float("-inf")
 
@@ -51,7 +55,49 @@ class ProgressRecorder:
             return
         self.stage, self.written_at = event.stage, now
         with self.db.session() as session:
-            jobs.record_progress(session, self.job_id, event.stage, event.progress, event.epoch, event.epochs)
+            jobs.record_progress(session, self.job_id, self.dispatch, event.stage, event.progress, event.epoch,
+                                 event.epochs)
+
+
+@contextmanager
+def heartbeat(db: Database, job_id: str, dispatch: int, interval: float) -> Iterator[None]:
+    """Tell the database every `interval` seconds that the job's process lives, from a thread: the engine's
+    own events stop for minutes while it loads or evaluates. The sweeper requeues a job silent for longer
+    than its interval (`worker.dispatch`)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                with db.session() as session:
+                    jobs.heartbeat(session, job_id, dispatch)
+            except Exception:
+                log.warning("job %s: heartbeat failed; the next one tries again", job_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class MissingInput(Exception):
+    """An upload of the job is gone from storage (removed by hand, or a volume not mounted): not the owner's
+    fault, and not a bug to hide behind the generic message either."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(f"{role} is missing")
+        self.role = role
+
+
+def _check_inputs(storage: Storage, assignment: jobs.Assignment) -> None:
+    """MissingInput for the first upload of the job that is not in storage, before the engine spends minutes
+    on the others and then fails on a server path."""
+    for role, relative in assignment.inputs.items():
+        if not storage.path(assignment.job_id, relative).is_file():
+            raise MissingInput(role)
 
 
 def job_files(storage: Storage, assignment: jobs.Assignment) -> JobFiles:
@@ -63,7 +109,7 @@ def job_files(storage: Storage, assignment: jobs.Assignment) -> JobFiles:
 
     return JobFiles(checkpoint=path("model"), clean_data=path("clean_data"), test_data=path("test_data"),
                     poison_data=path("poison_data"), teacher=path("teacher"),
-                    out=storage.output_path(assignment.job_id))
+                    out=storage.output_path(assignment.job_id, assignment.dispatch))
 
 
 class SanitizeTask(Task):
@@ -72,67 +118,95 @@ class SanitizeTask(Task):
         this in the main process) or a database that failed as the job ended. The job is failed rather than
         left running forever. A connection of its own: the main process must not open the cached pool its
         future children would inherit."""
-        (job_id,) = args
+        job_id, dispatch = args
         db = Database(get_settings().database_url)
         try:
             with db.session() as session:
-                jobs.fail(session, job_id, _failure(job_id, exc, get_settings().job_time_limit))
+                jobs.fail(session, job_id, dispatch, _failure(job_id, exc, get_settings().job_time_limit))
+            _discard_output(db, Storage(get_settings().storage_dir), job_id, dispatch)
         finally:
             db.dispose()
 
 
 @app.task(name=SANITIZE, base=SanitizeTask)
-def sanitize_job(job_id: str) -> None:
-    """Run one job to its end: succeeded, failed or cancelled, as recorded in the database."""
+def sanitize_job(job_id: str, dispatch: int) -> None:
+    """Run one job to its end: succeeded, failed or cancelled, as recorded in the database. `dispatch` says
+    which sending of the job this message is (`worker.dispatch`)."""
     settings = get_settings()
     db = database()
     with db.session() as session:
-        assignment = jobs.start_attempt(session, job_id, settings.max_attempts)
+        assignment = jobs.start_attempt(session, job_id, dispatch, settings.max_attempts)
     if assignment is None:
-        log.info("job %s: nothing to run (cancelled, deleted, finished or out of attempts)", job_id)
+        log.info("job %s: nothing to run (cancelled, deleted, finished, out of attempts or sent again)", job_id)
         return
     log.info("job %s: started", job_id)
-    files = job_files(Storage(settings.storage_dir), assignment)
+    storage = Storage(settings.storage_dir)
+    files = job_files(storage, assignment)
     try:
+        _check_inputs(storage, assignment)
         params = SanitizeParams.model_validate(assignment.params)
-        report = sanitize(files, params, ProgressRecorder(db, job_id), lambda: _stop_requested(db, job_id))
-        _record_success(db, job_id, report, files.out)
+        with heartbeat(db, job_id, dispatch, settings.sweep_interval / 4):
+            report = sanitize(files, params, ProgressRecorder(db, job_id, dispatch),
+                              lambda: _stop_requested(db, job_id, dispatch), max_images=settings.max_images)
+        _record_success(db, job_id, dispatch, report, files.out)
     except Cancelled:
         with db.session() as session:
-            jobs.finish_cancelled(session, job_id)
-        log.info("job %s: cancelled", job_id)
+            jobs.finish_cancelled(session, job_id, dispatch)
+        log.info("job %s: cancelled (or given to another worker)", job_id)
     except Exception as error:
         message = _failure(job_id, error, settings.job_time_limit)
         with db.session() as session:
-            jobs.fail(session, job_id, message)
+            jobs.fail(session, job_id, dispatch, message)
+        _discard_output(db, storage, job_id, dispatch)
 
 
-def _stop_requested(db: Database, job_id: str) -> bool:
+def _discard_output(db: Database, storage: Storage, job_id: str, dispatch: int) -> None:
+    """Remove what this run wrote of its checkpoint (cut off by a time limit or a full disk, or whole but
+    never recorded): a failed run leaves no file behind. Unless the job recorded that very file as its output
+    (it succeeded just before the error that is reported now): a job's result is never taken from it."""
+    out = storage.output_path(job_id, dispatch)
     with db.session() as session:
-        return jobs.stop_requested(session, job_id)
+        job = session.get(jobs.Job, job_id)
+        recorded = job.artifact(jobs.OUTPUT) if job is not None else None
+    if recorded is None or storage.path(job_id, recorded.path) != out:
+        out.unlink(missing_ok=True)
+
+
+def _stop_requested(db: Database, job_id: str, dispatch: int) -> bool:
+    with db.session() as session:
+        return jobs.stop_requested(session, job_id, dispatch)
 
 
 def _failure(job_id: str, error: Exception, time_limit: int) -> str:
-    """What the job's owner reads: the engine's own words for a bad input, the time limit, or, for a bug of
-    ours, a generic message (the traceback goes to the worker's log, never to the user)."""
+    """What the job's owner reads: the engine's own words for a bad input, the time limit, a fault of the
+    service's storage, or, for a bug of ours, a generic message (the traceback goes to the worker's log, never
+    to the user, and neither does a server path)."""
     if isinstance(error, InputError):
         log.info("job %s: failed on its input: %s", job_id, error)
         return str(error)
     if isinstance(error, SoftTimeLimitExceeded | TimeLimitExceeded):
         log.info("job %s: timed out", job_id)
         return f"the job ran past the service's time limit of {time_limit} s; use fewer epochs or images"
+    if isinstance(error, MissingInput):
+        log.error("job %s: its %s file is missing from storage", job_id, error.role)
+        return (f"the job's {error.role} file is no longer in the service's storage (it was removed); submit "
+                "the job again, and tell the service's operators if this happens again")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        log.error("job %s: the storage is full", job_id, exc_info=error)
+        return ("the service ran out of disk space while running this job; submit it again later, and tell the "
+                "service's operators if this persists")
     log.exception("job %s: internal error", job_id, exc_info=error)
     return jobs.INTERNAL_ERROR
 
 
-def _record_success(db: Database, job_id: str, report: dict, out: Path) -> None:
+def _record_success(db: Database, job_id: str, dispatch: int, report: dict, out: Path) -> None:
     """Register the cleansed checkpoint with the report, unless a cancel arrived after the last epoch: a
     cancelled job always ends cancelled, and its output is removed."""
-    output = jobs.FileRecord(jobs.OUTPUT, OUTPUT_PATH, out.stat().st_size, sha256_file(out))
+    output = jobs.FileRecord(jobs.OUTPUT, output_name(dispatch), out.stat().st_size, sha256_file(out))
     with db.session() as session:
-        succeeded = jobs.succeed(session, job_id, report, output)
+        succeeded = jobs.succeed(session, job_id, dispatch, report, output)
         if not succeeded:
-            jobs.finish_cancelled(session, job_id)
+            jobs.finish_cancelled(session, job_id, dispatch)
     if not succeeded:
         out.unlink(missing_ok=True)
     log.info("job %s: %s", job_id, "succeeded" if succeeded else "cancelled after its last epoch")

@@ -80,19 +80,35 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
 
+class TooManyImages(InputError):
+    """An archive holds more images than its reader's `limit`: `count` of them when the archive says how many
+    up front (an npz's header), None when reading stopped at the limit rather than decode the rest."""
+
+    def __init__(self, count: int | None, limit: int) -> None:
+        held = f"{count:,}" if count is not None else f"more than {limit:,}"
+        super().__init__(f"the archive holds {held} images, more than the {limit:,} accepted; send fewer images")
+        self.count, self.limit = count, limit
+
+
 def load_images(
-    path: Path, input_size: int, classes: list[str] | None = None, num_classes: int | None = None
+    path: Path,
+    input_size: int,
+    classes: list[str] | None = None,
+    num_classes: int | None = None,
+    max_images: int | None = None,
 ) -> ImageSet:
     """Read an ImageFolder archive (zip, tar, tar.gz) or an npz into uint8 NHWC images of input_size.
 
     Labels follow `classes` when given, else sorted folder names (as torchvision's ImageFolder numbers them),
-    so a model trained on the same folders sees the same indices.
+    so a model trained on the same folders sees the same indices. An archive of more than `max_images` images
+    raises TooManyImages as soon as that is known: from an npz's header, or at the first image past the limit
+    of a folder archive, before it is decoded.
     """
     kind = _kind(path)
     if kind == "npz":
-        return _load_npz(path, input_size, classes, num_classes)
+        return _load_npz(path, input_size, classes, num_classes, max_images)
     members = _zip_members(path) if kind == "zip" else _tar_members(path)
-    return _load_folders(members, input_size, classes, num_classes)
+    return _load_folders(members, input_size, classes, num_classes, max_images)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -352,6 +368,7 @@ def _load_folders(
     input_size: int,
     classes: list[str] | None,
     num_classes: int | None,
+    max_images: int | None,
 ) -> ImageSet:
     images: list[np.ndarray] = []
     folders: list[str] = []
@@ -360,6 +377,8 @@ def _load_folders(
         if content is None:
             skipped += 1
             continue
+        if max_images is not None and len(images) == max_images:
+            raise TooManyImages(None, max_images)
         folders.append(_class_folder(name))
         images.append(_sized(decode_image(content, name), input_size))
     if not images:
@@ -407,8 +426,9 @@ def _class_names(folders: list[str], classes: list[str] | None, num_classes: int
 # ---- npz arrays --------------------------------------------------------------------------------------
 
 
-def _load_npz(path: Path, input_size: int, classes: list[str] | None, num_classes: int | None) -> ImageSet:
-    x, y, stored = _read_arrays(path)
+def _load_npz(path: Path, input_size: int, classes: list[str] | None, num_classes: int | None,
+              max_images: int | None) -> ImageSet:
+    x, y, stored = _read_arrays(path, max_images)
     images = _rgb_array(x)
     classes = classes if classes is not None else stored
     limit = len(classes) if classes is not None else num_classes
@@ -419,14 +439,18 @@ def _load_npz(path: Path, input_size: int, classes: list[str] | None, num_classe
     return ImageSet(np.ascontiguousarray(images), labels, names)
 
 
-def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    """x, y and, when the file names them (as `nad subset` writes), the class names in label order."""
+def _read_arrays(path: Path, max_images: int | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """x, y and, when the file names them (as `nad subset` writes), the class names in label order. An x of
+    more than `max_images` images is refused from its header, before it is unpacked."""
     try:
         with np.load(path, allow_pickle=False) as arrays:
             members = [f"{key}.npy" for key in ("x", "y", "classes") if f"{key}.npy" in arrays.zip.namelist()]
             unpacked = 0
             for member in members:
-                unpacked += _npy_bytes(arrays.zip, member, unpacked)
+                size, shape = _npy_bytes(arrays.zip, member, unpacked)
+                unpacked += size
+                if member == "x.npy" and max_images is not None and shape and shape[0] > max_images:
+                    raise TooManyImages(shape[0], max_images)
             found = {member.removesuffix(".npy"): arrays[member] for member in members}
             keys = sorted(arrays.files)
     except InputError:
@@ -448,10 +472,10 @@ def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     return found["x"], found["y"], None if names is None else names.tolist()
 
 
-def _npy_bytes(archive: zipfile.ZipFile, member: str, unpacked: int) -> int:
-    """The bytes of the array in `member`, from its .npy header, before numpy allocates it: an object array
-    (a pickle) is refused, and so is one past the caps on unpacked bytes and inflation, which a few
-    kilobytes of compressed zeros could otherwise make numpy allocate."""
+def _npy_bytes(archive: zipfile.ZipFile, member: str, unpacked: int) -> tuple[int, tuple[int, ...]]:
+    """The bytes and shape of the array in `member`, from its .npy header, before numpy allocates it: an
+    object array (a pickle) is refused, and so is one past the caps on unpacked bytes and inflation, which a
+    few kilobytes of compressed zeros could otherwise make numpy allocate."""
     with archive.open(member) as stream:
         version = np.lib.format.read_magic(stream)
         header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -463,7 +487,7 @@ def _npy_bytes(archive: zipfile.ZipFile, member: str, unpacked: int) -> int:
         )
     size = math.prod(shape) * dtype.itemsize
     _check_inflation(unpacked + size, size, archive.getinfo(member).compress_size, f"'{member}'")
-    return size
+    return size, shape
 
 
 def _rgb_array(x: np.ndarray) -> np.ndarray:

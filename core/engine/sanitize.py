@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, write_checkpoint
-from core.engine.data import ImageSet, load_images, stratified_split
+from core.engine.data import ImageSet, TooManyImages, load_images, stratified_split
 from core.engine.defenses import distill, finetune
 from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event, EventSink, ignore
@@ -53,6 +53,35 @@ class Evaluation:
     target_label: int | None
     source: str
     note: str
+
+
+@dataclass
+class ImageBudget:
+    """The most images one job may read from its archives together (`limit`; None: no limit) and how many
+    each archive read so far held. Each archive is read with what is left, so the one that passes the limit
+    is stopped while it is read, and the refusal names it and the archives before it."""
+
+    limit: int | None = None
+    loaded: dict[str, int] = field(default_factory=dict)
+
+    def load(self, role: str, path: Path, input_size: int, classes: list[str] | None,
+             num_classes: int | None) -> ImageSet:
+        """The images of the archive `role` (clean_data, test_data, poison_data), counted against the limit."""
+        remaining = None if self.limit is None else self.limit - sum(self.loaded.values())
+        try:
+            images = load_images(path, input_size, classes, num_classes, remaining)
+        except TooManyImages as error:
+            raise InputError(self._refusal(role, error)) from None
+        self.loaded[role] = len(images.labels)
+        return images
+
+    def _refusal(self, role: str, error: TooManyImages) -> str:
+        held = f"{error.count:,}" if error.count is not None else f"more than {error.limit:,}"
+        before = " and ".join(f"the {count:,} of {name}" for name, count in self.loaded.items())
+        passes = f"which with {before} is more than" if before else "more than"
+        return (f"{role} holds {held} images, {passes} this service's limit of {self.limit:,} images per job; "
+                "send fewer images (`nad subset ARCHIVE --fraction F --out part.npz` makes a stratified share "
+                "of an archive)")
 
 
 @dataclass
@@ -94,10 +123,11 @@ def measure(model: nn.Module, evaluation: Evaluation, normalize: Normalization, 
     return result
 
 
-def load_clean(path: Path, params: SanitizeParams) -> ImageSet:
+def load_clean(path: Path, params: SanitizeParams, budget: ImageBudget | None = None) -> ImageSet:
     """The clean training archive. It fixes the class order for every other archive, so a clean set with
     fewer class folders than the model has classes is refused: sorted folder names would shift the labels."""
-    clean = load_images(path, params.input_size, params.classes, params.num_classes)
+    clean = (budget or ImageBudget()).load("clean_data", path, params.input_size, params.classes,
+                                           params.num_classes)
     if params.classes is None and len(clean.classes) != params.num_classes:
         raise InputError(
             f"the clean data has {len(clean.classes)} classes but the model has {params.num_classes}; "
@@ -118,11 +148,12 @@ def evaluate_checkpoint(checkpoint: Path, test_data: Path, params: SanitizeParam
     return measure(model, evaluation, Normalization(params.mean, params.std), dev, execution), evaluation
 
 
-def prepare_evaluation(files: JobFiles, params: SanitizeParams, clean: ImageSet) -> tuple[ImageSet, Evaluation]:
+def prepare_evaluation(files: JobFiles, params: SanitizeParams, clean: ImageSet,
+                       budget: ImageBudget) -> tuple[ImageSet, Evaluation]:
     """The training images and the evaluation sets: the test archive when given, else a stratified hold-out
     of the clean data (said so in the report)."""
     if files.test_data is not None:
-        test = load_images(files.test_data, params.input_size, clean.classes, params.num_classes)
+        test = budget.load("test_data", files.test_data, params.input_size, clean.classes, params.num_classes)
         train_set, source = clean, "test_data"
         note = f"measured on the {len(test.labels)} images of the test archive"
     else:
@@ -130,17 +161,19 @@ def prepare_evaluation(files: JobFiles, params: SanitizeParams, clean: ImageSet)
         train_set, test, source = clean.subset(keep), clean.subset(held), "holdout"
         note = (f"no test set given: measured on a stratified hold-out of {len(held)} clean images "
                 f"({HOLDOUT_FRACTION:.0%}), trained on the other {len(keep)}")
-    return train_set, Evaluation(test, poisoned_set(files.poison_data, params, test), params.target_label,
-                                 source, note)
+    return train_set, Evaluation(test, poisoned_set(files.poison_data, params, test, budget),
+                                 params.target_label, source, note)
 
 
-def poisoned_set(poison_data: Path | None, params: SanitizeParams, test: ImageSet) -> ImageSet | None:
+def poisoned_set(poison_data: Path | None, params: SanitizeParams, test: ImageSet,
+                 budget: ImageBudget | None = None) -> ImageSet | None:
     """Triggered images with their true labels, the target class left out: the user's poison archive, or the
     trigger spec applied to the clean test images; None when the attack is unknown."""
     if poison_data is not None:
         if params.target_label is None:
             raise InputError("poison_data needs target_label, the class the attack aims at")
-        loaded = load_images(poison_data, params.input_size, test.classes, params.num_classes)
+        loaded = (budget or ImageBudget()).load("poison_data", poison_data, params.input_size, test.classes,
+                                                params.num_classes)
         return loaded.subset(np.flatnonzero(loaded.labels != params.target_label))
     if params.trigger is not None and params.target_label is not None:
         images, labels = poison(test.images, test.labels, params.trigger, params.target_label)
@@ -170,11 +203,13 @@ def sanitize(
     params: SanitizeParams,
     on_event: EventSink = ignore,
     should_stop: Callable[[], bool] = never,
+    max_images: int | None = None,
 ) -> dict[str, Any]:
     """Run one job and return its report (a JSON-able dict); the cleansed checkpoint is written to `files.out`.
 
-    Raises InputError for files or parameters that cannot be used, Cancelled when `should_stop()` turned true
-    (checked between epochs).
+    Raises InputError for files or parameters that cannot be used, an archive that takes the job's images
+    past `max_images` included (the caller's cap on clean, test and poison images together), Cancelled when
+    `should_stop()` turned true (checked between epochs).
     """
     clock, dev = Clock(), device()
     normalize = Normalization(params.mean, params.std)
@@ -183,8 +218,9 @@ def sanitize(
     with clock.time("load"):
         model = execution.prepare(load_model(params.arch, params.num_classes, files.checkpoint).to(dev))
         distillation = choose_distillation(params.arch, model, params.layers, params.betas)
-        clean = load_clean(files.clean_data, params)
-        train_set, evaluation = prepare_evaluation(files, params, clean)
+        budget = ImageBudget(max_images)
+        clean = load_clean(files.clean_data, params, budget)
+        train_set, evaluation = prepare_evaluation(files, params, clean, budget)
         teacher = (execution.prepare(load_model(params.arch, params.num_classes, files.teacher).to(dev))
                    if files.teacher else None)
         images, labels = to_tensor(train_set.images, dev), torch.from_numpy(train_set.labels).to(dev)

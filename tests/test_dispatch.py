@@ -1,0 +1,126 @@
+"""Jobs whose broker message was lost (a Redis restarted without its data) are sent again by the sweeper, once,
+and never run twice: on the real Redis and PostgreSQL, and end to end with a real worker process."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import redis
+from fastapi.testclient import TestClient
+from service_fixtures import new_key, start_worker, wait_for
+from test_service_e2e import SHORT, submit, training
+
+from api.app import create_app
+from core import jobs
+from core.database import Database
+from core.settings import Settings
+from worker.app import make_celery
+from worker.dispatch import broker_task_ids, sweep
+
+pytest_plugins = ["service_fixtures"]
+
+
+def lose_messages(settings: Settings) -> list[bytes]:
+    """What a Redis restarted without its data does to the settings' queue; returns the messages lost."""
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        lost = client.lrange(settings.queue, 0, -1)
+        client.delete(settings.queue)
+        return lost
+    finally:
+        client.close()
+
+
+def give_back(settings: Settings, message: bytes) -> None:
+    """Put a message back on the settings' queue, as a Redis restored from an older snapshot would."""
+    client = redis.Redis.from_url(settings.broker_url)
+    try:
+        client.lpush(settings.queue, message)
+    finally:
+        client.close()
+
+
+def dispatch_of(settings: Settings, job_id: str) -> int:
+    db = Database(settings.database_url)
+    try:
+        with db.session() as session:
+            return session.get(jobs.Job, job_id).dispatch
+    finally:
+        db.dispose()
+
+
+def test_the_sweeper_sends_again_only_jobs_whose_message_is_gone(
+    make_settings, module_postgres_url: str, digits_backdoor
+) -> None:
+    settings = make_settings(database_url=module_postgres_url)  # no worker consumes its queue
+    queue, db = make_celery(settings), Database(settings.database_url)
+    with TestClient(create_app(settings)) as client:
+        headers = new_key(settings)
+        kept, lost = (submit(client, headers, digits_backdoor, **SHORT) for _ in range(2))
+        assert broker_task_ids(queue, settings.queue) >= {f"{kept}-0", f"{lost}-0"}
+        assert sweep(queue, db, settings.queue, grace=0) == []  # both messages are there
+
+        (kept_message,) = [m for m in lose_messages(settings) if kept.encode() in m]
+        give_back(settings, kept_message)
+        assert sweep(queue, db, settings.queue, grace=3600) == []  # not waiting long enough yet
+        assert sweep(queue, db, settings.queue, grace=0) == [lost]
+        assert sweep(queue, db, settings.queue, grace=0) == []  # sent once
+        assert broker_task_ids(queue, settings.queue) >= {f"{kept}-0", f"{lost}-1"}
+        assert (dispatch_of(settings, kept), dispatch_of(settings, lost)) == (0, 1)
+        assert client.get(f"/jobs/{lost}", headers=headers).json()["status"] == "queued"
+    db.dispose()
+
+
+def test_a_job_lost_by_the_broker_runs_once_after_the_sweep(
+    make_settings, module_postgres_url: str, digits_backdoor, tmp_path: Path
+) -> None:
+    """The lost message comes back after the sweep (a Redis restored from an old snapshot, say): the worker
+    drops it and the job runs once, from its new message."""
+    settings = make_settings(database_url=module_postgres_url, sweep_interval=1)
+    with TestClient(create_app(settings)) as client:
+        headers = new_key(settings)
+        job_id = submit(client, headers, digits_backdoor, **SHORT)
+        (old_message,) = lose_messages(settings)
+        worker = start_worker(settings, tmp_path / "worker.log")
+        try:
+            job = wait_for(client, job_id, headers, timeout=300, log=worker.log)
+            give_back(settings, old_message)
+            wait_until(lambda: b"nothing to run" in worker.log.read_bytes(), timeout=60)
+            again = client.get(f"/jobs/{job_id}", headers=headers).json()
+        finally:
+            worker.kill()
+    assert json.loads(old_message)["headers"]["id"] == f"{job_id}-0"
+    assert job["status"] == "succeeded" and job["attempts"] == 1 and dispatch_of(settings, job_id) == 1
+    assert again["attempts"] == 1 and again["updated_at"] == job["updated_at"]
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_job_whose_whole_worker_died_runs_again_on_a_new_worker(
+    make_settings, module_postgres_url: str, digits_backdoor, tmp_path: Path
+) -> None:
+    """kill -9 of the worker and its pool at once gives nothing back to the queue (Redis would wait out its
+    visibility timeout of hours); the new worker's sweeper finds the job silent and queues it again."""
+    settings = make_settings(database_url=module_postgres_url, sweep_interval=2)
+    with TestClient(create_app(settings)) as client:
+        headers = new_key(settings)
+        first = start_worker(settings, tmp_path / "first.log")
+        try:
+            job_id = submit(client, headers, digits_backdoor, **SHORT)
+            wait_for(client, job_id, headers, done=training, log=first.log)
+        finally:
+            first.kill()
+        second = start_worker(settings, tmp_path / "second.log")
+        try:
+            job = wait_for(client, job_id, headers, timeout=300, log=second.log)
+        finally:
+            second.kill()
+    assert job["status"] == "succeeded" and job["attempts"] == 2 and dispatch_of(settings, job_id) == 1
+    assert "stopped giving signs of life" in second.log.read_text()

@@ -1,0 +1,446 @@
+"""The operator's limits and the storage's failures: the per-key cap on queued jobs (429), the caps on epochs
+(422) and on a job's images (the worker fails the job), a full disk (507 in the API; a failed job and no
+partial checkpoint in the worker), and files gone from storage."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from fastapi.testclient import TestClient
+from PIL import Image
+from service_fixtures import ROOT, new_key
+from sqlalchemy import select
+
+from api import uploads
+from api.app import create_app
+from core import jobs
+from core.database import Database
+from core.engine import data
+from core.engine.data import TooManyImages, load_images
+from core.engine.errors import InputError
+from core.settings import Settings
+from core.storage import FileWriter, Storage
+
+pytest_plugins = ["service_fixtures"]
+
+PARAMS = {"arch": "wrn-16-1", "num_classes": 10}
+FILES = {"model": ("model.pt", b"checkpoint bytes"), "clean_data": ("clean.zip", b"archive bytes")}
+
+
+def submit(client: TestClient, headers: dict[str, str], params: dict = PARAMS, files: dict = FILES,
+           **extra_headers: str) -> httpx.Response:
+    return client.post("/sanitize", headers=headers | extra_headers, files=files,
+                       data={"params": json.dumps(params)})
+
+
+def problem(response: httpx.Response, status: int) -> dict:
+    """The response's problem document, checked for shape and for leaks (stack traces, server paths)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["title"] == HTTPStatus(status).phrase and body["status"] == status and body["detail"]
+    assert "Traceback" not in response.text and str(ROOT) not in response.text and "/tmp" not in response.text
+    return body
+
+
+def leftovers(settings: Settings) -> list[Path]:
+    """Uploads being received, and job folders without a job: a refused upload leaves neither."""
+    db = Database(settings.database_url)
+    with db.session() as session:
+        known = set(session.scalars(select(jobs.Job.id)))
+    db.dispose()
+    root = settings.storage_dir
+    return [*(root / "incoming").rglob("inputs/*"), *(p for p in (root / "jobs").glob("*") if p.name not in known)]
+
+
+@pytest.fixture(scope="module")
+def limited_settings(make_settings) -> Settings:
+    return make_settings(max_queued_jobs=2, max_epochs=50)
+
+
+@pytest.fixture(scope="module")
+def limited(limited_settings: Settings) -> Iterator[TestClient]:
+    """The API with low operator limits; each test takes a new key, so its queue starts empty."""
+    with TestClient(create_app(limited_settings)) as client:
+        yield client
+
+
+# ---- the per-key cap on queued jobs --------------------------------------------------------------------
+
+
+def test_a_key_at_its_queue_cap_is_refused_429_before_its_body_is_read(
+    limited: TestClient, limited_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    headers = new_key(limited_settings)
+    first, second = (submit(limited, headers).json()["id"] for _ in range(2))
+    received = []
+    monkeypatch.setattr(uploads, "receive", lambda *args: received.append(args))
+    refused = limited.post("/sanitize", headers=headers, files={"model": ("m", b"m" * 100_000)})
+    body = problem(refused, 429)
+    assert "2 jobs queued or running" in body["detail"] and "cancel one" in body["detail"]
+    assert int(refused.headers["retry-after"]) > 0
+    assert received == []  # refused on a count query, before the upload was read
+    monkeypatch.undo()
+    assert leftovers(limited_settings) == []
+    assert submit(limited, new_key(limited_settings)).status_code == 202  # the cap is per key
+
+    db = Database(limited_settings.database_url)
+    with db.session() as session:  # a running job still counts
+        assert jobs.start_attempt(session, first, dispatch=0, max_attempts=3) is not None
+    db.dispose()
+    problem(submit(limited, headers), 429)
+    assert limited.post(f"/jobs/{second}/cancel", headers=headers).status_code == 200
+    assert submit(limited, headers).status_code == 202
+
+
+def test_a_retried_submission_at_the_cap_gets_its_job_back(
+    limited: TestClient, limited_settings: Settings
+) -> None:
+    headers = new_key(limited_settings)
+    first = submit(limited, headers, **{"Idempotency-Key": "retry-1"}).json()["id"]
+    submit(limited, headers)
+    again = submit(limited, headers, **{"Idempotency-Key": "retry-1"})
+    assert again.status_code == 202 and again.json()["id"] == first
+    problem(submit(limited, headers, **{"Idempotency-Key": "retry-2"}), 429)
+
+
+# ---- the cap on epochs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "fields"),
+    [
+        ({"epochs": 51}, ["params.epochs"]),
+        ({"teacher_epochs": 51}, ["params.teacher_epochs"]),
+        ({"epochs": 60, "teacher_epochs": 70}, ["params.epochs", "params.teacher_epochs"]),
+    ],
+)
+def test_epochs_past_the_operators_cap_are_422_naming_the_field(
+    limited: TestClient, limited_settings: Settings, extra: dict, fields: list[str]
+) -> None:
+    headers = new_key(limited_settings)
+    body = problem(submit(limited, headers, params=PARAMS | extra), 422)
+    assert [error["field"] for error in body["errors"]] == fields
+    assert body["detail"].startswith(fields[0]) and "limit of 50 epochs" in body["detail"]
+    assert leftovers(limited_settings) == []
+    at_the_cap = submit(limited, headers, params=PARAMS | {"epochs": 50, "teacher_epochs": 50})
+    assert at_the_cap.status_code == 202
+
+
+# ---- a full disk and a vanished file in the API -----------------------------------------------------------
+
+
+def _full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every upload's bytes go to /dev/full, which fails each write (or the flush of buffered bytes) with
+    ENOSPC, as a full volume does; the file itself is still created where the real one would be."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    opened = FileWriter.__init__
+
+    def init(self: FileWriter, folder: Path, relative: str, limit: int) -> None:
+        opened(self, folder, relative, limit)
+        self._stream.close()
+        self._stream = open("/dev/full", "wb")  # noqa: SIM115 - closed by the writer, as its own stream is
+
+    monkeypatch.setattr(FileWriter, "__init__", init)
+
+
+@pytest.mark.parametrize(
+    "content", [b"small, so the failure comes as the file is closed", b"m" * 200_000], ids=["at-close", "at-write"]
+)
+def test_a_full_disk_while_receiving_an_upload_is_507_and_leaves_nothing(
+    api: TestClient, api_settings: Settings, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    content: bytes,
+) -> None:
+    _full_disk(monkeypatch)
+    response = submit(api, auth, files={"model": ("model.pt", content), "clean_data": ("c.zip", b"c")})
+    assert "disk space" in problem(response, 507)["detail"]
+    assert "No space left" not in response.text
+    monkeypatch.undo()
+    assert api.get("/jobs", headers=auth).json()["items"] == []
+    assert leftovers(api_settings) == []
+
+
+def test_an_upload_aborted_on_a_full_disk_keeps_the_error_that_stopped_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes buffered before the failing write cannot be flushed either: closing must not raise that again
+    over the first error (the API would answer 500 instead of 507)."""
+    _full_disk(monkeypatch)
+    writer = FileWriter(tmp_path, "inputs/model", 1 << 30)
+    writer.write(b"a little")
+    with pytest.raises(OSError) as raised:
+        writer.write(b"m" * 200_000)
+    assert raised.value.errno == errno.ENOSPC
+    writer.abort()
+
+
+def test_a_succeeded_job_whose_checkpoint_vanished_answers_a_500_problem(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    job_id = submit(api, auth).json()["id"]
+    checkpoint = b"cleansed"
+    record = jobs.FileRecord(jobs.OUTPUT, "output/0/model.safetensors", len(checkpoint),
+                             hashlib.sha256(checkpoint).hexdigest())
+    db = Database(api_settings.database_url)
+    with db.session() as session:
+        jobs.start_attempt(session, job_id, dispatch=0, max_attempts=3)
+        assert jobs.succeed(session, job_id, 0, {"after": {}}, record)
+    db.dispose()
+    assert not Storage(api_settings.storage_dir).path(job_id, record.path).exists()
+    body = problem(api.get(f"/jobs/{job_id}/model", headers=auth), 500)
+    assert job_id in body["detail"] and "missing" in body["detail"] and "operators" in body["detail"]
+
+
+def test_the_openapi_description_documents_the_new_answers(api: TestClient) -> None:
+    paths = api.get("/openapi.json").json()["paths"]
+    assert {"429", "507"} <= set(paths["/sanitize"]["post"]["responses"])
+    assert "500" in paths["/jobs/{job_id}/model"]["get"]["responses"]
+
+
+# ---- the cap on a job's images, in the engine -------------------------------------------------------------
+
+
+def _png(shade: int) -> bytes:
+    stream = io.BytesIO()
+    Image.new("RGB", (8, 8), (shade, shade, shade)).save(stream, format="PNG")
+    return stream.getvalue()
+
+
+def _zip(path: Path, count: int) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(count):
+            archive.writestr(f"{'ab'[i % 2]}/{i}.png", _png(i))
+    return path
+
+
+def _tar(path: Path, count: int) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for i in range(count):
+            content = _png(i)
+            member = tarfile.TarInfo(f"{'ab'[i % 2]}/{i}.png")
+            member.size = len(content)
+            archive.addfile(member, io.BytesIO(content))
+    return path
+
+
+@pytest.mark.parametrize("make", [_zip, _tar], ids=["zip", "tar.gz"])
+def test_a_folder_archive_past_the_image_cap_stops_at_the_first_image_past_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make
+) -> None:
+    path = make(tmp_path / "data", 10)
+    decoded = []
+    decode = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda content, name: decoded.append(name) or decode(content, name))
+    with pytest.raises(TooManyImages) as raised:
+        load_images(path, 8, max_images=3)
+    assert raised.value.count is None and raised.value.limit == 3 and len(decoded) == 3
+    assert "more than 3 images" in str(raised.value)
+    assert len(load_images(path, 8, max_images=10).labels) == 10
+
+
+def test_an_npz_past_the_image_cap_is_refused_from_its_header(tmp_path: Path) -> None:
+    """The header's count is enough: this x's data is cut short, and reading it would fail otherwise."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (1000, 8, 8, 3)})
+    path = tmp_path / "data.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(64))
+        labels = io.BytesIO()
+        np.save(labels, np.zeros(1000, dtype=np.int64))
+        archive.writestr("y.npy", labels.getvalue())
+    with pytest.raises(TooManyImages) as raised:
+        load_images(path, 8, max_images=999)
+    assert raised.value.count == 1000 and "1,000 images" in str(raised.value)
+    with pytest.raises(InputError, match="could not be read"):
+        load_images(path, 8, max_images=1000)
+
+
+def _npz(path: Path, count: int) -> Path:
+    rng = np.random.default_rng(count)
+    np.savez(path, x=rng.integers(0, 256, (count, 16, 16, 3), dtype=np.uint8), y=np.arange(count) % 2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """An untrained two-class model: enough for a job that stops while loading its images."""
+    from core.engine.checkpoints import write_checkpoint
+    from core.engine.models import build_model
+
+    path = tmp_path_factory.mktemp("model") / "model.safetensors"
+    write_checkpoint(build_model("wrn-16-1", 2), path, {"arch": "wrn-16-1"})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("limit", "refusal"),
+    [
+        (20, "clean_data holds 30 images, more than this service's limit of 20 images per job"),
+        (50, "test_data holds 30 images, which with the 30 of clean_data is more than this service's limit of 50"),
+        (70, "poison_data holds 30 images, which with the 30 of clean_data and the 30 of test_data is more than "
+             "this service's limit of 70"),
+    ],
+)
+def test_sanitize_fails_a_job_whose_archives_pass_the_image_cap_naming_the_archive(
+    small_checkpoint: Path, tmp_path: Path, limit: int, refusal: str
+) -> None:
+    from core.engine.sanitize import JobFiles, sanitize
+    from core.params import SanitizeParams
+
+    files = JobFiles(checkpoint=small_checkpoint, clean_data=_npz(tmp_path / "clean.npz", 30),
+                     test_data=_npz(tmp_path / "test.npz", 30), poison_data=_npz(tmp_path / "poison.npz", 30),
+                     out=tmp_path / "out" / "model.safetensors")
+    params = SanitizeParams(arch="wrn-16-1", num_classes=2, input_size=16, target_label=0)
+    with pytest.raises(InputError) as raised:
+        sanitize(files, params, max_images=limit)
+    assert str(raised.value).startswith(refusal) and "nad subset" in str(raised.value)
+    assert not files.out.exists()
+
+
+# ---- the worker: failures leave no checkpoint, and say what happened ------------------------------------
+
+
+@dataclass
+class WorkerJob:
+    """A job recorded in a SQLite database as the API records one, for the task to run in this process."""
+
+    settings: Settings
+    db: Database
+    storage: Storage
+    id: str
+
+    def row(self) -> jobs.Job:
+        with self.db.session() as session:
+            job = session.get(jobs.Job, self.id)
+            session.expunge(job)
+            return job
+
+
+@pytest.fixture
+def worker_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WorkerJob]:
+    import worker.tasks
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'nad.db'}", storage_dir=tmp_path / "storage",
+                        max_images=1234)
+    db = Database(settings.database_url)
+    db.migrate()
+    storage, job_id = Storage(settings.storage_dir), jobs.new_job_id()
+    inputs = []
+    for role in ("model", "clean_data"):
+        path = storage.path(job_id, f"inputs/{role}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(role.encode())
+        inputs.append(jobs.FileRecord(role, f"inputs/{role}", len(role), hashlib.sha256(role.encode()).hexdigest()))
+    with db.session() as session:
+        jobs.create_job(session, job_id, "owner", PARAMS, inputs)
+    monkeypatch.setattr(worker.tasks, "get_settings", lambda: settings)
+    monkeypatch.setattr(worker.tasks, "database", lambda: db)
+    yield WorkerJob(settings, db, storage, job_id)
+    db.dispose()
+
+
+def _engine(monkeypatch: pytest.MonkeyPatch, error: BaseException | None, calls: list | None = None) -> None:
+    """Stand in for the engine: it writes part of the checkpoint, then raises `error` (or writes it whole)."""
+    import worker.tasks
+
+    def sanitize(files, params, on_event, should_stop, **kwargs) -> dict:
+        if calls is not None:
+            calls.append(kwargs)
+        files.out.parent.mkdir(parents=True, exist_ok=True)
+        files.out.write_bytes(b"half a checkpoint")
+        if error is not None:
+            raise error
+        return {"after": {}}
+
+    monkeypatch.setattr(worker.tasks, "sanitize", sanitize)
+
+
+def _run(job: WorkerJob) -> None:
+    from worker.tasks import sanitize_job
+
+    sanitize_job(job.id, 0)
+
+
+def _outputs(job: WorkerJob) -> list[Path]:
+    return [path for path in job.storage.job_dir(job.id).rglob("*") if path.is_file() and "inputs" not in path.parts]
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (SoftTimeLimitExceeded(), "the job ran past the service's time limit"),
+        (OSError(errno.ENOSPC, "No space left on device", "/srv/nad/jobs/x/output/0/model.safetensors"),
+         "the service ran out of disk space while running this job; submit it again later"),
+        (RuntimeError("a bug"), jobs.INTERNAL_ERROR),
+    ],
+    ids=["time-limit", "disk-full", "bug"],
+)
+def test_a_failed_job_leaves_no_partial_checkpoint_and_says_why(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, error: Exception, reason: str
+) -> None:
+    _engine(monkeypatch, error)
+    _run(worker_job)
+    job = worker_job.row()
+    assert job.status == jobs.Status.FAILED and job.error.startswith(reason) and "/srv" not in job.error
+    assert _outputs(worker_job) == []
+
+
+def test_a_job_killed_at_the_hard_time_limit_leaves_no_partial_checkpoint(worker_job: WorkerJob) -> None:
+    from worker.tasks import sanitize_job
+
+    with worker_job.db.session() as session:
+        jobs.start_attempt(session, worker_job.id, dispatch=0, max_attempts=3)
+    partial = worker_job.storage.output_path(worker_job.id, 0)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"half a checkpoint")
+    sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
+    job = worker_job.row()
+    assert job.status == jobs.Status.FAILED and "time limit" in job.error and _outputs(worker_job) == []
+
+
+def test_a_late_failure_report_keeps_the_checkpoint_the_job_recorded(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.tasks import sanitize_job
+
+    _engine(monkeypatch, None)
+    _run(worker_job)
+    assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
+    sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
+    assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
+
+
+def test_an_input_removed_from_storage_fails_the_job_naming_it(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list = []
+    _engine(monkeypatch, None, calls)
+    worker_job.storage.path(worker_job.id, "inputs/clean_data").unlink()
+    _run(worker_job)
+    job = worker_job.row()
+    assert job.status == jobs.Status.FAILED and calls == []
+    assert "clean_data file is no longer in the service's storage" in job.error and "submit" in job.error
+    assert str(worker_job.settings.storage_dir) not in job.error
+
+
+def test_the_worker_gives_the_engine_the_operators_image_cap(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list = []
+    _engine(monkeypatch, None, calls)
+    _run(worker_job)
+    assert calls == [{"max_images": 1234}] and worker_job.row().status == jobs.Status.SUCCEEDED

@@ -1,0 +1,135 @@
+"""Sending jobs to the workers, and finding the ones whose message the broker lost or whose worker died.
+
+A job's message carries its id and which sending it is (`dispatch`), nothing else. The database says which
+jobs are queued; Redis only carries messages, and a Redis restarted without its data (or flushed) forgets
+them. A sweeper in every worker compares the two now and then: a job queued for a while whose message is in
+neither the queue nor the workers' unacknowledged set is sent again, with `dispatch` counted up first by a
+conditional UPDATE. So however many sweepers race, one new message is sent, and the old one, should it turn
+up after all, is dropped by the worker (`core.jobs.start_attempt`): a job never runs twice at once.
+
+A running job's process writes a heartbeat to its row (`worker.tasks`). When a whole worker dies (the
+machine is lost, or a `kill -9` takes the worker and its pool at once), nothing gives its message back before
+Redis's visibility timeout of hours; the sweeper instead finds the job silent for a sweep interval and queues
+it again under a new dispatch, so the old message, when Redis does give it back, is dropped. (A worker's pool
+process that dies alone is replaced by its worker, which gives the message back at once.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timedelta
+
+from celery import Celery, bootsteps
+
+from core import jobs
+from core.database import Database
+from core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+SANITIZE = "nad.sanitize"
+# Publishing a job id takes milliseconds; a broker that does not answer within about a second is down, and
+# the client is better told so than kept waiting.
+SEND_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
+def send_job(app: Celery, job_id: str, dispatch: int) -> None:
+    """Publish a job for the workers, its message id naming the job and the sending (`core.jobs.task_id`)."""
+    app.send_task(SANITIZE, args=[job_id, dispatch], task_id=jobs.task_id(job_id, dispatch),
+                  retry_policy=SEND_RETRY)
+
+
+def broker_task_ids(app: Celery, queue: str) -> set[str]:
+    """Ids of the messages Redis holds for `queue`, waiting or taken by a worker and not yet acknowledged,
+    read in one transaction so that no message is seen moving from one to the other."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        keys = [queue] + [f"{queue}{channel.sep}{step}" for step in channel.priority_steps if step]
+        with channel.client.pipeline(transaction=True) as pipe:
+            for key in keys:
+                pipe.lrange(key, 0, -1)
+            pipe.hvals(channel.unacked_key)
+            *waiting, unacked = pipe.execute()
+    messages = [json.loads(raw) for batch in waiting for raw in batch]
+    messages += [json.loads(raw)[0] for raw in unacked]  # [message, exchange, routing key]
+    return {message.get("headers", {}).get("id") for message in messages}
+
+
+def sweep(app: Celery, db: Database, queue: str, grace: float) -> list[str]:
+    """One round: the jobs of dead workers, then the jobs whose message is lost, each sent again; returns
+    their ids."""
+    since = jobs.now() - timedelta(seconds=grace)
+    return _requeue_silent(app, db, since) + _resend_lost(app, db, queue, since)
+
+
+def _requeue_silent(app: Celery, db: Database, since: datetime) -> list[str]:
+    """Jobs whose process has been silent since before `since` go back to the queue under a new dispatch (a
+    cancelling one just ends cancelled)."""
+    with db.session() as session:
+        candidates = jobs.silent(session, since)
+    requeued = []
+    for job_id, dispatch in candidates:
+        with db.session() as session:
+            claimed = jobs.recover(session, job_id, dispatch, since)
+        if claimed:
+            send_job(app, job_id, dispatch + 1)
+            log.warning("job %s: its worker stopped giving signs of life; queued it again", job_id)
+            requeued.append(job_id)
+    return requeued
+
+
+def _resend_lost(app: Celery, db: Database, queue: str, since: datetime) -> list[str]:
+    """Jobs queued since before `since` (which covers the moment between a job's recording and its sending)
+    whose message the broker no longer holds are sent again."""
+    with db.session() as session:
+        candidates = jobs.waiting(session, since)
+    if not candidates:
+        return []
+    held = broker_task_ids(app, queue)
+    resent = []
+    for job_id, dispatch in candidates:
+        if jobs.task_id(job_id, dispatch) in held:
+            continue
+        with db.session() as session:
+            claimed = jobs.redispatch(session, job_id, dispatch)
+        if claimed:
+            send_job(app, job_id, dispatch + 1)
+            log.warning("job %s: the broker had lost its message; sent it again", job_id)
+            resent.append(job_id)
+    return resent
+
+
+class Sweeper(bootsteps.StartStopStep):
+    """Runs `sweep` every NAD_SWEEP_INTERVAL seconds in the worker's main process, on its event loop's timer
+    (no thread, so the pool processes it forks inherit no lock). Each sweep opens and closes its own database
+    connection: a pool kept open here would be inherited by every job's process."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, worker, **kwargs) -> None:
+        super().__init__(worker, **kwargs)
+        self.timer_ref = None
+
+    def start(self, worker) -> None:
+        settings = get_settings()
+        if not settings.broker_url.startswith(("redis://", "rediss://")):
+            log.info("sweeper off: it reads Redis, and the broker is %s", settings.broker_url.split(":")[0])
+            return
+        self.timer_ref = worker.timer.call_repeatedly(settings.sweep_interval, self.run, (worker.app,),
+                                                      priority=10)
+
+    def stop(self, worker) -> None:
+        if self.timer_ref is not None:
+            self.timer_ref.cancel()
+            self.timer_ref = None
+
+    def run(self, app: Celery) -> None:
+        settings = get_settings()
+        db = Database(settings.database_url)
+        try:
+            sweep(app, db, settings.queue, settings.sweep_interval)
+        except Exception:
+            log.exception("sweeper: this round failed; the next one tries again")
+        finally:
+            db.dispose()
