@@ -94,7 +94,8 @@ class SanitizeParams(_Spec):
     mode: Mode = Field(
         default="fast",
         description="fast: the same computation laid out for speed (channels_last, bf16 autocast on a GPU, large "
-        "evaluation batches); reference: the authors' execution (eager fp32, evaluation batch 64)",
+        "evaluation batches, full training batches only); reference: the authors' execution (eager fp32, "
+        "evaluation batch 64, every image every epoch)",
     )
     target_label: int | None = Field(default=None, ge=0, description="the attack's target class, for ASR")
     trigger: TriggerSpec | None = Field(default=None, description="a trigger applied to the clean test set for ASR")

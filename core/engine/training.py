@@ -59,20 +59,25 @@ class Normalization:
 class Execution:
     """How the arithmetic is laid out, never what it computes: the `mode` parameter.
 
-    `fast` keeps activations in channels_last (about 1.8x faster convolutions on these CPUs and on GPUs),
-    autocasts to bf16 on a GPU only (on CPUs bf16 is many times slower), and evaluates in large batches.
-    `reference` is the authors' execution: eager fp32 in NCHW, evaluation batch 64.
+    `fast` keeps activations in channels_last (about 1.2x faster convolutions on this project's CPUs, more
+    on GPUs), autocasts to bf16 on a GPU only (on CPUs bf16 is many times slower), evaluates in large batches
+    (256 images on a CPU, where larger ones fall out of its caches and run slower; 1024 on a GPU), and trains
+    on full batches only (the last, partial batch of an epoch is dropped: one shape throughout, so no kernel
+    is planned or compiled twice). docs/benchmarks.md has the measurements.
+    `reference` is the authors' execution: eager fp32 in NCHW, evaluation batch 64, every image every epoch.
     """
 
     channels_last: bool = False
     bf16: bool = False
     eval_batch: int = 64
+    static_shapes: bool = False
 
     @classmethod
     def for_mode(cls, mode: str, device: torch.device) -> Execution:
         if mode == "reference":
             return cls()
-        return cls(channels_last=True, bf16=device.type == "cuda", eval_batch=1024)
+        gpu = device.type == "cuda"
+        return cls(channels_last=True, bf16=gpu, eval_batch=1024 if gpu else 256, static_shapes=True)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
@@ -104,20 +109,48 @@ def to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, for a whole uint8 NCHW batch at once."""
+@dataclass(frozen=True)
+class Step:
+    """One training batch: the images' indices and, when augmenting, each image's crop offsets and flip."""
+
+    index: torch.Tensor
+    dy: torch.Tensor | None = None
+    dx: torch.Tensor | None = None
+    flip: torch.Tensor | None = None
+
+
+def plan_epoch(n: int, recipe: Recipe, generator: torch.Generator, device: torch.device,
+               static_shapes: bool) -> list[Step]:
+    """The epoch's shuffled batches and augmentation draws, drawn on the CPU in one fixed order (the
+    permutation, then per batch: rows, columns, flips) and moved to the device in one copy, so the epoch's
+    steps wait on no transfer. A last batch of one image is dropped (batch norm cannot train on it); with
+    `static_shapes`, any partial last batch is."""
+    batches = list(torch.randperm(n, generator=generator).split(recipe.batch_size))
+    if len(batches) > 1 and (len(batches[-1]) == 1 or (static_shapes and len(batches[-1]) < recipe.batch_size)):
+        batches.pop()
+    sizes = [len(batch) for batch in batches]
+    rows = [torch.cat(batches)]
+    if recipe.augment:
+        span = 2 * CROP_PADDING + 1
+        draws = [torch.stack([torch.randint(0, span, (m,), generator=generator),
+                              torch.randint(0, span, (m,), generator=generator),
+                              (torch.rand(m, generator=generator) < 0.5).long()]) for m in sizes]
+        rows += list(torch.cat(draws, dim=1))
+    columns = [row.split(sizes) for row in torch.stack(rows).to(device)]
+    return [Step(*parts) for parts in zip(*columns, strict=True)]
+
+
+def augment(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Crop with zero padding at offsets (dy, dx) and flip horizontally where `flip` is 1, for a whole uint8
+    NCHW batch at once."""
     n, c, h, w = images.shape
     padded = F.pad(images, (CROP_PADDING,) * 4)
-    span = 2 * CROP_PADDING + 1
-    dy = torch.randint(0, span, (n,), generator=generator).to(images.device)
-    dx = torch.randint(0, span, (n,), generator=generator).to(images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
     batch = torch.arange(n, device=images.device)[:, None, None, None]
     channel = torch.arange(c, device=images.device)[None, :, None, None]
     cropped = padded[batch, channel, rows, cols]
-    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)[:, None, None, None]
-    return torch.where(flip, cropped.flip(3), cropped)
+    return torch.where(flip.bool()[:, None, None, None], cropped.flip(3), cropped)
 
 
 def cross_entropy(model: nn.Module) -> Objective:
@@ -127,15 +160,6 @@ def cross_entropy(model: nn.Module) -> Objective:
         return loss, {"ce_loss": loss}, logits
 
     return objective
-
-
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled index batches; a last batch of one image is dropped (batch norm cannot train on it)."""
-    order = torch.randperm(n, generator=generator)
-    batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches.pop()
-    return batches
 
 
 def train(
@@ -179,13 +203,13 @@ def train(
 def _epoch(model, images, labels, objective, recipe, pipeline, watch, optimizer, generator, epoch) -> dict:
     normalize, execution = pipeline
     model.train()
-    batches = _batches(len(images), recipe.batch_size, generator)
+    steps = plan_epoch(len(images), recipe, generator, images.device, execution.static_shapes)
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=images.device)
     seen = 0
-    for step, index in enumerate(batches, start=1):
-        index = index.to(images.device)
-        batch = augment(images[index], generator) if recipe.augment else images[index]
+    for number, step in enumerate(steps, start=1):
+        index = step.index
+        batch = augment(images[index], step.dy, step.dx, step.flip) if recipe.augment else images[index]
         target = labels[index]
         with execution.autocast(images.device):
             loss, parts, logits = objective(execution.inputs(normalize(batch)), target)
@@ -196,9 +220,9 @@ def _epoch(model, images, labels, objective, recipe, pipeline, watch, optimizer,
             sums[name] = sums.get(name, 0) + value.detach() * len(index)
         correct += (logits.argmax(1) == target).sum()
         seen += len(index)
-        fraction = (epoch + step / len(batches)) / recipe.epochs
+        fraction = (epoch + number / len(steps)) / recipe.epochs
         watch.on_event(Event(watch.stage, watch.at(fraction), epoch=epoch + 1, epochs=recipe.epochs,
-                             step=step, steps=len(batches)))
+                             step=number, steps=len(steps)))
     row = {name: float(total) / seen for name, total in sums.items()}
     row["train_acc"] = 100.0 * float(correct) / seen
     return row
