@@ -12,7 +12,7 @@ from fastapi import Depends
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from api.problems import ProblemError
-from api.services import Service
+from api.services import Reading, Service
 from core import keys
 
 ANONYMOUS = "anonymous"
@@ -23,6 +23,7 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`
 
 def owner(
     service: Service,
+    session: Reading,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     header_key: Annotated[str | None, Depends(api_key_header)],
 ) -> str:
@@ -33,8 +34,7 @@ def owner(
     if not presented:
         raise _unauthorized("this endpoint needs an API key: send `Authorization: Bearer <key>` or "
                             "`X-API-Key: <key>`; an operator creates keys with `nad keys create --name NAME`")
-    with service.db.session() as session:
-        key_id = keys.authenticate(session, presented)
+    key_id = keys.authenticate(session, presented)
     if key_id is None:
         raise _unauthorized("the API key is not valid (mistyped, or revoked); ask an operator for a new one")
     return key_id

@@ -16,7 +16,7 @@ from api import uploads
 from api.auth import Owner
 from api.problems import FieldError, ProblemError, field_name, invalid, responses
 from api.schemas import JobPage, JobResource, Metrics
-from api.services import Service, Services
+from api.services import Reading, Service, Services
 from core import jobs
 from core.jobs import OUTPUT, Job, Status
 from core.params import SanitizeParams
@@ -195,7 +195,7 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
 @router.get("/jobs", summary="List your jobs, newest first", responses=responses(401, 422))
 def list_jobs(
     owner: Owner,
-    service: Service,
+    session: Reading,
     limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
     # A cursor is a job id (the last of the previous page); anything else is a 422, not a query that
     # PostgreSQL may answer with an error (a NUL byte).
@@ -203,25 +203,22 @@ def list_jobs(
                                         description="`next_cursor` of the previous page")] = None,
     status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
 ) -> JobPage:
-    with service.db.session() as session:
-        page, next_cursor = jobs.list_jobs(session, owner, limit, cursor, status)
-        return JobPage(items=[JobResource.of(job) for job in page], next_cursor=next_cursor)
+    page, next_cursor = jobs.list_jobs(session, owner, limit, cursor, status)
+    return JobPage(items=[JobResource.of(job) for job in page], next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", summary="A job's status and progress", responses=responses(401, 404))
-def get_job(job_id: str, owner: Owner, service: Service) -> JobResource:
-    with service.db.session() as session:
-        return JobResource.of(_owned(session, job_id, owner))
+def get_job(job_id: str, owner: Owner, session: Reading) -> JobResource:
+    return JobResource.of(_owned(session, job_id, owner))
 
 
 @router.get("/jobs/{job_id}/metrics", summary="Before/after ACC and ASR of a succeeded job",
             responses=responses(401, 404, 409), response_model_exclude_unset=True)
-def get_metrics(job_id: str, owner: Owner, service: Service) -> Metrics:
-    with service.db.session() as session:
-        job = _owned(session, job_id, owner)
-        if job.status != Status.SUCCEEDED:
-            raise _not_succeeded(job, "metrics")
-        return Metrics(job_id=job.id, **job.report)
+def get_metrics(job_id: str, owner: Owner, session: Reading) -> Metrics:
+    job = _owned(session, job_id, owner)
+    if job.status != Status.SUCCEEDED:
+        raise _not_succeeded(job, "metrics")
+    return Metrics(job_id=job.id, **job.report)
 
 
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -241,15 +238,15 @@ def get_model(
     job_id: str,
     owner: Owner,
     service: Service,
+    session: Reading,
     range_: Annotated[str | None, Header(alias="range", description="e.g. `bytes=0-1048575`")] = None,
     if_none_match: Annotated[str | None, Header(description="an ETag you have")] = None,
 ) -> Response:
     """The safetensors file, with its sha256 as `ETag`; `Range` resumes a download (206)."""
-    with service.db.session() as session:
-        job = _owned(session, job_id, owner)
-        output = job.artifact(OUTPUT)
-        if job.status != Status.SUCCEEDED or output is None:
-            raise _not_succeeded(job, "model")
+    job = _owned(session, job_id, owner)
+    output = job.artifact(OUTPUT)
+    if job.status != Status.SUCCEEDED or output is None:
+        raise _not_succeeded(job, "model")
     path = service.storage.path(job.id, output.path)
     if not path.is_file():
         raise _missing_output(job.id)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
+from sqlalchemy.orm import Session
 
 from core.database import Database
 from core.settings import Settings
@@ -26,3 +28,12 @@ def services(request: Request) -> Services:
 
 
 Service = Annotated[Services, Depends(services)]
+
+
+def reading(service: Service) -> Iterator[Session]:
+    """One read session per request, shared by the key check and the route that only reads."""
+    with service.db.read() as session:
+        yield session
+
+
+Reading = Annotated[Session, Depends(reading)]

@@ -34,7 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship
 
 from core.database import Base
 
@@ -198,7 +198,7 @@ def create_job(
 
 def get_job(session: Session, job_id: str, owner: str) -> Job | None:
     """The owner's job, or None: another owner's job is as absent as one that never existed."""
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, options=[joinedload(Job.artifacts)])  # one query, artifacts included
     return job if job is not None and job.owner == owner else None
 
 
