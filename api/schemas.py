@@ -14,7 +14,8 @@ JOB_ID_EXAMPLE = "0192f3a4c5d6e7f8a9b0c1d2e3f4a5b6"
 
 class Progress(BaseModel):
     stage: str | None = Field(
-        description="load, evaluate_before, teacher, student, evaluate_after or done; null before the start",
+        description="load, evaluate_before, the method's stages (teacher, student, fst, anp), evaluate_after or "
+                    "done; null before the start",
         examples=["student"],
     )
     epoch: int | None = Field(description="the epoch of `stage` under way (1-based)", examples=[3])
@@ -117,8 +118,15 @@ class Metrics(BaseModel):
     before: Measurement
     after: Measurement
     history: list[dict[str, Any]] = Field(
-        description="one row per training epoch: stage (teacher/student), epoch, epochs, loss, lr, ...",
+        description="one row per training epoch: stage (teacher/student/fst), epoch, epochs, loss, lr, ...; for "
+                    "anp one row per 50 mask iterations: stage, step, steps, loss, nat_loss, rob_loss, lr, ...",
         examples=[[{"stage": "student", "epoch": 1, "epochs": 20, "loss": 0.41, "lr": 0.1}]],
+    )
+    pruning: dict[str, Any] | None = Field(
+        default=None,
+        description="method anp only: the threshold, how many BatchNorm neurons of how many were pruned, and the "
+                    "same per layer",
+        examples=[{"threshold": 0.2, "pruned": 8, "neurons": 464, "layers": {"bn1": {"pruned": 5, "neurons": 64}}}],
     )
     timings: dict[str, float] = Field(
         description="seconds spent in each stage",

@@ -58,7 +58,7 @@ TriggerSpec = Annotated[
     BadNetsTrigger | PatchTrigger | BlendTrigger | SigTrigger, Field(discriminator="type")
 ]
 
-Method = Literal["nad", "finetune"]
+Method = Literal["nad", "finetune", "fst", "anp"]
 Mode = Literal["fast", "reference"]
 
 
@@ -67,7 +67,8 @@ class SanitizeParams(_Spec):
 
     Defaults are the NAD authors' (Li et al., ICLR 2021): student 20 epochs at lr 0.1, dropped tenfold from
     epoch 2; teacher fine-tuned 10 epochs at lr 0.01; SGD with nesterov momentum 0.9, weight decay 1e-4;
-    batch 64; betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation.
+    batch 64; betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation. The `anp_*`
+    defaults are the ANP authors' (Wu & Wang, NeurIPS 2021), as docs/engine.md details.
     """
 
     arch: str = Field(description="architecture name, e.g. wrn-16-1, preact-resnet18, resnet18, or a torchvision name")
@@ -78,7 +79,12 @@ class SanitizeParams(_Spec):
     input_size: int = Field(default=32, ge=8, le=1024, description="images are resized to this square size")
     mean: tuple[float, float, float] | None = Field(default=None, description="per-channel normalization mean")
     std: tuple[float, float, float] | None = Field(default=None, description="per-channel normalization std")
-    method: Method = "nad"
+    method: Method = Field(
+        default="nad",
+        description="nad: Neural Attention Distillation (fine-tuned teacher, then attention distillation); finetune: "
+        "the fine-tuned teacher itself; fst: Feature Shift Tuning; anp: Adversarial Neuron Pruning (BatchNorm "
+        "neurons that adversarial weight noise exposes are pruned; no training of the weights)",
+    )
     epochs: int = Field(default=20, ge=1, le=1000, description="student (or fine-tuning) epochs")
     lr: float = Field(default=0.1, gt=0, le=10, description="student learning rate")
     lr_milestones: list[int] = Field(
@@ -87,6 +93,24 @@ class SanitizeParams(_Spec):
     teacher_epochs: int = Field(default=10, ge=1, le=1000)
     teacher_lr: float = Field(default=0.01, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1, le=4096)
+    fst_epochs: int = Field(default=10, ge=1, le=1000, description="fst: epochs (the authors' 10)")
+    fst_lr: float = Field(default=0.01, gt=0, le=10,
+                          description="fst: learning rate, cosine-annealed over the epochs (the authors' 0.01)")
+    fst_alpha: float = Field(default=0.1, ge=0, le=100,
+                             description="fst: weight of the head's inner product with the suspect's (the authors' "
+                                         "0.1 for CIFAR-10)")
+    anp_eps: float = Field(default=0.4, gt=0, le=1,
+                           description="anp: relative noise on each BatchNorm neuron's weight and bias, drawn from "
+                                       "[-eps, eps], then moved anp_steps steps of eps/anp_steps up the loss")
+    anp_steps: int = Field(default=1, ge=1, le=100, description="anp: signed-gradient steps of the noise per batch")
+    anp_alpha: float = Field(default=0.2, ge=0, le=1,
+                             description="anp: weight of the natural loss; 1 - anp_alpha weighs the loss under noise")
+    anp_iterations: int = Field(default=2000, ge=1, le=100_000, description="anp: mask optimisation batches")
+    anp_lr: float = Field(default=0.2, gt=0, le=10, description="anp: SGD learning rate of the masks (momentum 0.9)")
+    anp_batch_size: int = Field(default=128, ge=2, le=4096,
+                                description="anp: images per mask batch, drawn with replacement")
+    anp_threshold: float = Field(default=0.2, ge=0, le=1,
+                                 description="anp: neurons whose mask ends at or below this are pruned")
     layers: list[str] | None = Field(default=None, description="module names to distil; default: the arch's own")
     betas: list[float] | None = Field(default=None, description="one weight per layer; default: the arch's own")
     augment: bool = Field(default=True, description="random crop (padding 4) and horizontal flip while training")

@@ -33,7 +33,8 @@ class Settings(BaseSettings):
         default=10, ge=1, description="jobs one API key may have queued or running; more are refused with 429"
     )
     max_epochs: int = Field(
-        default=200, ge=1, description="cap on a job's `epochs` and `teacher_epochs`, checked at submission"
+        default=200, ge=1,
+        description="cap on a job's `epochs`, `teacher_epochs` and `fst_epochs`, checked at submission",
     )
     max_images: int = Field(
         default=200_000, ge=1, description="cap on the images of one job's archives together (clean, test, "

@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
-from core.params import SanitizeParams, TriggerSpec
+from core.params import Method, SanitizeParams, TriggerSpec
 
 PRESETS = {"nad-grid": "the NAD authors' 3x3 grid in the bottom-right corner"}
 
@@ -76,7 +76,7 @@ def _add_sanitize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--clean-data", type=Path, required=True, help="archive of clean labelled images")
     parser.add_argument("--test-data", type=Path, help="labelled clean test archive (default: a hold-out)")
     _attack_arguments(parser)
-    parser.add_argument("--method", choices=["nad", "finetune"])
+    parser.add_argument("--method", choices=get_args(Method))
     parser.add_argument("--teacher", type=Path, help="a ready teacher checkpoint instead of fine-tuning one")
     parser.add_argument("--teacher-epochs", type=int)
     parser.add_argument("--teacher-lr", type=float)
@@ -84,6 +84,16 @@ def _add_sanitize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--lr-milestones", type=_ints, help="epochs (0-based) where lr drops tenfold, e.g. 2")
+    parser.add_argument("--fst-epochs", type=int)
+    parser.add_argument("--fst-lr", type=float)
+    parser.add_argument("--fst-alpha", type=float)
+    parser.add_argument("--anp-eps", type=float, help="anp: relative noise on each BatchNorm neuron")
+    parser.add_argument("--anp-steps", type=int)
+    parser.add_argument("--anp-alpha", type=float, help="anp: weight of the natural loss")
+    parser.add_argument("--anp-iterations", type=int, help="anp: mask optimisation batches")
+    parser.add_argument("--anp-lr", type=float)
+    parser.add_argument("--anp-batch-size", type=int)
+    parser.add_argument("--anp-threshold", type=float, help="anp: prune neurons whose mask ends at or below this")
     parser.add_argument("--betas", type=_floats, help="one weight per layer, e.g. 500,1000,1000")
     parser.add_argument("--layers", type=_names, help="module names, e.g. block1,block2,block3")
     parser.add_argument("--no-augment", dest="augment", action="store_false", default=None)

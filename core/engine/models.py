@@ -210,3 +210,12 @@ def choose_distillation(
     if len(weights) != len(chosen):
         raise InputError(f"{len(weights)} betas for {len(chosen)} layers: give one beta per layer")
     return Distillation(chosen, weights)
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The linear layer that produces the logits: the last `nn.Linear` of the model (`fc` of WRN and
+    torchvision's ResNets, `linear` of the CIFAR ResNets, the last of `classifier` or `heads` elsewhere)."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise InputError("the model has no linear classifier layer, which this method retrains; use nad or finetune")
+    return linears[-1]

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.engine.anp import AnpRecipe, adversarial_neuron_pruning, batch_norms
 from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, write_checkpoint
 from core.engine.data import ImageSet, TooManyImages, load_images, stratified_split
-from core.engine.defenses import distill, finetune
+from core.engine.defenses import distill, feature_shift_tuning, finetune
 from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event, EventSink, ignore
 from core.engine.metrics import attack_success_rate, clean_metrics, predict
@@ -181,21 +182,48 @@ def poisoned_set(poison_data: Path | None, params: SanitizeParams, test: ImageSe
     return None
 
 
-def _recipes(params: SanitizeParams) -> tuple[Recipe, Recipe]:
+def _recipes(params: SanitizeParams) -> dict[str, Recipe]:
+    """The recipe of each training stage a method may have."""
     common = {"batch_size": params.batch_size, "augment": params.augment, "seed": params.seed}
-    teacher = Recipe(epochs=params.teacher_epochs, lr=params.teacher_lr, **common)
-    student = Recipe(epochs=params.epochs, lr=params.lr, milestones=tuple(params.lr_milestones), **common)
-    return teacher, student
+    return {
+        "teacher": Recipe(epochs=params.teacher_epochs, lr=params.teacher_lr, **common),
+        "student": Recipe(epochs=params.epochs, lr=params.lr, milestones=tuple(params.lr_milestones), **common),
+        # The FST authors' optimiser: plain momentum, no weight decay, cosine schedule.
+        "fst": Recipe(epochs=params.fst_epochs, lr=params.fst_lr, cosine=True, nesterov=False, weight_decay=0.0,
+                      **common),
+    }
 
 
-def _training_spans(params: SanitizeParams, trains_teacher: bool) -> dict[str, tuple[float, float]]:
-    """Progress shares of the teacher and student stages, proportional to their epochs."""
+def _stages(params: SanitizeParams, trains_teacher: bool) -> dict[str, int]:
+    """The training stages the job runs, in order, with their epochs."""
+    if params.method == "fst":
+        return {"fst": params.fst_epochs}
+    if params.method == "anp":
+        return {"anp": 1}  # counted in iterations, not epochs; as the only stage it spans the whole share
+    stages = {"teacher": params.teacher_epochs} if trains_teacher else {}
+    return stages | ({"student": params.epochs} if params.method == "nad" else {})
+
+
+def _training_spans(stages: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """Progress shares of the training stages, proportional to their epochs."""
     start, end = LOAD_SHARE + EVALUATE_SHARE, 1.0 - EVALUATE_SHARE
-    epochs = {"teacher": params.teacher_epochs if trains_teacher else 0,
-              "student": params.epochs if params.method == "nad" else 0}
-    total = max(sum(epochs.values()), 1)
-    teacher_end = start + (end - start) * epochs["teacher"] / total
-    return {"teacher": (start, teacher_end), "student": (teacher_end, end)}
+    total, done, spans = max(sum(stages.values()), 1), 0, {}
+    for stage, epochs in stages.items():
+        spans[stage] = (start + (end - start) * done / total, start + (end - start) * (done + epochs) / total)
+        done += epochs
+    return spans
+
+
+def _anp_recipe(params: SanitizeParams) -> AnpRecipe:
+    return AnpRecipe(eps=params.anp_eps, steps=params.anp_steps, alpha=params.anp_alpha,
+                     iterations=params.anp_iterations, lr=params.anp_lr, batch_size=params.anp_batch_size,
+                     threshold=params.anp_threshold, augment=params.augment, seed=params.seed)
+
+
+def _teacher_note(params: SanitizeParams, files: JobFiles) -> str | None:
+    if params.method not in ("nad", "finetune"):
+        return None
+    return "supplied" if files.teacher else f"fine-tuned {params.teacher_epochs} epochs"
 
 
 def sanitize(
@@ -209,7 +237,7 @@ def sanitize(
 
     Raises InputError for files or parameters that cannot be used, an archive that takes the job's images
     past `max_images` included (the caller's cap on clean, test and poison images together), Cancelled when
-    `should_stop()` turned true (checked between epochs).
+    `should_stop()` turned true (checked between epochs, and every few dozen iterations of anp).
     """
     clock, dev = Clock(), device()
     normalize = Normalization(params.mean, params.std)
@@ -217,7 +245,9 @@ def sanitize(
     on_event(Event("load", 0.0))
     with clock.time("load"):
         model = execution.prepare(load_model(params.arch, params.num_classes, files.checkpoint).to(dev))
-        distillation = choose_distillation(params.arch, model, params.layers, params.betas)
+        distillation = (choose_distillation(params.arch, model, params.layers, params.betas)
+                        if params.method == "nad" else None)
+        neurons = batch_norms(model) if params.method == "anp" else None
         budget = ImageBudget(max_images)
         clean = load_clean(files.clean_data, params, budget)
         train_set, evaluation = prepare_evaluation(files, params, clean, budget)
@@ -229,19 +259,34 @@ def sanitize(
         before = measure(model, evaluation, normalize, dev, execution)
     on_event(Event("evaluate_before", LOAD_SHARE + EVALUATE_SHARE, metrics=before))
 
-    teacher_recipe, student_recipe = _recipes(params)
-    spans = _training_spans(params, trains_teacher=teacher is None)
+    recipes = _recipes(params)
+    stages = _stages(params, trains_teacher=teacher is None)
+    spans = _training_spans(stages)
     history: list[dict[str, Any]] = []
-    if teacher is None:
+    pruning = None
+
+    def watch(stage: str) -> Watch:
+        return Watch(stage, on_event, should_stop, *spans[stage], history)
+
+    if "teacher" in stages:
         teacher = copy.deepcopy(model)
         with clock.time("teacher"):
-            finetune(teacher, images, labels, teacher_recipe, normalize,
-                     Watch("teacher", on_event, should_stop, *spans["teacher"], history), execution)
+            finetune(teacher, images, labels, recipes["teacher"], normalize, watch("teacher"), execution)
     result = teacher
     if params.method == "nad":
         with clock.time("student"):
-            distill(model, teacher, distillation, images, labels, student_recipe, normalize,
-                    Watch("student", on_event, should_stop, *spans["student"], history), execution)
+            distill(model, teacher, distillation, images, labels, recipes["student"], normalize, watch("student"),
+                    execution)
+        result = model
+    elif params.method == "fst":
+        with clock.time("fst"):
+            feature_shift_tuning(model, images, labels, recipes["fst"], params.fst_alpha, normalize, watch("fst"),
+                                 execution)
+        result = model
+    elif params.method == "anp":
+        with clock.time("anp"):
+            pruning = adversarial_neuron_pruning(model, neurons, images, labels, _anp_recipe(params), normalize,
+                                                 watch("anp"), execution)
         result = model
     if should_stop():
         raise Cancelled("cancelled before the final evaluation")
@@ -256,9 +301,10 @@ def sanitize(
         "method": params.method,
         "params": params.model_dump(mode="json"),
         "input_sha256": sha256_file(files.checkpoint),
-        "teacher": "supplied" if files.teacher else f"fine-tuned {params.teacher_epochs} epochs",
+        "teacher": _teacher_note(params, files),
         "layers": list(distillation.layers) if params.method == "nad" else [],
         "betas": list(distillation.betas) if params.method == "nad" else [],
+        "pruning": pruning,
         "evaluation": {"test_source": evaluation.source, "note": evaluation.note,
                        "n_train": len(train_set.labels), "n_clean": len(evaluation.clean.labels),
                        "n_poison": None if evaluation.poisoned is None else len(evaluation.poisoned.labels),

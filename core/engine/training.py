@@ -3,6 +3,7 @@ crop-and-flip augmentation on uint8 tensors, progress events and cooperative can
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,9 @@ Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str,
 
 @dataclass(frozen=True)
 class Recipe:
-    """How long and how fast to train. The lr is divided by 10 from each milestone epoch (0-based) on."""
+    """How long and how fast to train. The lr is divided by 10 from each milestone epoch (0-based) on, or,
+    with `cosine`, follows a cosine from `lr` towards 0 over the epochs (PyTorch's CosineAnnealingLR stepped
+    once an epoch)."""
 
     epochs: int
     lr: float
@@ -34,8 +37,12 @@ class Recipe:
     augment: bool = True
     seed: int = 0
     weight_decay: float = WEIGHT_DECAY
+    cosine: bool = False
+    nesterov: bool = True
 
     def lr_at(self, epoch: int) -> float:
+        if self.cosine:
+            return self.lr * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
         return self.lr / 10 ** sum(epoch >= m for m in self.milestones)
 
 
@@ -131,13 +138,17 @@ def plan_epoch(n: int, recipe: Recipe, generator: torch.Generator, device: torch
     sizes = [len(batch) for batch in batches]
     rows = [torch.cat(batches)]
     if recipe.augment:
-        span = 2 * CROP_PADDING + 1
-        draws = [torch.stack([torch.randint(0, span, (m,), generator=generator),
-                              torch.randint(0, span, (m,), generator=generator),
-                              (torch.rand(m, generator=generator) < 0.5).long()]) for m in sizes]
-        rows += list(torch.cat(draws, dim=1))
+        rows += list(torch.cat([draw_augmentation(m, generator) for m in sizes], dim=1))
     columns = [row.split(sizes) for row in torch.stack(rows).to(device)]
     return [Step(*parts) for parts in zip(*columns, strict=True)]
+
+
+def draw_augmentation(m: int, generator: torch.Generator) -> torch.Tensor:
+    """Crop rows, crop columns and flips (0 or 1) for `m` images, drawn in that order: a 3 x m tensor."""
+    span = 2 * CROP_PADDING + 1
+    return torch.stack([torch.randint(0, span, (m,), generator=generator),
+                        torch.randint(0, span, (m,), generator=generator),
+                        (torch.rand(m, generator=generator) < 0.5).long()])
 
 
 def augment(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -180,7 +191,8 @@ def train(
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=MOMENTUM, weight_decay=recipe.weight_decay, nesterov=True
+        model.parameters(), lr=recipe.lr, momentum=MOMENTUM, weight_decay=recipe.weight_decay,
+        nesterov=recipe.nesterov,
     )
     rows = []
     for epoch in range(recipe.epochs):

@@ -1,0 +1,206 @@
+"""Adversarial Neuron Pruning: it removes the digits backdoor end to end, and its mechanics hold on small random
+models: the perturbation leaves nothing behind, masks stay in [0, 1], cancellation and seeds behave."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+from torch.nn.utils import parametrize
+
+from core.engine.anp import (
+    ROUND,
+    AnpRecipe,
+    adversarial_neuron_pruning,
+    batch_norms,
+    draw_batch,
+    mask_step,
+    optimize_masks,
+    perturbable,
+)
+from core.engine.checkpoints import read_metadata, write_checkpoint
+from core.engine.errors import Cancelled, InputError
+from core.engine.models import build_model
+from core.engine.sanitize import JobFiles, load_model, sanitize
+from core.engine.training import Execution, Normalization, Watch
+from core.params import SanitizeParams
+
+CPU = torch.device("cpu")
+# Far shorter than the authors' 2000 iterations of 128 images, for a test: 70 of 64. On this 464-neuron model the
+# authors' eps 0.4 and threshold 0.2 left the backdoor in for some seeds after 50 to 300 iterations; eps 0.3 and
+# threshold 0.3 brought ASR under 2 % for seeds 0 to 5, ACC 2.4 to 5.8 points lower (docs/engine.md).
+DIGITS_ANP = {"method": "anp", "anp_iterations": 70, "anp_batch_size": 64, "anp_eps": 0.3, "anp_threshold": 0.3}
+
+
+def _recipe(**changes) -> AnpRecipe:
+    defaults = {"eps": 0.4, "steps": 1, "alpha": 0.2, "iterations": 4, "lr": 0.2, "batch_size": 8, "threshold": 0.2}
+    return AnpRecipe(**(defaults | changes))
+
+
+def _data(n: int = 32, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    return images, torch.arange(n) % 10
+
+
+def _watch(should_stop=lambda: False, events=None) -> Watch:
+    return Watch("anp", (events.append if events is not None else lambda e: None), should_stop)
+
+
+def _model(arch: str = "wrn-16-1") -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(arch, 10)
+
+
+def test_anp_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp_path):
+    params = SanitizeParams.model_validate({**digits_backdoor.params, **DIGITS_ANP})
+    events = []
+    files = JobFiles(checkpoint=digits_backdoor.checkpoint, clean_data=digits_backdoor.clean,
+                     test_data=digits_backdoor.test, out=tmp_path / "clean.safetensors")
+    report = sanitize(files, params, on_event=events.append)
+    before, after = report["before"], report["after"]
+    assert before["asr"] > 90, "the fixture's model should carry the backdoor"
+    assert after["asr"] < 10
+    assert after["acc"] > before["acc"] - 5
+    pruning = report["pruning"]
+    assert pruning["neurons"] == 464 and 0 < pruning["pruned"] < 464 * 0.1
+    assert pruning["pruned"] == sum(layer["pruned"] for layer in pruning["layers"].values())
+    assert report["teacher"] is None and report["layers"] == []
+    assert set(report["timings"]) >= {"load", "evaluate_before", "anp", "evaluate_after", "total"}
+    assert "teacher" not in report["timings"]
+    assert [(row["stage"], row["step"]) for row in report["history"]] == [("anp", 50), ("anp", 70)]
+    progress = [e.progress for e in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert {e.stage for e in events} == {"load", "evaluate_before", "anp", "evaluate_after", "done"}
+    assert read_metadata(tmp_path / "clean.safetensors")["method"] == "anp"
+    pruned = load_model("wrn-16-1", 10, tmp_path / "clean.safetensors")
+    zeros = sum(int((layer.weight == 0).sum()) for layer in batch_norms(pruned).values())
+    assert zeros == pruning["pruned"]
+    json.dumps(report)
+
+
+@pytest.mark.parametrize("arch", ["wrn-16-1", "preact-resnet18", "resnet18"])
+def test_the_perturbation_leaves_the_model_as_it_was_but_for_pruned_weights(arch):
+    model = _model(arch)
+    original = copy.deepcopy(model.state_dict())
+    images, labels = _data(8)
+    layers = batch_norms(model)
+    # threshold 1 prunes every neuron: each BatchNorm weight zero, everything else as it was.
+    report = adversarial_neuron_pruning(model, layers, images, labels, _recipe(iterations=2, batch_size=4,
+                                        threshold=1.0), Normalization(), _watch(), Execution())
+    state = model.state_dict()
+    assert list(state) == list(original)
+    assert all(type(module) in (nn.BatchNorm2d, nn.BatchNorm1d) for module in layers.values())
+    assert not any(parametrize.is_parametrized(module) for module in model.modules())
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+    pruned = {f"{name}.weight" for name in layers}
+    assert all(not state[key].any() for key in pruned)
+    assert all(torch.equal(state[key], original[key]) for key in original if key not in pruned)
+    assert report["pruned"] == report["neurons"] == sum(layer.num_features for layer in layers.values())
+
+
+def test_inside_the_block_the_layers_are_perturbed_and_only_the_mask_learns():
+    model = _model()
+    layers = batch_norms(model)
+    with perturbable(model, layers) as state:
+        assert all(parametrize.is_parametrized(layer, "weight") for layer in layers.values())
+        assert not any(p.requires_grad for p in model.parameters())
+        assert not any(layer.track_running_stats for layer in layers.values())
+        assert state.mask.requires_grad and len(state.mask) == sum(layer.num_features for layer in layers.values())
+    assert all(layer.track_running_stats for layer in layers.values())
+
+
+def test_a_model_without_batchnorm_is_refused(tmp_path):
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    with pytest.raises(InputError, match="no BatchNorm"):
+        batch_norms(plain)
+    with pytest.raises(InputError, match="no BatchNorm"):
+        batch_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False)))
+    # Through a job: refused while loading, before any evaluation or training.
+    checkpoint = tmp_path / "squeezenet.safetensors"
+    write_checkpoint(build_model("squeezenet1_1", 10), checkpoint, {"arch": "squeezenet1_1"})
+    np.savez(tmp_path / "clean.npz", x=np.zeros((10, 16, 16, 3), np.uint8), y=np.arange(10))
+    events = []
+    params = SanitizeParams(arch="squeezenet1_1", num_classes=10, input_size=16, method="anp")
+    with pytest.raises(InputError, match="no BatchNorm"):
+        sanitize(JobFiles(checkpoint=checkpoint, clean_data=tmp_path / "clean.npz", out=tmp_path / "o.safetensors"),
+                 params, on_event=events.append)
+    assert [e.stage for e in events] == ["load"]
+
+
+def test_masks_only_ever_take_values_in_0_to_1():
+    """With a learning rate this large every step would throw masks far out of [0, 1]; after each step they are
+    inside, and both bounds are reached."""
+    model = _model()
+    images, labels = _data()
+    recipe = _recipe(lr=50.0)
+    generator = torch.Generator().manual_seed(0)
+    with perturbable(model, batch_norms(model)) as state:
+        optimizer = torch.optim.SGD([state.mask], lr=recipe.lr, momentum=0.9)
+        for _ in range(5):
+            inputs, target = draw_batch(images, labels, recipe, generator, Normalization(), Execution())
+            mask_step(model, state, optimizer, inputs, target, recipe, generator, Execution())
+            assert state.mask.min() >= 0 and state.mask.max() <= 1
+        assert (state.mask == 0).any() and (state.mask == 1).any()
+
+
+def test_cancel_stops_between_rounds_and_leaves_the_model_untouched():
+    model = _model()
+    original = copy.deepcopy(model.state_dict())
+    images, labels = _data()
+    events, checks = [], []
+
+    def should_stop() -> bool:
+        checks.append(1)
+        return len(checks) > 1
+
+    with pytest.raises(Cancelled, match=f"iteration {ROUND + 1}"):
+        optimize_masks(model, batch_norms(model), images, labels, _recipe(iterations=3 * ROUND, batch_size=4),
+                       Normalization(), _watch(should_stop, events), Execution())
+    assert max(e.step for e in events) == ROUND
+    assert [e.step for e in events if e.loss is not None] == [ROUND]
+    assert not any(parametrize.is_parametrized(module) for module in model.modules())
+    assert all(torch.equal(value, original[key]) for key, value in model.state_dict().items())
+
+
+def test_anp_is_deterministic_for_a_seed():
+    images, labels = _data()
+
+    def run(seed: int):
+        model, watch = _model(), _watch()
+        masks = optimize_masks(model, batch_norms(model), images, labels, _recipe(iterations=6, seed=seed),
+                               Normalization(), watch, Execution())
+        return torch.cat(masks), watch.history
+
+    (first, history), (second, again), (other, _) = run(0), run(0), run(1)
+    assert torch.equal(first, second) and history == again
+    assert (first < 1).any(), "the masks should have moved"
+    assert not torch.equal(first, other)
+
+
+def test_params_have_the_authors_defaults_and_are_strict():
+    params = SanitizeParams(arch="wrn-16-1", num_classes=10, method="anp")
+    assert (params.anp_eps, params.anp_steps, params.anp_alpha, params.anp_iterations, params.anp_lr,
+            params.anp_batch_size, params.anp_threshold) == (0.4, 1, 0.2, 2000, 0.2, 128, 0.2)
+    for bad in ({"anp_alpha": 1.5}, {"anp_eps": 0}, {"anp_threshold": -0.1}, {"anp_batch_size": 1},
+                {"anp_steps": 0}, {"anp_iterationz": 5}):
+        with pytest.raises(ValidationError):
+            SanitizeParams(arch="wrn-16-1", num_classes=10, method="anp", **bad)
+
+
+def test_the_command_line_accepts_anp_and_its_flags():
+    import argparse
+
+    from core.engine.commands import _params, add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", "m.pt",
+                              "--clean-data", "c.npz", "--out", "o.safetensors", "--method", "anp", "--anp-eps",
+                              "0.3", "--anp-iterations", "100", "--anp-threshold", "0.25", "--anp-batch-size", "64"])
+    params = _params(args)
+    assert (params.method, params.anp_eps, params.anp_iterations, params.anp_threshold,
+            params.anp_batch_size) == ("anp", 0.3, 100, 0.25, 64)

@@ -1,0 +1,65 @@
+"""Feature Shift Tuning on the digits backdoor, and its pieces: the head re-initialised and pushed away from the
+suspect's, its norm held, the cosine schedule."""
+
+import pytest
+import torch
+from torch import nn
+
+from core.engine.checkpoints import read_metadata
+from core.engine.defenses import feature_shift_tuning
+from core.engine.errors import InputError
+from core.engine.models import build_model, classifier_head
+from core.engine.sanitize import JobFiles, sanitize
+from core.engine.training import Execution, Normalization, Recipe, Watch
+from core.params import SanitizeParams
+
+CPU = torch.device("cpu")
+
+
+def test_fst_weakens_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp_path):
+    """On this small model and 500 images FST at the authors' alpha only weakens the backdoor (ASR 99.6 ->
+    35 with lr 0.03 for 5 epochs; 51 with their lr 0.01 for 10); alpha 0.5 erases it (ASR 0) but costs 17
+    points of accuracy. docs/results.md has it on the CIFAR-10 models."""
+    overrides = {"method": "fst", "fst_epochs": 5, "fst_lr": 0.03}
+    params = SanitizeParams.model_validate({**digits_backdoor.params, **overrides})
+    files = JobFiles(checkpoint=digits_backdoor.checkpoint, clean_data=digits_backdoor.clean,
+                     test_data=digits_backdoor.test, out=tmp_path / "clean.safetensors")
+    report = sanitize(files, params)
+    before, after = report["before"], report["after"]
+    assert before["asr"] > 90 and after["asr"] < before["asr"] / 2
+    assert after["acc"] > before["acc"] - 3
+    assert [(row["stage"], row["epoch"]) for row in report["history"]] == [("fst", e) for e in range(1, 6)]
+    assert all(row["shift_loss"] < 0 for row in report["history"][1:])  # pushed away from the suspect's head
+    assert report["teacher"] is None and "fst" in report["timings"]
+    assert read_metadata(tmp_path / "clean.safetensors")["method"] == "fst"
+
+
+def test_the_head_is_reinitialised_and_keeps_its_norm():
+    torch.manual_seed(0)
+    model = build_model("wrn-16-1", 10)
+    head = classifier_head(model)
+    original = head.weight.detach().clone()
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(16) % 10
+    recipe = Recipe(epochs=2, lr=0.05, batch_size=8, cosine=True, nesterov=False, weight_decay=0.0)
+    feature_shift_tuning(model, images, labels, recipe, 0.1, Normalization(), Watch("fst", lambda e: None,
+                         lambda: False), Execution())
+    assert head is model.fc
+    assert torch.isclose(head.weight.norm(), original.norm())
+    cosine = torch.nn.functional.cosine_similarity(head.weight.flatten(), original.flatten(), dim=0)
+    assert cosine < 0.5  # a new head, not the suspect's
+
+
+def test_a_model_without_a_linear_head_is_refused():
+    with pytest.raises(InputError, match="no linear classifier"):
+        classifier_head(nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+
+
+def test_the_cosine_schedule_follows_pytorchs():
+    recipe = Recipe(epochs=10, lr=0.01, cosine=True)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10)
+    for epoch in range(10):
+        assert recipe.lr_at(epoch) == pytest.approx(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
