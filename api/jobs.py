@@ -172,7 +172,7 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
     storage.adopt(job_id)
     try:
         with service.db.session() as session:
-            job = jobs.create_job(session, job_id, owner, params.model_dump(mode="json"),
+            job = jobs.create_job(session, job_id, owner, service.settings.queue, params.model_dump(mode="json"),
                                   list(upload.files.values()), idempotency_key)
     except jobs.DuplicateRequest:
         storage.remove(job_id)

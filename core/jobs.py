@@ -87,6 +87,9 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     owner: Mapped[str] = mapped_column(String(32))
+    queue: Mapped[str] = mapped_column(
+        String(255), doc="the broker queue the job was sent to: a worker's sweeper looks after its queue's jobs only"
+    )
     status: Mapped[str] = mapped_column(String(16), default=Status.QUEUED)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
@@ -180,13 +183,14 @@ def create_job(
     session: Session,
     job_id: str,
     owner: str,
+    queue: str,
     params: dict[str, Any],
     inputs: list[FileRecord],
     idempotency_key: str | None = None,
 ) -> Job:
-    """Record a queued job and its uploaded files. Raises DuplicateRequest when `idempotency_key` was used by
-    the same owner in the meantime (the caller then answers with that job)."""
-    job = Job(id=job_id, owner=owner, params=params, idempotency_key=idempotency_key,
+    """Record a queued job, bound for `queue`, and its uploaded files. Raises DuplicateRequest when
+    `idempotency_key` was used by the same owner in the meantime (the caller then answers with that job)."""
+    job = Job(id=job_id, owner=owner, queue=queue, params=params, idempotency_key=idempotency_key,
               artifacts=[_artifact(record) for record in inputs])
     session.add(job)
     try:
@@ -260,10 +264,11 @@ def delete_job(session: Session, job: Job) -> None:
         raise InvalidTransition(job.status)
 
 
-def waiting(session: Session, since: datetime) -> list[tuple[str, int]]:
-    """(id, dispatch) of every job queued, and not changed, since before `since`: those whose message the
-    sweeper looks for in the broker."""
-    query = select(Job.id, Job.dispatch).where(Job.status == Status.QUEUED, Job.updated_at < since)
+def waiting(session: Session, queue: str, since: datetime) -> list[tuple[str, int]]:
+    """(id, dispatch) of every job of `queue` queued, and not changed, since before `since`: those whose
+    message the sweeper looks for in the broker."""
+    query = select(Job.id, Job.dispatch).where(Job.queue == queue, Job.status == Status.QUEUED,
+                                               Job.updated_at < since)
     return [(job_id, dispatch) for job_id, dispatch in session.execute(query.order_by(Job.id))]
 
 
@@ -375,11 +380,11 @@ def finish_cancelled(session: Session, job_id: str, dispatch: int) -> None:
 # ---- the sweeper's side ---------------------------------------------------------------------------------
 
 
-def silent(session: Session, since: datetime) -> list[tuple[str, int]]:
-    """(id, dispatch) of every running or cancelling job whose process has given no sign of life since before
-    `since`: its worker died with it (a machine lost, a `kill -9` of the whole worker)."""
+def silent(session: Session, queue: str, since: datetime) -> list[tuple[str, int]]:
+    """(id, dispatch) of every running or cancelling job of `queue` whose process has given no sign of life
+    since before `since`: its worker died with it (a machine lost, a `kill -9` of the whole worker)."""
     query = select(Job.id, Job.dispatch).where(
-        Job.status.in_((Status.RUNNING, Status.CANCELLING)), Job.heartbeat_at < since
+        Job.queue == queue, Job.status.in_((Status.RUNNING, Status.CANCELLING)), Job.heartbeat_at < since
     )
     return [(job_id, dispatch) for job_id, dispatch in session.execute(query.order_by(Job.id))]
 

@@ -61,6 +61,9 @@ def test_the_sweeper_sends_again_only_jobs_whose_message_is_gone(
         kept, lost = (submit(client, headers, digits_backdoor, **SHORT) for _ in range(2))
         assert broker_task_ids(queue, settings.queue) >= {f"{kept}-0", f"{lost}-0"}
         assert sweep(queue, db, settings.queue, grace=0) == []  # both messages are there
+        elsewhere = jobs.new_job_id()  # a job of another queue sharing the database: not this sweeper's
+        with db.session() as session:
+            jobs.create_job(session, elsewhere, "someone", "another-queue", {}, [])
 
         (kept_message,) = [m for m in lose_messages(settings) if kept.encode() in m]
         give_back(settings, kept_message)
@@ -68,7 +71,7 @@ def test_the_sweeper_sends_again_only_jobs_whose_message_is_gone(
         assert sweep(queue, db, settings.queue, grace=0) == [lost]
         assert sweep(queue, db, settings.queue, grace=0) == []  # sent once
         assert broker_task_ids(queue, settings.queue) >= {f"{kept}-0", f"{lost}-1"}
-        assert (dispatch_of(settings, kept), dispatch_of(settings, lost)) == (0, 1)
+        assert (dispatch_of(settings, kept), dispatch_of(settings, lost), dispatch_of(settings, elsewhere)) == (0, 1, 0)
         assert client.get(f"/jobs/{lost}", headers=headers).json()["status"] == "queued"
     db.dispose()
 

@@ -28,6 +28,7 @@ INPUTS = [
     FileRecord("model", "inputs/model", 3, "a" * 64, "m.pt"),
     FileRecord("clean_data", "inputs/clean_data", 5, "b" * 64, "clean.zip"),
 ]
+QUEUE = "nad"
 OUTPUT = FileRecord(jobs.OUTPUT, "output/0/model.safetensors", 7, "c" * 64)
 
 
@@ -39,7 +40,7 @@ def owner() -> str:
 def new_job(db: Database, who: str, key: str | None = None) -> str:
     job_id = jobs.new_job_id()
     with db.session() as session:
-        jobs.create_job(session, job_id, who, {"arch": "wrn-16-1"}, INPUTS, key)
+        jobs.create_job(session, job_id, who, QUEUE, {"arch": "wrn-16-1"}, INPUTS, key)
     return job_id
 
 
@@ -149,7 +150,8 @@ def test_a_redispatch_is_claimed_once_and_retires_the_old_message(database: Data
     queued, running = new_job(database, owner()), new_job(database, owner())
     start(database, running)
     with database.session() as session:
-        waiting = dict(jobs.waiting(session, jobs.now()))
+        waiting = dict(jobs.waiting(session, QUEUE, jobs.now()))
+        assert jobs.waiting(session, "another queue", jobs.now()) == []
         assert waiting.get(queued) == 0 and running not in waiting
         assert jobs.redispatch(session, queued, 0)
         assert not jobs.redispatch(session, queued, 0)  # another sweeper got there first
@@ -169,8 +171,9 @@ def test_a_silent_job_is_taken_from_its_dead_worker_once(database: Database) -> 
     since = jobs.now()
     with database.session() as session:
         assert jobs.heartbeat(session, lively, 0)
-        assert {running, cancelling} <= dict(jobs.silent(session, since)).keys()
-        assert lively not in dict(jobs.silent(session, since))
+        assert {running, cancelling} <= dict(jobs.silent(session, QUEUE, since)).keys()
+        assert lively not in dict(jobs.silent(session, QUEUE, since))
+        assert jobs.silent(session, "another queue", since) == []
         assert jobs.recover(session, running, 0, since)
         assert not jobs.recover(session, running, 0, since)  # another sweeper got there first
         assert not jobs.recover(session, cancelling, 0, since)  # nothing to send: it ends cancelled

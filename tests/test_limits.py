@@ -347,7 +347,7 @@ def worker_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Work
         path.write_bytes(role.encode())
         inputs.append(jobs.FileRecord(role, f"inputs/{role}", len(role), hashlib.sha256(role.encode()).hexdigest()))
     with db.session() as session:
-        jobs.create_job(session, job_id, "owner", PARAMS, inputs)
+        jobs.create_job(session, job_id, "owner", "nad", PARAMS, inputs)
     monkeypatch.setattr(worker.tasks, "get_settings", lambda: settings)
     monkeypatch.setattr(worker.tasks, "database", lambda: db)
     yield WorkerJob(settings, db, storage, job_id)

@@ -57,17 +57,17 @@ def broker_task_ids(app: Celery, queue: str) -> set[str]:
 
 
 def sweep(app: Celery, db: Database, queue: str, grace: float) -> list[str]:
-    """One round: the jobs of dead workers, then the jobs whose message is lost, each sent again; returns
-    their ids."""
+    """One round over the jobs of `queue` (several queues may share a database; each has its workers): the
+    jobs of dead workers, then the jobs whose message is lost, each sent again; returns their ids."""
     since = jobs.now() - timedelta(seconds=grace)
-    return _requeue_silent(app, db, since) + _resend_lost(app, db, queue, since)
+    return _requeue_silent(app, db, queue, since) + _resend_lost(app, db, queue, since)
 
 
-def _requeue_silent(app: Celery, db: Database, since: datetime) -> list[str]:
+def _requeue_silent(app: Celery, db: Database, queue: str, since: datetime) -> list[str]:
     """Jobs whose process has been silent since before `since` go back to the queue under a new dispatch (a
     cancelling one just ends cancelled)."""
     with db.session() as session:
-        candidates = jobs.silent(session, since)
+        candidates = jobs.silent(session, queue, since)
     requeued = []
     for job_id, dispatch in candidates:
         with db.session() as session:
@@ -83,7 +83,7 @@ def _resend_lost(app: Celery, db: Database, queue: str, since: datetime) -> list
     """Jobs queued since before `since` (which covers the moment between a job's recording and its sending)
     whose message the broker no longer holds are sent again."""
     with db.session() as session:
-        candidates = jobs.waiting(session, since)
+        candidates = jobs.waiting(session, queue, since)
     if not candidates:
         return []
     held = broker_task_ids(app, queue)
