@@ -58,7 +58,8 @@ TriggerSpec = Annotated[
     BadNetsTrigger | PatchTrigger | BlendTrigger | SigTrigger, Field(discriminator="type")
 ]
 
-Method = Literal["nad", "finetune", "fst", "anp"]
+Candidate = Literal["nad", "finetune", "fst", "anp"]
+Method = Literal["nad", "finetune", "fst", "anp", "auto"]
 Mode = Literal["fast", "reference"]
 
 
@@ -83,7 +84,8 @@ class SanitizeParams(_Spec):
         default="nad",
         description="nad: Neural Attention Distillation (fine-tuned teacher, then attention distillation); finetune: "
         "the fine-tuned teacher itself; fst: Feature Shift Tuning; anp: Adversarial Neuron Pruning (BatchNorm "
-        "neurons that adversarial weight noise exposes are pruned; no training of the weights)",
+        "neurons that adversarial weight noise exposes are pruned; no training of the weights); auto: runs "
+        "auto_candidates and keeps the one that clean data favours (docs/engine.md)",
     )
     epochs: int = Field(default=20, ge=1, le=1000, description="student (or fine-tuning) epochs")
     lr: float = Field(default=0.1, gt=0, le=10, description="student learning rate")
@@ -93,6 +95,15 @@ class SanitizeParams(_Spec):
     teacher_epochs: int = Field(default=10, ge=1, le=1000)
     teacher_lr: float = Field(default=0.01, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1, le=4096)
+    auto_candidates: list[Candidate] = Field(
+        default=["finetune", "fst", "nad", "anp"], min_length=1,
+        description="auto: the methods it runs, each on its own copy of the model, in this order",
+    )
+    auto_budget: float = Field(
+        default=2.0, ge=0, le=100,
+        description="auto: how many points of clean accuracy (on a held-out tenth of clean_data) a candidate may "
+                    "lose and still be chosen",
+    )
     fst_epochs: int = Field(default=10, ge=1, le=1000, description="fst: epochs (the authors' 10)")
     fst_lr: float = Field(default=0.01, gt=0, le=10,
                           description="fst: learning rate, cosine-annealed over the epochs (the authors' 0.01)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,19 +13,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.engine.anp import AnpRecipe, adversarial_neuron_pruning, batch_norms
+from core.engine.anp import batch_norms
+from core.engine.auto import choose
 from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, write_checkpoint
 from core.engine.data import ImageSet, TooManyImages, load_images, stratified_split
-from core.engine.defenses import distill, feature_shift_tuning, finetune
 from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event, EventSink, ignore
+from core.engine.methods import Run, defend
 from core.engine.metrics import attack_success_rate, clean_metrics, predict
 from core.engine.models import build_model, choose_distillation
-from core.engine.training import Execution, Normalization, Recipe, Watch, to_tensor
+from core.engine.training import Execution, Normalization, Watch, to_tensor
 from core.engine.triggers import poison
 from core.params import SanitizeParams
 
 HOLDOUT_FRACTION = 0.1
+# ANP's share of the progress bar beside epoch-counted stages: its 2000 default iterations of 128 images cost
+# about as much as 10 epochs of 2,500 images with a teacher.
+ANP_STAGE_WEIGHT = 10
 # Shares of the whole job's progress bar outside training; training takes the rest, split by epochs.
 LOAD_SHARE, EVALUATE_SHARE = 0.02, 0.04
 
@@ -182,26 +185,18 @@ def poisoned_set(poison_data: Path | None, params: SanitizeParams, test: ImageSe
     return None
 
 
-def _recipes(params: SanitizeParams) -> dict[str, Recipe]:
-    """The recipe of each training stage a method may have."""
-    common = {"batch_size": params.batch_size, "augment": params.augment, "seed": params.seed}
-    return {
-        "teacher": Recipe(epochs=params.teacher_epochs, lr=params.teacher_lr, **common),
-        "student": Recipe(epochs=params.epochs, lr=params.lr, milestones=tuple(params.lr_milestones), **common),
-        # The FST authors' optimiser: plain momentum, no weight decay, cosine schedule.
-        "fst": Recipe(epochs=params.fst_epochs, lr=params.fst_lr, cosine=True, nesterov=False, weight_decay=0.0,
-                      **common),
-    }
-
-
-def _stages(params: SanitizeParams, trains_teacher: bool) -> dict[str, int]:
-    """The training stages the job runs, in order, with their epochs."""
-    if params.method == "fst":
+def _stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[str, int]:
+    """The training stages `method` runs, in order, with their epochs (auto: every candidate's, prefixed
+    with the candidate's name)."""
+    if method == "auto":
+        return {f"{candidate}/{stage}": epochs for candidate in params.auto_candidates
+                for stage, epochs in _stages(candidate, params, trains_teacher).items()}
+    if method == "fst":
         return {"fst": params.fst_epochs}
-    if params.method == "anp":
-        return {"anp": 1}  # counted in iterations, not epochs; as the only stage it spans the whole share
+    if method == "anp":
+        return {"anp": ANP_STAGE_WEIGHT}  # counted in iterations, not epochs
     stages = {"teacher": params.teacher_epochs} if trains_teacher else {}
-    return stages | ({"student": params.epochs} if params.method == "nad" else {})
+    return stages | ({"student": params.epochs} if method == "nad" else {})
 
 
 def _training_spans(stages: dict[str, int]) -> dict[str, tuple[float, float]]:
@@ -212,12 +207,6 @@ def _training_spans(stages: dict[str, int]) -> dict[str, tuple[float, float]]:
         spans[stage] = (start + (end - start) * done / total, start + (end - start) * (done + epochs) / total)
         done += epochs
     return spans
-
-
-def _anp_recipe(params: SanitizeParams) -> AnpRecipe:
-    return AnpRecipe(eps=params.anp_eps, steps=params.anp_steps, alpha=params.anp_alpha,
-                     iterations=params.anp_iterations, lr=params.anp_lr, batch_size=params.anp_batch_size,
-                     threshold=params.anp_threshold, augment=params.augment, seed=params.seed)
 
 
 def _teacher_note(params: SanitizeParams, files: JobFiles) -> str | None:
@@ -245,9 +234,10 @@ def sanitize(
     on_event(Event("load", 0.0))
     with clock.time("load"):
         model = execution.prepare(load_model(params.arch, params.num_classes, files.checkpoint).to(dev))
+        methods = params.auto_candidates if params.method == "auto" else [params.method]
         distillation = (choose_distillation(params.arch, model, params.layers, params.betas)
-                        if params.method == "nad" else None)
-        neurons = batch_norms(model) if params.method == "anp" else None
+                        if "nad" in methods else None)
+        neurons = batch_norms(model) if "anp" in methods else None
         budget = ImageBudget(max_images)
         clean = load_clean(files.clean_data, params, budget)
         train_set, evaluation = prepare_evaluation(files, params, clean, budget)
@@ -259,35 +249,19 @@ def sanitize(
         before = measure(model, evaluation, normalize, dev, execution)
     on_event(Event("evaluate_before", LOAD_SHARE + EVALUATE_SHARE, metrics=before))
 
-    recipes = _recipes(params)
-    stages = _stages(params, trains_teacher=teacher is None)
-    spans = _training_spans(stages)
+    spans = _training_spans(_stages(params.method, params, trains_teacher=teacher is None))
     history: list[dict[str, Any]] = []
-    pruning = None
 
     def watch(stage: str) -> Watch:
         return Watch(stage, on_event, should_stop, *spans[stage], history)
 
-    if "teacher" in stages:
-        teacher = copy.deepcopy(model)
-        with clock.time("teacher"):
-            finetune(teacher, images, labels, recipes["teacher"], normalize, watch("teacher"), execution)
-    result = teacher
-    if params.method == "nad":
-        with clock.time("student"):
-            distill(model, teacher, distillation, images, labels, recipes["student"], normalize, watch("student"),
-                    execution)
-        result = model
-    elif params.method == "fst":
-        with clock.time("fst"):
-            feature_shift_tuning(model, images, labels, recipes["fst"], params.fst_alpha, normalize, watch("fst"),
-                                 execution)
-        result = model
-    elif params.method == "anp":
-        with clock.time("anp"):
-            pruning = adversarial_neuron_pruning(model, neurons, images, labels, _anp_recipe(params), normalize,
-                                                 watch("anp"), execution)
-        result = model
+    run = Run(params, teacher, distillation, neurons, normalize, execution, watch, clock)
+    if params.method == "auto":
+        chosen = choose(model, images, labels, run)
+        result, pruning, auto = chosen.model, chosen.pruning, chosen.report
+    else:
+        result, pruning = defend(params.method, model, images, labels, run)
+        auto = None
     if should_stop():
         raise Cancelled("cancelled before the final evaluation")
 
@@ -305,6 +279,7 @@ def sanitize(
         "layers": list(distillation.layers) if params.method == "nad" else [],
         "betas": list(distillation.betas) if params.method == "nad" else [],
         "pruning": pruning,
+        "auto": auto,
         "evaluation": {"test_source": evaluation.source, "note": evaluation.note,
                        "n_train": len(train_set.labels), "n_clean": len(evaluation.clean.labels),
                        "n_poison": None if evaluation.poisoned is None else len(evaluation.poisoned.labels),

@@ -1,0 +1,95 @@
+"""`method: auto`: run several defenses and keep the one that clean data says is best.
+
+The user usually does not know the trigger, so the choice may use clean data only. A tenth of the clean
+training images (stratified) is set aside as a selection set; every candidate method cleans its own copy of
+the suspect model on the other nine tenths; each is measured on the selection set by
+
+- its clean accuracy, which must stay within `auto_budget` points of the suspect's, and
+- how far its features moved from the suspect's: 1 - the mean cosine similarity of the penultimate features
+  (the classifier head's input) of the two models on the selection images. Purification comes with such a
+  shift (Min et al., NeurIPS 2023, the observation behind FST); a candidate that left the features where
+  they were most likely left the backdoor with them.
+
+Of the candidates within the budget the one with the largest shift wins; when none stays within it, the most
+accurate does, and the report says so. The signal is a heuristic: it favours methods that retrain (fst, nad,
+finetune) over pruning (anp), whose clean features move little even when it removed the backdoor.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.engine.data import stratified_split
+from core.engine.methods import Run, defend
+from core.engine.models import classifier_head
+
+SELECTION_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Choice:
+    model: nn.Module
+    pruning: dict[str, Any] | None
+    report: dict[str, Any]
+
+
+@torch.inference_mode()
+def look(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> tuple[float, torch.Tensor]:
+    """Clean accuracy (percent) on `images` and their penultimate features, in evaluation mode."""
+    model.eval()
+    captured: list[torch.Tensor] = []
+    hook = classifier_head(model).register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].float()))
+    correct = 0
+    try:
+        for start in range(0, len(images), run.execution.eval_batch):
+            batch = images[start:start + run.execution.eval_batch]
+            with run.execution.autocast(images.device):
+                logits = model(run.execution.inputs(run.normalize(batch)))
+            correct += int((logits.argmax(1) == labels[start:start + len(batch)]).sum())
+    finally:
+        hook.remove()
+    return 100.0 * correct / len(images), torch.cat(captured).flatten(1)
+
+
+def feature_shift(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """1 - the mean cosine similarity of matching rows: 0 for the same features, up to 2 for opposite ones."""
+    return 1.0 - float(torch.nn.functional.cosine_similarity(features, reference, dim=1).mean())
+
+
+def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> Choice:
+    """Run every candidate of `run.params.auto_candidates` on a copy of `model` and return the chosen one."""
+    params = run.params
+    keep, held = (torch.from_numpy(index).to(images.device)
+                  for index in stratified_split(labels.cpu().numpy(), SELECTION_FRACTION, params.seed))
+    fit_images, fit_labels = images[keep], labels[keep]
+    selection_images, selection_labels = images[held], labels[held]
+    suspect_acc, suspect_features = look(model, selection_images, selection_labels, run)
+    results = []
+    for method in params.auto_candidates:
+        started = time.perf_counter()
+        cleaned, pruning = defend(method, copy.deepcopy(model), fit_images, fit_labels, run.for_candidate(method))
+        acc, features = look(cleaned, selection_images, selection_labels, run)
+        row = {"method": method, "selection_acc": round(acc, 2),
+               "feature_shift": round(feature_shift(features, suspect_features), 4),
+               "seconds": round(time.perf_counter() - started, 1)}
+        results.append((row, cleaned, pruning))
+    floor = suspect_acc - params.auto_budget
+    eligible = [result for result in results if result[0]["selection_acc"] >= floor]
+    if eligible:
+        row, cleaned, pruning = max(eligible, key=lambda result: result[0]["feature_shift"])
+        reason = (f"{row['method']} kept clean accuracy on the selection set within {params.auto_budget} points "
+                  f"of the suspect's {suspect_acc:.2f} % and moved the features furthest from the suspect's")
+    else:
+        row, cleaned, pruning = max(results, key=lambda result: result[0]["selection_acc"])
+        reason = (f"no candidate kept clean accuracy within {params.auto_budget} points of the suspect's "
+                  f"{suspect_acc:.2f} %; {row['method']} lost the least")
+    report = {"chosen": row["method"], "reason": reason, "budget": params.auto_budget,
+              "suspect_selection_acc": round(suspect_acc, 2), "selection_images": len(held),
+              "trained_on": len(keep), "candidates": [result[0] for result in results]}
+    return Choice(cleaned, pruning, report)

@@ -1,0 +1,92 @@
+"""One defense method run on a model: what `sanitize` does for `method`, and what `auto` does for each of its
+candidates."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.engine.anp import AnpRecipe, adversarial_neuron_pruning
+from core.engine.defenses import distill, feature_shift_tuning, finetune
+from core.engine.models import Distillation
+from core.engine.training import Execution, Normalization, Recipe, Watch
+from core.params import SanitizeParams
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every method of one job shares: its parameters, a supplied teacher (or None), the NAD layers and
+    ANP neurons checked at load time, the data pipeline, and where progress and timings go. `watch(stage)`
+    gives the progress span of a training stage; `stage_prefix` names the stages of an `auto` candidate."""
+
+    params: SanitizeParams
+    teacher: nn.Module | None
+    distillation: Distillation | None
+    neurons: dict[str, nn.Module] | None
+    normalize: Normalization
+    execution: Execution
+    watch: Callable[[str], Watch]
+    clock: Any
+    stage_prefix: str = ""
+
+    def for_candidate(self, method: str) -> Run:
+        return Run(self.params, self.teacher, self.distillation, self.neurons, self.normalize, self.execution,
+                   self.watch, self.clock, f"{method}/")
+
+    def stage(self, name: str) -> Watch:
+        return self.watch(self.stage_prefix + name)
+
+    def timed(self, name: str):
+        return self.clock.time(self.stage_prefix + name)
+
+
+def recipes(params: SanitizeParams) -> dict[str, Recipe]:
+    """The recipe of each training stage a method may have."""
+    common = {"batch_size": params.batch_size, "augment": params.augment, "seed": params.seed}
+    return {
+        "teacher": Recipe(epochs=params.teacher_epochs, lr=params.teacher_lr, **common),
+        "student": Recipe(epochs=params.epochs, lr=params.lr, milestones=tuple(params.lr_milestones), **common),
+        # The FST authors' optimiser: plain momentum, no weight decay, cosine schedule.
+        "fst": Recipe(epochs=params.fst_epochs, lr=params.fst_lr, cosine=True, nesterov=False, weight_decay=0.0,
+                      **common),
+    }
+
+
+def anp_recipe(params: SanitizeParams) -> AnpRecipe:
+    return AnpRecipe(eps=params.anp_eps, steps=params.anp_steps, alpha=params.anp_alpha,
+                     iterations=params.anp_iterations, lr=params.anp_lr, batch_size=params.anp_batch_size,
+                     threshold=params.anp_threshold, augment=params.augment, seed=params.seed)
+
+
+def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+           run: Run) -> tuple[nn.Module, dict[str, Any] | None]:
+    """Clean `model` (changed in place) with `method`; returns the cleansed model (for finetune: the teacher)
+    and, for anp, what was pruned."""
+    params, stages = run.params, recipes(run.params)
+    normalize, execution = run.normalize, run.execution
+    if method == "fst":
+        with run.timed("fst"):
+            feature_shift_tuning(model, images, labels, stages["fst"], params.fst_alpha, normalize, run.stage("fst"),
+                                 execution)
+        return model, None
+    if method == "anp":
+        with run.timed("anp"):
+            pruning = adversarial_neuron_pruning(model, run.neurons, images, labels, anp_recipe(params), normalize,
+                                                 run.stage("anp"), execution)
+        return model, pruning
+    teacher = run.teacher
+    if teacher is None:
+        teacher = copy.deepcopy(model)
+        with run.timed("teacher"):
+            finetune(teacher, images, labels, stages["teacher"], normalize, run.stage("teacher"), execution)
+    if method == "finetune":
+        return teacher, None
+    with run.timed("student"):
+        distill(model, teacher, run.distillation, images, labels, stages["student"], normalize, run.stage("student"),
+                execution)
+    return model, None

@@ -1,0 +1,38 @@
+"""`method: auto` on the digits backdoor: every candidate runs on its own copy, the choice is made on clean data
+only and explained."""
+
+import torch
+
+from core.engine.auto import feature_shift
+from core.engine.sanitize import JobFiles, sanitize
+from core.params import SanitizeParams
+
+
+def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_path):
+    params = SanitizeParams.model_validate({**digits_backdoor.params, "method": "auto",
+                                            "auto_candidates": ["finetune", "nad"], "auto_budget": 3.0})
+    files = JobFiles(checkpoint=digits_backdoor.checkpoint, clean_data=digits_backdoor.clean,
+                     test_data=digits_backdoor.test, out=tmp_path / "clean.safetensors")
+    events = []
+    report = sanitize(files, params, on_event=events.append)
+    auto = report["auto"]
+    assert [row["method"] for row in auto["candidates"]] == ["finetune", "nad"]
+    assert auto["chosen"] in ("finetune", "nad") and auto["chosen"] in auto["reason"]
+    assert auto["selection_images"] + auto["trained_on"] == report["evaluation"]["n_train"]
+    within = [row for row in auto["candidates"]
+              if row["selection_acc"] >= auto["suspect_selection_acc"] - auto["budget"]]
+    if within:
+        assert auto["chosen"] == max(within, key=lambda row: row["feature_shift"])["method"]
+    stages = {row["stage"] for row in report["history"]}
+    assert stages == {"finetune/teacher", "nad/teacher", "nad/student"}
+    progress = [event.progress for event in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert report["after"]["asr"] < report["before"]["asr"]
+
+
+def test_feature_shift_is_zero_for_the_same_features_and_grows_as_they_turn():
+    features = torch.randn(8, 16)
+    assert abs(feature_shift(features, features)) < 1e-6
+    assert abs(feature_shift(-features, features) - 2) < 1e-6
+    turned = features + 0.5 * torch.randn(8, 16)
+    assert 0 < feature_shift(turned, features) < feature_shift(-turned, features)
