@@ -4,7 +4,7 @@
 # ACC and ASR on the 10,000 test images (ASR on the 9,000 whose class is not the target).
 # Usage: bash scripts/results-dev.sh [OUT_DIR] [METHOD ...]   (finetune nad fst anp, the default: all four;
 # a method may carry sanitize flags after a colon, as auto:--auto-candidates=finetune,fst,nad)
-# On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 15. A report already in OUT_DIR
+# On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 11. A report already in OUT_DIR
 # is kept, so an interrupted run goes on where it stopped. Then: .venv/bin/python scripts/results-table.py
 set -euo pipefail
 out=${1:-var/results-dev}
