@@ -64,8 +64,8 @@ class Database:
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A look without a transaction, for the API's reads: each statement sees what is committed, and no
-        BEGIN or COMMIT travels to the database, which is most of the cost of a status read. Nothing written
-        in it is kept."""
+        BEGIN or COMMIT travels to the database, which is most of the cost of a status read. For reads only:
+        without a transaction a write would be committed on its own at once, with nothing to roll it back."""
         with self._readers() as session:
             yield session
 

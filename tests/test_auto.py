@@ -3,7 +3,7 @@ only and explained."""
 
 import torch
 
-from core.engine.auto import feature_shift
+from core.engine.auto import feature_shift, pick
 from core.engine.sanitize import JobFiles, sanitize
 from core.params import SanitizeParams
 
@@ -19,10 +19,8 @@ def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_pa
     assert [row["method"] for row in auto["candidates"]] == ["finetune", "nad"]
     assert auto["chosen"] in ("finetune", "nad") and auto["chosen"] in auto["reason"]
     assert auto["selection_images"] + auto["trained_on"] == report["evaluation"]["n_train"]
-    within = [row for row in auto["candidates"]
-              if row["selection_acc"] >= auto["suspect_selection_acc"] - auto["budget"]]
-    if within:
-        assert auto["chosen"] == max(within, key=lambda row: row["feature_shift"])["method"]
+    index, reason = pick(auto["candidates"], auto["suspect_selection_acc"], auto["budget"])
+    assert auto["chosen"] == auto["candidates"][index]["method"] and auto["reason"] == reason
     stages = {row["stage"] for row in report["history"]}
     assert stages == {"finetune/teacher", "nad/teacher", "nad/student"}
     progress = [event.progress for event in events]
@@ -36,3 +34,18 @@ def test_feature_shift_is_zero_for_the_same_features_and_grows_as_they_turn():
     assert abs(feature_shift(-features, features) - 2) < 1e-6
     turned = features + 0.5 * torch.randn(8, 16)
     assert 0 < feature_shift(turned, features) < feature_shift(-turned, features)
+
+
+ROWS = [{"method": "finetune", "selection_acc": 90.0, "feature_shift": 0.05},
+        {"method": "fst", "selection_acc": 89.0, "feature_shift": 0.50},
+        {"method": "nad", "selection_acc": 70.0, "feature_shift": 0.90}]
+
+
+def test_pick_keeps_the_largest_shift_within_the_budget():
+    index, reason = pick(ROWS, suspect_acc=91.0, budget=2.0)
+    assert ROWS[index]["method"] == "fst" and "moved the features furthest" in reason  # nad shifts more: too costly
+
+
+def test_pick_falls_back_to_the_most_accurate_and_says_so():
+    index, reason = pick(ROWS, suspect_acc=95.0, budget=2.0)
+    assert ROWS[index]["method"] == "finetune" and reason.startswith("no candidate kept clean accuracy")

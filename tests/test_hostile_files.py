@@ -17,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from test_data import _tar
+from test_data import _zip as _zip_as
 from torch import nn
 
 from core.engine import checkpoints, data
@@ -32,19 +34,8 @@ def _png(seed: int = 0) -> bytes:
 
 
 def _zip(path: Path, members: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> Path:
-    with zipfile.ZipFile(path, "w", method) as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return path
-
-
-def _tar(path: Path, members: dict[str, bytes], mode: str = "w") -> Path:
-    with tarfile.open(path, mode) as archive:
-        for name, content in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            archive.addfile(info, io.BytesIO(content))
-    return path
+    """Deflated by default: the bombs here must compress."""
+    return _zip_as(path, members, method)
 
 
 def _refused(path: Path, *fragments: str) -> None:

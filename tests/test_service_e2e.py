@@ -117,7 +117,7 @@ def test_a_running_job_stops_at_an_epoch_boundary_when_cancelled(
     job = wait_for(stack, job_id, headers, timeout=120, log=worker.log)
     assert job["status"] == "cancelled" and job["output"] is None
     assert list(job["timestamps"]) == ["queued", "running", "cancelling", "cancelled"]
-    assert not [p for p in (Storage(stack_settings.storage_dir).job_dir(job_id) / "output").rglob("*") if p.is_file()]
+    assert written_by_the_worker(Storage(stack_settings.storage_dir), job_id) == []
     assert stack.get(f"/jobs/{job_id}/metrics", headers=headers).status_code == 409
     assert stack.delete(f"/jobs/{job_id}", headers=headers).status_code == 204
 

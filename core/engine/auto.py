@@ -62,6 +62,20 @@ def feature_shift(features: torch.Tensor, reference: torch.Tensor) -> float:
     return 1.0 - float(torch.nn.functional.cosine_similarity(features, reference, dim=1).mean())
 
 
+def pick(rows: list[dict[str, Any]], suspect_acc: float, budget: float) -> tuple[int, str]:
+    """The index of the candidate to keep among `rows` (each with selection_acc and feature_shift), and why:
+    within `budget` points of `suspect_acc`, the largest feature shift; when none is within it, the most
+    accurate."""
+    eligible = [i for i, row in enumerate(rows) if row["selection_acc"] >= suspect_acc - budget]
+    if eligible:
+        best = max(eligible, key=lambda i: rows[i]["feature_shift"])
+        return best, (f"{rows[best]['method']} kept clean accuracy on the selection set within {budget} points "
+                      f"of the suspect's {suspect_acc:.2f} % and moved the features furthest from the suspect's")
+    best = max(range(len(rows)), key=lambda i: rows[i]["selection_acc"])
+    return best, (f"no candidate kept clean accuracy within {budget} points of the suspect's {suspect_acc:.2f} %; "
+                  f"{rows[best]['method']} lost the least")
+
+
 def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> Choice:
     """Run every candidate of `run.params.auto_candidates` on a copy of `model` and return the chosen one."""
     params = run.params
@@ -79,16 +93,8 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
                "feature_shift": round(feature_shift(features, suspect_features), 4),
                "seconds": round(time.perf_counter() - started, 1)}
         results.append((row, cleaned, pruning))
-    floor = suspect_acc - params.auto_budget
-    eligible = [result for result in results if result[0]["selection_acc"] >= floor]
-    if eligible:
-        row, cleaned, pruning = max(eligible, key=lambda result: result[0]["feature_shift"])
-        reason = (f"{row['method']} kept clean accuracy on the selection set within {params.auto_budget} points "
-                  f"of the suspect's {suspect_acc:.2f} % and moved the features furthest from the suspect's")
-    else:
-        row, cleaned, pruning = max(results, key=lambda result: result[0]["selection_acc"])
-        reason = (f"no candidate kept clean accuracy within {params.auto_budget} points of the suspect's "
-                  f"{suspect_acc:.2f} %; {row['method']} lost the least")
+    index, reason = pick([result[0] for result in results], suspect_acc, params.auto_budget)
+    row, cleaned, pruning = results[index]
     report = {"chosen": row["method"], "reason": reason, "budget": params.auto_budget,
               "suspect_selection_acc": round(suspect_acc, 2), "selection_images": len(held),
               "trained_on": len(keep), "candidates": [result[0] for result in results]}

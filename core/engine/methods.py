@@ -4,6 +4,7 @@ candidates."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +36,7 @@ class Run:
     stage_prefix: str = ""
 
     def for_candidate(self, method: str) -> Run:
-        return Run(self.params, self.teacher, self.distillation, self.neurons, self.normalize, self.execution,
-                   self.watch, self.clock, f"{method}/")
+        return dataclasses.replace(self, stage_prefix=f"{method}/")
 
     def stage(self, name: str) -> Watch:
         return self.watch(self.stage_prefix + name)
