@@ -17,18 +17,20 @@ CPU = torch.device("cpu")
 
 
 def test_fst_weakens_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp_path):
-    """On this small model and 500 images FST at the authors' alpha only weakens the backdoor (ASR 99.6 ->
-    35 with lr 0.03 for 5 epochs; 51 with their lr 0.01 for 10); alpha 0.5 erases it (ASR 0) but costs 17
-    points of accuracy. docs/results.md has it on the CIFAR-10 models."""
-    overrides = {"method": "fst", "fst_epochs": 5, "fst_lr": 0.03}
+    """On this small model and 500 images FST at the authors' settings (alpha 0.1, lr 0.01, 10 epochs) only
+    weakens the backdoor. How much depends on the machine, which trains the model: on the first, ASR went from
+    99.6 to 51 % (35 with lr 0.03 for 5 epochs; alpha 0.5 erased it but cost 17 points of accuracy); on an AMD
+    EPYC machine from 95 to 20 to 23 % for seeds 0 to 2, ACC 0.8 to 4.4 points lower. docs/results.md has FST
+    on the CIFAR-10 models."""
+    overrides = {"method": "fst"}
     params = SanitizeParams.model_validate({**digits_backdoor.params, **overrides})
     files = JobFiles(checkpoint=digits_backdoor.checkpoint, clean_data=digits_backdoor.clean,
                      test_data=digits_backdoor.test, out=tmp_path / "clean.safetensors")
     report = sanitize(files, params)
     before, after = report["before"], report["after"]
     assert before["asr"] > 90 and after["asr"] < before["asr"] / 2
-    assert after["acc"] > before["acc"] - 3
-    assert [(row["stage"], row["epoch"]) for row in report["history"]] == [("fst", e) for e in range(1, 6)]
+    assert after["acc"] > before["acc"] - 6
+    assert [(row["stage"], row["epoch"]) for row in report["history"]] == [("fst", e) for e in range(1, 11)]
     assert all(row["shift_loss"] < 0 for row in report["history"][1:])  # pushed away from the suspect's head
     assert report["teacher"] is None and "fst" in report["timings"]
     assert read_metadata(tmp_path / "clean.safetensors")["method"] == "fst"
