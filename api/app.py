@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from api import health, jobs, problems
 from api.services import Services
 from core.database import Database
+from core.keys import KeyCache
 from core.params import SanitizeParams
 from core.settings import Settings, get_settings
 from core.storage import Storage
@@ -47,13 +48,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     on start it migrates the database and clears uploads a crashed process left behind."""
     settings = settings or get_settings()
     services = Services(settings=settings, db=Database(settings.database_url),
-                        storage=Storage(settings.storage_dir), queue=make_celery(settings))
+                        storage=Storage(settings.storage_dir), queue=make_celery(settings),
+                        keys=KeyCache(settings.key_cache_seconds))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(services.db.migrate)
         await run_in_threadpool(services.storage.sweep_incoming)
         yield
+        await services.db.dispose_reader()
         services.db.dispose()
 
     app = FastAPI(title="NAD sanitization service", version="0.1.0", description=DESCRIPTION,

@@ -2,6 +2,8 @@
 
 Every job belongs to the key that created it; `owner` is that key's id. With `NAD_AUTH_ENABLED=false` every
 caller is the one owner `anonymous` (for a service on a trusted network only).
+
+A key found good is trusted for `NAD_KEY_CACHE_SECONDS` without asking the database again (`keys.KeyCache`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer nad_..
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: nad_...`")
 
 
-def owner(
+async def owner(
     service: Service,
     session: Reading,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -34,9 +36,13 @@ def owner(
     if not presented:
         raise _unauthorized("this endpoint needs an API key: send `Authorization: Bearer <key>` or "
                             "`X-API-Key: <key>`; an operator creates keys with `nad keys create --name NAME`")
-    key_id = keys.authenticate(session, presented)
+    key_id = service.keys.get(presented)
+    if key_id is not None:
+        return key_id
+    key_id = await session.run_sync(keys.authenticate, presented)
     if key_id is None:
         raise _unauthorized("the API key is not valid (mistyped, or revoked); ask an operator for a new one")
+    service.keys.put(presented, key_id)
     return key_id
 
 

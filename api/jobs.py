@@ -194,7 +194,7 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
 
 
 @router.get("/jobs", summary="List your jobs, newest first", responses=responses(401, 422))
-def list_jobs(
+async def list_jobs(
     owner: Owner,
     session: Reading,
     limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
@@ -204,19 +204,19 @@ def list_jobs(
                                         description="`next_cursor` of the previous page")] = None,
     status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
 ) -> JobPage:
-    page, next_cursor = jobs.list_jobs(session, owner, limit, cursor, status)
+    page, next_cursor = await session.run_sync(jobs.list_jobs, owner, limit, cursor, status)
     return JobPage(items=[JobResource.of(job) for job in page], next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", summary="A job's status and progress", responses=responses(401, 404))
-def get_job(job_id: str, owner: Owner, session: Reading) -> JobResource:
-    return JobResource.of(_owned(session, job_id, owner))
+async def get_job(job_id: str, owner: Owner, session: Reading) -> JobResource:
+    return JobResource.of(await session.run_sync(_owned, job_id, owner))
 
 
 @router.get("/jobs/{job_id}/metrics", summary="Before/after ACC and ASR of a succeeded job",
             responses=responses(401, 404, 409), response_model_exclude_unset=True)
-def get_metrics(job_id: str, owner: Owner, session: Reading) -> Metrics:
-    job = _owned(session, job_id, owner)
+async def get_metrics(job_id: str, owner: Owner, session: Reading) -> Metrics:
+    job = await session.run_sync(_owned, job_id, owner)
     if job.status != Status.SUCCEEDED:
         raise _not_succeeded(job, "metrics")
     return Metrics(job_id=job.id, **job.report)
@@ -235,7 +235,7 @@ MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @router.get("/jobs/{job_id}/model", summary="Download the cleansed checkpoint", response_class=FileResponse,
             responses=MODEL_RESPONSES)
-def get_model(
+async def get_model(
     job_id: str,
     owner: Owner,
     service: Service,
@@ -244,7 +244,7 @@ def get_model(
     if_none_match: Annotated[str | None, Header(description="an ETag you have")] = None,
 ) -> Response:
     """The safetensors file, with its sha256 as `ETag`; `Range` resumes a download (206)."""
-    job = _owned(session, job_id, owner)
+    job = await session.run_sync(_owned, job_id, owner)
     output = job.artifact(OUTPUT)
     if job.status != Status.SUCCEEDED or output is None:
         raise _not_succeeded(job, "model")

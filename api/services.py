@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.database import Database
+from core.keys import KeyCache
 from core.settings import Settings
 from core.storage import Storage
 
@@ -21,19 +22,20 @@ class Services:
     db: Database
     storage: Storage
     queue: Celery
+    keys: KeyCache
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     return request.app.state.services
 
 
 Service = Annotated[Services, Depends(services)]
 
 
-def reading(service: Service) -> Iterator[Session]:
-    """One read session per request, shared by the key check and the route that only reads."""
-    with service.db.read() as session:
+async def reading(service: Service) -> AsyncIterator[AsyncSession]:
+    """One asyncio read session per request, shared by the key check and the route that only reads."""
+    async with service.db.read() as session:
         yield session
 
 
-Reading = Annotated[Session, Depends(reading)]
+Reading = Annotated[AsyncSession, Depends(reading)]

@@ -6,12 +6,13 @@ the job records runs against both.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -46,14 +47,34 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def async_url(url: str) -> URL:
+    """The same database through an asyncio driver: aiosqlite for SQLite, psycopg (which speaks both) for
+    PostgreSQL."""
+    parsed = make_url(url)
+    driver = {"sqlite": "aiosqlite", "postgresql": "psycopg"}.get(parsed.get_backend_name())
+    if driver is None:
+        raise ValueError(f"no asyncio driver is known for {parsed.get_backend_name()}; use SQLite or PostgreSQL")
+    return parsed.set(drivername=f"{parsed.get_backend_name()}+{driver}")
+
+
+def make_reader(url: str) -> AsyncEngine:
+    """An asyncio engine for reads without a transaction (autocommit), tuned like `make_engine`'s."""
+    parsed = async_url(url)
+    sqlite = parsed.get_backend_name() == "sqlite"
+    engine = create_async_engine(parsed, isolation_level="AUTOCOMMIT", pool_pre_ping=not sqlite)
+    if sqlite:
+        event.listen(engine.sync_engine, "connect", _tune_sqlite)
+    return engine
+
+
 class Database:
     """An engine and its session factory: what the API keeps in its state and the worker in its process."""
 
     def __init__(self, url: str) -> None:
+        self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._readers = sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"),
-                                     expire_on_commit=False)
+        self._reader: AsyncEngine | None = None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -61,12 +82,18 @@ class Database:
         with self._sessions.begin() as session:
             yield session
 
-    @contextmanager
-    def read(self) -> Iterator[Session]:
-        """A look without a transaction, for the API's reads: each statement sees what is committed, and no
-        BEGIN or COMMIT travels to the database, which is most of the cost of a status read. For reads only:
-        without a transaction a write would be committed on its own at once, with nothing to roll it back."""
-        with self._readers() as session:
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A look without a transaction, for the API's reads, on an asyncio engine made at the first read.
+
+        Each statement sees what is committed, and no BEGIN or COMMIT travels to the database. Being asyncio,
+        a status read waits for the database on the event loop instead of in a thread of the API's pool: the
+        handoffs to and from that pool cost more than the query (docs/benchmarks.md). The core functions run
+        on it unchanged with `await session.run_sync(function, ...)`. For reads only: without a transaction a
+        write would be committed on its own at once, with nothing to roll it back."""
+        if self._reader is None:
+            self._reader = make_reader(self.url)
+        async with AsyncSession(self._reader, expire_on_commit=False) as session:
             yield session
 
     def ping(self) -> None:
@@ -88,5 +115,11 @@ class Database:
             command.upgrade(config, "head")
 
     def dispose(self) -> None:
-        """Close pooled connections (at process exit, or before a test drops the database)."""
+        """Close pooled connections (at process exit, or before a test drops the database). The asyncio
+        engine's connections belong to the event loop that opened them: `dispose_reader` closes them there."""
         self.engine.dispose()
+
+    async def dispose_reader(self) -> None:
+        if self._reader is not None:
+            await self._reader.dispose()
+            self._reader = None

@@ -28,13 +28,14 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    bindparam,
     delete,
     func,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, joinedload, mapped_column, relationship, selectinload
 
 from core.database import Base
 
@@ -200,10 +201,15 @@ def create_job(
     return job
 
 
+# A job with its files in one query, built once: a status read is the API's most frequent request, and a
+# statement made afresh each time (session.get with options) costs about a third more (docs/benchmarks.md).
+OWNED_JOB = (select(Job).options(joinedload(Job.artifacts))
+             .where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner")))
+
+
 def get_job(session: Session, job_id: str, owner: str) -> Job | None:
     """The owner's job, or None: another owner's job is as absent as one that never existed."""
-    job = session.get(Job, job_id, options=[joinedload(Job.artifacts)])  # one query, artifacts included
-    return job if job is not None and job.owner == owner else None
+    return session.execute(OWNED_JOB, {"job_id": job_id, "owner": owner}).unique().scalar_one_or_none()
 
 
 def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
@@ -222,7 +228,8 @@ def list_jobs(
 ) -> tuple[list[Job], str | None]:
     """A page of the owner's jobs, newest first, and the cursor of the next page (None on the last). The
     cursor is the last id shown: ids sort by creation time, so a page is stable while jobs are added."""
-    query = select(Job).where(Job.owner == owner).order_by(Job.id.desc()).limit(limit + 1)
+    query = (select(Job).options(selectinload(Job.artifacts)).where(Job.owner == owner).order_by(Job.id.desc())
+             .limit(limit + 1))
     if cursor is not None:
         query = query.where(Job.id < cursor)
     if status is not None:

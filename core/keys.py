@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from datetime import datetime
 
 from sqlalchemy import String, select, update
@@ -19,6 +20,37 @@ from core.database import Base
 from core.jobs import UTCDateTime, now
 
 PREFIX = "nad"
+# Keys remembered at most, per process: past it the cache starts over, so a flood of made-up keys cannot
+# grow it (only good keys enter it, but keys are cheap to create for an operator's scripts).
+CACHE_SIZE = 10_000
+
+
+class KeyCache:
+    """Keys checked against the database in the last `seconds`, by the sha256 of the presented text (the
+    secret itself is not kept), with the key id they belong to.
+
+    The API trusts a key found here without asking the database again: a client polling its job every
+    second would otherwise cost a key lookup per poll, a third of a status read's work. The price: a revoked
+    key keeps working in each API process for at most `seconds` (NAD_KEY_CACHE_SECONDS; 0 turns it off)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._entries: dict[bytes, tuple[str, float]] = {}
+
+    def get(self, presented: str) -> str | None:
+        entry = self._entries.get(self._digest(presented))
+        return entry[0] if entry is not None and entry[1] > time.monotonic() else None
+
+    def put(self, presented: str, key_id: str) -> None:
+        if self.seconds <= 0:
+            return
+        if len(self._entries) >= CACHE_SIZE:
+            self._entries.clear()
+        self._entries[self._digest(presented)] = (key_id, time.monotonic() + self.seconds)
+
+    @staticmethod
+    def _digest(presented: str) -> bytes:
+        return hashlib.sha256(presented.encode()).digest()
 
 
 class ApiKey(Base):

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
         "poison); the worker fails a job past it, counting while it reads"
     )
     auth_enabled: bool = Field(default=True, description="require an API key on every job endpoint")
+    key_cache_seconds: float = Field(
+        default=5.0, ge=0, description="seconds an API process trusts a key it has checked without asking the "
+        "database again; a revoked key keeps working that long at most; 0 checks every request"
+    )
     job_time_limit: int = Field(
         default=6 * 3600, ge=10, description="seconds a job may run before it is stopped and failed"
     )
@@ -53,6 +57,10 @@ class Settings(BaseSettings):
     )
     api_host: str = Field(default="127.0.0.1", description="address `python -m api` listens on")
     api_port: int = Field(default=8000, ge=1, le=65535, description="port `python -m api` listens on")
+    api_workers: int = Field(
+        default=1, ge=1, le=64, description="API processes `python -m api` serves with; one per core answers the "
+        "most status reads (docs/benchmarks.md)"
+    )
 
     @property
     def visibility_timeout(self) -> int:

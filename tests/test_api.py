@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from http import HTTPStatus
 from pathlib import Path
 
@@ -154,6 +155,20 @@ def test_nad_keys_creates_a_working_key_without_importing_torch(
     assert key.split("_")[1] in listed and "ci" in listed
 
 
+def test_status_reads_work_on_sqlite_too(make_settings, tmp_path: Path) -> None:
+    """The embedded default: reads go through aiosqlite, writes through the sqlite3 module, one file."""
+    settings = make_settings(database_url=f"sqlite:///{tmp_path / 'nad.db'}")
+    db = Database(settings.database_url)
+    db.migrate()
+    db.dispose()
+    headers = new_key(settings)
+    with TestClient(create_app(settings)) as client:
+        job = submit(client, headers).json()
+        assert client.get(f"/jobs/{job['id']}", headers=headers).json()["inputs"].keys() == {"model", "clean_data"}
+        assert [item["id"] for item in client.get("/jobs", headers=headers).json()["items"]] == [job["id"]]
+        assert "queued" in problem(client.get(f"/jobs/{job['id']}/metrics", headers=headers), 409)["detail"]
+
+
 def test_health_and_readiness(api: TestClient) -> None:
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").json() == {"status": "ready"}
@@ -189,11 +204,27 @@ def test_every_job_endpoint_needs_a_valid_key(api: TestClient, api_settings: Set
         problem(api.request(method, path, headers={"Authorization": "Bearer nad_123_wrong"}), 401)
     header = new_key(api_settings)["Authorization"].removeprefix("Bearer ")
     assert api.get("/jobs", headers={"X-API-Key": header}).status_code == 200
-    db = Database(api_settings.database_url)
+    problem(api.get("/jobs", headers={"X-API-Key": header[:-1] + ("A" if header[-1] != "A" else "B")}), 401)
+
+
+def revoke(settings: Settings, key: str) -> None:
+    db = Database(settings.database_url)
     with db.session() as session:
-        keys.revoke_key(session, header.split("_")[1])
+        assert keys.revoke_key(session, key.split("_")[1])
     db.dispose()
-    assert "revoked" in problem(api.get("/jobs", headers={"X-API-Key": header}), 401)["detail"]
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.5])
+def test_a_revoked_key_works_at_most_key_cache_seconds_longer(api_settings: Settings, seconds: float) -> None:
+    settings = api_settings.model_copy(update={"key_cache_seconds": seconds})
+    key = new_key(settings)["Authorization"].removeprefix("Bearer ")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/jobs", headers={"X-API-Key": key}).status_code == 200
+        revoke(settings, key)
+        if seconds:
+            assert client.get("/jobs", headers={"X-API-Key": key}).status_code == 200  # remembered
+            time.sleep(seconds)
+        assert "revoked" in problem(client.get("/jobs", headers={"X-API-Key": key}), 401)["detail"]
 
 
 def test_without_auth_everyone_is_one_owner(api_settings: Settings) -> None:
