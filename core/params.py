@@ -58,8 +58,8 @@ TriggerSpec = Annotated[
     BadNetsTrigger | PatchTrigger | BlendTrigger | SigTrigger, Field(discriminator="type")
 ]
 
-Candidate = Literal["nad", "finetune", "fst", "anp"]
-Method = Literal["nad", "finetune", "fst", "anp", "auto"]
+Candidate = Literal["nad", "finetune", "fst", "anp", "ibau"]
+Method = Literal["nad", "finetune", "fst", "anp", "ibau", "auto"]
 Mode = Literal["fast", "reference"]
 
 
@@ -69,7 +69,8 @@ class SanitizeParams(_Spec):
     Defaults are the NAD authors' (Li et al., ICLR 2021): student 20 epochs at lr 0.1, dropped tenfold from
     epoch 2; teacher fine-tuned 10 epochs at lr 0.01; SGD with nesterov momentum 0.9, weight decay 1e-4;
     batch 64; betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation. The `anp_*`
-    defaults are the ANP authors' (Wu & Wang, NeurIPS 2021), as docs/engine.md details.
+    defaults are the ANP authors' (Wu & Wang, NeurIPS 2021), the `ibau_*` ones I-BAU's (Zeng et al., ICLR
+    2022), as docs/engine.md details.
     """
 
     arch: str = Field(description="architecture name, e.g. wrn-16-1, preact-resnet18, resnet18, or a torchvision name")
@@ -84,7 +85,8 @@ class SanitizeParams(_Spec):
         default="nad",
         description="nad: Neural Attention Distillation (fine-tuned teacher, then attention distillation); finetune: "
         "the fine-tuned teacher itself; fst: Feature Shift Tuning; anp: Adversarial Neuron Pruning (BatchNorm "
-        "neurons that adversarial weight noise exposes are pruned; no training of the weights); auto: runs "
+        "neurons that adversarial weight noise exposes are pruned; no training of the weights); ibau: Implicit "
+        "Backdoor Adversarial Unlearning (the universal adversarial perturbation is unlearnt); auto: runs "
         "auto_candidates and keeps the one that clean data favours (docs/engine.md)",
     )
     epochs: int = Field(default=20, ge=1, le=1000, description="student (or fine-tuning) epochs")
@@ -122,6 +124,12 @@ class SanitizeParams(_Spec):
                                 description="anp: images per mask batch, drawn with replacement")
     anp_threshold: float = Field(default=0.2, ge=0, le=1,
                                  description="anp: neurons whose mask ends at or below this are pruned")
+    ibau_rounds: int = Field(default=5, ge=1, le=1000,
+                             description="ibau: rounds of (find the universal perturbation, one pass of unlearning)")
+    ibau_lr: float = Field(default=0.001, gt=0, le=1, description="ibau: Adam learning rate of the weights")
+    ibau_batch_size: int = Field(default=100, ge=2, le=4096, description="ibau: images per unlearning batch")
+    ibau_norm: float = Field(default=10.0, gt=0, le=1000,
+                             description="ibau: bound on the perturbation's L2 norm, in the model's input space")
     layers: list[str] | None = Field(default=None, description="module names to distil; default: the arch's own")
     betas: list[float] | None = Field(default=None, description="one weight per layer; default: the arch's own")
     augment: bool = Field(default=True, description="random crop (padding 4) and horizontal flip while training")

@@ -2,14 +2,14 @@
 # The shared well-trained dev models (../shared/models/dev) cleaned by each method, measured by this engine:
 # the efficacy table of docs/results.md. 2,500 clean images (5 % of the shared CIFAR-10, stratified, seed 0);
 # ACC and ASR on the 10,000 test images (ASR on the 9,000 whose class is not the target).
-# Usage: bash scripts/results-dev.sh [OUT_DIR] [METHOD ...]   (finetune nad fst anp, the default: all four;
+# Usage: bash scripts/results-dev.sh [OUT_DIR] [METHOD ...]   (finetune nad fst anp ibau, the default: all five;
 # a method may carry sanitize flags after a colon, as auto:--auto-candidates=finetune,fst,nad)
-# On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 11. A report already in OUT_DIR
-# is kept, so an interrupted run goes on where it stopped. Then: .venv/bin/python scripts/results-table.py
+# On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 11, ibau about 9. A report already
+# in OUT_DIR is kept, so an interrupted run goes on where it stopped. Then: .venv/bin/python scripts/results-table.py
 set -euo pipefail
 out=${1:-var/results-dev}
 shift || true
-methods=("${@:-finetune nad fst anp}")
+methods=("${@:-finetune nad fst anp ibau}")
 shared=../shared
 cifar=$shared/datasets/cifar10
 dev=$shared/models/dev

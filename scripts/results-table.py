@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 MODELS = ("badnets", "blend", "sig", "patch")
-METHODS = ("finetune", "nad", "fst", "anp", "auto")
+METHODS = ("finetune", "nad", "fst", "anp", "ibau", "auto")
 
 
 def cell(measure: dict) -> str:

@@ -11,12 +11,13 @@ from typing import Any
 class Event:
     """One step of progress.
 
-    `stage` is one of: load, evaluate_before, the method's stages (teacher, student, fst, anp), evaluate_after,
-    done. `progress` is the share of the whole job done, 0 to 1, so a watcher needs no knowledge of the stages.
+    `stage` is one of: load, evaluate_before, the method's stages (teacher, student, fst, anp, ibau),
+    evaluate_after, done. `progress` is the share of the whole job done, 0 to 1, so a watcher needs no
+    knowledge of the stages.
     Epoch-level events carry `epoch` (1-based) of `epochs`, the epoch's mean `loss` and its `lr`;
     step-level events carry `step` of `steps`; anp, which counts iterations rather than epochs, also sends a
-    step event with the mean `loss` and the `lr` after each round of 50 iterations; evaluation events carry
-    `metrics`.
+    step event with the mean `loss` and the `lr` after each round of 50 iterations; ibau counts its rounds as
+    epochs; evaluation events carry `metrics`.
     """
 
     stage: str

@@ -14,6 +14,7 @@ from torch import nn
 
 from core.engine.anp import AnpRecipe, adversarial_neuron_pruning
 from core.engine.defenses import distill, feature_shift_tuning, finetune
+from core.engine.ibau import IbauRecipe, unlearn
 from core.engine.models import Distillation
 from core.engine.training import Execution, Normalization, Recipe, Watch
 from core.params import SanitizeParams
@@ -63,6 +64,11 @@ def anp_recipe(params: SanitizeParams) -> AnpRecipe:
                      threshold=params.anp_threshold, augment=params.augment, seed=params.seed)
 
 
+def ibau_recipe(params: SanitizeParams) -> IbauRecipe:
+    return IbauRecipe(rounds=params.ibau_rounds, lr=params.ibau_lr, batch_size=params.ibau_batch_size,
+                      norm=params.ibau_norm, seed=params.seed)
+
+
 def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
            run: Run) -> tuple[nn.Module, dict[str, Any] | None]:
     """Clean `model` (changed in place) with `method`; returns the cleansed model (for finetune: the teacher)
@@ -79,6 +85,10 @@ def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Te
             pruning = adversarial_neuron_pruning(model, run.neurons, images, labels, anp_recipe(params), normalize,
                                                  run.stage("anp"), execution)
         return model, pruning
+    if method == "ibau":
+        with run.timed("ibau"):
+            unlearn(model, images, labels, ibau_recipe(params), normalize, run.stage("ibau"), execution)
+        return model, None
     teacher = run.teacher
     if teacher is None:
         teacher = copy.deepcopy(model)

@@ -30,6 +30,9 @@ HOLDOUT_FRACTION = 0.1
 # ANP's share of the progress bar beside epoch-counted stages: its 2000 default iterations of 128 images cost
 # about as much as 10 epochs of 2,500 images with a teacher.
 ANP_STAGE_WEIGHT = 10
+# An I-BAU round (a perturbation pass, then one hypergradient step per batch, each some 15 forward and backward
+# passes) costs about as much as 20 epochs of fine-tuning on the same images.
+IBAU_ROUND_WEIGHT = 20
 # Shares of the whole job's progress bar outside training; training takes the rest, split by epochs.
 LOAD_SHARE, EVALUATE_SHARE = 0.02, 0.04
 
@@ -195,6 +198,8 @@ def _stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[s
         return {"fst": params.fst_epochs}
     if method == "anp":
         return {"anp": ANP_STAGE_WEIGHT}  # counted in iterations, not epochs
+    if method == "ibau":
+        return {"ibau": params.ibau_rounds * IBAU_ROUND_WEIGHT}
     stages = {"teacher": params.teacher_epochs} if trains_teacher else {}
     return stages | ({"student": params.epochs} if method == "nad" else {})
 

@@ -1,0 +1,158 @@
+"""Implicit Backdoor Adversarial Unlearning: it removes the digits backdoor end to end, its hypergradient is the
+implicit derivative (the unlearning term carries gradient), and its mechanics hold on small random models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch import nn
+from torch.func import functional_call, grad, jacrev
+
+from core.engine.checkpoints import read_metadata
+from core.engine.errors import Cancelled
+from core.engine.ibau import (
+    FIXED_POINT_ITERATIONS,
+    FIXED_POINT_STEP,
+    PERTURBATION_DECAY,
+    IbauRecipe,
+    hypergradient,
+    universal_perturbation,
+    unlearn,
+)
+from core.engine.models import build_model
+from core.engine.sanitize import JobFiles, sanitize
+from core.engine.training import Execution, Normalization, Watch
+from core.params import SanitizeParams
+
+RECIPE = IbauRecipe(rounds=2, lr=1e-3, batch_size=8, norm=10.0)
+
+
+def _data(n: int = 24, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    return images, torch.arange(n) % 10
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("wrn-16-1", 10)
+
+
+def _watch(should_stop=lambda: False, events=None) -> Watch:
+    return Watch("ibau", (events.append if events is not None else lambda e: None), should_stop)
+
+
+def test_ibau_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp_path):
+    """The authors' defaults (5 rounds, Adam lr 0.001, batches of 100, the perturbation within L2 norm 10): on an
+    AMD EPYC machine ASR went from 100 to 1.6, 0.9 and 0.2 % for seeds 0 to 2, ACC from 95.8 to 97.0, 95.8 and
+    96.8 %; the fixture's model is trained on the machine that runs the tests, so the bounds leave room."""
+    params = SanitizeParams.model_validate({**digits_backdoor.params, "method": "ibau"})
+    events = []
+    files = JobFiles(checkpoint=digits_backdoor.checkpoint, clean_data=digits_backdoor.clean,
+                     test_data=digits_backdoor.test, out=tmp_path / "clean.safetensors")
+    report = sanitize(files, params, on_event=events.append)
+    before, after = report["before"], report["after"]
+    assert before["asr"] > 90, "the fixture's model should carry the backdoor"
+    assert after["asr"] < 10
+    assert after["acc"] > before["acc"] - 3
+    assert [(row["stage"], row["epoch"]) for row in report["history"]] == [("ibau", n) for n in range(1, 6)]
+    assert all(row["delta_norm"] <= 10.0 + 1e-4 for row in report["history"])
+    assert report["teacher"] is None and report["pruning"] is None and report["layers"] == []
+    assert set(report["timings"]) >= {"load", "evaluate_before", "ibau", "evaluate_after", "total"}
+    progress = [e.progress for e in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert {e.stage for e in events} == {"load", "evaluate_before", "ibau", "evaluate_after", "done"}
+    assert read_metadata(tmp_path / "clean.safetensors")["method"] == "ibau"
+
+
+def test_the_hypergradient_is_the_truncated_implicit_derivative():
+    """Checked against the formula written out with full Jacobians on a model small enough for them:
+    dL/dw + (d phi/dw)^T sum_k (d phi/d delta)^T^k dL/d delta. The second term, the one that unlearns, is
+    not zero: it carries gradient to the weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    inputs, labels = torch.rand(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    anchor = (torch.rand(4, 3, 2, 2), torch.tensor([1, 2, 0, 1]))
+    delta = 0.5 * torch.randn(1, 3, 2, 2)
+    perturbed = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(4, 1, 1, 1)
+
+    loss = hypergradient(model, delta, anchor, (inputs, labels), perturbed, Execution())
+    got = {name: w.grad for name, w in model.named_parameters()}
+
+    weights = {name: w.detach() for name, w in model.named_parameters()}
+
+    def outer(weights, delta):
+        return F.cross_entropy(functional_call(model, weights, (inputs + perturbed * delta,)), labels)
+
+    def phi(weights, delta):
+        def inner(d):
+            logits = functional_call(model, weights, (anchor[0] + d,))
+            return -F.cross_entropy(logits, anchor[1]) + PERTURBATION_DECAY * d.pow(2).sum()
+
+        return delta - FIXED_POINT_STEP * grad(inner)(delta)
+
+    direct_weights, direct_delta = grad(outer, argnums=(0, 1))(weights, delta)
+    by_delta = jacrev(phi, argnums=1)(weights, delta).reshape(12, 12)
+    by_weights = jacrev(phi, argnums=0)(weights, delta)
+    v = torch.zeros(12)
+    for _ in range(FIXED_POINT_ITERATIONS):
+        v = by_delta.T @ v + direct_delta.flatten()
+    for name, weight in weights.items():
+        implicit = (v @ by_weights[name].reshape(12, -1)).reshape(weight.shape)
+        torch.testing.assert_close(got[name], direct_weights[name] + implicit, rtol=1e-4, atol=1e-6)
+        assert implicit.abs().max() > 1e-4
+    assert float(loss) == pytest.approx(float(outer(weights, delta)))
+
+
+def test_the_perturbation_stays_in_its_ball_and_leaves_the_weights_alone():
+    model = _model().eval()
+    images, _ = _data()
+    batches = list(Normalization()(images).split(8))
+    loose = universal_perturbation(model, batches, 1e6, Execution())
+    bound = float(loose.norm()) / 2
+    delta = universal_perturbation(model, batches, bound, Execution())
+    assert delta.shape == (1, 3, 16, 16) and not delta.requires_grad
+    assert float(delta.norm()) == pytest.approx(bound)
+    torch.testing.assert_close(delta, loose / 2)
+    assert all(w.grad is None for w in model.parameters())
+
+
+def test_unlearning_keeps_batch_norm_statistics_and_the_models_mode():
+    model = _model().train()
+    running = {name: b.clone() for name, b in model.named_buffers()}
+    weights = copy.deepcopy(model.state_dict())
+    images, labels = _data()
+    events = []
+    rows = unlearn(model, images, labels, RECIPE, Normalization(), _watch(events=events), Execution())
+    assert model.training
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, running[name])
+    assert any(not torch.equal(w, weights[name]) for name, w in model.state_dict().items())
+    assert [row["epoch"] for row in rows] == [1, 2] and all(row["stage"] == "ibau" for row in rows)
+    assert [e.step for e in events if e.step is not None] == [1, 2, 3] * 2
+    progress = [e.progress for e in events]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+
+
+def test_the_same_seed_gives_the_same_model_and_cancelling_changes_nothing():
+    images, labels = _data()
+    first, second = _model(), _model()
+    for model in (first, second):
+        unlearn(model, images, labels, RECIPE, Normalization(), _watch(), Execution())
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    model = _model()
+    untouched = copy.deepcopy(model.state_dict())
+    with pytest.raises(Cancelled, match="round 1"):
+        unlearn(model, images, labels, RECIPE, Normalization(), _watch(should_stop=lambda: True), Execution())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, untouched[name])
+
+
+@pytest.mark.parametrize("field", ["ibau_rounds", "ibau_lr", "ibau_batch_size", "ibau_norm"])
+def test_ibau_settings_out_of_range_are_refused(field):
+    with pytest.raises(ValidationError, match=field):
+        SanitizeParams(arch="wrn-16-1", num_classes=10, method="ibau", **{field: 0})
+    assert "ibau" in SanitizeParams(arch="wrn-16-1", num_classes=10, auto_candidates=["ibau"]).auto_candidates
