@@ -58,11 +58,8 @@ def _model(arch: str = "wrn-16-1") -> nn.Module:
 
 
 def test_anp_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp_path):
-    params = SanitizeParams.model_validate({**digits_backdoor.params, **DIGITS_ANP})
     events = []
-    files = JobFiles(checkpoint=digits_backdoor.checkpoint, clean_data=digits_backdoor.clean,
-                     test_data=digits_backdoor.test, out=tmp_path / "clean.safetensors")
-    report = sanitize(files, params, on_event=events.append)
+    report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", events.append, **DIGITS_ANP)
     before, after = report["before"], report["after"]
     assert before["asr"] > 90, "the fixture's model should carry the backdoor"
     assert after["asr"] < before["asr"] / 2

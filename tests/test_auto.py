@@ -4,17 +4,12 @@ only and explained."""
 import torch
 
 from core.engine.auto import feature_shift, pick
-from core.engine.sanitize import JobFiles, sanitize
-from core.params import SanitizeParams
 
 
 def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_path):
-    params = SanitizeParams.model_validate({**digits_backdoor.params, "method": "auto",
-                                            "auto_candidates": ["finetune", "nad"], "auto_budget": 3.0})
-    files = JobFiles(checkpoint=digits_backdoor.checkpoint, clean_data=digits_backdoor.clean,
-                     test_data=digits_backdoor.test, out=tmp_path / "clean.safetensors")
     events = []
-    report = sanitize(files, params, on_event=events.append)
+    report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", events.append, method="auto",
+                                      auto_candidates=["finetune", "nad"], auto_budget=3.0)
     auto = report["auto"]
     assert [row["method"] for row in auto["candidates"]] == ["finetune", "nad"]
     assert auto["chosen"] in ("finetune", "nad") and auto["chosen"] in auto["reason"]

@@ -9,9 +9,7 @@ from core.engine.checkpoints import read_metadata
 from core.engine.defenses import feature_shift_tuning
 from core.engine.errors import InputError
 from core.engine.models import build_model, classifier_head
-from core.engine.sanitize import JobFiles, sanitize
 from core.engine.training import Execution, Normalization, Recipe, Watch
-from core.params import SanitizeParams
 
 CPU = torch.device("cpu")
 
@@ -22,11 +20,7 @@ def test_fst_weakens_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp
     99.6 to 51 % (35 with lr 0.03 for 5 epochs; alpha 0.5 erased it but cost 17 points of accuracy); on an AMD
     EPYC machine from 95 to 20 to 23 % for seeds 0 to 2, ACC 0.8 to 4.4 points lower. docs/results.md has FST
     on the CIFAR-10 models."""
-    overrides = {"method": "fst"}
-    params = SanitizeParams.model_validate({**digits_backdoor.params, **overrides})
-    files = JobFiles(checkpoint=digits_backdoor.checkpoint, clean_data=digits_backdoor.clean,
-                     test_data=digits_backdoor.test, out=tmp_path / "clean.safetensors")
-    report = sanitize(files, params)
+    report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", method="fst")
     before, after = report["before"], report["after"]
     assert before["asr"] > 90 and after["asr"] < before["asr"] / 2
     assert after["acc"] > before["acc"] - 6

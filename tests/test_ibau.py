@@ -22,7 +22,6 @@ from core.engine.ibau import (
     unlearn,
 )
 from core.engine.models import build_model
-from core.engine.sanitize import JobFiles, sanitize
 from core.engine.training import Execution, Normalization, Watch
 from core.params import SanitizeParams
 
@@ -48,11 +47,8 @@ def test_ibau_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tm
     """The authors' defaults (5 rounds, Adam lr 0.001, batches of 100, the perturbation within L2 norm 10): on an
     AMD EPYC machine ASR went from 100 to 1.6, 0.9 and 0.2 % for seeds 0 to 2, ACC from 95.8 to 97.0, 95.8 and
     96.8 %; the fixture's model is trained on the machine that runs the tests, so the bounds leave room."""
-    params = SanitizeParams.model_validate({**digits_backdoor.params, "method": "ibau"})
     events = []
-    files = JobFiles(checkpoint=digits_backdoor.checkpoint, clean_data=digits_backdoor.clean,
-                     test_data=digits_backdoor.test, out=tmp_path / "clean.safetensors")
-    report = sanitize(files, params, on_event=events.append)
+    report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", events.append, method="ibau")
     before, after = report["before"], report["after"]
     assert before["asr"] > 90, "the fixture's model should carry the backdoor"
     assert after["asr"] < 10
