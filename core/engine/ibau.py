@@ -21,6 +21,9 @@ from a plain reading of the paper:
   clean accuracy fell from 86 % to 20 % (docs/engine.md).
 - The clean data is shuffled once (seeded): the authors' loader read the CIFAR-10 test set, already in random
   class order, without shuffling, and the first batch defines the fixed-point map.
+
+It runs in fp32 on every device, without the bf16 autocast of `fast` mode on a GPU: the hypergradient takes
+second derivatives, which this engine has not checked in bf16.
 """
 
 from __future__ import annotations
