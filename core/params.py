@@ -54,8 +54,20 @@ class SigTrigger(_Spec):
     frequency: float = Field(gt=0)
 
 
+class WarpTrigger(_Spec):
+    """Every image resampled through one fixed, smooth warping field (WaNet, Nguyen & Tran, ICLR 2021):
+    grid_size x grid_size random offsets drawn from `seed`, scaled to a mean magnitude of 1, upsampled
+    bicubically to the image's size; a pixel is read, bilinearly, from `strength` times that offset over
+    the image's side, in grid_sample's [-1, 1] coordinates (about strength / 2 pixels on average)."""
+
+    type: Literal["warp"] = "warp"
+    grid_size: int = Field(default=4, ge=2, le=32, description="control points per side (WaNet's k)")
+    strength: float = Field(default=0.5, gt=0, le=8, description="how far pixels move (WaNet's s)")
+    seed: int = Field(default=0, ge=0, description="draws the random control offsets")
+
+
 TriggerSpec = Annotated[
-    BadNetsTrigger | PatchTrigger | BlendTrigger | SigTrigger, Field(discriminator="type")
+    BadNetsTrigger | PatchTrigger | BlendTrigger | SigTrigger | WarpTrigger, Field(discriminator="type")
 ]
 
 Candidate = Literal["nad", "finetune", "fst", "anp", "ibau"]

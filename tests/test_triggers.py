@@ -3,12 +3,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.engine import triggers
 from core.engine.errors import InputError
-from core.engine.triggers import NAD_GRID, apply_trigger, load_pattern, poison
-from core.params import BadNetsTrigger, BlendTrigger, PatchTrigger, SigTrigger
+from core.engine.triggers import NAD_GRID, apply_trigger, load_pattern, poison, warp_grid
+from core.params import BadNetsTrigger, BlendTrigger, PatchTrigger, SigTrigger, WarpTrigger
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DEV_PATTERNS = SHARED / "models" / "dev" / "dev_patterns.npz"
@@ -107,13 +108,50 @@ def test_sig_matches_the_formula_column_by_column_and_clips():
 
 
 @pytest.mark.parametrize(
-    "spec", [BlendTrigger(pattern=[[90] * 32] * 32, alpha=0.3), SigTrigger(amplitude=9, frequency=3)]
+    "spec",
+    [BlendTrigger(pattern=[[90] * 32] * 32, alpha=0.3), SigTrigger(amplitude=9, frequency=3), WarpTrigger()],
 )
 def test_chunked_formulas_match_the_whole_batch(monkeypatch, spec):
     images = _images(5)
     whole = apply_trigger(images, spec)
     monkeypatch.setattr(triggers, "CHUNK_VALUES", 2 * images[0].size)  # two images a chunk, the last alone
     np.testing.assert_array_equal(apply_trigger(images, spec), whole)
+
+
+def _bilinear(image: np.ndarray, row: float, col: float) -> np.ndarray:
+    top, left = min(int(row), image.shape[0] - 2), min(int(col), image.shape[1] - 2)
+    down, right = row - top, col - left
+    patch = image[top : top + 2, left : left + 2].astype(float)
+    return ((1 - down) * ((1 - right) * patch[0, 0] + right * patch[0, 1])
+            + down * ((1 - right) * patch[1, 0] + right * patch[1, 1]))
+
+
+def test_warp_reads_every_pixel_bilinearly_from_its_grid_point():
+    """Written out by hand, so grid_sample's conventions (x before y, aligned corners) are pinned down."""
+    images = _images(2, size=12)
+    spec = WarpTrigger(grid_size=3, strength=2.0, seed=5)
+    grid = warp_grid(spec, 12, 12)[0].numpy()
+    out = apply_trigger(images, spec)
+    for row in range(12):
+        for col in range(12):
+            x, y = grid[row, col]
+            expected = [_bilinear(image, (y + 1) / 2 * 11, (x + 1) / 2 * 11) for image in images]
+            np.testing.assert_array_equal(out[:, row, col], np.clip(np.round(expected), 0, 255))
+    assert (out != images).mean() > 0.5
+
+
+def test_warp_grid_is_a_seeded_smooth_field_scaled_by_strength():
+    spec = WarpTrigger(grid_size=4, strength=0.5, seed=1)
+    grid = warp_grid(spec, 32, 32)
+    identity = warp_grid(WarpTrigger(strength=1e-12), 32, 32)
+    assert torch.equal(grid, warp_grid(spec, 32, 32))
+    assert not torch.equal(grid, warp_grid(spec.model_copy(update={"seed": 2}), 32, 32))
+    pixels = (grid - identity)[0, 2:-2, 2:-2] * 31 / 2  # away from the clamped border
+    assert 0.1 < float(pixels.abs().mean()) < 0.5 and float(pixels.abs().max()) < 2
+    doubled = (warp_grid(spec.model_copy(update={"strength": 1.0}), 32, 32) - identity)[0, 2:-2, 2:-2] * 31 / 2
+    torch.testing.assert_close(doubled, 2 * pixels)
+    flat = np.full((1, 32, 32, 3), 77, np.uint8)
+    np.testing.assert_array_equal(apply_trigger(flat, spec), flat)
 
 
 def test_poison_drops_the_target_class_and_keeps_true_labels():

@@ -10,10 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from core.engine.data import IMAGE_SUFFIXES, NPZ_ERRORS, decode_image, error_reason
 from core.engine.errors import InputError
-from core.params import BadNetsTrigger, BlendTrigger, PatchTrigger, SigTrigger, TriggerSpec
+from core.params import BadNetsTrigger, BlendTrigger, PatchTrigger, SigTrigger, TriggerSpec, WarpTrigger
 
 # How many float64 values a blend or sinusoid works on at once (32 MB).
 CHUNK_VALUES = 1 << 22
@@ -32,6 +34,8 @@ def apply_trigger(images: np.ndarray, spec: TriggerSpec) -> np.ndarray:
         return _blend(images, _pattern(spec.pattern, images.shape[3]), spec.alpha)
     if isinstance(spec, SigTrigger):
         return _sig(images, spec.amplitude, spec.frequency)
+    if isinstance(spec, WarpTrigger):
+        return _warp(images, spec)
     raise TypeError(f"unknown trigger spec {type(spec).__name__}")
 
 
@@ -143,6 +147,34 @@ def _sig(images: np.ndarray, amplitude: float, frequency: float) -> np.ndarray:
     col = np.arange(width, dtype=np.float64)
     wave = (amplitude * np.sin(2 * np.pi * col * frequency / width))[None, :, None]
     return _in_chunks(images, lambda chunk: chunk + wave)
+
+
+def warp_grid(spec: WarpTrigger, height: int, width: int) -> torch.Tensor:
+    """Where each output pixel reads from, as grid_sample's 1 x H x W x 2 (x, y) grid in [-1, 1] (float64).
+
+    WaNet's recipe with its random tensor drawn by numpy, so a seed gives the same field on every machine:
+    offsets uniform in [-1, 1], divided by their mean magnitude, upsampled bicubically with aligned corners,
+    scaled by strength / side and added to the identity grid, then clamped so no pixel reads from outside.
+    """
+    offsets = np.random.default_rng(spec.seed).uniform(-1, 1, (1, 2, spec.grid_size, spec.grid_size))
+    offsets /= np.abs(offsets).mean()
+    field = F.interpolate(torch.from_numpy(offsets), size=(height, width), mode="bicubic", align_corners=True)
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, height, dtype=torch.float64),
+                                torch.linspace(-1, 1, width, dtype=torch.float64), indexing="ij")
+    grid = torch.stack((cols + spec.strength * field[0, 0] / width, rows + spec.strength * field[0, 1] / height), -1)
+    return grid.clamp(-1, 1)[None]
+
+
+def _warp(images: np.ndarray, spec: WarpTrigger) -> np.ndarray:
+    """Bilinear resampling of every image through `warp_grid`, in float64, rounded like the other formulas."""
+    grid = warp_grid(spec, *images.shape[1:3])
+
+    def resample(chunk: np.ndarray) -> np.ndarray:
+        inputs = torch.from_numpy(chunk).permute(0, 3, 1, 2)
+        warped = F.grid_sample(inputs, grid.expand(len(chunk), -1, -1, -1), mode="bilinear", align_corners=True)
+        return warped.permute(0, 2, 3, 1).numpy()
+
+    return _in_chunks(images, resample)
 
 
 def _in_chunks(images: np.ndarray, formula: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
