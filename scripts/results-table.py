@@ -1,7 +1,7 @@
-"""The efficacy table of docs/results.md from the reports of scripts/results-dev.sh: ACC / ASR (percent) of
-each dev model before and after each method.
+"""The efficacy table of docs/results.md from the reports of scripts/results-models.sh: ACC / ASR (percent) of
+each model before and after each method, a column for each model with a report.
 
-    .venv/bin/python scripts/results-table.py [var/results-dev]
+    .venv/bin/python scripts/results-table.py [var/results]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-MODELS = ("badnets", "blend", "sig", "patch")
+MODELS = ("dev-badnets", "dev-blend", "dev-sig", "dev-patch", "own-warp")
 METHODS = ("finetune", "nad", "fst", "anp", "ibau", "auto")
 
 
@@ -19,19 +19,20 @@ def cell(measure: dict) -> str:
 
 
 def main() -> int:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "var/results-dev")
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "var/results")
     reports = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
+    models = [model for model in MODELS if any(name.startswith(f"{model}-") for name in reports)]
     rows = {"before": {}} | {method: {} for method in METHODS}
-    for model in MODELS:
+    for model in models:
         for method in METHODS:
             report = reports.get(f"{model}-{method}")
             if report is not None:
                 rows["before"][model] = cell(report["before"])
                 rows[method][model] = cell(report["after"])
-    print("| setting | " + " | ".join(MODELS) + " |")
-    print("| --- |" + " --- |" * len(MODELS))
+    print("| setting | " + " | ".join(models) + " |")
+    print("| --- |" + " --- |" * len(models))
     for name, cells in rows.items():
-        print(f"| {name} | " + " | ".join(cells.get(model, "not run") for model in MODELS) + " |")
+        print(f"| {name} | " + " | ".join(cells.get(model, "not run") for model in models) + " |")
     return 0
 
 
