@@ -41,6 +41,10 @@ def test_pick_keeps_the_largest_shift_within_the_budget():
     assert ROWS[index]["method"] == "fst" and "moved the features furthest" in reason  # nad shifts more: too costly
 
 
-def test_pick_falls_back_to_the_most_accurate_and_says_so():
+def test_pick_measures_from_the_most_accurate_when_none_is_within_the_budget_and_says_so():
+    """The suspect memorised its training images: every candidate looks 5 points worse than it on them."""
     index, reason = pick(ROWS, suspect_acc=95.0, budget=2.0)
-    assert ROWS[index]["method"] == "finetune" and reason.startswith("no candidate kept clean accuracy")
+    assert ROWS[index]["method"] == "fst" and reason.startswith("no candidate kept clean accuracy")
+    assert "most accurate (90.00 %)" in reason
+    index, _ = pick(ROWS, suspect_acc=95.0, budget=0.5)
+    assert ROWS[index]["method"] == "finetune"  # fst lost a point against finetune: too costly

@@ -10,9 +10,10 @@ the suspect model on the other nine tenths; each is measured on the selection se
   shift (Min et al., NeurIPS 2023, the observation behind FST); a candidate that left the features where
   they were most likely left the backdoor with them.
 
-Of the candidates within the budget the one with the largest shift wins; when none stays within it, the most
-accurate does, and the report says so. The signal is a heuristic: it favours methods that retrain (fst, nad,
-finetune) over pruning (anp), whose clean features move little even when it removed the backdoor.
+Of the candidates within the budget the one with the largest shift wins; when none stays within it, the same
+rule applies with the most accurate candidate's accuracy in place of the suspect's, and the report says so.
+The signal is a heuristic: it favours methods that retrain (fst, nad, finetune) over pruning (anp), whose
+clean features move little even when it removed the backdoor.
 """
 
 from __future__ import annotations
@@ -64,16 +65,24 @@ def feature_shift(features: torch.Tensor, reference: torch.Tensor) -> float:
 
 def pick(rows: list[dict[str, Any]], suspect_acc: float, budget: float) -> tuple[int, str]:
     """The index of the candidate to keep among `rows` (each with selection_acc and feature_shift), and why:
-    within `budget` points of `suspect_acc`, the largest feature shift; when none is within it, the most
-    accurate."""
-    eligible = [i for i, row in enumerate(rows) if row["selection_acc"] >= suspect_acc - budget]
+    within `budget` points of `suspect_acc`, the largest feature shift. When none is within it, the same rule
+    with the most accurate candidate as the yardstick: the suspect may have trained on the clean images (it
+    scores 7 to 10 points higher on them than on unseen ones), and the most accurate candidate is usually the
+    one that changed the model least, so keeping it alone would keep the backdoor too."""
+    eligible = _within(rows, suspect_acc, budget)
     if eligible:
         best = max(eligible, key=lambda i: rows[i]["feature_shift"])
         return best, (f"{rows[best]['method']} kept clean accuracy on the selection set within {budget} points "
                       f"of the suspect's {suspect_acc:.2f} % and moved the features furthest from the suspect's")
-    best = max(range(len(rows)), key=lambda i: rows[i]["selection_acc"])
+    top = max(row["selection_acc"] for row in rows)
+    best = max(_within(rows, top, budget), key=lambda i: rows[i]["feature_shift"])
     return best, (f"no candidate kept clean accuracy within {budget} points of the suspect's {suspect_acc:.2f} %; "
-                  f"{rows[best]['method']} lost the least")
+                  f"of those within {budget} points of the most accurate ({top:.2f} %), {rows[best]['method']} "
+                  f"moved the features furthest from the suspect's")
+
+
+def _within(rows: list[dict[str, Any]], acc: float, budget: float) -> list[int]:
+    return [i for i, row in enumerate(rows) if row["selection_acc"] >= acc - budget]
 
 
 def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> Choice:
