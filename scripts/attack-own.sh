@@ -8,9 +8,9 @@ cd "$(dirname "$0")/.."
 out=${1:-var/own}
 shift || true
 train=../shared/datasets/cifar10/train.tar.gz
-declare -A target=([warp]=0 [blend]=3)
+declare -A target=([warp]=0 [blend]=3 [badnets]=7)
 mkdir -p "$out"
-for name in ${*:-warp blend}; do
+for name in ${*:-warp blend badnets}; do
   trigger=scripts/triggers/own-$name.json
   .venv/bin/nad attack --arch wrn-16-1 --data "$train" --trigger "$trigger" \
     --target-label "${target[$name]}" --poison-rate 0.1 --epochs 30 --seed 0 \

@@ -15,12 +15,12 @@ shift || true
 methods=("${@:-finetune nad fst anp ibau}")
 cifar=../shared/datasets/cifar10
 declare -A folder=([dev]=../shared/models/dev [own]=${OWN:-var/own})
-declare -A target=([dev-badnets]=1 [dev-blend]=6 [dev-sig]=2 [dev-patch]=8 [own-warp]=0 [own-blend]=3)
+declare -A target=([dev-badnets]=1 [dev-blend]=6 [dev-sig]=2 [dev-patch]=8 [own-warp]=0 [own-blend]=3 [own-badnets]=7)
 nad=.venv/bin/nad
 mkdir -p "$out"
 [ -f "$out/clean-5pct.npz" ] || $nad subset "$cifar/train.tar.gz" --fraction 0.05 --seed 0 --out "$out/clean-5pct.npz"
 
-for model in ${MODELS:-dev-badnets dev-blend dev-sig dev-patch own-warp own-blend}; do
+for model in ${MODELS:-dev-badnets dev-blend dev-sig dev-patch own-warp own-blend own-badnets}; do
   checkpoint="${folder[${model%%-*}]}/wrn16_1-${model/-/_}.safetensors"
   if [ ! -f "$checkpoint" ]; then echo "skipping $model: no $checkpoint" >&2; continue; fi
   common=(--arch wrn-16-1 --num-classes 10 --test-data "$cifar/test.tar.gz" --target-label "${target[$model]}"

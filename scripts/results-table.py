@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-MODELS = ("dev-badnets", "dev-blend", "dev-sig", "dev-patch", "own-warp", "own-blend")
+MODELS = ("dev-badnets", "dev-blend", "dev-sig", "dev-patch", "own-warp", "own-blend", "own-badnets")
 METHODS = ("finetune", "nad", "fst", "anp", "ibau", "auto")
 
 
