@@ -17,7 +17,7 @@ from core.engine.data import IMAGE_SUFFIXES, NPZ_ERRORS, decode_image, error_rea
 from core.engine.errors import InputError
 from core.params import BadNetsTrigger, BlendTrigger, PatchTrigger, SigTrigger, TriggerSpec, WarpTrigger
 
-# How many float64 values a blend or sinusoid works on at once (32 MB).
+# How many float64 values a blend, sinusoid or warp works on at once (32 MB).
 CHUNK_VALUES = 1 << 22
 # The NAD authors' BadNets "gridTrigger" (bboylyg/NAD): a 3x3 checker in the bottom-right corner, the same in
 # every channel. Rows 29-31 of a 32x32 image read 0 0 255 / 0 255 0 / 255 0 255.
