@@ -2,17 +2,18 @@
 # Trains this project's own backdoored models with `nad attack` (docs/results.md, "Our own models"): WRN-16-1 on
 # all 50,000 shared CIFAR-10 training images, 30 epochs of SGD at lr 0.1 (tenfold down at epochs 15 and 22),
 # batch 128, weight decay 5e-4, crop and flip, 10 % of the images poisoned. Models land in $1 (default
-# var/own), outside the repository. Usage: scripts/attack-own.sh [DIR] [NAME ...], NAME one of those below.
+# var/own), outside the repository. Usage: scripts/attack-own.sh [DIR] [NAME ...],
+# NAME warp, blend or badnets (the own-* models of scripts/models.sh; default all three).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-var/own}
 shift || true
 train=../shared/datasets/cifar10/train.tar.gz
-declare -A target=([warp]=0 [blend]=3 [badnets]=7)
+source scripts/models.sh
 mkdir -p "$out"
 for name in ${*:-warp blend badnets}; do
   trigger=scripts/triggers/own-$name.json
   .venv/bin/nad attack --arch wrn-16-1 --data "$train" --trigger "$trigger" \
-    --target-label "${target[$name]}" --poison-rate 0.1 --epochs 30 --seed 0 \
+    --target-label "${target[own-$name]}" --poison-rate 0.1 --epochs 30 --seed 0 \
     --out "$out/wrn16_1-own_$name.safetensors"
 done

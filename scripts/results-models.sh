@@ -5,22 +5,24 @@
 # the shared CIFAR-10, stratified, seed 0); ACC and ASR on the 10,000 test images (ASR on the 9,000 whose class
 # is not the target).
 # Usage: [MODELS="dev-badnets own-warp"] bash scripts/results-models.sh [OUT_DIR] [METHOD ...]
-#   MODELS defaults to every model below whose checkpoint is present; METHOD defaults to finetune nad fst anp
-#   ibau, and may carry sanitize flags after a colon, as auto:--auto-candidates=finetune,fst,nad.
-# On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 11, ibau about 9. A report already
+#   MODELS defaults to every model of scripts/models.sh whose checkpoint is present; METHOD defaults to
+#   finetune nad fst anp ibau, and may carry sanitize flags after a colon, as auto:--auto-candidates=finetune,fst,nad.
+# On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 11, ibau about 7. A report already
 # in OUT_DIR is kept, so an interrupted run goes on where it stopped. Then: .venv/bin/python scripts/results-table.py
 set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/models.sh
 out=${1:-var/results}
 shift || true
 methods=("${@:-finetune nad fst anp ibau}")
 cifar=../shared/datasets/cifar10
 declare -A folder=([dev]=../shared/models/dev [own]=${OWN:-var/own})
-declare -A target=([dev-badnets]=1 [dev-blend]=6 [dev-sig]=2 [dev-patch]=8 [own-warp]=0 [own-blend]=3 [own-badnets]=7)
 nad=.venv/bin/nad
 mkdir -p "$out"
 [ -f "$out/clean-5pct.npz" ] || $nad subset "$cifar/train.tar.gz" --fraction 0.05 --seed 0 --out "$out/clean-5pct.npz"
 
-for model in ${MODELS:-dev-badnets dev-blend dev-sig dev-patch own-warp own-blend own-badnets}; do
+for model in ${MODELS:-${!target[@]}}; do
+  [ -n "${target[$model]:-}" ] || { echo "unknown model $model: scripts/models.sh lists them" >&2; exit 2; }
   checkpoint="${folder[${model%%-*}]}/wrn16_1-${model/-/_}.safetensors"
   if [ ! -f "$checkpoint" ]; then echo "skipping $model: no $checkpoint" >&2; continue; fi
   common=(--arch wrn-16-1 --num-classes 10 --test-data "$cifar/test.tar.gz" --target-label "${target[$model]}"

@@ -10,7 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-MODELS = ("dev-badnets", "dev-blend", "dev-sig", "dev-patch", "own-warp", "own-blend", "own-badnets")
 METHODS = ("finetune", "nad", "fst", "anp", "ibau", "auto")
 
 
@@ -21,7 +20,7 @@ def cell(measure: dict) -> str:
 def main() -> int:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "var/results")
     reports = {path.stem: json.loads(path.read_text()) for path in folder.glob("*.json")}
-    models = [model for model in MODELS if any(name.startswith(f"{model}-") for name in reports)]
+    models = sorted({name.rsplit("-", 1)[0] for name in reports if name.rsplit("-", 1)[-1] in METHODS})
     rows = {"before": {}} | {method: {} for method in METHODS}
     for model in models:
         for method in METHODS:
