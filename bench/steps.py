@@ -1,7 +1,7 @@
-"""The engine's building blocks in isolation, behind the choices of `fast` mode: a WRN-16-1 SGD step in NCHW
-and channels_last, eager and compiled, and inference throughput by batch size.
+"""The engine's building blocks in isolation, behind the choices of `fast` mode: an SGD step in NCHW and
+channels_last, eager and compiled, and inference throughput by batch size, for WRN-16-1 or another `--arch`.
 
-    .venv/bin/python bench/steps.py [--compile]
+    .venv/bin/python bench/steps.py [--compile] [--arch preact-resnet18]
 
 Random inputs and a freshly built model: only speed is measured. Prints images per second.
 """
@@ -53,15 +53,16 @@ def inference_rate(model: nn.Module, x: torch.Tensor, images: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (and its compiling)")
+    parser.add_argument("--arch", default="wrn-16-1", help="the model to time (default wrn-16-1)")
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.rand(64, 3, 32, 32)
-    print(f"threads {torch.get_num_threads()}; WRN-16-1, batch 64 training, images/s")
+    print(f"threads {torch.get_num_threads()}; {args.arch}, batch 64 training, images/s")
     for channels_last in (False, True):
-        model, inputs = layout(build_model("wrn-16-1", 10), x, channels_last)
+        model, inputs = layout(build_model(args.arch, 10), x, channels_last)
         print(f"  train {'channels_last' if channels_last else 'NCHW':14} {training_rate(model, inputs, 40):8.0f}")
     if args.compile:
-        model, inputs = layout(build_model("wrn-16-1", 10), x, True)
+        model, inputs = layout(build_model(args.arch, 10), x, True)
         compiled = torch.compile(model)
         start = time.perf_counter()
         training_rate(compiled, inputs, 1)
@@ -69,7 +70,7 @@ def main() -> int:
         print(f"  train compiled       {training_rate(compiled, inputs, 40):8.0f}")
     print("inference by batch size, images/s: NCHW, channels_last")
     for batch in (64, 128, 256, 512, 1024):
-        rates = [inference_rate(*layout(build_model("wrn-16-1", 10), torch.rand(batch, 3, 32, 32), cl), 6144)
+        rates = [inference_rate(*layout(build_model(args.arch, 10), torch.rand(batch, 3, 32, 32), cl), 6144)
                  for cl in (False, True)]
         print(f"  {batch:5}  {rates[0]:8.0f}  {rates[1]:8.0f}")
     return 0
