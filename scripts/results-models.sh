@@ -6,7 +6,8 @@
 # is not the target).
 # Usage: [MODELS="dev-badnets own-warp"] bash scripts/results-models.sh [OUT_DIR] [METHOD ...]
 #   MODELS defaults to every model of scripts/models.sh whose checkpoint is present; METHOD defaults to
-#   finetune nad fst anp ibau, and may carry sanitize flags after a colon, as auto:--auto-candidates=finetune,fst,nad.
+#   finetune nad fst anp ibau, and may carry sanitize flags after a colon, as auto:--auto-candidates=finetune,fst,nad
+#   (quote a METHOD with several flags: "auto:--auto-candidates=nad,ibau --ibau-lr=0.0003").
 # On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 11, ibau about 7. A report already
 # in OUT_DIR is kept, so an interrupted run goes on where it stopped. Then: .venv/bin/python scripts/results-table.py
 set -euo pipefail
@@ -14,7 +15,8 @@ cd "$(dirname "$0")/.."
 source scripts/models.sh
 out=${1:-var/results}
 shift || true
-methods=("${@:-finetune nad fst anp ibau}")
+methods=("$@")
+(($#)) || methods=(finetune nad fst anp ibau)
 cifar=../shared/datasets/cifar10
 declare -A folder=([dev]=../shared/models/dev [own]=${OWN:-var/own})
 nad=.venv/bin/nad
@@ -27,7 +29,7 @@ for model in ${MODELS:-${!target[@]}}; do
   if [ ! -f "$checkpoint" ]; then echo "skipping $model: no $checkpoint" >&2; continue; fi
   common=(--arch wrn-16-1 --num-classes 10 --test-data "$cifar/test.tar.gz" --target-label "${target[$model]}"
           --trigger "scripts/triggers/$model.json" --checkpoint "$checkpoint")
-  for method in ${methods[@]}; do
+  for method in "${methods[@]}"; do
     name=${method%%:*} flags=""
     [[ $method == *:* ]] && flags=${method#*:}
     report="$out/$model-$name.json"
