@@ -13,6 +13,7 @@ train=../shared/datasets/cifar10/train.tar.gz
 source scripts/models.sh
 mkdir -p "$out"
 for name in ${*:-warp blend badnets sig patch}; do
+  [ -n "${target[own-$name]:-}" ] || { echo "unknown model own-$name: scripts/models.sh lists them" >&2; exit 2; }
   trigger=scripts/triggers/own-$name.json
   rate=0.1
   [[ $name == sig ]] && rate=0.8
