@@ -67,7 +67,7 @@ def pick(rows: list[dict[str, Any]], suspect_acc: float, budget: float) -> tuple
     """The index of the candidate to keep among `rows` (each with selection_acc and feature_shift), and why:
     within `budget` points of `suspect_acc`, the largest feature shift. When none is within it, the same rule
     with the most accurate candidate as the yardstick: the suspect may have trained on the clean images (it
-    scores 7 to 10 points higher on them than on unseen ones), and the most accurate candidate is usually the
+    scores 5 to 10 points higher on them than on unseen ones), and the most accurate candidate is usually the
     one that changed the model least, so keeping it alone would keep the backdoor too."""
     eligible = _within(rows, suspect_acc, budget)
     if eligible:
