@@ -106,7 +106,8 @@ def _check_epochs(params: SanitizeParams, max_epochs: int) -> None:
     errors = [FieldError(field=f"params.{name}", message=f"{value} is more than this service's limit of "
                                                           f"{max_epochs} epochs; ask for at most {max_epochs}")
               for name, value in (("epochs", params.epochs), ("teacher_epochs", params.teacher_epochs),
-                                  ("fst_epochs", params.fst_epochs), ("ibau_rounds", params.ibau_rounds))
+                                  ("fst_epochs", params.fst_epochs), ("ibau_rounds", params.ibau_rounds),
+                                  ("sau_epochs", params.sau_epochs))
               if value > max_epochs]
     if errors:
         raise invalid(errors)

@@ -14,8 +14,8 @@ JOB_ID_EXAMPLE = "0192f3a4c5d6e7f8a9b0c1d2e3f4a5b6"
 
 class Progress(BaseModel):
     stage: str | None = Field(
-        description="load, evaluate_before, the method's stages (teacher, student, fst, anp, ibau), evaluate_after or "
-                    "done; null before the start",
+        description="load, evaluate_before, the method's stages (teacher, student, fst, anp, ibau, sau), "
+                    "evaluate_after or done; null before the start",
         examples=["student"],
     )
     epoch: int | None = Field(description="the epoch of `stage` under way (1-based)", examples=[3])
@@ -120,7 +120,8 @@ class Metrics(BaseModel):
     history: list[dict[str, Any]] = Field(
         description="one row per training epoch: stage (teacher/student/fst), epoch, epochs, loss, lr, ...; for "
                     "anp one row per 50 mask iterations: stage, step, steps, loss, nat_loss, rob_loss, lr, ...; "
-                    "for ibau one row per round (counted as epochs): stage, epoch, epochs, loss, delta_norm, lr",
+                    "for ibau one row per round (counted as epochs): stage, epoch, epochs, loss, delta_norm, lr; for "
+                    "sau one row per epoch: stage, epoch, epochs, loss, ce_loss, shared_loss, poison_share, lr",
         examples=[[{"stage": "student", "epoch": 1, "epochs": 20, "loss": 0.41, "lr": 0.1}]],
     )
     pruning: dict[str, Any] | None = Field(

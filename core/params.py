@@ -70,8 +70,8 @@ TriggerSpec = Annotated[
     BadNetsTrigger | PatchTrigger | BlendTrigger | SigTrigger | WarpTrigger, Field(discriminator="type")
 ]
 
-Candidate = Literal["nad", "finetune", "fst", "anp", "ibau"]
-Method = Literal["nad", "finetune", "fst", "anp", "ibau", "auto"]
+Candidate = Literal["nad", "finetune", "fst", "anp", "ibau", "sau"]
+Method = Literal["nad", "finetune", "fst", "anp", "ibau", "sau", "auto"]
 Mode = Literal["fast", "reference"]
 
 
@@ -82,7 +82,8 @@ class SanitizeParams(_Spec):
     epoch 2; teacher fine-tuned 10 epochs at lr 0.01; SGD with nesterov momentum 0.9, weight decay 1e-4;
     batch 64; betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation. The `anp_*`
     defaults are the ANP authors' (Wu & Wang, NeurIPS 2021), the `ibau_*` ones I-BAU's (Zeng et al., ICLR
-    2022), as docs/engine.md details.
+    2022); the `sau_*` ones follow SAU's (Wei et al., NeurIPS 2023) but for its learning rate and epochs, as
+    docs/engine.md details.
     """
 
     arch: str = Field(description="architecture name, e.g. wrn-16-1, preact-resnet18, resnet18, or a torchvision name")
@@ -98,7 +99,8 @@ class SanitizeParams(_Spec):
         description="nad: Neural Attention Distillation (fine-tuned teacher, then attention distillation); finetune: "
         "the fine-tuned teacher itself; fst: Feature Shift Tuning; anp: Adversarial Neuron Pruning (BatchNorm "
         "neurons that adversarial weight noise exposes are pruned; no training of the weights); ibau: Implicit "
-        "Backdoor Adversarial Unlearning (the universal adversarial perturbation is unlearnt); auto: runs "
+        "Backdoor Adversarial Unlearning (the universal adversarial perturbation is unlearnt); sau: Shared "
+        "Adversarial Unlearning (adversarial examples the model shares with the suspect are unlearnt); auto: runs "
         "auto_candidates and keeps the one that clean data favours (docs/engine.md)",
     )
     epochs: int = Field(default=20, ge=1, le=1000, description="student (or fine-tuning) epochs")
@@ -143,6 +145,14 @@ class SanitizeParams(_Spec):
     ibau_batch_size: int = Field(default=100, ge=2, le=4096, description="ibau: images per unlearning batch")
     ibau_norm: float = Field(default=10.0, gt=0, le=1000,
                              description="ibau: bound on the perturbation's L2 norm, in the model's input space")
+    sau_epochs: int = Field(default=10, ge=1, le=1000,
+                            description="sau: passes over the clean data (the authors': 100)")
+    sau_lr: float = Field(default=0.0007, gt=0, le=1,
+                          description="sau: Adam learning rate of the weights, cosine-annealed over the epochs (the "
+                                      "authors': 0.0001)")
+    sau_batch_size: int = Field(default=256, ge=2, le=4096, description="sau: images per unlearning batch")
+    sau_bound: float = Field(default=0.2, gt=0, le=1,
+                             description="sau: bound on each image's perturbation (L-infinity, pixels in [0, 1])")
     layers: list[str] | None = Field(default=None, description="module names to distil; default: the arch's own")
     betas: list[float] | None = Field(default=None, description="one weight per layer; default: the arch's own")
     augment: bool = Field(default=True, description="random crop (padding 4) and horizontal flip while training")

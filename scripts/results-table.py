@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-METHODS = ("finetune", "nad", "fst", "anp", "ibau", "auto")
+METHODS = ("finetune", "nad", "fst", "anp", "ibau", "sau", "auto")
 
 
 def cell(measure: dict) -> str:

@@ -84,7 +84,7 @@ def digits_backdoor(tmp_path_factory) -> DigitsCase:
     # first machine student lr 0.05 kept ACC within 3 points and ASR under 1 % for seeds 0 to 2; on an AMD EPYC
     # machine it cost 15 to 22 points (ASR 4 to 8 %), while lr 0.04 kept ACC within 3.6 to 5 points of 96.2 %
     # with ASR 0, 0.5 and 3.9 % (seeds 0 to 2), and lr 0.02 to 0.03 left ASR at 12 to 41 %.
-    params = {"arch": "wrn-16-1", "num_classes": 10, "input_size": 16, "target_label": DIGITS_TARGET,
+    params = {"arch": "wrn-16-1", "num_classes": 10, "method": "nad", "input_size": 16, "target_label": DIGITS_TARGET,
               "trigger": DIGITS_TRIGGER, "teacher_epochs": 5, "teacher_lr": 0.03, "epochs": 5, "lr": 0.04,
               "batch_size": 32}
     return DigitsCase(checkpoint, _save_npz(folder / "clean.npz", x[clean], y[clean]),

@@ -128,6 +128,7 @@ def test_a_retried_submission_at_the_cap_gets_its_job_back(
         ({"epochs": 60, "teacher_epochs": 70}, ["params.epochs", "params.teacher_epochs"]),
         ({"method": "fst", "fst_epochs": 51}, ["params.fst_epochs"]),
         ({"method": "ibau", "ibau_rounds": 51}, ["params.ibau_rounds"]),
+        ({"method": "sau", "sau_epochs": 51}, ["params.sau_epochs"]),
     ],
 )
 def test_epochs_past_the_operators_cap_are_422_naming_the_field(

@@ -11,7 +11,7 @@ from typing import Any
 class Event:
     """One step of progress.
 
-    `stage` is one of: load, evaluate_before, the method's stages (teacher, student, fst, anp, ibau),
+    `stage` is one of: load, evaluate_before, the method's stages (teacher, student, fst, anp, ibau, sau),
     evaluate_after, done. `progress` is the share of the whole job done, 0 to 1, so a watcher needs no
     knowledge of the stages.
     Epoch-level events carry `epoch` (1-based) of `epochs`, the epoch's mean `loss` and its `lr`;

@@ -16,6 +16,7 @@ from core.engine.anp import AnpRecipe, adversarial_neuron_pruning
 from core.engine.defenses import distill, feature_shift_tuning, finetune
 from core.engine.ibau import IbauRecipe, unlearn
 from core.engine.models import Distillation
+from core.engine.sau import SauRecipe, shared_unlearning
 from core.engine.training import Execution, Normalization, Recipe, Watch
 from core.params import SanitizeParams
 
@@ -69,6 +70,11 @@ def ibau_recipe(params: SanitizeParams) -> IbauRecipe:
                       norm=params.ibau_norm, seed=params.seed)
 
 
+def sau_recipe(params: SanitizeParams) -> SauRecipe:
+    return SauRecipe(epochs=params.sau_epochs, lr=params.sau_lr, batch_size=params.sau_batch_size,
+                     bound=params.sau_bound, seed=params.seed)
+
+
 def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
            run: Run) -> tuple[nn.Module, dict[str, Any] | None]:
     """Clean `model` (changed in place) with `method`; returns the cleansed model (for finetune: the teacher)
@@ -88,6 +94,10 @@ def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Te
     if method == "ibau":
         with run.timed("ibau"):
             unlearn(model, images, labels, ibau_recipe(params), normalize, run.stage("ibau"), execution)
+        return model, None
+    if method == "sau":
+        with run.timed("sau"):
+            shared_unlearning(model, images, labels, sau_recipe(params), normalize, run.stage("sau"), execution)
         return model, None
     teacher = run.teacher
     if teacher is None:

@@ -33,6 +33,9 @@ ANP_STAGE_WEIGHT = 10
 # An I-BAU round (a perturbation pass, then one hypergradient step per batch, each some 15 forward and backward
 # passes) costs about as much as 20 epochs of fine-tuning on the same images.
 IBAU_ROUND_WEIGHT = 20
+# A SAU epoch (five perturbation steps through two models, then the unlearning step) costs about as much as 13
+# epochs of fine-tuning on the same images.
+SAU_EPOCH_WEIGHT = 13
 # Shares of the whole job's progress bar outside training; training takes the rest, split by epochs.
 LOAD_SHARE, EVALUATE_SHARE = 0.02, 0.04
 
@@ -200,6 +203,8 @@ def _stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[s
         return {"anp": ANP_STAGE_WEIGHT}  # counted in iterations, not epochs
     if method == "ibau":
         return {"ibau": params.ibau_rounds * IBAU_ROUND_WEIGHT}
+    if method == "sau":
+        return {"sau": params.sau_epochs * SAU_EPOCH_WEIGHT}
     stages = {"teacher": params.teacher_epochs} if trains_teacher else {}
     return stages | ({"student": params.epochs} if method == "nad" else {})
 

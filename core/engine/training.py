@@ -54,12 +54,15 @@ class Normalization:
     std: tuple[float, float, float] | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255)
+        return self.standardize(images.float().div_(255))
+
+    def standardize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float pixels in [0, 1] (an image with a perturbation added, say) to the model's input."""
         if self.mean is None or self.std is None:
-            return x
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+            return pixels
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels - mean) / std
 
 
 @dataclass(frozen=True)

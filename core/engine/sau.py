@@ -1,0 +1,182 @@
+"""Shared Adversarial Unlearning (Wei et al., NeurIPS 2023): unlearn the adversarial examples that the model
+shares with the suspect. A backdoor gives the suspect a short path from almost any image to its target class,
+so a bounded perturbation that fools both the suspect and the model being cleaned, into the same class, most
+likely walks that path. Each batch, projected gradient steps look for such shared adversarial examples; the
+weights then take one Adam step on the clean cross-entropy plus a term that pushes the model's prediction on
+each adversarial image away from the class the suspect gives it.
+
+Followed from the authors' code (BackdoorBench, `defense/sau.py`, class `Shared_PGD`, written by the paper's
+first author, and `config/defense/sau/config.yaml`), where it differs from a plain reading of the paper:
+
+- The perturbation is one per image, bounded in L-infinity by `bound` (0.2) in pixel units ([0, 1], before
+  any normalisation), and not clipped to valid images. It starts at +`bound` everywhere and takes 5 signed
+  gradient steps of 0.2 down 0.01 * L_adv + L_shared: L_adv is minus the cross-entropy (true labels) of the
+  images that do not yet fool each model, halved and divided by the batch; L_shared is the Jensen-Shannon
+  divergence between the two models' predictions on the images that are not yet shared adversarial examples.
+  It stops early when every image is one.
+- The unlearning loss is the clean cross-entropy plus, for each "potential poison" (an adversarial image
+  that the suspect puts in a class that is neither its label nor the suspect's prediction for the clean
+  image), -log(1 - p) with p the model's probability of the suspect's adversarial class, summed and divided
+  by the batch. As the authors, 1 - p is taken half as the sum of the other classes' probabilities (clamped at
+  0.999) and half as 1 - p (p clamped at 0.001), which keeps it finite when p is near 0 or 1.
+  The adversarial-training term is off (their `lmd_2` is 0).
+- Adam (betas 0.9, 0.999, no weight decay), batches of 256, no augmentation; both models stay in evaluation
+  mode, so BatchNorm keeps the statistics it learnt on the whole training set.
+- The authors' configuration asks for a cosine learning-rate schedule, and their code builds it but never
+  steps it; here it is stepped once an epoch. Their Adam runs at 0.0001 for 100 epochs; the defaults here
+  (`sau_lr` 0.0007, `sau_epochs` 10, in core/params.py) were measured on well-trained WRN-16-1, where 10
+  epochs at 0.0001 left a blend backdoor whole (docs/engine.md).
+
+It runs in fp32 on every device, like `ibau`: its perturbation steps follow the sign of input gradients, which
+this engine has not checked in bf16.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.engine.errors import Cancelled
+from core.engine.events import Event
+from core.engine.training import Execution, Normalization, Recipe, Watch, plan_epoch
+
+PGD_STEPS = 5
+PGD_STEP_SIZE = 0.2
+ADVERSARIAL_WEIGHT = 0.01
+SHARED_WEIGHT = 1.0
+
+
+@dataclass(frozen=True)
+class SauRecipe:
+    """SAU's settings: `epochs` passes over the clean data in batches of `batch_size`, one Adam step per batch
+    at `lr` (cosine over the epochs), each batch's perturbations within `bound` in L-infinity (pixel units)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    bound: float
+    seed: int = 0
+
+    def lr_at(self, epoch: int) -> float:
+        return self.lr * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
+
+
+def shared_perturbation(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
+                        bound: float, normalize: Normalization, execution: Execution) -> torch.Tensor:
+    """Per-image perturbations (pixel units, within `bound`) that make `model` and `suspect` err alike: the
+    authors' Shared_PGD. Neither model's weights get gradient."""
+    forward = _forward(normalize, execution)
+    with torch.no_grad():
+        own, own_suspect = forward(model, pixels).argmax(1), forward(suspect, pixels).argmax(1)
+    perturbation = torch.full_like(pixels, bound)
+    for _ in range(PGD_STEPS):
+        perturbation.requires_grad_()
+        logits, logits_suspect = forward(model, pixels + perturbation), forward(suspect, pixels + perturbation)
+        fooled, fooled_suspect = logits.argmax(1) != own, logits_suspect.argmax(1) != own_suspect
+        shared = fooled & fooled_suspect & (logits.argmax(1) == logits_suspect.argmax(1))
+        adversarial = -(F.cross_entropy(logits, labels, reduction="none")[~fooled].sum()
+                        + F.cross_entropy(logits_suspect, labels, reduction="none")[~fooled_suspect].sum()) / 2
+        divergence = _jensen_shannon(logits, logits_suspect)[~shared].sum()
+        loss = (ADVERSARIAL_WEIGHT * adversarial + SHARED_WEIGHT * divergence) / len(pixels)
+        (gradient,) = torch.autograd.grad(loss, perturbation)
+        perturbation = (perturbation.detach() - PGD_STEP_SIZE * gradient.sign()).clamp_(-bound, bound)
+        if bool(shared.all()):
+            break
+    return perturbation.detach()
+
+
+def unlearning_loss(logits: torch.Tensor, adversarial_logits: torch.Tensor, labels: torch.Tensor,
+                    suspect_clean: torch.Tensor, suspect_adversarial: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The clean cross-entropy and the shared-risk term: on each potential poison (the suspect's adversarial
+    class is neither the label nor its clean prediction), -log(1 - p) for the model's probability p of that
+    class, in the authors' two clamped halves. `suspect_*` are the suspect's predicted classes. Also returns
+    the share of the batch that were potential poisons."""
+    ce = F.cross_entropy(logits, labels)
+    poison = (suspect_adversarial != labels) & (suspect_adversarial != suspect_clean)
+    probabilities = F.softmax(adversarial_logits, dim=1)[poison]
+    one_hot = F.one_hot(suspect_adversarial[poison], probabilities.shape[1]).to(probabilities.dtype)
+    chosen, rest = (probabilities * one_hot).sum(1), (probabilities * (1 - one_hot)).sum(1)
+    shared = -(torch.log(1e-6 + rest.clamp(max=0.999)).sum()
+               + torch.log(1 + 1e-6 - chosen.clamp(min=0.001)).sum()) / 2 / len(labels)
+    return {"loss": ce + shared, "ce_loss": ce, "shared_loss": shared,
+            "poison_share": poison.float().mean()}
+
+
+def shared_unlearning(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: SauRecipe,
+                      normalize: Normalization, watch: Watch, execution: Execution) -> list[dict[str, Any]]:
+    """Unlearn `model` in place on the clean uint8 `images`, against a frozen copy of itself as the suspect;
+    returns one history row per epoch.
+
+    Checks `watch.should_stop()` before every epoch and raises Cancelled when it turns true, so a model is
+    never left half-way through an epoch."""
+    suspect = copy.deepcopy(model).eval()
+    for weight in suspect.parameters():
+        weight.requires_grad_(False)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    plan = Recipe(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, augment=False, seed=recipe.seed)
+    optimizer = torch.optim.Adam([w for w in model.parameters() if w.requires_grad], lr=recipe.lr)
+    forward = _forward(normalize, execution)
+    training = model.training
+    model.eval()
+    rows = []
+    try:
+        for epoch in range(recipe.epochs):
+            if watch.should_stop():
+                raise Cancelled(f"cancelled before {watch.stage} epoch {epoch + 1}")
+            lr = recipe.lr_at(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            steps = plan_epoch(len(images), plan, generator, images.device, execution.static_shapes)
+            sums: dict[str, float] = {}
+            for number, step in enumerate(steps, start=1):
+                pixels, targets = images[step.index].float().div_(255), labels[step.index]
+                perturbation = shared_perturbation(model, suspect, pixels, targets, recipe.bound, normalize,
+                                                   execution)
+                logits, adversarial_logits = forward(model, torch.cat([pixels, pixels + perturbation])).split(
+                    len(targets))
+                with torch.no_grad():
+                    suspect_clean = forward(suspect, pixels).argmax(1)
+                    suspect_adversarial = forward(suspect, pixels + perturbation).argmax(1)
+                parts = unlearning_loss(logits, adversarial_logits, targets, suspect_clean, suspect_adversarial)
+                optimizer.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                optimizer.step()
+                for name, value in parts.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / len(steps)
+                watch.on_event(Event(watch.stage, watch.at((epoch + number / len(steps)) / recipe.epochs),
+                                     epoch=epoch + 1, epochs=recipe.epochs, step=number, steps=len(steps)))
+            rows.append(_record_epoch(watch, epoch + 1, recipe.epochs, lr, sums))
+    finally:
+        model.train(training)
+    return rows
+
+
+def _forward(normalize: Normalization, execution: Execution):
+    """A model's logits on float pixels in [0, 1] (perturbed or not), normalised as the model expects."""
+
+    def forward(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        return model(execution.inputs(normalize.standardize(pixels)))
+
+    return forward
+
+
+def _jensen_shannon(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per-image Jensen-Shannon divergence of two predictions, probabilities clamped at 1e-8 as the authors'."""
+    p, q = F.softmax(logits, dim=1).clamp(min=1e-8), F.softmax(other, dim=1).clamp(min=1e-8)
+    mixture = (p + q) / 2
+    return (0.5 * (p * (p.log() - mixture.log())) + 0.5 * (q * (q.log() - mixture.log()))).sum(1)
+
+
+def _record_epoch(watch: Watch, epoch: int, epochs: int, lr: float, sums: dict[str, float]) -> dict[str, Any]:
+    row = {"stage": watch.stage, "epoch": epoch, "epochs": epochs, "lr": lr, **sums}
+    watch.history.append(row)
+    watch.on_event(Event(watch.stage, watch.at(epoch / epochs), epoch=epoch, epochs=epochs, loss=sums["loss"],
+                         lr=lr, metrics={k: v for k, v in sums.items() if k != "loss"}))
+    return row
