@@ -34,7 +34,6 @@ this engine has not checked in bf16.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.engine.errors import Cancelled
 from core.engine.events import Event
-from core.engine.training import Execution, Normalization, Recipe, Watch, plan_epoch
+from core.engine.training import Execution, Normalization, Recipe, Watch, begin_epoch, plan_epoch
 
 PGD_STEPS = 5
 PGD_STEP_SIZE = 0.2
@@ -62,9 +60,6 @@ class SauRecipe:
     batch_size: int
     bound: float
     seed: int = 0
-
-    def lr_at(self, epoch: int) -> float:
-        return self.lr * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
 
 
 def shared_perturbation(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
@@ -120,7 +115,8 @@ def shared_unlearning(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         weight.requires_grad_(False)
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    plan = Recipe(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, augment=False, seed=recipe.seed)
+    plan = Recipe(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, augment=False, seed=recipe.seed,
+                  cosine=True)
     optimizer = torch.optim.Adam([w for w in model.parameters() if w.requires_grad], lr=recipe.lr)
     forward = _forward(normalize, execution)
     training = model.training
@@ -128,11 +124,7 @@ def shared_unlearning(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     rows = []
     try:
         for epoch in range(recipe.epochs):
-            if watch.should_stop():
-                raise Cancelled(f"cancelled before {watch.stage} epoch {epoch + 1}")
-            lr = recipe.lr_at(epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = begin_epoch(epoch, plan, optimizer, watch)
             steps = plan_epoch(len(images), plan, generator, images.device, execution.static_shapes)
             sums: dict[str, float] = {}
             for number, step in enumerate(steps, start=1):

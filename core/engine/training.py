@@ -199,11 +199,7 @@ def train(
     )
     rows = []
     for epoch in range(recipe.epochs):
-        if watch.should_stop():
-            raise Cancelled(f"cancelled before {watch.stage} epoch {epoch + 1}")
-        lr = recipe.lr_at(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = begin_epoch(epoch, recipe, optimizer, watch)
         rows.append(_epoch(model, images, labels, objective, recipe, (normalize, execution), watch, optimizer,
                            generator, epoch))
         rows[-1].update(stage=watch.stage, epoch=epoch + 1, epochs=recipe.epochs, lr=lr)
@@ -213,6 +209,17 @@ def train(
                   loss=rows[-1]["loss"], lr=lr, metrics={k: v for k, v in rows[-1].items() if k.endswith("_loss")})
         )
     return rows
+
+
+def begin_epoch(epoch: int, recipe: Recipe, optimizer: torch.optim.Optimizer, watch: Watch) -> float:
+    """Before epoch `epoch` (0-based): raise Cancelled when the watcher asks to stop, else set the optimizer's
+    learning rate to the recipe's for that epoch and return it."""
+    if watch.should_stop():
+        raise Cancelled(f"cancelled before {watch.stage} epoch {epoch + 1}")
+    lr = recipe.lr_at(epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def _epoch(model, images, labels, objective, recipe, pipeline, watch, optimizer, generator, epoch) -> dict:
