@@ -118,7 +118,6 @@ def shared_unlearning(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     plan = Recipe(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, augment=False, seed=recipe.seed,
                   cosine=True)
     optimizer = torch.optim.Adam([w for w in model.parameters() if w.requires_grad], lr=recipe.lr)
-    forward = _forward(normalize, execution)
     training = model.training
     model.eval()
     rows = []
@@ -129,25 +128,33 @@ def shared_unlearning(model: nn.Module, images: torch.Tensor, labels: torch.Tens
             sums: dict[str, float] = {}
             for number, step in enumerate(steps, start=1):
                 pixels, targets = images[step.index].float().div_(255), labels[step.index]
-                perturbation = shared_perturbation(model, suspect, pixels, targets, recipe.bound, normalize,
-                                                   execution)
-                logits, adversarial_logits = forward(model, torch.cat([pixels, pixels + perturbation])).split(
-                    len(targets))
-                with torch.no_grad():
-                    suspect_clean = forward(suspect, pixels).argmax(1)
-                    suspect_adversarial = forward(suspect, pixels + perturbation).argmax(1)
-                parts = unlearning_loss(logits, adversarial_logits, targets, suspect_clean, suspect_adversarial)
-                optimizer.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                optimizer.step()
+                parts = _unlearning_step(model, suspect, pixels, targets, recipe.bound, optimizer, normalize,
+                                         execution)
                 for name, value in parts.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / len(steps)
+                    sums[name] = sums.get(name, 0.0) + value / len(steps)
                 watch.on_event(Event(watch.stage, watch.at((epoch + number / len(steps)) / recipe.epochs),
                                      epoch=epoch + 1, epochs=recipe.epochs, step=number, steps=len(steps)))
             rows.append(_record_epoch(watch, epoch + 1, recipe.epochs, lr, sums))
     finally:
         model.train(training)
     return rows
+
+
+def _unlearning_step(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor, targets: torch.Tensor,
+                     bound: float, optimizer: torch.optim.Optimizer, normalize: Normalization,
+                     execution: Execution) -> dict[str, float]:
+    """One batch: find its shared adversarial examples, then one optimizer step on the unlearning loss."""
+    forward = _forward(normalize, execution)
+    perturbation = shared_perturbation(model, suspect, pixels, targets, bound, normalize, execution)
+    logits, adversarial_logits = forward(model, torch.cat([pixels, pixels + perturbation])).split(len(targets))
+    with torch.no_grad():
+        suspect_clean = forward(suspect, pixels).argmax(1)
+        suspect_adversarial = forward(suspect, pixels + perturbation).argmax(1)
+    parts = unlearning_loss(logits, adversarial_logits, targets, suspect_clean, suspect_adversarial)
+    optimizer.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    optimizer.step()
+    return {name: float(value.detach()) for name, value in parts.items()}
 
 
 def _forward(normalize: Normalization, execution: Execution):
