@@ -91,6 +91,29 @@ def test_shared_perturbation_makes_two_models_err_alike():
     assert not (model(pixels + perturbation).argmax(1) == labels).any()
 
 
+class Recording(BrightestChannel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return super().forward(x)
+
+
+def test_the_models_see_normalised_inputs_while_the_bound_is_in_pixels():
+    """The perturbation lives in pixel units, added before the model's normalisation, as the authors' code
+    does: the models receive (pixels + perturbation - mean) / std."""
+    pixels = torch.full((2, 3, 2, 2), 0.5)
+    normalize = Normalization(mean=(0.4, 0.4, 0.4), std=(0.1, 0.1, 0.1))
+    model = Recording()
+    perturbation = shared_perturbation(model, BrightestChannel(), pixels, torch.tensor([0, 1]), 0.05, normalize,
+                                       EXECUTION)
+    assert torch.allclose(model.seen[0], torch.full_like(pixels, 1.0))  # (0.5 - 0.4) / 0.1, unperturbed
+    assert torch.allclose(model.seen[1], torch.full_like(pixels, 1.5))  # the start: +0.05 everywhere
+    assert float(perturbation.abs().max()) <= 0.05 + 1e-7
+
+
 def test_unlearning_loss_is_the_clean_loss_plus_minus_log_one_minus_p_on_potential_poisons():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
     adversarial = torch.tensor([[0.0, 1.5, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)

@@ -66,13 +66,16 @@ def shared_perturbation(model: nn.Module, suspect: nn.Module, pixels: torch.Tens
                         bound: float, normalize: Normalization, execution: Execution) -> torch.Tensor:
     """Per-image perturbations (pixel units, within `bound`) that make `model` and `suspect` err alike: the
     authors' Shared_PGD. Neither model's weights get gradient."""
-    forward = _forward(normalize, execution)
+
+    def logits_of(network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        return _logits(network, inputs, normalize, execution)
+
     with torch.no_grad():
-        own, own_suspect = forward(model, pixels).argmax(1), forward(suspect, pixels).argmax(1)
+        own, own_suspect = logits_of(model, pixels).argmax(1), logits_of(suspect, pixels).argmax(1)
     perturbation = torch.full_like(pixels, bound)
     for _ in range(PGD_STEPS):
         perturbation.requires_grad_()
-        logits, logits_suspect = forward(model, pixels + perturbation), forward(suspect, pixels + perturbation)
+        logits, logits_suspect = logits_of(model, pixels + perturbation), logits_of(suspect, pixels + perturbation)
         fooled, fooled_suspect = logits.argmax(1) != own, logits_suspect.argmax(1) != own_suspect
         shared = fooled & fooled_suspect & (logits.argmax(1) == logits_suspect.argmax(1))
         adversarial = -(F.cross_entropy(logits, labels, reduction="none")[~fooled].sum()
@@ -144,12 +147,12 @@ def _unlearning_step(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor,
                      bound: float, optimizer: torch.optim.Optimizer, normalize: Normalization,
                      execution: Execution) -> dict[str, float]:
     """One batch: find its shared adversarial examples, then one optimizer step on the unlearning loss."""
-    forward = _forward(normalize, execution)
     perturbation = shared_perturbation(model, suspect, pixels, targets, bound, normalize, execution)
-    logits, adversarial_logits = forward(model, torch.cat([pixels, pixels + perturbation])).split(len(targets))
+    both = torch.cat([pixels, pixels + perturbation])
+    logits, adversarial_logits = _logits(model, both, normalize, execution).split(len(targets))
     with torch.no_grad():
-        suspect_clean = forward(suspect, pixels).argmax(1)
-        suspect_adversarial = forward(suspect, pixels + perturbation).argmax(1)
+        suspect_clean = _logits(suspect, pixels, normalize, execution).argmax(1)
+        suspect_adversarial = _logits(suspect, pixels + perturbation, normalize, execution).argmax(1)
     parts = unlearning_loss(logits, adversarial_logits, targets, suspect_clean, suspect_adversarial)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
@@ -157,13 +160,9 @@ def _unlearning_step(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor,
     return {name: float(value.detach()) for name, value in parts.items()}
 
 
-def _forward(normalize: Normalization, execution: Execution):
+def _logits(model: nn.Module, pixels: torch.Tensor, normalize: Normalization, execution: Execution) -> torch.Tensor:
     """A model's logits on float pixels in [0, 1] (perturbed or not), normalised as the model expects."""
-
-    def forward(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return model(execution.inputs(normalize.standardize(pixels)))
-
-    return forward
+    return model(execution.inputs(normalize.standardize(pixels)))
 
 
 def _jensen_shannon(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
