@@ -16,6 +16,11 @@ def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_pa
     assert auto["selection_images"] + auto["trained_on"] == report["evaluation"]["n_train"]
     index, reason = pick(auto["candidates"], auto["suspect_selection_acc"], auto["budget"])
     assert auto["chosen"] == auto["candidates"][index]["method"] and auto["reason"] == reason
+    # Each candidate is measured on the evaluation set too (the chosen one as the report's "after"), for the
+    # user who knows the attack.
+    chosen = auto["candidates"][index]["measured"]
+    assert chosen == {key: report["after"][key] for key in ("acc", "acc_non_target", "asr")}
+    assert all(row["measured"]["asr"] is not None for row in auto["candidates"])
     stages = {row["stage"] for row in report["history"]}
     assert stages == {"finetune/teacher", "nad/teacher", "nad/student"}
     progress = [event.progress for event in events]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +86,13 @@ def _within(rows: list[dict[str, Any]], acc: float, budget: float) -> list[int]:
     return [i for i, row in enumerate(rows) if row["selection_acc"] >= acc - budget]
 
 
-def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> Choice:
-    """Run every candidate of `run.params.auto_candidates` on a copy of `model` and return the chosen one."""
+def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run,
+           measure: Callable[[nn.Module], dict[str, Any]]) -> Choice:
+    """Run every candidate of `run.params.auto_candidates` on a copy of `model` and return the chosen one.
+
+    `measure` gives each candidate's metrics on the job's evaluation set (its ACC, and ASR when the attack is
+    known). They go into the report, so that a user who knows the attack sees what every candidate did, and
+    play no part in the choice."""
     params = run.params
     keep, held = (torch.from_numpy(index).to(images.device)
                   for index in stratified_split(labels.cpu().numpy(), SELECTION_FRACTION, params.seed))
@@ -101,6 +107,8 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
         row = {"method": method, "selection_acc": round(acc, 2),
                "feature_shift": round(feature_shift(features, suspect_features), 4),
                "seconds": round(time.perf_counter() - started, 1)}
+        measured = measure(cleaned)
+        row["measured"] = {key: measured.get(key) for key in ("acc", "acc_non_target", "asr")}
         results.append((row, cleaned, pruning))
     index, reason = pick([result[0] for result in results], suspect_acc, params.auto_budget)
     row, cleaned, pruning = results[index]

@@ -267,7 +267,8 @@ def sanitize(
 
     run = Run(params, teacher, distillation, neurons, normalize, execution, watch, clock)
     if params.method == "auto":
-        chosen = choose(model, images, labels, run)
+        chosen = choose(model, images, labels, run, lambda candidate: measure(candidate, evaluation, normalize, dev,
+                                                                               execution))
         result, pruning, auto = chosen.model, chosen.pruning, chosen.report
     else:
         result, pruning = defend(params.method, model, images, labels, run)
