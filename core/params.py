@@ -78,9 +78,11 @@ Mode = Literal["fast", "reference"]
 class SanitizeParams(_Spec):
     """Everything a sanitization job needs besides its files.
 
-    Defaults are the NAD authors' (Li et al., ICLR 2021): student 20 epochs at lr 0.1, dropped tenfold from
-    epoch 2; teacher fine-tuned 10 epochs at lr 0.01; SGD with nesterov momentum 0.9, weight decay 1e-4;
-    batch 64; betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation. The `anp_*`
+    The default method is `auto` with candidates nad, then sau: on well-trained models the authors' nad
+    costs 22 to 46 points of accuracy, and auto falls back to sau there (docs/results.md). NAD's defaults
+    are the NAD authors' (Li et al., ICLR 2021): student 20 epochs at lr 0.1, dropped tenfold from epoch 2;
+    teacher fine-tuned 10 epochs at lr 0.01; SGD with nesterov momentum 0.9, weight decay 1e-4; batch 64;
+    betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation. The `anp_*`
     defaults are the ANP authors' (Wu & Wang, NeurIPS 2021), the `ibau_*` ones I-BAU's (Zeng et al., ICLR
     2022); the `sau_*` ones follow SAU's (Wei et al., NeurIPS 2023) but for its learning rate and epochs, as
     docs/engine.md details.
@@ -95,7 +97,7 @@ class SanitizeParams(_Spec):
     mean: tuple[float, float, float] | None = Field(default=None, description="per-channel normalization mean")
     std: tuple[float, float, float] | None = Field(default=None, description="per-channel normalization std")
     method: Method = Field(
-        default="nad",
+        default="auto",
         description="nad: Neural Attention Distillation (fine-tuned teacher, then attention distillation); finetune: "
         "the fine-tuned teacher itself; fst: Feature Shift Tuning; anp: Adversarial Neuron Pruning (BatchNorm "
         "neurons that adversarial weight noise exposes are pruned; no training of the weights); ibau: Implicit "
@@ -112,14 +114,15 @@ class SanitizeParams(_Spec):
     teacher_lr: float = Field(default=0.01, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1, le=4096)
     auto_candidates: list[Candidate] = Field(
-        default=["finetune", "fst", "nad", "anp"], min_length=1,
-        description="auto: the methods it runs, each on its own copy of the model, in this order",
+        default=["nad", "sau"], min_length=1,
+        description="auto: the methods it runs, each on its own copy of the model, in order of preference: the "
+                    "first within auto_budget is kept",
     )
     auto_budget: float = Field(
         default=2.0, ge=0, le=100,
         description="auto: how many points of clean accuracy (on a held-out tenth of clean_data) a candidate may "
-                    "lose and still be chosen (measured from the most accurate candidate when none is within it of "
-                    "the suspect)",
+                    "lose and still be chosen over the ones after it (measured from the most accurate candidate when "
+                    "none is within it of the suspect)",
     )
     fst_epochs: int = Field(default=10, ge=1, le=1000, description="fst: epochs (the authors' 10)")
     fst_lr: float = Field(default=0.01, gt=0, le=10,

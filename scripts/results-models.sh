@@ -6,11 +6,11 @@
 # is not the target).
 # Usage: [MODELS="dev-badnets own-warp"] bash scripts/results-models.sh [OUT_DIR] [METHOD ...]
 #   MODELS defaults to every model of scripts/models.sh whose checkpoint is present; METHOD defaults to
-#   finetune nad fst anp ibau sau, and may carry sanitize flags after a colon, as
-#   auto:--auto-candidates=finetune,fst,nad (quote a METHOD with several flags:
+#   finetune nad fst anp ibau sau auto, and may carry sanitize flags after a colon, as
+#   auto:--auto-candidates=nad,fst (quote a METHOD with several flags:
 #   "auto:--auto-candidates=nad,ibau --ibau-lr=0.0003").
 # On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 11, ibau about 7, sau about 5 (9 on
-# one thread). A report already in OUT_DIR is kept, so an interrupted run goes on where it stopped. Then:
+# one thread), auto (nad and sau) about 8. A report already in OUT_DIR is kept, so an interrupted run goes on where it stopped. Then:
 # .venv/bin/python scripts/results-table.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ source scripts/models.sh
 out=${1:-var/results}
 shift || true
 methods=("$@")
-(($#)) || methods=(finetune nad fst anp ibau sau)
+(($#)) || methods=(finetune nad fst anp ibau sau auto)
 cifar=../shared/datasets/cifar10
 declare -A folder=([dev]=../shared/models/dev [own]=${OWN:-var/own})
 nad=.venv/bin/nad

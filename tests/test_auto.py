@@ -1,9 +1,7 @@
 """`method: auto` on the digits backdoor: every candidate runs on its own copy, the choice is made on clean data
 only and explained."""
 
-import torch
-
-from core.engine.auto import feature_shift, pick
+from core.engine.auto import pick
 
 
 def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_path):
@@ -28,28 +26,24 @@ def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_pa
     assert report["after"]["asr"] < report["before"]["asr"]
 
 
-def test_feature_shift_is_zero_for_the_same_features_and_grows_as_they_turn():
-    features = torch.randn(8, 16)
-    assert abs(feature_shift(features, features)) < 1e-6
-    assert abs(feature_shift(-features, features) - 2) < 1e-6
-    turned = features + 0.5 * torch.randn(8, 16)
-    assert 0 < feature_shift(turned, features) < feature_shift(-turned, features)
+ROWS = [{"method": "nad", "selection_acc": 70.0},
+        {"method": "sau", "selection_acc": 89.0},
+        {"method": "finetune", "selection_acc": 90.0}]
 
 
-ROWS = [{"method": "finetune", "selection_acc": 90.0, "feature_shift": 0.05},
-        {"method": "fst", "selection_acc": 89.0, "feature_shift": 0.50},
-        {"method": "nad", "selection_acc": 70.0, "feature_shift": 0.90}]
-
-
-def test_pick_keeps_the_largest_shift_within_the_budget():
+def test_pick_keeps_the_first_candidate_within_the_budget():
+    """The order is the preference: sau before finetune, which is one point more accurate, and nad, the first,
+    is too costly."""
     index, reason = pick(ROWS, suspect_acc=91.0, budget=2.0)
-    assert ROWS[index]["method"] == "fst" and "moved the features furthest" in reason  # nad shifts more: too costly
+    assert ROWS[index]["method"] == "sau" and reason.startswith("sau is the first candidate")
+    index, _ = pick(ROWS, suspect_acc=91.0, budget=25.0)
+    assert ROWS[index]["method"] == "nad"
 
 
 def test_pick_measures_from_the_most_accurate_when_none_is_within_the_budget_and_says_so():
     """The suspect memorised its training images: every candidate looks 5 points worse than it on them."""
     index, reason = pick(ROWS, suspect_acc=95.0, budget=2.0)
-    assert ROWS[index]["method"] == "fst" and reason.startswith("no candidate kept clean accuracy")
+    assert ROWS[index]["method"] == "sau" and reason.startswith("no candidate kept clean accuracy")
     assert "most accurate (90.00 %)" in reason
     index, _ = pick(ROWS, suspect_acc=95.0, budget=0.5)
-    assert ROWS[index]["method"] == "finetune"  # fst lost a point against finetune: too costly
+    assert ROWS[index]["method"] == "finetune"  # sau lost a point against finetune: too costly

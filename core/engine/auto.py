@@ -2,18 +2,16 @@
 
 The user usually does not know the trigger, so the choice may use clean data only. A tenth of the clean
 training images (stratified) is set aside as a selection set; every candidate method cleans its own copy of
-the suspect model on the other nine tenths; each is measured on the selection set by
+the suspect model on the other nine tenths and is measured on the selection set by its clean accuracy, which
+must stay within `auto_budget` points of the suspect's. Of the candidates within the budget the first in
+`auto_candidates` order wins: the order is the user's (by default the project's) ranking of how surely each
+method erases a backdoor, and the budget says how much accuracy that surety may cost. When no candidate is
+within the budget, the same rule applies with the most accurate candidate's accuracy in place of the
+suspect's, and the report says so.
 
-- its clean accuracy, which must stay within `auto_budget` points of the suspect's, and
-- how far its features moved from the suspect's: 1 - the mean cosine similarity of the penultimate features
-  (the classifier head's input) of the two models on the selection images. Purification comes with such a
-  shift (Min et al., NeurIPS 2023, the observation behind FST); a candidate that left the features where
-  they were most likely left the backdoor with them.
-
-Of the candidates within the budget the one with the largest shift wins; when none stays within it, the same
-rule applies with the most accurate candidate's accuracy in place of the suspect's, and the report says so.
-The signal is a heuristic: it favours methods that retrain (fst, nad, finetune) over pruning (anp), whose
-clean features move little even when it removed the backdoor.
+No clean-data signal of erasure is used because none we measured told erasure apart: the feature shift
+from the suspect (FST's observation) was largest for a candidate that kept the backdoor on two of five
+well-trained models (docs/engine.md, "Choosing automatically").
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from torch import nn
 
 from core.engine.data import stratified_split
 from core.engine.methods import Run, defend
-from core.engine.models import classifier_head
 
 SELECTION_FRACTION = 0.1
 
@@ -42,44 +39,33 @@ class Choice:
 
 
 @torch.inference_mode()
-def look(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> tuple[float, torch.Tensor]:
-    """Clean accuracy (percent) on `images` and their penultimate features, in evaluation mode."""
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> float:
+    """Clean accuracy (percent) on `images`, in evaluation mode."""
     model.eval()
-    captured: list[torch.Tensor] = []
-    hook = classifier_head(model).register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].float()))
     correct = 0
-    try:
-        for start in range(0, len(images), run.execution.eval_batch):
-            batch = images[start:start + run.execution.eval_batch]
-            with run.execution.autocast(images.device):
-                logits = model(run.execution.inputs(run.normalize(batch)))
-            correct += int((logits.argmax(1) == labels[start:start + len(batch)]).sum())
-    finally:
-        hook.remove()
-    return 100.0 * correct / len(images), torch.cat(captured).flatten(1)
-
-
-def feature_shift(features: torch.Tensor, reference: torch.Tensor) -> float:
-    """1 - the mean cosine similarity of matching rows: 0 for the same features, up to 2 for opposite ones."""
-    return 1.0 - float(torch.nn.functional.cosine_similarity(features, reference, dim=1).mean())
+    for start in range(0, len(images), run.execution.eval_batch):
+        batch = images[start:start + run.execution.eval_batch]
+        with run.execution.autocast(images.device):
+            logits = model(run.execution.inputs(run.normalize(batch)))
+        correct += int((logits.argmax(1) == labels[start:start + len(batch)]).sum())
+    return 100.0 * correct / len(images)
 
 
 def pick(rows: list[dict[str, Any]], suspect_acc: float, budget: float) -> tuple[int, str]:
-    """The index of the candidate to keep among `rows` (each with selection_acc and feature_shift), and why:
-    within `budget` points of `suspect_acc`, the largest feature shift. When none is within it, the same rule
-    with the most accurate candidate as the yardstick: the suspect may have trained on the clean images (it
-    scores 5 to 10 points higher on them than on unseen ones), and the most accurate candidate is usually the
-    one that changed the model least, so keeping it alone would keep the backdoor too."""
+    """The index of the candidate to keep among `rows` (each with method and selection_acc, in preference
+    order), and why: the first within `budget` points of `suspect_acc`. When none is within it, the first
+    within `budget` points of the most accurate candidate: the suspect may have trained on the clean images
+    (it scores 5 to 10 points higher on them than on unseen ones), so its own accuracy there overstates what a
+    candidate can keep."""
     eligible = _within(rows, suspect_acc, budget)
     if eligible:
-        best = max(eligible, key=lambda i: rows[i]["feature_shift"])
-        return best, (f"{rows[best]['method']} kept clean accuracy on the selection set within {budget} points "
-                      f"of the suspect's {suspect_acc:.2f} % and moved the features furthest from the suspect's")
+        best = eligible[0]
+        return best, (f"{rows[best]['method']} is the first candidate that kept clean accuracy on the selection "
+                      f"set within {budget} points of the suspect's {suspect_acc:.2f} %")
     top = max(row["selection_acc"] for row in rows)
-    best = max(_within(rows, top, budget), key=lambda i: rows[i]["feature_shift"])
+    best = _within(rows, top, budget)[0]
     return best, (f"no candidate kept clean accuracy within {budget} points of the suspect's {suspect_acc:.2f} %; "
-                  f"of those within {budget} points of the most accurate ({top:.2f} %), {rows[best]['method']} "
-                  f"moved the features furthest from the suspect's")
+                  f"{rows[best]['method']} is the first within {budget} points of the most accurate ({top:.2f} %)")
 
 
 def _within(rows: list[dict[str, Any]], acc: float, budget: float) -> list[int]:
@@ -98,14 +84,12 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
                   for index in stratified_split(labels.cpu().numpy(), SELECTION_FRACTION, params.seed))
     fit_images, fit_labels = images[keep], labels[keep]
     selection_images, selection_labels = images[held], labels[held]
-    suspect_acc, suspect_features = look(model, selection_images, selection_labels, run)
+    suspect_acc = accuracy(model, selection_images, selection_labels, run)
     results = []
     for method in params.auto_candidates:
         started = time.perf_counter()
         cleaned, pruning = defend(method, copy.deepcopy(model), fit_images, fit_labels, run.for_candidate(method))
-        acc, features = look(cleaned, selection_images, selection_labels, run)
-        row = {"method": method, "selection_acc": round(acc, 2),
-               "feature_shift": round(feature_shift(features, suspect_features), 4),
+        row = {"method": method, "selection_acc": round(accuracy(cleaned, selection_images, selection_labels, run), 2),
                "seconds": round(time.perf_counter() - started, 1)}
         measured = measure(cleaned)
         row["measured"] = {key: measured.get(key) for key in ("acc", "acc_non_target", "asr")}
