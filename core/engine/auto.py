@@ -10,8 +10,8 @@ within the budget, the same rule applies with the most accurate candidate's accu
 suspect's, and the report says so.
 
 No clean-data signal of erasure is used because none we measured told erasure apart: the feature shift
-from the suspect (FST's observation) was largest for a candidate that kept the backdoor on two of five
-well-trained models (docs/engine.md, "Choosing automatically").
+from the suspect (FST's observation) was largest for a candidate that kept the backdoor on two of the five
+models measured (docs/engine.md, "Choosing automatically").
 """
 
 from __future__ import annotations
