@@ -106,7 +106,7 @@ def main() -> int:
         folder = Path(tmp)
         files = JobFiles(checkpoint=MODEL, clean_data=clean_subset(folder), test_data=CIFAR / "test.tar.gz",
                          out=folder / "out.safetensors")
-        params = SanitizeParams(arch=args.arch, num_classes=10, trigger=NAD_GRID, target_label=5)
+        params = SanitizeParams(arch=args.arch, num_classes=10, method="nad", trigger=NAD_GRID, target_label=5)
         results = [run_mode(mode, files, params) for mode in args.modes.split(",")]
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
