@@ -36,6 +36,7 @@ class Choice:
     model: nn.Module
     pruning: dict[str, Any] | None
     report: dict[str, Any]
+    metrics: dict[str, Any]  # the chosen model's, from `measure`: the job's "after"
 
 
 @torch.inference_mode()
@@ -91,12 +92,12 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
         cleaned, pruning = defend(method, copy.deepcopy(model), fit_images, fit_labels, run.for_candidate(method))
         row = {"method": method, "selection_acc": round(accuracy(cleaned, selection_images, selection_labels, run), 2),
                "seconds": round(time.perf_counter() - started, 1)}
-        measured = measure(cleaned)
-        row["measured"] = {key: measured.get(key) for key in ("acc", "acc_non_target", "asr")}
-        results.append((row, cleaned, pruning))
+        metrics = measure(cleaned)
+        row["measured"] = {key: metrics.get(key) for key in ("acc", "acc_non_target", "asr")}
+        results.append((row, cleaned, pruning, metrics))
     index, reason = pick([result[0] for result in results], suspect_acc, params.auto_budget)
-    row, cleaned, pruning = results[index]
+    row, cleaned, pruning, metrics = results[index]
     report = {"chosen": row["method"], "reason": reason, "budget": params.auto_budget,
               "suspect_selection_acc": round(suspect_acc, 2), "selection_images": len(held),
               "trained_on": len(keep), "candidates": [result[0] for result in results]}
-    return Choice(cleaned, pruning, report)
+    return Choice(cleaned, pruning, report, metrics)

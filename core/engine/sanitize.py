@@ -269,16 +269,18 @@ def sanitize(
     if params.method == "auto":
         chosen = choose(model, images, labels, run, lambda candidate: measure(candidate, evaluation, normalize, dev,
                                                                                execution))
-        result, pruning, auto = chosen.model, chosen.pruning, chosen.report
+        # auto measured every candidate on the evaluation set already: the chosen one's figures are "after".
+        result, pruning, auto, after = chosen.model, chosen.pruning, chosen.report, chosen.metrics
     else:
         result, pruning = defend(params.method, model, images, labels, run)
-        auto = None
+        auto = after = None
     if should_stop():
         raise Cancelled("cancelled before the final evaluation")
 
     on_event(Event("evaluate_after", 1.0 - EVALUATE_SHARE))
-    with clock.time("evaluate_after"):
-        after = measure(result, evaluation, normalize, dev, execution)
+    if after is None:
+        with clock.time("evaluate_after"):
+            after = measure(result, evaluation, normalize, dev, execution)
     report = {
         "arch": params.arch,
         "num_classes": params.num_classes,
