@@ -46,7 +46,8 @@ class Settings(BaseSettings):
         "database again; a revoked key keeps working that long at most; 0 checks every request"
     )
     job_time_limit: int = Field(
-        default=6 * 3600, ge=10, description="seconds a job may run before it is stopped and failed"
+        default=6 * 3600, ge=10, description="seconds a job may run before it is stopped and failed; `auto` skips "
+        "a candidate it estimates would not finish within it"
     )
     max_attempts: int = Field(
         default=3, ge=1, description="how often a job is started before a worker that keeps dying fails it"

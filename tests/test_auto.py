@@ -1,16 +1,18 @@
 """`method: auto` on the digits backdoor: every candidate runs on its own copy, the choice is made on clean data
 only and explained."""
 
-from core.engine.auto import pick
+import pytest
+
+from core.engine.auto import ESTIMATE_MARGIN, Spent, pick
 
 
 def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_path):
     events = []
     # The default candidates, sau with the digits settings of test_sau.py.
-    report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", events.append, method="auto",
-                                      auto_budget=3.0, sau_lr=5e-4, sau_batch_size=32, sau_bound=0.1)
+    report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", events.append, time_limit=3600,
+                                      method="auto", auto_budget=3.0, sau_lr=5e-4, sau_batch_size=32, sau_bound=0.1)
     auto = report["auto"]
-    assert [row["method"] for row in auto["candidates"]] == ["nad", "sau"]
+    assert [row["method"] for row in auto["candidates"]] == ["nad", "sau"] and auto["skipped"] == []
     assert auto["chosen"] in ("nad", "sau") and auto["chosen"] in auto["reason"]
     assert auto["selection_images"] + auto["trained_on"] == report["evaluation"]["n_train"]
     index, reason = pick(auto["candidates"], auto["suspect_selection_acc"], auto["budget"])
@@ -25,6 +27,25 @@ def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_pa
     progress = [event.progress for event in events]
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert report["after"]["asr"] < report["before"]["asr"]
+
+
+def test_auto_runs_only_the_candidates_the_jobs_time_allows(digits_backdoor, tmp_path):
+    """A job near its time limit ends with a cleansed model instead of failing: the first candidate always
+    runs, a later one whose estimated time does not fit is skipped, and the report says so."""
+    report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", time_limit=0.001, method="auto",
+                                      auto_candidates=["finetune", "sau"])
+    auto = report["auto"]
+    assert [row["method"] for row in auto["candidates"]] == ["finetune"] and auto["chosen"] == "finetune"
+    [skipped] = auto["skipped"]
+    assert skipped["method"] == "sau" and skipped["estimated_seconds"] > skipped["seconds_left"]
+    assert {row["stage"] for row in report["history"]} == {"finetune/teacher"}
+
+
+def test_a_candidates_time_is_estimated_from_the_ones_before_it_by_their_cost():
+    spent = Spent()
+    spent.add(cost=10, seconds=20.0)  # nad's teacher and student, say: 2 s an epoch
+    spent.add(cost=30, seconds=40.0)
+    assert spent.estimate(90) == pytest.approx(ESTIMATE_MARGIN * 90 * 1.5)
 
 
 ROWS = [{"method": "nad", "selection_acc": 70.0},

@@ -440,10 +440,15 @@ def test_an_input_removed_from_storage_fails_the_job_naming_it(
     assert str(worker_job.settings.storage_dir) not in job.error
 
 
-def test_the_worker_gives_the_engine_the_operators_image_cap(
+def test_the_worker_gives_the_engine_the_operators_image_cap_and_the_jobs_time_left(
     worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The time left (what `auto` runs its candidates within) counts from the task's start, as Celery's
+    limits do."""
     calls: list = []
     _engine(monkeypatch, None, calls)
     _run(worker_job)
-    assert calls == [{"max_images": 1234}] and worker_job.row().status == jobs.Status.SUCCEEDED
+    [call] = calls
+    assert call["max_images"] == 1234 and worker_job.row().status == jobs.Status.SUCCEEDED
+    limit = worker_job.settings.job_time_limit
+    assert limit - 30 < call["time_limit"] < limit

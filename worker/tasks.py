@@ -132,6 +132,7 @@ class SanitizeTask(Task):
 def sanitize_job(job_id: str, dispatch: int) -> None:
     """Run one job to its end: succeeded, failed or cancelled, as recorded in the database. `dispatch` says
     which sending of the job this message is (`worker.dispatch`)."""
+    started = time.monotonic()  # Celery's time limits count from here
     settings = get_settings()
     db = database()
     with db.session() as session:
@@ -147,7 +148,8 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
         params = SanitizeParams.model_validate(assignment.params)
         with heartbeat(db, job_id, dispatch, settings.sweep_interval / 4):
             report = sanitize(files, params, ProgressRecorder(db, job_id, dispatch),
-                              lambda: _stop_requested(db, job_id, dispatch), max_images=settings.max_images)
+                              lambda: _stop_requested(db, job_id, dispatch), max_images=settings.max_images,
+                              time_limit=settings.job_time_limit - (time.monotonic() - started))
         _record_success(db, job_id, dispatch, report, files.out)
     except Cancelled:
         with db.session() as session:

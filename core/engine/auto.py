@@ -9,6 +9,13 @@ method erases a backdoor, and the budget says how much accuracy that surety may 
 within the budget, the same rule applies with the most accurate candidate's accuracy in place of the
 suspect's, and the report says so.
 
+Candidates run in that order while the job's time allows: when the job has a time limit (the service's
+`NAD_JOB_TIME_LIMIT`), a candidate whose estimated time does not fit in what is left is skipped, and the
+choice is made among those that ran, so a job near its limit ends with a cleansed model instead of failing.
+The first candidate always runs. The estimate is the candidate's cost in epochs of fine-tuning
+(`methods.stages`) times the seconds each such epoch took the candidates before it, with a margin of
+`ESTIMATE_MARGIN` for the weights' roughness.
+
 No clean-data signal of erasure is used because none we measured told erasure apart: the feature shift
 from the suspect (FST's observation) was largest for a candidate that kept the backdoor on two of the five
 models measured (docs/engine.md, "Choosing automatically").
@@ -26,9 +33,11 @@ import torch
 from torch import nn
 
 from core.engine.data import stratified_split
-from core.engine.methods import Run, defend
+from core.engine.methods import Run, defend, stages
 
 SELECTION_FRACTION = 0.1
+# The stage weights are rough: SAU's ranged from 7 to 12 epochs of fine-tuning on this project's machines.
+ESTIMATE_MARGIN = 1.3
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,8 @@ def _within(rows: list[dict[str, Any]], acc: float, budget: float) -> list[int]:
 
 def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run,
            measure: Callable[[nn.Module], dict[str, Any]]) -> Choice:
-    """Run every candidate of `run.params.auto_candidates` on a copy of `model` and return the chosen one.
+    """Run the candidates of `run.params.auto_candidates` that the job's time allows, each on a copy of
+    `model`, and return the chosen one.
 
     `measure` gives each candidate's metrics on the job's evaluation set (its ACC, and ASR when the attack is
     known). They go into the report, so that a user who knows the attack sees what every candidate did, and
@@ -86,18 +96,40 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
     fit_images, fit_labels = images[keep], labels[keep]
     selection_images, selection_labels = images[held], labels[held]
     suspect_acc = accuracy(model, selection_images, selection_labels, run)
-    results = []
+    results, skipped, spent = [], [], Spent()
     for method in params.auto_candidates:
+        cost = sum(stages(method, params, trains_teacher=run.teacher is None).values())
+        if results and run.deadline is not None:
+            estimate, left = spent.estimate(cost), run.deadline - time.monotonic()
+            if estimate > left:
+                skipped.append({"method": method, "estimated_seconds": round(estimate), "seconds_left": round(left)})
+                continue
         started = time.perf_counter()
         cleaned, pruning = defend(method, copy.deepcopy(model), fit_images, fit_labels, run.for_candidate(method))
-        row = {"method": method, "selection_acc": round(accuracy(cleaned, selection_images, selection_labels, run), 2),
-               "seconds": round(time.perf_counter() - started, 1)}
+        row = {"method": method, "selection_acc": round(accuracy(cleaned, selection_images, selection_labels, run), 2)}
         metrics = measure(cleaned)
+        row["seconds"] = round(time.perf_counter() - started, 1)
         row["measured"] = {key: metrics.get(key) for key in ("acc", "acc_non_target", "asr")}
+        spent.add(cost, row["seconds"])
         results.append((row, cleaned, pruning, metrics))
     index, reason = pick([result[0] for result in results], suspect_acc, params.auto_budget)
     row, cleaned, pruning, metrics = results[index]
     report = {"chosen": row["method"], "reason": reason, "budget": params.auto_budget,
               "suspect_selection_acc": round(suspect_acc, 2), "selection_images": len(held),
-              "trained_on": len(keep), "candidates": [result[0] for result in results]}
+              "trained_on": len(keep), "candidates": [result[0] for result in results], "skipped": skipped}
     return Choice(cleaned, pruning, report, metrics)
+
+
+@dataclass
+class Spent:
+    """The time the candidates run so far took, against their cost in epochs of fine-tuning."""
+
+    cost: float = 0.0
+    seconds: float = 0.0
+
+    def add(self, cost: float, seconds: float) -> None:
+        self.cost, self.seconds = self.cost + cost, self.seconds + seconds
+
+    def estimate(self, cost: float) -> float:
+        """Seconds a candidate of `cost` should take, margin included."""
+        return ESTIMATE_MARGIN * cost * self.seconds / max(self.cost, 1e-9)

@@ -19,7 +19,7 @@ from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, 
 from core.engine.data import ImageSet, TooManyImages, load_images, stratified_split
 from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event, EventSink, ignore
-from core.engine.methods import Run, defend
+from core.engine.methods import Run, defend, stages
 from core.engine.metrics import attack_success_rate, clean_metrics, predict
 from core.engine.models import build_model, choose_distillation
 from core.engine.training import Execution, Normalization, Watch, to_tensor
@@ -27,15 +27,6 @@ from core.engine.triggers import poison
 from core.params import SanitizeParams
 
 HOLDOUT_FRACTION = 0.1
-# ANP's share of the progress bar beside epoch-counted stages: its 2000 default iterations of 128 images cost
-# about as much as 10 epochs of 2,500 images with a teacher.
-ANP_STAGE_WEIGHT = 10
-# An I-BAU round (a perturbation pass, then one hypergradient step per batch, each some 15 forward and backward
-# passes) costs about as much as 20 epochs of fine-tuning on the same images.
-IBAU_ROUND_WEIGHT = 20
-# A SAU epoch (up to five perturbation steps through two models, then the unlearning step) costs about as much
-# as 9 epochs of fine-tuning on the same images (27 s against 2.9 on 2,500 CIFAR-10 images, 2 CPU cores).
-SAU_EPOCH_WEIGHT = 9
 # Shares of the whole job's progress bar outside training; training takes the rest, split by epochs.
 LOAD_SHARE, EVALUATE_SHARE = 0.02, 0.04
 
@@ -191,24 +182,6 @@ def poisoned_set(poison_data: Path | None, params: SanitizeParams, test: ImageSe
     return None
 
 
-def _stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[str, int]:
-    """The training stages `method` runs, in order, with their epochs (auto: every candidate's, prefixed
-    with the candidate's name)."""
-    if method == "auto":
-        return {f"{candidate}/{stage}": epochs for candidate in params.auto_candidates
-                for stage, epochs in _stages(candidate, params, trains_teacher).items()}
-    if method == "fst":
-        return {"fst": params.fst_epochs}
-    if method == "anp":
-        return {"anp": ANP_STAGE_WEIGHT}  # counted in iterations, not epochs
-    if method == "ibau":
-        return {"ibau": params.ibau_rounds * IBAU_ROUND_WEIGHT}
-    if method == "sau":
-        return {"sau": params.sau_epochs * SAU_EPOCH_WEIGHT}
-    stages = {"teacher": params.teacher_epochs} if trains_teacher else {}
-    return stages | ({"student": params.epochs} if method == "nad" else {})
-
-
 def _training_spans(stages: dict[str, int]) -> dict[str, tuple[float, float]]:
     """Progress shares of the training stages, proportional to their epochs."""
     start, end = LOAD_SHARE + EVALUATE_SHARE, 1.0 - EVALUATE_SHARE
@@ -231,13 +204,17 @@ def sanitize(
     on_event: EventSink = ignore,
     should_stop: Callable[[], bool] = never,
     max_images: int | None = None,
+    time_limit: float | None = None,
 ) -> dict[str, Any]:
     """Run one job and return its report (a JSON-able dict); the cleansed checkpoint is written to `files.out`.
 
     Raises InputError for files or parameters that cannot be used, an archive that takes the job's images
     past `max_images` included (the caller's cap on clean, test and poison images together), Cancelled when
     `should_stop()` turned true (checked between epochs, and every few dozen iterations of anp).
+    `time_limit`, the seconds the caller gives the job from now, is what `auto` runs its candidates within; a
+    single method is never stopped for it (the caller enforces its own limit).
     """
+    deadline = None if time_limit is None else time.monotonic() + time_limit
     clock, dev = Clock(), device()
     normalize = Normalization(params.mean, params.std)
     execution = Execution.for_mode(params.mode, dev)
@@ -259,13 +236,13 @@ def sanitize(
         before = measure(model, evaluation, normalize, dev, execution)
     on_event(Event("evaluate_before", LOAD_SHARE + EVALUATE_SHARE, metrics=before))
 
-    spans = _training_spans(_stages(params.method, params, trains_teacher=teacher is None))
+    spans = _training_spans(stages(params.method, params, trains_teacher=teacher is None))
     history: list[dict[str, Any]] = []
 
     def watch(stage: str) -> Watch:
         return Watch(stage, on_event, should_stop, *spans[stage], history)
 
-    run = Run(params, teacher, distillation, neurons, normalize, execution, watch, clock)
+    run = Run(params, teacher, distillation, neurons, normalize, execution, watch, clock, deadline=deadline)
     if params.method == "auto":
         chosen = choose(model, images, labels, run, lambda candidate: measure(candidate, evaluation, normalize, dev,
                                                                                execution))
