@@ -50,6 +50,8 @@ def test_sanitize_writes_checkpoint_report_and_table(digits_backdoor, tmp_path, 
     assert data["params"]["epochs"] == 1 and data["history"] and data["timings"]["total"] > 0
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed and "ASR" in printed
+    # The default method is auto: what it kept, and why, is printed as well as reported.
+    assert f"auto kept {data['auto']['chosen']}: {data['auto']['reason']}" in printed
 
 
 def test_subset_is_stratified(digits_npz, tmp_path):

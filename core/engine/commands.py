@@ -215,6 +215,8 @@ def run_sanitize(args: argparse.Namespace) -> int:
     if args.report:
         args.report.write_text(json.dumps(report, indent=2))
     print(report["evaluation"]["note"])
+    if report["auto"]:
+        print(f"auto kept {report['auto']['chosen']}: {report['auto']['reason']}")
     print(table(report["before"], report["after"]))
     print(f"cleansed checkpoint: {args.out}")
     return 0
