@@ -36,7 +36,10 @@ from core.engine.data import stratified_split
 from core.engine.methods import Run, defend, stages
 
 SELECTION_FRACTION = 0.1
-# The stage weights are rough: SAU's ranged from 7 to 12 epochs of fine-tuning on this project's machines.
+# The stage weights are rough, so the estimate gets a margin. They count epochs of fine-tuning, and a NAD student
+# epoch costs more than one: in one default job on CIFAR-10 (2 CPU cores), nad took 27.5 s per unit and sau 11,
+# so after nad the estimate for sau was about three times what sau took (safe, but it skips sau sooner than
+# it must). A candidate that takes longer than estimated is still stopped by the job's limit.
 ESTIMATE_MARGIN = 1.3
 
 
