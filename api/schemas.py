@@ -130,6 +130,21 @@ class Metrics(BaseModel):
                     "same per layer",
         examples=[{"threshold": 0.2, "pruned": 8, "neurons": 464, "layers": {"bn1": {"pruned": 5, "neurons": 64}}}],
     )
+    auto: dict[str, Any] | None = Field(
+        default=None,
+        description="method auto only: what it ran, what it chose and why. chosen, reason, budget, "
+                    "suspect_selection_acc, selection_images, trained_on; candidates, one row per candidate run "
+                    "(method, selection_acc, seconds, measured: acc, acc_non_target, asr); skipped, the candidates "
+                    "the job's time limit left no room for (method, estimated_seconds, seconds_left)",
+        examples=[{"chosen": "sau", "reason": "sau is the first candidate that kept clean accuracy on the selection "
+                   "set within 2.0 points of the suspect's 90.80 %", "budget": 2.0, "suspect_selection_acc": 90.8,
+                   "selection_images": 250, "trained_on": 2250,
+                   "candidates": [{"method": "nad", "selection_acc": 82.8, "seconds": 190.2,
+                                   "measured": {"acc": 78.1, "acc_non_target": 78.3, "asr": 4.4}},
+                                  {"method": "sau", "selection_acc": 87.6, "seconds": 290.5,
+                                   "measured": {"acc": 82.2, "acc_non_target": 82.4, "asr": 1.6}}],
+                   "skipped": []}],
+    )
     timings: dict[str, float] = Field(
         description="seconds spent in each stage",
         examples=[{"load": 0.4, "evaluate_before": 3.1, "teacher": 60.2, "student": 121.7,
