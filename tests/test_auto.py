@@ -32,12 +32,13 @@ def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_pa
 def test_auto_runs_only_the_candidates_the_jobs_time_allows(digits_backdoor, tmp_path):
     """A job near its time limit ends with a cleansed model instead of failing: the first candidate always
     runs, a later one whose estimated time does not fit is skipped, and the report says so."""
-    report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", time_limit=0.001, method="auto",
-                                      auto_candidates=["finetune", "sau"])
+    # 1000 sau epochs cost 9000 epochs of fine-tuning: far past the 10 minutes, which finetune's 5 leave.
+    report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", time_limit=600, method="auto",
+                                      auto_candidates=["finetune", "sau"], sau_epochs=1000)
     auto = report["auto"]
     assert [row["method"] for row in auto["candidates"]] == ["finetune"] and auto["chosen"] == "finetune"
     [skipped] = auto["skipped"]
-    assert skipped["method"] == "sau" and skipped["estimated_seconds"] > skipped["seconds_left"]
+    assert skipped["method"] == "sau" and skipped["estimated_seconds"] > skipped["seconds_left"] > 0
     assert {row["stage"] for row in report["history"]} == {"finetune/teacher"}
 
 
@@ -46,6 +47,12 @@ def test_a_candidates_time_is_estimated_from_the_ones_before_it_by_their_cost():
     spent.add(cost=10, seconds=20.0)  # nad's teacher and student, say: 2 s an epoch
     spent.add(cost=30, seconds=40.0)
     assert spent.estimate(90) == pytest.approx(ESTIMATE_MARGIN * 90 * 1.5)
+
+
+def test_with_nothing_trained_yet_there_is_no_rate_and_the_candidate_runs():
+    spent = Spent()
+    spent.add(cost=0, seconds=4.0)  # finetune with a supplied teacher: measured, never trained
+    assert spent.estimate(90) == 0.0
 
 
 ROWS = [{"method": "nad", "selection_acc": 70.0},

@@ -12,9 +12,9 @@ suspect's, and the report says so.
 Candidates run in that order while the job's time allows: when the job has a time limit (the service's
 `NAD_JOB_TIME_LIMIT`), a candidate whose estimated time does not fit in what is left is skipped, and the
 choice is made among those that ran, so a job near its limit ends with a cleansed model instead of failing.
-The first candidate always runs. The estimate is the candidate's cost in epochs of fine-tuning
-(`methods.stages`) times the seconds each such epoch took the candidates before it, with a margin of
-`ESTIMATE_MARGIN` for the weights' roughness.
+The first candidate always runs, as does any while nothing before it has trained. The estimate is the
+candidate's cost in epochs of fine-tuning (`methods.stages`) times the seconds each such epoch took the
+candidates before it, with a margin of `ESTIMATE_MARGIN` for the weights' roughness.
 
 No clean-data signal of erasure is used because none we measured told erasure apart: the feature shift
 from the suspect (FST's observation) was largest for a candidate that kept the backdoor on two of the five
@@ -134,5 +134,8 @@ class Spent:
         self.cost, self.seconds = self.cost + cost, self.seconds + seconds
 
     def estimate(self, cost: float) -> float:
-        """Seconds a candidate of `cost` should take, margin included."""
-        return ESTIMATE_MARGIN * cost * self.seconds / max(self.cost, 1e-9)
+        """Seconds a candidate of `cost` should take, margin included; 0 (it runs) while nothing that trained
+        has been timed (`finetune` with a supplied teacher trains nothing) and so there is no rate to go by."""
+        if self.cost == 0:
+            return 0.0
+        return ESTIMATE_MARGIN * cost * self.seconds / self.cost
