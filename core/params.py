@@ -84,8 +84,8 @@ class SanitizeParams(_Spec):
     teacher fine-tuned 10 epochs at lr 0.01; SGD with nesterov momentum 0.9, weight decay 1e-4; batch 64;
     betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation. The `anp_*`
     defaults are the ANP authors' (Wu & Wang, NeurIPS 2021), the `ibau_*` ones I-BAU's (Zeng et al., ICLR
-    2022); the `sau_*` ones follow SAU's (Wei et al., NeurIPS 2023) but for its learning rate and epochs, as
-    docs/engine.md details.
+    2022); the `sau_*` ones follow SAU's (Wei et al., NeurIPS 2023) but for its learning rate, epochs and
+    clean term, as docs/engine.md details.
     """
 
     arch: str = Field(description="architecture name, e.g. wrn-16-1, preact-resnet18, resnet18, or a torchvision name")
@@ -156,6 +156,11 @@ class SanitizeParams(_Spec):
     sau_batch_size: int = Field(default=256, ge=2, le=4096, description="sau: images per unlearning batch")
     sau_bound: float = Field(default=0.2, gt=0, le=1,
                              description="sau: bound on each image's perturbation (L-infinity, pixels in [0, 1])")
+    sau_anchor_epochs: int = Field(
+        default=2, ge=0, le=1000,
+        description="sau: first epochs whose clean term distils the suspect's own predictions on the clean images "
+                    "instead of fitting their labels; it keeps well-trained models' accuracy (0: the authors' loss)",
+    )
     layers: list[str] | None = Field(default=None, description="module names to distil; default: the arch's own")
     betas: list[float] | None = Field(default=None, description="one weight per layer; default: the arch's own")
     augment: bool = Field(default=True, description="random crop (padding 4) and horizontal flip while training")

@@ -3,6 +3,7 @@ shared adversarial examples, its unlearning term is -log(1 - p) and carries grad
 on small random models."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -118,17 +119,44 @@ def test_unlearning_loss_is_the_clean_loss_plus_minus_log_one_minus_p_on_potenti
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
     adversarial = torch.tensor([[0.0, 1.5, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)
     labels = torch.tensor([0, 1, 2])
-    suspect_clean = torch.tensor([0, 1, 1])
+    suspect_clean = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 1.0, 0.0]])  # predicts 0, 1, 1
     suspect_adversarial = torch.tensor([1, 1, 1])  # poisons: image 0 only (1 is its label, 2 its clean prediction)
-    parts = unlearning_loss(logits, adversarial, labels, suspect_clean, suspect_adversarial)
+    parts = unlearning_loss(logits, adversarial, labels, suspect_clean, suspect_adversarial, anchor=False)
     p = F.softmax(adversarial[0], dim=0)[1]
-    assert torch.allclose(parts["ce_loss"], F.cross_entropy(logits, labels))
+    assert torch.allclose(parts["clean_loss"], F.cross_entropy(logits, labels))
     assert torch.allclose(parts["shared_loss"], -torch.log(1 - p) / 3, atol=1e-5)
-    assert torch.allclose(parts["loss"], parts["ce_loss"] + parts["shared_loss"])
+    assert torch.allclose(parts["loss"], parts["clean_loss"] + parts["shared_loss"])
     assert float(parts["poison_share"]) == pytest.approx(1 / 3)
     (gradient,) = torch.autograd.grad(parts["shared_loss"], adversarial)
     assert float(gradient[0, 1]) > 0, "the term must carry gradient, pushing the suspect's class down"
     assert float(gradient[1:].abs().sum()) == 0
+
+
+def test_the_anchor_epochs_clean_term_distils_the_suspects_predictions_not_the_labels():
+    """KL(suspect || model) at temperature 4, times 16: zero where the model predicts as the suspect, whatever
+    the labels, and its gradient moves the model's probabilities towards the suspect's."""
+    suspect = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.5, 0.0]])
+    labels, no_poison = torch.tensor([2, 0]), torch.tensor([0, 1])
+    same = unlearning_loss(suspect.clone(), suspect, labels, suspect, no_poison, anchor=True)
+    assert float(same["clean_loss"]) == pytest.approx(0, abs=1e-6) and float(same["shared_loss"]) == 0
+    logits = torch.zeros(2, 3, requires_grad=True)
+    parts = unlearning_loss(logits, suspect, labels, suspect, no_poison, anchor=True)
+    target = F.softmax(suspect / 4, 1)
+    expected = 16 * (target * (target.log() - F.log_softmax(logits / 4, 1))).sum(1).mean()
+    assert torch.allclose(parts["clean_loss"], expected)
+    (gradient,) = torch.autograd.grad(parts["loss"], logits)
+    assert torch.equal(gradient.argmin(1), target.argmax(1)), "a step should raise the suspect's class most"
+
+
+def test_only_the_first_anchor_epochs_distil():
+    """With `anchor_epochs` 1 of 2, the first epoch's clean loss is the distillation loss (near 0 on the
+    suspect's own predictions at the start) and the second's the cross-entropy with labels the random model
+    does not fit; the default job anchors 2 epochs."""
+    images, labels = _data()
+    rows = shared_unlearning(_model(), images, labels, dataclasses.replace(RECIPE, anchor_epochs=1),
+                             Normalization(), _watch(), EXECUTION)
+    assert rows[0]["clean_loss"] < 0.5 < rows[1]["clean_loss"]
+    assert SanitizeParams(arch="wrn-16-1", num_classes=10).sau_anchor_epochs == 2
 
 
 def test_unlearning_keeps_batchnorm_statistics_and_mode_and_is_deterministic():

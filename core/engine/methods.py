@@ -103,7 +103,7 @@ def ibau_recipe(params: SanitizeParams) -> IbauRecipe:
 
 def sau_recipe(params: SanitizeParams) -> SauRecipe:
     return SauRecipe(epochs=params.sau_epochs, lr=params.sau_lr, batch_size=params.sau_batch_size,
-                     bound=params.sau_bound, seed=params.seed)
+                     bound=params.sau_bound, anchor_epochs=params.sau_anchor_epochs, seed=params.seed)
 
 
 def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
