@@ -24,7 +24,7 @@ first author, and `config/defense/sau/config.yaml`), where it differs from a pla
   (`sau_anchor_epochs`, default 2), it is instead the distillation loss (KL divergence at temperature 4,
   times 16) from the suspect's own predictions on the clean images, which the backdoor does not touch: the
   shared term's first, largest steps knock a well-trained model far off (our dev patch model fell from 85.6 to
-  57.4 % in the first epoch with labels, and ended at 80.4), and labels the suspect fits with near certainty
+  57.4 % in the first epoch with labels, and ended at 80.2), and labels the suspect fits with near certainty
   pull back weakly, where its softened predictions hold the model to what it did on clean data. Not for
   longer: distilled to the end, a blend backdoor that the first epochs had erased came back (ASR 1.3 % after
   epoch 3, 37 % after epoch 10), the suspect's soft predictions carrying some of it (docs/engine.md).
