@@ -10,6 +10,7 @@ Statuses: queued -> running -> succeeded | failed | cancelling -> cancelled; que
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -73,10 +74,24 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+_last_id = (0, 0)
+_id_lock = threading.Lock()
+
+
 def new_job_id() -> str:
     """32 hex digits: 12 of milliseconds since the epoch, then 20 random. Ids sort by creation time, which is
-    what listing newest-first and its cursor rely on; the random part keeps them unguessable."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+    what listing newest-first and its cursor rely on; the random part keeps them unguessable. Within one
+    process they strictly increase: an id made in the same millisecond as the one before adds a random step
+    to that one's random part (ULID's monotonic rule, with random steps), so two jobs made in one millisecond
+    still list in the order they were made."""
+    global _last_id
+    with _id_lock:
+        millis, random = time.time_ns() // 1_000_000, int.from_bytes(os.urandom(9))  # 72 bits: room for steps
+        last_millis, last_random = _last_id
+        if millis <= last_millis:
+            millis, random = last_millis, last_random + 1 + int.from_bytes(os.urandom(4))
+        _last_id = (millis, random)
+    return f"{millis:012x}{random:020x}"
 
 
 class Job(Base):

@@ -84,6 +84,13 @@ def test_an_idempotency_key_names_one_job_per_owner(database: Database) -> None:
     assert new_job(database, owner(), key) != first  # the same key of another owner is another request
 
 
+def test_job_ids_made_in_one_millisecond_still_sort_in_the_order_they_were_made() -> None:
+    """The listing's order is the ids' order; a thousand ids take a few milliseconds, so many share one."""
+    ids = [jobs.new_job_id() for _ in range(1000)]
+    assert ids == sorted(ids) and len(set(ids)) == 1000 and {len(i) for i in ids} == {32}
+    assert len({i[:12] for i in ids}) < 1000, "some ids should share a millisecond"
+
+
 def test_listing_is_newest_first_with_a_cursor_and_a_status_filter(database: Database) -> None:
     me = owner()
     created = [new_job(database, me) for _ in range(5)]
