@@ -134,8 +134,10 @@ class Metrics(BaseModel):
         default=None,
         description="method auto only: what it ran, what it chose and why. chosen, reason, budget, "
                     "suspect_selection_acc, selection_images, trained_on; candidates, one row per candidate run "
-                    "(method, selection_acc, seconds, measured: acc, acc_non_target, asr); skipped, the candidates "
-                    "the job's time limit left no room for (method, estimated_seconds, seconds_left)",
+                    "(method, selection_acc, seconds, measured: acc, acc_non_target, asr; warning, when its own "
+                    "signals say the backdoor may have survived: such a candidate is kept only when every one has "
+                    "one); skipped, the candidates the job's time limit left no room for (method, "
+                    "estimated_seconds, seconds_left)",
         examples=[{"chosen": "sau", "reason": "sau is the first candidate that kept clean accuracy on the selection "
                    "set within 2.0 points of the suspect's 90.80 %", "budget": 2.0, "suspect_selection_acc": 90.8,
                    "selection_images": 250, "trained_on": 2250,
@@ -144,6 +146,12 @@ class Metrics(BaseModel):
                                   {"method": "sau", "selection_acc": 87.6, "seconds": 290.5,
                                    "measured": {"acc": 82.2, "acc_non_target": 82.4, "asr": 1.6}}],
                    "skipped": []}],
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what the method's own clean-data signals say about the cleansed model, when they say the "
+                    "backdoor may have survived (sau: its shared loss ended saturated)",
+        examples=[[]],
     )
     timings: dict[str, float] = Field(
         description="seconds spent in each stage",

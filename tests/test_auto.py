@@ -76,3 +76,15 @@ def test_pick_measures_from_the_most_accurate_when_none_is_within_the_budget_and
     assert "most accurate (90.00 %)" in reason
     index, _ = pick(ROWS, suspect_acc=95.0, budget=0.5)
     assert ROWS[index]["method"] == "finetune"  # sau lost a point against finetune: too costly
+
+
+def test_pick_sets_aside_a_candidate_whose_own_signals_say_the_backdoor_survived():
+    """Our blend model: sau's shared loss ended saturated and it was the one within the budget; nad is kept,
+    and the reason says why sau was not. When every candidate has a warning, the usual rule applies."""
+    rows = [{"method": "nad", "selection_acc": 80.8}, {"method": "sau", "selection_acc": 88.8, "warning": "saturated"}]
+    index, reason = pick(rows, suspect_acc=90.0, budget=2.0)
+    assert rows[index]["method"] == "nad" and reason.endswith("; sau set aside: saturated")
+    assert "most accurate (80.80 %)" in reason
+    both = [dict(row, warning="saturated") for row in rows]
+    index, reason = pick(both, suspect_acc=90.0, budget=2.0)
+    assert both[index]["method"] == "sau" and "set aside" not in reason

@@ -14,7 +14,14 @@ from torch import nn
 from core.engine.checkpoints import read_metadata
 from core.engine.errors import Cancelled
 from core.engine.models import build_model
-from core.engine.sau import SauRecipe, shared_perturbation, shared_unlearning, unlearning_loss
+from core.engine.sau import (
+    SATURATED,
+    SauRecipe,
+    saturation_warning,
+    shared_perturbation,
+    shared_unlearning,
+    unlearning_loss,
+)
 from core.engine.training import Execution, Normalization, Watch
 from core.params import SanitizeParams
 
@@ -60,6 +67,7 @@ def test_sau_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp
     progress = [e.progress for e in events]
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert read_metadata(tmp_path / "clean.safetensors")["method"] == "sau"
+    assert report["warnings"] == [], "its shared loss fell: no warning"
 
 
 def test_shared_perturbation_stays_within_its_bound_and_gives_no_weight_gradient():
@@ -157,6 +165,27 @@ def test_only_the_first_anchor_epochs_distil():
                              Normalization(), _watch(), EXECUTION)
     assert rows[0]["clean_loss"] < 0.5 < rows[1]["clean_loss"]
     assert SanitizeParams(arch="wrn-16-1", num_classes=10).sau_anchor_epochs == 2
+
+
+def test_a_shared_loss_that_ends_saturated_is_reported_as_a_warning():
+    """A linear model on channel means, 150 times scaled: the label's channel leads by 0.05 (a margin of 7),
+    and the perturbation's first step (its own channel unchanged, the others 0.2 brighter) puts each image in
+    another class with a margin of 23, where the model is certain of the suspect's class and the clamped term
+    sits at its floor (about 13.8) with no gradient to leave it."""
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    with torch.no_grad():
+        model[2].weight.copy_(150 * torch.eye(3))
+        model[2].bias.zero_()
+    labels = torch.arange(6) % 3
+    images = torch.empty(6, 3, 2, 2, dtype=torch.uint8)
+    for i, label in enumerate(labels.tolist()):
+        for rank, channel in enumerate([label, (label + 1) % 3, (label + 2) % 3]):
+            images[i, channel] = (140, 128, 77)[rank]  # 0.55, 0.5, 0.3
+    recipe = SauRecipe(epochs=2, lr=1e-3, batch_size=6, bound=0.2)
+    rows = shared_unlearning(model, images, labels, recipe, Normalization(), _watch(), EXECUTION)
+    assert rows[-1]["shared_loss"] > SATURATED
+    assert "backdoor may be intact" in saturation_warning(rows)
+    assert saturation_warning([dict(rows[-1], shared_loss=0.26)]) is None  # the dev sinusoid's last epoch
 
 
 def test_unlearning_keeps_batchnorm_statistics_and_mode_and_is_deterministic():

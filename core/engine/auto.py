@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from core.engine.data import stratified_split
-from core.engine.methods import Run, defend, stages
+from core.engine.methods import Defended, Run, defend, stages
 
 SELECTION_FRACTION = 0.1
 # The stage weights are rough, so the estimate gets a margin. They count epochs of fine-tuning, and a NAD student
@@ -45,8 +45,7 @@ ESTIMATE_MARGIN = 1.3
 
 @dataclass(frozen=True)
 class Choice:
-    model: nn.Module
-    pruning: dict[str, Any] | None
+    defended: Defended
     report: dict[str, Any]
     metrics: dict[str, Any]  # the chosen model's, from `measure`: the job's "after"
 
@@ -69,20 +68,25 @@ def pick(rows: list[dict[str, Any]], suspect_acc: float, budget: float) -> tuple
     order), and why: the first within `budget` points of `suspect_acc`. When none is within it, the first
     within `budget` points of the most accurate candidate: the suspect may have trained on the clean images
     (it scores 5 to 10 points higher on them than on unseen ones), so its own accuracy there overstates what a
-    candidate can keep."""
-    eligible = _within(rows, suspect_acc, budget)
+    candidate can keep. Candidates with a `warning` (their own signals say the backdoor may have survived)
+    are set aside while any other ran."""
+    trusted = [i for i, row in enumerate(rows) if not row.get("warning")] or list(range(len(rows)))
+    aside = "".join(f"; {rows[i]['method']} set aside: {rows[i]['warning']}" for i in range(len(rows))
+                    if i not in trusted)
+    eligible = _within(rows, trusted, suspect_acc, budget)
     if eligible:
         best = eligible[0]
         return best, (f"{rows[best]['method']} is the first candidate that kept clean accuracy on the selection "
-                      f"set within {budget} points of the suspect's {suspect_acc:.2f} %")
-    top = max(row["selection_acc"] for row in rows)
-    best = _within(rows, top, budget)[0]
+                      f"set within {budget} points of the suspect's {suspect_acc:.2f} %{aside}")
+    top = max(rows[i]["selection_acc"] for i in trusted)
+    best = _within(rows, trusted, top, budget)[0]
     return best, (f"no candidate kept clean accuracy within {budget} points of the suspect's {suspect_acc:.2f} %; "
-                  f"{rows[best]['method']} is the first within {budget} points of the most accurate ({top:.2f} %)")
+                  f"{rows[best]['method']} is the first within {budget} points of the most accurate ({top:.2f} %)"
+                  f"{aside}")
 
 
-def _within(rows: list[dict[str, Any]], acc: float, budget: float) -> list[int]:
-    return [i for i, row in enumerate(rows) if row["selection_acc"] >= acc - budget]
+def _within(rows: list[dict[str, Any]], indices: list[int], acc: float, budget: float) -> list[int]:
+    return [i for i in indices if rows[i]["selection_acc"] >= acc - budget]
 
 
 def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run,
@@ -108,19 +112,22 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
                 skipped.append({"method": method, "estimated_seconds": round(estimate), "seconds_left": round(left)})
                 continue
         started = time.perf_counter()
-        cleaned, pruning = defend(method, copy.deepcopy(model), fit_images, fit_labels, run.for_candidate(method))
-        row = {"method": method, "selection_acc": round(accuracy(cleaned, selection_images, selection_labels, run), 2)}
-        metrics = measure(cleaned)
+        defended = defend(method, copy.deepcopy(model), fit_images, fit_labels, run.for_candidate(method))
+        row = {"method": method,
+               "selection_acc": round(accuracy(defended.model, selection_images, selection_labels, run), 2)}
+        if defended.warning:
+            row["warning"] = defended.warning
+        metrics = measure(defended.model)
         row["seconds"] = round(time.perf_counter() - started, 1)
         row["measured"] = {key: metrics.get(key) for key in ("acc", "acc_non_target", "asr")}
         spent.add(cost, row["seconds"])
-        results.append((row, cleaned, pruning, metrics))
+        results.append((row, defended, metrics))
     index, reason = pick([result[0] for result in results], suspect_acc, params.auto_budget)
-    row, cleaned, pruning, metrics = results[index]
+    row, defended, metrics = results[index]
     report = {"chosen": row["method"], "reason": reason, "budget": params.auto_budget,
               "suspect_selection_acc": round(suspect_acc, 2), "selection_images": len(held),
               "trained_on": len(keep), "candidates": [result[0] for result in results], "skipped": skipped}
-    return Choice(cleaned, pruning, report, metrics)
+    return Choice(defended, report, metrics)
 
 
 @dataclass

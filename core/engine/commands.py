@@ -219,6 +219,8 @@ def run_sanitize(args: argparse.Namespace) -> int:
     print(report["evaluation"]["note"])
     if report["auto"]:
         print(f"auto kept {report['auto']['chosen']}: {report['auto']['reason']}")
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
     print(table(report["before"], report["after"]))
     print(f"cleansed checkpoint: {args.out}")
     return 0

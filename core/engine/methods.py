@@ -16,7 +16,7 @@ from core.engine.anp import AnpRecipe, adversarial_neuron_pruning
 from core.engine.defenses import distill, feature_shift_tuning, finetune
 from core.engine.ibau import IbauRecipe, unlearn
 from core.engine.models import Distillation
-from core.engine.sau import SauRecipe, shared_unlearning
+from core.engine.sau import SauRecipe, saturation_warning, shared_unlearning
 from core.engine.training import Execution, Normalization, Recipe, Watch
 from core.params import SanitizeParams
 
@@ -58,6 +58,16 @@ class Run:
 
     def timed(self, name: str):
         return self.clock.time(self.stage_prefix + name)
+
+
+@dataclass(frozen=True)
+class Defended:
+    """What a defense gives back: the cleansed model (for finetune: the teacher), what anp pruned, and a
+    warning when the method's own clean-data signals say the backdoor may have survived."""
+
+    model: nn.Module
+    pruning: dict[str, Any] | None = None
+    warning: str | None = None
 
 
 def stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[str, int]:
@@ -107,37 +117,37 @@ def sau_recipe(params: SanitizeParams) -> SauRecipe:
 
 
 def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-           run: Run) -> tuple[nn.Module, dict[str, Any] | None]:
-    """Clean `model` (changed in place) with `method`; returns the cleansed model (for finetune: the teacher)
-    and, for anp, what was pruned."""
+           run: Run) -> Defended:
+    """Clean `model` (changed in place) with `method`."""
     params, training = run.params, recipes(run.params)
     normalize, execution = run.normalize, run.execution
     if method == "fst":
         with run.timed("fst"):
             feature_shift_tuning(model, images, labels, training["fst"], params.fst_alpha, normalize, run.stage("fst"),
                                  execution)
-        return model, None
+        return Defended(model)
     if method == "anp":
         with run.timed("anp"):
             pruning = adversarial_neuron_pruning(model, run.neurons, images, labels, anp_recipe(params), normalize,
                                                  run.stage("anp"), execution)
-        return model, pruning
+        return Defended(model, pruning)
     if method == "ibau":
         with run.timed("ibau"):
             unlearn(model, images, labels, ibau_recipe(params), normalize, run.stage("ibau"), execution)
-        return model, None
+        return Defended(model)
     if method == "sau":
         with run.timed("sau"):
-            shared_unlearning(model, images, labels, sau_recipe(params), normalize, run.stage("sau"), execution)
-        return model, None
+            rows = shared_unlearning(model, images, labels, sau_recipe(params), normalize, run.stage("sau"),
+                                     execution)
+        return Defended(model, warning=saturation_warning(rows))
     teacher = run.teacher
     if teacher is None:
         teacher = copy.deepcopy(model)
         with run.timed("teacher"):
             finetune(teacher, images, labels, training["teacher"], normalize, run.stage("teacher"), execution)
     if method == "finetune":
-        return teacher, None
+        return Defended(teacher)
     with run.timed("student"):
         distill(model, teacher, run.distillation, images, labels, training["student"], normalize, run.stage("student"),
                 execution)
-    return model, None
+    return Defended(model)

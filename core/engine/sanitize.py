@@ -247,10 +247,11 @@ def sanitize(
         chosen = choose(model, images, labels, run, lambda candidate: measure(candidate, evaluation, normalize, dev,
                                                                                execution))
         # auto measured every candidate on the evaluation set already: the chosen one's figures are "after".
-        result, pruning, auto, after = chosen.model, chosen.pruning, chosen.report, chosen.metrics
+        defended, auto, after = chosen.defended, chosen.report, chosen.metrics
     else:
-        result, pruning = defend(params.method, model, images, labels, run)
+        defended = defend(params.method, model, images, labels, run)
         auto = after = None
+    result, pruning, warning = defended.model, defended.pruning, defended.warning
     if should_stop():
         raise Cancelled("cancelled before the final evaluation")
 
@@ -270,6 +271,7 @@ def sanitize(
         "betas": list(distillation.betas) if params.method == "nad" else [],
         "pruning": pruning,
         "auto": auto,
+        "warnings": [warning] if warning else [],
         "evaluation": {"test_source": evaluation.source, "note": evaluation.note,
                        "n_train": len(train_set.labels), "n_clean": len(evaluation.clean.labels),
                        "n_poison": None if evaluation.poisoned is None else len(evaluation.poisoned.labels),
