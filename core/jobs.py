@@ -86,12 +86,12 @@ def new_job_id() -> str:
     still list in the order they were made."""
     global _last_id
     with _id_lock:
-        millis, random = time.time_ns() // 1_000_000, int.from_bytes(os.urandom(9))  # 72 bits: room for steps
-        last_millis, last_random = _last_id
+        millis, secret = time.time_ns() // 1_000_000, int.from_bytes(os.urandom(9))  # 72 bits: room for steps
+        last_millis, last_secret = _last_id
         if millis <= last_millis:
-            millis, random = last_millis, last_random + 1 + int.from_bytes(os.urandom(4))
-        _last_id = (millis, random)
-    return f"{millis:012x}{random:020x}"
+            millis, secret = last_millis, last_secret + 1 + int.from_bytes(os.urandom(4))
+        _last_id = (millis, secret)
+    return f"{millis:012x}{secret:020x}"
 
 
 class Job(Base):

@@ -49,6 +49,22 @@ def test_a_candidates_time_is_estimated_from_the_ones_before_it_by_their_cost():
     assert spent.estimate(90) == pytest.approx(ESTIMATE_MARGIN * 90 * 1.5)
 
 
+def test_a_candidate_that_warns_is_set_aside_and_a_kept_ones_warning_reaches_the_report(digits_backdoor, tmp_path,
+                                                                                        monkeypatch):
+    """The path from a method's warning to the job's report, with sau made to warn on any run (the digits model
+    does not saturate it): alone, its warning is the report's; in auto, finetune is kept over it and the
+    reason says why."""
+    monkeypatch.setattr("core.engine.sau.SATURATED", -1.0)
+    alone = digits_backdoor.sanitize(tmp_path / "sau.safetensors", method="sau", sau_epochs=1, sau_batch_size=32)
+    assert len(alone["warnings"]) == 1 and "backdoor may be intact" in alone["warnings"][0]
+    report = digits_backdoor.sanitize(tmp_path / "auto.safetensors", method="auto", auto_candidates=["sau", "finetune"],
+                                      auto_budget=100.0, sau_epochs=1, sau_batch_size=32)
+    auto = report["auto"]
+    assert auto["chosen"] == "finetune" and "sau set aside: sau's shared loss ended at" in auto["reason"]
+    assert "warning" in auto["candidates"][0] and "warning" not in auto["candidates"][1]
+    assert report["warnings"] == []
+
+
 def test_with_nothing_trained_yet_there_is_no_rate_and_the_candidate_runs():
     spent = Spent()
     spent.add(cost=0, seconds=4.0)  # finetune with a supplied teacher: measured, never trained

@@ -54,6 +54,18 @@ def test_sanitize_writes_checkpoint_report_and_table(digits_backdoor, tmp_path, 
     assert f"auto kept {data['auto']['chosen']}: {data['auto']['reason']}" in printed
 
 
+def test_sanitize_prints_the_reports_warnings(digits_backdoor, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("core.engine.sau.SATURATED", -1.0)  # any sau run warns
+    report = tmp_path / "report.json"
+    assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--input-size", "16",
+                 "--checkpoint", str(digits_backdoor.checkpoint), "--clean-data", str(digits_backdoor.clean),
+                 "--method", "sau", "--sau-epochs", "1", "--sau-batch-size", "32", "--sau-anchor-epochs", "1",
+                 "--out", str(tmp_path / "clean.safetensors"), "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["params"]["sau_anchor_epochs"] == 1 and len(data["warnings"]) == 1
+    assert f"warning: {data['warnings'][0]}" in capsys.readouterr().out
+
+
 def test_subset_is_stratified(digits_npz, tmp_path):
     out = tmp_path / "part.npz"
     assert main(["subset", str(digits_npz), "--fraction", "0.25", "--input-size", "16", "--out", str(out)]) == 0

@@ -16,9 +16,11 @@ The first candidate always runs, as does any while nothing before it has trained
 candidate's cost in epochs of fine-tuning (`methods.stages`) times the seconds each such epoch took the
 candidates before it, with a margin of `ESTIMATE_MARGIN` for the weights' roughness.
 
-No clean-data signal of erasure is used because none we measured told erasure apart: the feature shift
-from the suspect (FST's observation) was largest for a candidate that kept the backdoor on two of the five
-models measured (docs/engine.md, "Choosing automatically").
+No clean-data signal ranks the candidates by erasure, because none we measured told erasure apart: the
+feature shift from the suspect (FST's observation) was largest for a candidate that kept the backdoor on two
+of the five models measured (docs/engine.md, "Choosing automatically"). One signal only says a candidate
+failed: a method's own `warning` (sau's shared loss ended saturated), and such a candidate is set aside while
+any other ran.
 """
 
 from __future__ import annotations
