@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Well-trained backdoored models cleaned by each method, measured by this engine: the efficacy tables of
-# docs/results.md. The models: the shared dev models (../shared/models/dev) and ours from scripts/attack-own.sh
-# (in $OWN, default var/own), each with its trigger in scripts/triggers/<model>.json. 2,500 clean images (5 % of
+# docs/results.md. The models: the shared dev models ($SHARED/models/dev, SHARED defaulting to ../shared) and
+# ours from scripts/attack-own.sh (in $OWN, default var/own), each with its trigger in
+# scripts/triggers/<model>.json and its architecture in scripts/models.sh. 2,500 clean images (5 % of
 # the shared CIFAR-10, stratified, seed 0); ACC and ASR on the 10,000 test images (ASR on the 9,000 whose class
 # is not the target).
 # Usage: [MODELS="dev-badnets own-warp"] bash scripts/results-models.sh [OUT_DIR] [METHOD ...]
@@ -20,18 +21,18 @@ out=${1:-var/results}
 shift || true
 methods=("$@")
 (($#)) || methods=(finetune nad fst anp ibau sau auto)
-cifar=../shared/datasets/cifar10
-declare -A folder=([dev]=../shared/models/dev [own]=${OWN:-var/own})
+cifar=${SHARED:-../shared}/datasets/cifar10
+declare -A folder=([dev]=${SHARED:-../shared}/models/dev [own]=${OWN:-var/own})
 nad=.venv/bin/nad
 mkdir -p "$out"
 [ -f "$out/clean-5pct.npz" ] || $nad subset "$cifar/train.tar.gz" --fraction 0.05 --seed 0 --out "$out/clean-5pct.npz"
 
 for model in ${MODELS:-${!target[@]}}; do
   [ -n "${target[$model]:-}" ] || { echo "unknown model $model: scripts/models.sh lists them" >&2; exit 2; }
-  checkpoint="${folder[${model%%-*}]}/wrn16_1-${model/-/_}.safetensors"
+  checkpoint="${folder[${model%%-*}]}/$(checkpoint_of "$model")"
   if [ ! -f "$checkpoint" ]; then echo "skipping $model: no $checkpoint" >&2; continue; fi
-  common=(--arch wrn-16-1 --num-classes 10 --test-data "$cifar/test.tar.gz" --target-label "${target[$model]}"
-          --trigger "scripts/triggers/$model.json" --checkpoint "$checkpoint")
+  common=(--arch "$(arch_of "$model")" --num-classes 10 --test-data "$cifar/test.tar.gz"
+          --target-label "${target[$model]}" --trigger "scripts/triggers/$model.json" --checkpoint "$checkpoint")
   for method in "${methods[@]}"; do
     name=${method%%:*} flags=""
     [[ $method == *:* ]] && flags=${method#*:}
