@@ -78,14 +78,14 @@ Mode = Literal["fast", "reference"]
 class SanitizeParams(_Spec):
     """Everything a sanitization job needs besides its files.
 
-    The default method is `auto` with candidates nad, then sau: on well-trained models the authors' nad
-    costs 22 to 46 points of accuracy, and auto falls back to sau there (docs/results.md). NAD's defaults
-    are the NAD authors' (Li et al., ICLR 2021): student 20 epochs at lr 0.1, dropped tenfold from epoch 2;
-    teacher fine-tuned 10 epochs at lr 0.01; SGD with nesterov momentum 0.9, weight decay 1e-4; batch 64;
-    betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation. The `anp_*`
-    defaults are the ANP authors' (Wu & Wang, NeurIPS 2021), the `ibau_*` ones I-BAU's (Zeng et al., ICLR
-    2022); the `sau_*` ones follow SAU's (Wei et al., NeurIPS 2023) but for its learning rate, epochs and
-    clean term, as docs/engine.md details.
+    The default method is `auto` with candidates nad, then sau, then fst: on well-trained models the authors'
+    nad costs 22 to 46 points of accuracy, and auto falls back to sau there; where both collapse (our
+    PreAct-ResNet18), to fst (docs/results.md). NAD's defaults are the NAD authors' (Li et al., ICLR 2021):
+    student 20 epochs at lr 0.1, dropped tenfold from epoch 2; teacher fine-tuned 10 epochs at lr 0.01; SGD
+    with nesterov momentum 0.9, weight decay 1e-4; batch 64; betas 500/1000/1000 on WRN's three residual
+    groups; crop and flip augmentation. The `anp_*` defaults are the ANP authors' (Wu & Wang, NeurIPS 2021),
+    the `ibau_*` ones I-BAU's (Zeng et al., ICLR 2022); the `sau_*` ones follow SAU's (Wei et al., NeurIPS
+    2023) but for its learning rate, epochs and clean term, as docs/engine.md details.
     """
 
     arch: str = Field(description="architecture name, e.g. wrn-16-1, preact-resnet18, resnet18, or a torchvision name")
@@ -114,7 +114,7 @@ class SanitizeParams(_Spec):
     teacher_lr: float = Field(default=0.01, gt=0, le=10)
     batch_size: int = Field(default=64, ge=1, le=4096)
     auto_candidates: list[Candidate] = Field(
-        default=["nad", "sau"], min_length=1,
+        default=["nad", "sau", "fst"], min_length=1,
         description="auto: the methods it runs, each on its own copy of the model, in order of preference: the "
                     "first within auto_budget is kept",
     )

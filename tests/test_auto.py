@@ -12,8 +12,8 @@ def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_pa
     report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", events.append, time_limit=3600,
                                       method="auto", auto_budget=3.0, sau_lr=5e-4, sau_batch_size=32, sau_bound=0.1)
     auto = report["auto"]
-    assert [row["method"] for row in auto["candidates"]] == ["nad", "sau"] and auto["skipped"] == []
-    assert auto["chosen"] in ("nad", "sau") and auto["chosen"] in auto["reason"]
+    assert [row["method"] for row in auto["candidates"]] == ["nad", "sau", "fst"] and auto["skipped"] == []
+    assert auto["chosen"] in ("nad", "sau", "fst") and auto["chosen"] in auto["reason"]
     assert auto["selection_images"] + auto["trained_on"] == report["evaluation"]["n_train"]
     index, reason = pick(auto["candidates"], auto["suspect_selection_acc"], auto["budget"])
     assert auto["chosen"] == auto["candidates"][index]["method"] and auto["reason"] == reason
@@ -23,7 +23,7 @@ def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_pa
     assert chosen == {key: report["after"][key] for key in ("acc", "acc_non_target", "asr")}
     assert all(row["measured"]["asr"] is not None for row in auto["candidates"])
     stages = {row["stage"] for row in report["history"]}
-    assert stages == {"nad/teacher", "nad/student", "sau/sau"}
+    assert stages == {"nad/teacher", "nad/student", "sau/sau", "fst/fst"}
     progress = [event.progress for event in events]
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert report["after"]["asr"] < report["before"]["asr"]
