@@ -11,7 +11,7 @@
 #   auto:--auto-candidates=nad,fst (quote a METHOD with several flags:
 #   "auto:--auto-candidates=nad,ibau --ibau-lr=0.0003").
 # On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 11, ibau about 7, sau about 5 (9 on
-# one thread), auto (nad and sau) about 8. A report already in OUT_DIR is kept, so an interrupted run goes on
+# one thread), auto (nad, sau, fst) about 9. A report already in OUT_DIR is kept, so an interrupted run goes on
 # where it stopped. Then:
 # .venv/bin/python scripts/results-table.py
 set -euo pipefail
