@@ -91,7 +91,7 @@ class Client:
                 progress = job["progress"]
                 epoch = f" {progress['epoch']}/{progress['epochs']}" if progress.get("epoch") else ""
                 label = f"{job['status']} {progress.get('stage') or ''}{epoch}".strip()
-                bar.set_description(label, refresh=False)
+                bar.set_description(label)  # refreshed: the label may change while the percentage does not
                 bar.update(progress["percent"] - bar.n)
                 if job["status"] in FINISHED:
                     return job

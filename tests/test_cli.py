@@ -10,6 +10,8 @@ import pytest
 
 from conftest import DIGITS_TRIGGER, digits_arrays
 from core.cli import main
+from core.engine.commands import ProgressBar
+from core.engine.events import Event
 
 TRIGGER = json.dumps(DIGITS_TRIGGER)
 
@@ -103,3 +105,13 @@ def test_attack_with_the_warp_trigger_plants_a_backdoor(tmp_path):
                  "--report", str(report)]) == 0
     metrics = json.loads(report.read_text())
     assert metrics["asr"] > 80 and metrics["acc"] > 85, metrics
+
+
+def test_the_progress_bar_shows_an_epoch_that_starts_without_the_percentage_moving(capsys):
+    """sau's retry runs its epochs at the stage's end: the bar must still say which epoch it is in."""
+    bar = ProgressBar()
+    bar(Event("sau", 0.5, epoch=10, epochs=10, loss=12.3, lr=1e-4))
+    bar(Event("sau", 0.5, epoch=1, epochs=10, step=1, steps=9))
+    shown = capsys.readouterr().err
+    bar.close()
+    assert "sau 1/10" in shown

@@ -167,13 +167,17 @@ class ProgressBar:
 
         self.bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}]{postfix}",
                         file=sys.stderr)
+        self.label = ""
 
     def __call__(self, event) -> None:
         label = event.stage + (f" {event.epoch}/{event.epochs}" if event.epoch else "")
+        relabelled, self.label = label != self.label, label
         self.bar.set_description(label, refresh=False)
         if event.loss is not None:
             self.bar.set_postfix(loss=f"{event.loss:.3f}", lr=event.lr, refresh=False)
         self.bar.update(100 * event.progress - self.bar.n)
+        if relabelled:  # an epoch may start without the percentage moving (sau's unplanned retry)
+            self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
