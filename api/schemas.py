@@ -121,7 +121,9 @@ class Metrics(BaseModel):
         description="one row per training epoch: stage (teacher/student/fst), epoch, epochs, loss, lr, ...; for "
                     "anp one row per 50 mask iterations: stage, step, steps, loss, nat_loss, rob_loss, lr, ...; "
                     "for ibau one row per round (counted as epochs): stage, epoch, epochs, loss, delta_norm, lr; for "
-                    "sau one row per epoch: stage, epoch, epochs, loss, clean_loss, shared_loss, poison_share, lr",
+                    "sau one row per epoch: stage, epoch, epochs, loss, clean_loss, shared_loss, poison_share, lr, "
+                    "unclamped (true on the rows of a retry with the exact shared term, after a run that ended "
+                    "saturated)",
         examples=[[{"stage": "student", "epoch": 1, "epochs": 20, "loss": 0.41, "lr": 0.1}]],
     )
     pruning: dict[str, Any] | None = Field(
