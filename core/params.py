@@ -161,6 +161,12 @@ class SanitizeParams(_Spec):
         description="sau: first epochs whose clean term distils the suspect's own predictions on the clean images "
                     "instead of fitting their labels; it keeps well-trained models' accuracy (0: the authors' loss)",
     )
+    sau_warp: float = Field(
+        default=0.0, ge=0, le=8,
+        description="sau: the second half of each batch searches smooth warps (WaNet's 4x4 control offsets, each "
+                    "within this strength, WaNet's s) instead of additive perturbations, for backdoors that fire on "
+                    "resampled images (0: additive only, the authors')",
+    )
     layers: list[str] | None = Field(default=None, description="module names to distil; default: the arch's own")
     betas: list[float] | None = Field(default=None, description="one weight per layer; default: the arch's own")
     augment: bool = Field(default=True, description="random crop (padding 4) and horizontal flip while training")

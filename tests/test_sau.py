@@ -21,6 +21,7 @@ from core.engine.sau import (
     saturation_warning,
     shared_perturbation,
     shared_unlearning,
+    shared_warp,
     unlearning_loss,
 )
 from core.engine.training import Execution, Normalization, Watch
@@ -122,6 +123,74 @@ def test_the_models_see_normalised_inputs_while_the_bound_is_in_pixels():
     assert torch.allclose(model.seen[0], torch.full_like(pixels, 1.0))  # (0.5 - 0.4) / 0.1, unperturbed
     assert torch.allclose(model.seen[1], torch.full_like(pixels, 1.5))  # the start: +0.05 everywhere
     assert float(perturbation.abs().max()) <= 0.05 + 1e-7
+
+
+class BrightSpotSide(nn.Module):
+    """Class 0 when the image's brightness lies left of its centre, 1 when right: a model whose adversarial warps
+    are known, since moving pixels sideways is the only way to change its mind without changing their values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = torch.linspace(-1, 1, x.shape[3])
+        side = (x.sum(dim=(1, 2)) * columns).sum(1) / x.sum(dim=(1, 2, 3))
+        return torch.stack([-side, side], 1) * 100
+
+
+def _spots(n: int, column: float, size: int = 16) -> torch.Tensor:
+    """Images of a soft vertical bar at `column`, the same in every channel."""
+    columns = torch.arange(size, dtype=torch.float32)
+    bar = torch.exp(-((columns - column) ** 2) / 4).expand(size, size)
+    return bar.expand(n, 3, size, size).clone()
+
+
+def test_shared_warp_makes_two_models_err_alike_by_moving_pixels_not_changing_them():
+    """A bar half a pixel left of centre: a warp within strength 2 (about a pixel) moves it right, and both
+    models follow; a flat image, which no warp changes, comes back as it was."""
+    pixels, labels = _spots(4, 7.0), torch.zeros(4, dtype=torch.long)
+    model = BrightSpotSide()
+    assert torch.equal(model(pixels).argmax(1), labels)
+    warped = shared_warp(model, BrightSpotSide(), pixels, labels, 2.0, Normalization(), EXECUTION)
+    assert warped.shape == pixels.shape and not warped.requires_grad
+    assert torch.equal(model(warped).argmax(1), torch.ones(4, dtype=torch.long))
+    assert float(warped.min()) >= float(pixels.min()) - 1e-6 and float(warped.max()) <= float(pixels.max()) + 1e-6
+    flat = torch.full((2, 3, 16, 16), 0.3)
+    assert torch.allclose(shared_warp(model, BrightSpotSide(), flat, labels[:2], 2.0, Normalization(), EXECUTION),
+                          flat)
+
+
+def test_a_warp_within_a_small_strength_cannot_move_the_bar_across():
+    """Bounded like the additive search: strength 0.1 (offsets of 1/20 of a pixel) is not enough for a bar a tenth
+    of a pixel left of centre, which five unbounded steps of 0.05 would carry across."""
+    pixels, labels = _spots(4, 7.4), torch.zeros(4, dtype=torch.long)
+    warped = shared_warp(BrightSpotSide(), BrightSpotSide(), pixels, labels, 0.1, Normalization(), EXECUTION)
+    assert torch.equal(BrightSpotSide()(warped).argmax(1), labels)
+    assert float((warped - pixels).abs().max()) < 0.1
+
+
+class Seeing(nn.Module):
+    """A model that keeps every batch it is shown."""
+
+    def __init__(self, inner: nn.Module, seen: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.inner, self.seen = inner, seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.inner(x)
+
+
+def test_with_sau_warp_half_of_each_batch_is_warped_and_half_perturbed():
+    """Flat images show which is which: a warp leaves them as they were, an additive perturbation does not. The
+    unlearning step shows the model the clean batch and its adversarial images together."""
+    images, labels = torch.full((8, 3, 16, 16), 128, dtype=torch.uint8), torch.arange(8) % 10
+    seen: list[torch.Tensor] = []
+    shared_unlearning(Seeing(_model(), seen), images, labels, dataclasses.replace(RECIPE, epochs=1, warp=1.0),
+                      Normalization(), _watch(), EXECUTION)
+    pixels = images.float() / 255
+    (both,) = [x for x in seen if len(x) == 16]
+    clean, additive, warped = both[:8], both[8:12], both[12:]
+    assert torch.equal(clean, pixels)
+    assert 0.05 < float((additive - pixels[:4]).abs().max()) <= 0.2 + 1e-6
+    assert torch.allclose(warped, pixels[4:], atol=1e-6)
 
 
 def test_unlearning_loss_is_the_clean_loss_plus_minus_log_one_minus_p_on_potential_poisons():
@@ -263,7 +332,8 @@ def test_a_cancelled_unlearning_changes_nothing():
 
 
 @pytest.mark.parametrize("field, value", [("sau_epochs", 0), ("sau_lr", 0), ("sau_batch_size", 1),
-                                          ("sau_bound", 0), ("sau_bound", 1.5)])
+                                          ("sau_bound", 0), ("sau_bound", 1.5), ("sau_warp", -1),
+                                          ("sau_warp", 9)])
 def test_out_of_range_sau_parameters_are_refused(field, value):
     with pytest.raises(ValidationError, match=field):
         SanitizeParams(arch="wrn-16-1", num_classes=10, method="sau", **{field: value})

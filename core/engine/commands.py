@@ -107,6 +107,8 @@ def _add_sanitize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--sau-bound", type=float, help="sau: L-infinity bound of each image's perturbation")
     parser.add_argument("--sau-anchor-epochs", type=int,
                         help="sau: first epochs that distil the suspect's clean predictions instead of the labels")
+    parser.add_argument("--sau-warp", type=float,
+                        help="sau: strength of the smooth warps searched for half of each batch (0: none)")
     parser.add_argument("--betas", type=_floats, help="one weight per layer, e.g. 500,1000,1000")
     parser.add_argument("--layers", type=_names, help="module names, e.g. block1,block2,block3")
     parser.add_argument("--no-augment", dest="augment", action="store_false", default=None)

@@ -113,7 +113,8 @@ def ibau_recipe(params: SanitizeParams) -> IbauRecipe:
 
 def sau_recipe(params: SanitizeParams) -> SauRecipe:
     return SauRecipe(epochs=params.sau_epochs, lr=params.sau_lr, batch_size=params.sau_batch_size,
-                     bound=params.sau_bound, anchor_epochs=params.sau_anchor_epochs, seed=params.seed)
+                     bound=params.sau_bound, anchor_epochs=params.sau_anchor_epochs, warp=params.sau_warp,
+                     seed=params.seed)
 
 
 def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,

@@ -34,6 +34,10 @@ first author, and `config/defense/sau/config.yaml`), where it differs from a pla
   100 %); the exact term left our blend at 80.4 / 0.9 (ACC / ASR) and the dev blend at 84.9 / 35.9. Not from
   the start: there it cost the dev patch model 5 points and left 21 % on the dev blend one, which the clamped
   term erases when it does not saturate (docs/engine.md).
+- With `warp` (`sau_warp`), the second half of each batch is searched among smooth warps (WaNet's 4 x 4
+  control offsets, each within `warp`, from a random start, in steps of half of it) instead of additive
+  perturbations: the additive search steps by its whole bound and so only visits the corners of the box,
+  noise that misses a backdoor keyed to resampling (docs/engine.md).
 - Adam (betas 0.9, 0.999, no weight decay), batches of 256, no augmentation; both models stay in evaluation
   mode, so BatchNorm keeps the statistics it learnt on the whole training set.
 - The authors' configuration asks for a cosine learning-rate schedule, and their code builds it but never
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +63,14 @@ from torch import nn
 
 from core.engine.events import Event
 from core.engine.training import Execution, Normalization, Recipe, Watch, begin_epoch, plan_epoch
+from core.engine.triggers import offset_grid
 
 PGD_STEPS = 5
 PGD_STEP_SIZE = 0.2
 ADVERSARIAL_WEIGHT = 0.01
 SHARED_WEIGHT = 1.0
+# The control points per side of `shared_warp`'s fields: WaNet's k.
+WARP_GRID = 4
 # The distillation temperature of the anchor epochs' clean term (Hinton et al.'s usual 4); the loss is
 # multiplied by its square, as theirs, so its gradients keep their size. At temperature 1 the dev patch
 # model's first epoch fell as far as with labels (57.7 %).
@@ -79,13 +87,15 @@ SATURATED = 5.0
 class SauRecipe:
     """SAU's settings: `epochs` passes over the clean data in batches of `batch_size`, one Adam step per batch
     at `lr` (cosine over the epochs), each batch's perturbations within `bound` in L-infinity (pixel units);
-    the first `anchor_epochs` fit the suspect's predictions on the clean images instead of their labels."""
+    the first `anchor_epochs` fit the suspect's predictions on the clean images instead of their labels; with
+    `warp`, the second half of each batch gets smooth warps within that strength instead (`shared_warp`)."""
 
     epochs: int
     lr: float
     batch_size: int
     bound: float
     anchor_epochs: int = 0
+    warp: float = 0.0
     seed: int = 0
 
 
@@ -93,27 +103,58 @@ def shared_perturbation(model: nn.Module, suspect: nn.Module, pixels: torch.Tens
                         bound: float, normalize: Normalization, execution: Execution) -> torch.Tensor:
     """Per-image perturbations (pixel units, within `bound`) that make `model` and `suspect` err alike: the
     authors' Shared_PGD. Neither model's weights get gradient."""
+    return _shared_search(model, suspect, pixels, labels, torch.full_like(pixels, bound), _add, PGD_STEP_SIZE, bound,
+                          normalize, execution)
+
+
+def shared_warp(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
+                strength: float, normalize: Normalization, execution: Execution) -> torch.Tensor:
+    """Per-image smooth warps that make `model` and `suspect` err alike: the same search over WaNet's 4 x 4
+    control offsets (`offset_grid`, each within `strength`) instead of pixels, from a random start, in steps of
+    half the bound. Returns the warped images. Neither model's weights get gradient."""
+    start = (torch.rand(len(pixels), 2, WARP_GRID, WARP_GRID, device=pixels.device) * 2 - 1) * strength
+    offsets = _shared_search(model, suspect, pixels, labels, start, _warp, strength / 2, strength, normalize,
+                             execution)
+    return _warp(pixels, offsets)
+
+
+def _add(pixels: torch.Tensor, perturbation: torch.Tensor) -> torch.Tensor:
+    return pixels + perturbation
+
+
+def _warp(pixels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    grid = offset_grid(offsets.to(pixels.dtype), 1.0, *pixels.shape[2:])
+    return F.grid_sample(pixels, grid, mode="bilinear", align_corners=True)
+
+
+def _shared_search(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
+                   start: torch.Tensor, apply: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], step: float,
+                   bound: float, normalize: Normalization, execution: Execution) -> torch.Tensor:
+    """Shared_PGD's steps on whatever `apply(pixels, variable)` turns `start` into an image with: signed steps of
+    `step` down 0.01 * L_adv + L_shared, the variable kept within `bound`, until every image is a shared
+    adversarial example or PGD_STEPS are taken. Returns the variable."""
 
     def logits_of(network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return _logits(network, inputs, normalize, execution)
 
     with torch.no_grad():
         own, own_suspect = logits_of(model, pixels).argmax(1), logits_of(suspect, pixels).argmax(1)
-    perturbation = torch.full_like(pixels, bound)
+    variable = start
     for _ in range(PGD_STEPS):
-        perturbation.requires_grad_()
-        logits, logits_suspect = logits_of(model, pixels + perturbation), logits_of(suspect, pixels + perturbation)
+        variable.requires_grad_()
+        inputs = apply(pixels, variable)
+        logits, logits_suspect = logits_of(model, inputs), logits_of(suspect, inputs)
         fooled, fooled_suspect = logits.argmax(1) != own, logits_suspect.argmax(1) != own_suspect
         shared = fooled & fooled_suspect & (logits.argmax(1) == logits_suspect.argmax(1))
         adversarial = -(F.cross_entropy(logits, labels, reduction="none")[~fooled].sum()
                         + F.cross_entropy(logits_suspect, labels, reduction="none")[~fooled_suspect].sum()) / 2
         divergence = _jensen_shannon(logits, logits_suspect)[~shared].sum()
         loss = (ADVERSARIAL_WEIGHT * adversarial + SHARED_WEIGHT * divergence) / len(pixels)
-        (gradient,) = torch.autograd.grad(loss, perturbation)
-        perturbation = (perturbation.detach() - PGD_STEP_SIZE * gradient.sign()).clamp_(-bound, bound)
+        (gradient,) = torch.autograd.grad(loss, variable)
+        variable = (variable.detach() - step * gradient.sign()).clamp_(-bound, bound)
         if bool(shared.all()):
             break
-    return perturbation.detach()
+    return variable.detach()
 
 
 def unlearning_loss(logits: torch.Tensor, adversarial_logits: torch.Tensor, labels: torch.Tensor,
@@ -192,7 +233,7 @@ def _unlearn(model: nn.Module, suspect: nn.Module, images: torch.Tensor, labels:
         sums: dict[str, float] = {}
         for number, step in enumerate(steps, start=1):
             pixels, targets = images[step.index].float().div_(255), labels[step.index]
-            parts = _unlearning_step(model, suspect, pixels, targets, recipe.bound, epoch < recipe.anchor_epochs,
+            parts = _unlearning_step(model, suspect, pixels, targets, recipe, epoch < recipe.anchor_epochs,
                                      unclamped, optimizer, normalize, execution)
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value / len(steps)
@@ -216,21 +257,34 @@ def saturation_warning(rows: list[dict[str, Any]]) -> str | None:
 
 
 def _unlearning_step(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor, targets: torch.Tensor,
-                     bound: float, anchor: bool, unclamped: bool, optimizer: torch.optim.Optimizer,
+                     recipe: SauRecipe, anchor: bool, unclamped: bool, optimizer: torch.optim.Optimizer,
                      normalize: Normalization, execution: Execution) -> dict[str, float]:
     """One batch: find its shared adversarial examples, then one optimizer step on the unlearning loss."""
-    perturbation = shared_perturbation(model, suspect, pixels, targets, bound, normalize, execution)
-    both = torch.cat([pixels, pixels + perturbation])
+    adversarial = _adversarial_images(model, suspect, pixels, targets, recipe, normalize, execution)
+    both = torch.cat([pixels, adversarial])
     logits, adversarial_logits = _logits(model, both, normalize, execution).split(len(targets))
     with torch.no_grad():
         suspect_clean = _logits(suspect, pixels, normalize, execution)
-        suspect_adversarial = _logits(suspect, pixels + perturbation, normalize, execution).argmax(1)
+        suspect_adversarial = _logits(suspect, adversarial, normalize, execution).argmax(1)
     parts = unlearning_loss(logits, adversarial_logits, targets, suspect_clean, suspect_adversarial, anchor,
                             unclamped)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
     optimizer.step()
     return {name: float(value.detach()) for name, value in parts.items()}
+
+
+def _adversarial_images(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor, targets: torch.Tensor,
+                        recipe: SauRecipe, normalize: Normalization, execution: Execution) -> torch.Tensor:
+    """The batch's shared adversarial images: additive perturbations within `recipe.bound` (the authors') or, with
+    `recipe.warp`, those for the first half of the batch and smooth warps for the second."""
+    half = (len(pixels) + 1) // 2 if recipe.warp else len(pixels)
+    additive = pixels[:half] + shared_perturbation(model, suspect, pixels[:half], targets[:half], recipe.bound,
+                                                   normalize, execution)
+    if half == len(pixels):
+        return additive
+    warped = shared_warp(model, suspect, pixels[half:], targets[half:], recipe.warp, normalize, execution)
+    return torch.cat([additive, warped])
 
 
 def _logits(model: nn.Module, pixels: torch.Tensor, normalize: Normalization, execution: Execution) -> torch.Tensor:

@@ -158,11 +158,19 @@ def warp_grid(spec: WarpTrigger, height: int, width: int) -> torch.Tensor:
     """
     offsets = np.random.default_rng(spec.seed).uniform(-1, 1, (1, 2, spec.grid_size, spec.grid_size))
     offsets /= np.abs(offsets).mean()
-    field = F.interpolate(torch.from_numpy(offsets), size=(height, width), mode="bicubic", align_corners=True)
-    rows, cols = torch.meshgrid(torch.linspace(-1, 1, height, dtype=torch.float64),
-                                torch.linspace(-1, 1, width, dtype=torch.float64), indexing="ij")
-    grid = torch.stack((cols + spec.strength * field[0, 0] / width, rows + spec.strength * field[0, 1] / height), -1)
-    return grid.clamp(-1, 1)[None]
+    return offset_grid(torch.from_numpy(offsets), spec.strength, height, width)
+
+
+def offset_grid(offsets: torch.Tensor, strength: float, height: int, width: int) -> torch.Tensor:
+    """grid_sample's N x H x W x 2 grid for N x 2 x k x k control offsets (x, then y): upsampled bicubically with
+    aligned corners, times `strength` over the side, added to the identity grid and clamped so no pixel reads from
+    outside. An offset of 1 at strength 1 moves a pixel by 1 / side of grid_sample's [-1, 1], about half a pixel.
+    Differentiable in `offsets`, which `sau` searches over (core/engine/sau.py)."""
+    field = F.interpolate(offsets, size=(height, width), mode="bicubic", align_corners=True)
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, height, dtype=offsets.dtype, device=offsets.device),
+                                torch.linspace(-1, 1, width, dtype=offsets.dtype, device=offsets.device), indexing="ij")
+    grid = torch.stack((cols + strength * field[:, 0] / width, rows + strength * field[:, 1] / height), -1)
+    return grid.clamp(-1, 1)
 
 
 def _warp(images: np.ndarray, spec: WarpTrigger) -> np.ndarray:
