@@ -62,9 +62,10 @@ def test_sanitize_prints_the_reports_warnings(digits_backdoor, tmp_path, capsys,
     assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--input-size", "16",
                  "--checkpoint", str(digits_backdoor.checkpoint), "--clean-data", str(digits_backdoor.clean),
                  "--method", "sau", "--sau-epochs", "1", "--sau-batch-size", "32", "--sau-anchor-epochs", "1",
-                 "--out", str(tmp_path / "clean.safetensors"), "--report", str(report)]) == 0
+                 "--sau-warp", "0.5", "--out", str(tmp_path / "clean.safetensors"), "--report", str(report)]) == 0
     data = json.loads(report.read_text())
-    assert data["params"]["sau_anchor_epochs"] == 1 and len(data["warnings"]) == 1
+    assert data["params"]["sau_anchor_epochs"] == 1 and data["params"]["sau_warp"] == 0.5
+    assert len(data["warnings"]) == 1
     assert f"warning: {data['warnings'][0]}" in capsys.readouterr().out
 
 
