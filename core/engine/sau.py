@@ -111,8 +111,9 @@ def shared_perturbation(model: nn.Module, suspect: nn.Module, pixels: torch.Tens
 def shared_warp(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
                 strength: float, normalize: Normalization, execution: Execution) -> torch.Tensor:
     """Per-image smooth warps that make `model` and `suspect` err alike: the same search over WaNet's 4 x 4
-    control offsets (`offset_grid`, each within `strength`) instead of pixels, from a random start, in steps of
-    half the bound. Returns the warped images. Neither model's weights get gradient."""
+    control offsets (`offset_grid`, each within `strength`) instead of pixels, from a uniform random start (the
+    global generator, which `shared_unlearning` seeds), in steps of half of `strength`. Returns the warped images.
+    Neither model's weights get gradient."""
     start = (torch.rand(len(pixels), 2, WARP_GRID, WARP_GRID, device=pixels.device) * 2 - 1) * strength
     offsets = _shared_search(model, suspect, pixels, labels, start, _warp, strength / 2, strength, normalize,
                              execution)
