@@ -149,6 +149,18 @@ class Metrics(BaseModel):
                                    "measured": {"acc": 82.2, "acc_non_target": 82.4, "asr": 1.6}}],
                    "skipped": []}],
     )
+    resampling: dict[str, Any] | None = Field(
+        default=None,
+        description="when sau ran with sau_warp left to the data (the default; method sau or auto's candidate): "
+                    "the suspect's resampling sign, which set it. share, the percent of the clean training images "
+                    "whose prediction moved into one class, label, when shifted half a pixel; images; threshold; "
+                    "fired (share at least threshold: a backdoor keyed to resampling, a warp, may be there); "
+                    "sau_warp, what it decided (1 when fired, else 0); note, the same in words",
+        examples=[{"share": 89.84, "label": 0, "images": 2250, "threshold": 50.0, "fired": True, "sau_warp": 1.0,
+                   "note": "89.8 % of the 2250 clean images moved into class 0 when shifted half a pixel, at least "
+                           "50 %: a backdoor keyed to resampling (a warp) may be there, so sau searched smooth warps "
+                           "too (sau_warp 1)"}],
+    )
     warnings: list[str] = Field(
         default_factory=list,
         description="what the method's own clean-data signals say about the cleansed model, when they say the "

@@ -161,11 +161,13 @@ class SanitizeParams(_Spec):
         description="sau: first epochs whose clean term distils the suspect's own predictions on the clean images "
                     "instead of fitting their labels; it keeps well-trained models' accuracy (0: the authors' loss)",
     )
-    sau_warp: float = Field(
-        default=0.0, ge=0, le=8,
+    sau_warp: float | None = Field(
+        default=None, ge=0, le=8,
         description="sau: the second half of each batch searches smooth warps (WaNet's 4x4 control offsets, each "
                     "within this strength, WaNet's s) instead of additive perturbations, for backdoors that fire on "
-                    "resampled images (0: additive only, the authors')",
+                    "resampled images (0: additive only, the authors'; default: 1 when the suspect sends at least "
+                    "half of the clean images into one class once they are shifted half a pixel, else 0, said in "
+                    "the report's resampling)",
     )
     layers: list[str] | None = Field(default=None, description="module names to distil; default: the arch's own")
     betas: list[float] | None = Field(default=None, description="one weight per layer; default: the arch's own")

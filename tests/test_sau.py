@@ -70,6 +70,25 @@ def test_sau_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert read_metadata(tmp_path / "clean.safetensors")["method"] == "sau"
     assert report["warnings"] == [], "its shared loss fell: no warning"
+    sign = report["resampling"]
+    assert not sign["fired"] and sign["sau_warp"] == 0 and sign["images"] == 500, "a corner patch is no warp"
+
+
+def test_sau_erases_a_warp_backdoor_by_searching_warps_where_the_clean_data_shows_one(digits_warp_backdoor,
+                                                                                     tmp_path):
+    """The default sau_warp is left to the resampling sign (core/engine/resampling.py): this warp backdoor sends
+    90.6 % of the clean digits to its target once they are shifted half a pixel, so sau searches smooth warps
+    too and erases it (97.6 / 0.0 on the first machine), where additive perturbations alone (sau_warp 0) left
+    23.1 % (97.2 / 23.1). Same settings as the badnets test above."""
+    report = digits_warp_backdoor.sanitize(tmp_path / "clean.safetensors", method="sau", sau_lr=5e-4,
+                                           sau_batch_size=32, sau_bound=0.1)
+    before, after, sign = report["before"], report["after"], report["resampling"]
+    assert before["asr"] > 90, "the fixture's model should carry the backdoor"
+    assert sign["fired"] and sign["label"] == 0 and sign["sau_warp"] == 1.0
+    assert "sau searched smooth warps too" in sign["note"]
+    assert report["params"]["sau_warp"] is None, "the report keeps the parameters as asked"
+    assert after["asr"] < 5
+    assert after["acc"] > before["acc"] - 3
 
 
 def test_shared_perturbation_stays_within_its_bound_and_gives_no_weight_gradient():

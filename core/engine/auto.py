@@ -36,6 +36,8 @@ from torch import nn
 
 from core.engine.data import stratified_split
 from core.engine.methods import Defended, Run, defend, stages
+from core.engine.metrics import classify
+from core.engine.resampling import ResamplingSign
 
 SELECTION_FRACTION = 0.1
 # The stage weights are rough, so the estimate gets a margin. They count epochs of fine-tuning, and a NAD student
@@ -50,19 +52,12 @@ class Choice:
     defended: Defended
     report: dict[str, Any]
     metrics: dict[str, Any]  # the chosen model's, from `measure`: the job's "after"
+    resampling: ResamplingSign | None  # the sign that set sau's warp, when sau ran and measured one
 
 
-@torch.inference_mode()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> float:
     """Clean accuracy (percent) on `images`, in evaluation mode."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(images), run.execution.eval_batch):
-        batch = images[start:start + run.execution.eval_batch]
-        with run.execution.autocast(images.device):
-            logits = model(run.execution.inputs(run.normalize(batch)))
-        correct += int((logits.argmax(1) == labels[start:start + len(batch)]).sum())
-    return 100.0 * correct / len(images)
+    return 100.0 * float((classify(model, images, run.normalize, run.execution) == labels).float().mean())
 
 
 def pick(rows: list[dict[str, Any]], suspect_acc: float, budget: float) -> tuple[int, str]:
@@ -129,7 +124,8 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
     report = {"chosen": row["method"], "reason": reason, "budget": params.auto_budget,
               "suspect_selection_acc": round(suspect_acc, 2), "selection_images": len(held),
               "trained_on": len(keep), "candidates": [result[0] for result in results], "skipped": skipped}
-    return Choice(defended, report, metrics)
+    signs = [result[1].resampling for result in results if result[1].resampling is not None]
+    return Choice(defended, report, metrics, signs[0] if signs else None)
 
 
 @dataclass

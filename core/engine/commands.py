@@ -108,7 +108,8 @@ def _add_sanitize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--sau-anchor-epochs", type=int,
                         help="sau: first epochs that distil the suspect's clean predictions instead of the labels")
     parser.add_argument("--sau-warp", type=float,
-                        help="sau: strength of the smooth warps searched for half of each batch (0: none)")
+                        help="sau: strength of the smooth warps searched for half of each batch (0: none; default: "
+                             "1 where the clean data shows a resampling backdoor, else 0)")
     parser.add_argument("--betas", type=_floats, help="one weight per layer, e.g. 500,1000,1000")
     parser.add_argument("--layers", type=_names, help="module names, e.g. block1,block2,block3")
     parser.add_argument("--no-augment", dest="augment", action="store_false", default=None)
@@ -225,6 +226,8 @@ def run_sanitize(args: argparse.Namespace) -> int:
     print(report["evaluation"]["note"])
     if report["auto"]:
         print(f"auto kept {report['auto']['chosen']}: {report['auto']['reason']}")
+    if report["resampling"]:
+        print(f"resampling sign: {report['resampling']['note']}")
     for warning in report["warnings"]:
         print(f"warning: {warning}")
     print(table(report["before"], report["after"]))

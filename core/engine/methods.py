@@ -16,6 +16,7 @@ from core.engine.anp import AnpRecipe, adversarial_neuron_pruning
 from core.engine.defenses import distill, feature_shift_tuning, finetune
 from core.engine.ibau import IbauRecipe, unlearn
 from core.engine.models import Distillation
+from core.engine.resampling import ResamplingSign, resampling_sign
 from core.engine.sau import SauRecipe, saturation_warning, shared_unlearning
 from core.engine.training import Execution, Normalization, Recipe, Watch
 from core.params import SanitizeParams
@@ -62,12 +63,14 @@ class Run:
 
 @dataclass(frozen=True)
 class Defended:
-    """What a defense gives back: the cleansed model (for finetune: the teacher), what anp pruned, and a
-    warning when the method's own clean-data signals say the backdoor may have survived."""
+    """What a defense gives back: the cleansed model (for finetune: the teacher), what anp pruned, a warning
+    when the method's own clean-data signals say the backdoor may have survived, and the resampling sign that
+    set sau's warp strength when the user left it to the data."""
 
     model: nn.Module
     pruning: dict[str, Any] | None = None
     warning: str | None = None
+    resampling: ResamplingSign | None = None
 
 
 def stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[str, int]:
@@ -111,10 +114,9 @@ def ibau_recipe(params: SanitizeParams) -> IbauRecipe:
                       norm=params.ibau_norm, seed=params.seed)
 
 
-def sau_recipe(params: SanitizeParams) -> SauRecipe:
+def sau_recipe(params: SanitizeParams, warp: float) -> SauRecipe:
     return SauRecipe(epochs=params.sau_epochs, lr=params.sau_lr, batch_size=params.sau_batch_size,
-                     bound=params.sau_bound, anchor_epochs=params.sau_anchor_epochs, warp=params.sau_warp,
-                     seed=params.seed)
+                     bound=params.sau_bound, anchor_epochs=params.sau_anchor_epochs, warp=warp, seed=params.seed)
 
 
 def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -138,9 +140,13 @@ def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Te
         return Defended(model)
     if method == "sau":
         with run.timed("sau"):
-            rows = shared_unlearning(model, images, labels, sau_recipe(params), normalize, run.stage("sau"),
+            sign, warp = None, params.sau_warp
+            if warp is None:  # left to the data: the suspect's resampling sign decides (core/engine/resampling.py)
+                sign = resampling_sign(model, images, normalize, execution)
+                warp = sign.warp
+            rows = shared_unlearning(model, images, labels, sau_recipe(params, warp), normalize, run.stage("sau"),
                                      execution)
-        return Defended(model, warning=saturation_warning(rows))
+        return Defended(model, warning=saturation_warning(rows), resampling=sign)
     teacher = run.teacher
     if teacher is None:
         teacher = copy.deepcopy(model)

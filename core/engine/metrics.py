@@ -12,16 +12,23 @@ from core.engine.training import Execution, Normalization, to_tensor
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: np.ndarray, normalize: Normalization, device: torch.device,
-            execution: Execution) -> np.ndarray:
-    """Predicted labels for uint8 NHWC images, in evaluation mode."""
+def classify(model: nn.Module, images: torch.Tensor, normalize: Normalization, execution: Execution) -> torch.Tensor:
+    """Predicted labels for uint8 NCHW images on the model's device, in evaluation mode."""
     model.eval()
     predictions = []
     for start in range(0, len(images), execution.eval_batch):
-        batch = to_tensor(images[start : start + execution.eval_batch], device)
-        with execution.autocast(device):
-            predictions.append(model(execution.inputs(normalize(batch))).argmax(1).cpu())
-    return torch.cat(predictions).numpy() if predictions else np.zeros(0, dtype=np.int64)
+        batch = images[start : start + execution.eval_batch]
+        with execution.autocast(images.device):
+            predictions.append(model(execution.inputs(normalize(batch))).argmax(1))
+    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long, device=images.device)
+
+
+def predict(model: nn.Module, images: np.ndarray, normalize: Normalization, device: torch.device,
+            execution: Execution) -> np.ndarray:
+    """Predicted labels for uint8 NHWC images, moved to `device` one evaluation batch at a time."""
+    step = execution.eval_batch
+    return np.concatenate([classify(model, to_tensor(images[start : start + step], device), normalize, execution)
+                           .cpu().numpy() for start in range(0, len(images), step)] or [np.zeros(0, dtype=np.int64)])
 
 
 def _percent(hits: np.ndarray) -> float:

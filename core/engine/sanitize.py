@@ -247,10 +247,11 @@ def sanitize(
         chosen = choose(model, images, labels, run, lambda candidate: measure(candidate, evaluation, normalize, dev,
                                                                                execution))
         # auto measured every candidate on the evaluation set already: the chosen one's figures are "after".
-        defended, auto, after = chosen.defended, chosen.report, chosen.metrics
+        defended, auto, after, sign = chosen.defended, chosen.report, chosen.metrics, chosen.resampling
     else:
         defended = defend(params.method, model, images, labels, run)
         auto = after = None
+        sign = defended.resampling
     result, pruning, warning = defended.model, defended.pruning, defended.warning
     if should_stop():
         raise Cancelled("cancelled before the final evaluation")
@@ -271,6 +272,7 @@ def sanitize(
         "betas": list(distillation.betas) if params.method == "nad" else [],
         "pruning": pruning,
         "auto": auto,
+        "resampling": sign.report() if sign is not None else None,
         "warnings": [warning] if warning else [],
         "evaluation": {"test_source": evaluation.source, "note": evaluation.note,
                        "n_train": len(train_set.labels), "n_clean": len(evaluation.clean.labels),

@@ -37,8 +37,9 @@ first author, and `config/defense/sau/config.yaml`), where it differs from a pla
 - With `warp` (`sau_warp`), the second half of each batch is searched among smooth warps (WaNet's 4 x 4
   control offsets, each within `warp`, from a random start, in steps of half of it) instead of additive
   perturbations: the additive search steps by its whole bound and so only visits the corners of the box,
-  noise that misses a backdoor keyed to resampling. Off by default: the dev blend and sinusoid backdoors kept
-  more of themselves with it (docs/engine.md).
+  noise that misses a backdoor keyed to resampling. Not on everywhere, because the dev blend and sinusoid
+  backdoors kept more of themselves with it (docs/engine.md): by default only where the suspect's resampling
+  sign fires (core/engine/resampling.py, decided in core/engine/methods.py).
 - Adam (betas 0.9, 0.999, no weight decay), batches of 256, no augmentation; both models stay in evaluation
   mode, so BatchNorm keeps the statistics it learnt on the whole training set.
 - The authors' configuration asks for a cosine learning-rate schedule, and their code builds it but never
