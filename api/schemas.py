@@ -136,9 +136,9 @@ class Metrics(BaseModel):
         default=None,
         description="method auto only: what it ran, what it chose and why. chosen, reason, budget, "
                     "suspect_selection_acc, selection_images, trained_on; candidates, one row per candidate run "
-                    "(method, selection_acc, seconds, measured: acc, acc_non_target, asr; warning, when its own "
-                    "signals say the backdoor may have survived: such a candidate is kept only when every one has "
-                    "one); skipped, the candidates the job's time limit left no room for (method, "
+                    "(method, selection_acc, seconds, measured: acc, acc_non_target, asr; warning, when clean-data "
+                    "signals say the backdoor may have survived, as in warnings: such a candidate is kept only when "
+                    "every one has one); skipped, the candidates the job's time limit left no room for (method, "
                     "estimated_seconds, seconds_left)",
         examples=[{"chosen": "sau", "reason": "sau is the first candidate that kept clean accuracy on the selection "
                    "set within 2.0 points of the suspect's 90.80 %", "budget": 2.0, "suspect_selection_acc": 90.8,
@@ -151,20 +151,21 @@ class Metrics(BaseModel):
     )
     resampling: dict[str, Any] | None = Field(
         default=None,
-        description="when sau ran with sau_warp left to the data (the default; method sau or auto's candidate): "
-                    "the suspect's resampling sign, which set it. share, the percent of the clean training images "
-                    "whose prediction moved into one class, label, when shifted half a pixel; images; threshold; "
-                    "fired (share at least threshold: a backdoor keyed to resampling, a warp, may be there); "
-                    "sau_warp, what it decided (1 when fired, else 0); note, the same in words",
-        examples=[{"share": 89.84, "label": 0, "images": 2250, "threshold": 50.0, "fired": True, "sau_warp": 1.0,
-                   "note": "89.8 % of the 2250 clean images moved into class 0 when shifted half a pixel, at least "
-                           "50 %: a backdoor keyed to resampling (a warp) may be there, so sau searched smooth warps "
-                           "too (sau_warp 1)"}],
+        description="the suspect's resampling sign, measured on the clean training images: share, the percent of "
+                    "them whose prediction moved into one class, label, when shifted half a pixel; images; "
+                    "threshold; fired (share at least threshold: a backdoor keyed to resampling, a warp, may be "
+                    "there; every cleansed model is then measured again, and one that still shows it into label is "
+                    "warned of); note, the same in words; sau_warp, the warp strength sau ran with (the user's, or "
+                    "when left unset 1 where the sign fired, else 0; null when sau did not run)",
+        examples=[{"share": 89.84, "label": 0, "images": 2500, "threshold": 50.0, "fired": True,
+                   "note": "89.8 % of the 2500 clean images moved into class 0 when shifted half a pixel, at least "
+                           "50 %: a backdoor keyed to resampling (a warp) may be there", "sau_warp": 1.0}],
     )
     warnings: list[str] = Field(
         default_factory=list,
-        description="what the method's own clean-data signals say about the cleansed model, when they say the "
-                    "backdoor may have survived (sau: its shared loss ended saturated)",
+        description="what clean-data signals say about the cleansed model, when they say the backdoor may have "
+                    "survived (sau: its shared loss ended saturated; any method: it still shows the suspect's "
+                    "resampling sign)",
         examples=[[]],
     )
     timings: dict[str, float] = Field(

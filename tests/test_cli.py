@@ -54,7 +54,7 @@ def test_sanitize_writes_checkpoint_report_and_table(digits_backdoor, tmp_path, 
     assert "before" in printed and "after" in printed and "ASR" in printed
     # The default method is auto: what it kept, and why, is printed as well as reported.
     assert f"auto kept {data['auto']['chosen']}: {data['auto']['reason']}" in printed
-    # Its sau candidate measured the resampling sign, which is printed too.
+    # The suspect's resampling sign is printed too.
     assert f"resampling sign: {data['resampling']['note']}" in printed
 
 
@@ -67,7 +67,7 @@ def test_sanitize_prints_the_reports_warnings(digits_backdoor, tmp_path, capsys,
                  "--sau-warp", "0.5", "--out", str(tmp_path / "clean.safetensors"), "--report", str(report)]) == 0
     data = json.loads(report.read_text())
     assert data["params"]["sau_anchor_epochs"] == 1 and data["params"]["sau_warp"] == 0.5
-    assert data["resampling"] is None, "a warp strength the user gave is not second-guessed"
+    assert data["resampling"]["sau_warp"] == 0.5, "a warp strength the user gave is not second-guessed"
     assert len(data["warnings"]) == 1
     assert f"warning: {data['warnings'][0]}" in capsys.readouterr().out
 

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from core.engine.data import load_images
-from core.engine.resampling import SIGN_SHARE, ResamplingSign, half_pixel_shift, resampling_sign
+from core.engine.resampling import (
+    SIGN_SHARE,
+    ResamplingSign,
+    half_pixel_shift,
+    resampling_sign,
+    survival_warning,
+)
 from core.engine.sanitize import load_model
 from core.engine.training import Execution, Normalization, to_tensor
 
@@ -52,8 +58,9 @@ def test_the_sign_fires_when_shifted_images_move_into_one_class_and_says_so():
     assert (sign.share, sign.label, sign.images) == (100.0, 7, 40)
     assert sign.fired and sign.warp == 1.0
     report = sign.report()
-    assert report["fired"] and report["sau_warp"] == 1.0 and report["threshold"] == SIGN_SHARE
-    assert report["note"].startswith("100.0 % of the 40 clean images moved into class 7 when shifted half a pixel")
+    assert report["fired"] and report["threshold"] == SIGN_SHARE and report["share"] == 100.0
+    assert report["note"] == ("100.0 % of the 40 clean images moved into class 7 when shifted half a pixel, at least "
+                              "50 %: a backdoor keyed to resampling (a warp) may be there")
 
 
 def test_a_model_that_does_not_care_for_resampling_shows_no_sign():
@@ -62,6 +69,25 @@ def test_a_model_that_does_not_care_for_resampling_shows_no_sign():
     assert (sign.share, sign.fired, sign.warp) == (0.0, False, 0.0)
     assert "no sign of a warp" in sign.report()["note"]
     assert not ResamplingSign(SIGN_SHARE - 0.1, 3, 100).fired and ResamplingSign(SIGN_SHARE, 3, 100).fired
+
+
+def test_a_cleansed_model_is_warned_of_only_when_it_shows_the_sign_into_the_suspects_class():
+    suspect = ResamplingSign(90.6, 0, 500)
+    survived = survival_warning(suspect, ResamplingSign(89.8, 0, 450))
+    assert survived is not None and survived.startswith("the cleansed model still shows the resampling sign (89.8 %")
+    assert survival_warning(suspect, ResamplingSign(53.3, 8, 450)) is None, "another class is not the backdoor"
+    assert survival_warning(suspect, ResamplingSign(24.2, 0, 450)) is None
+    assert survival_warning(ResamplingSign(13.9, 3, 500), ResamplingSign(60.0, 3, 500)) is None, "no sign before"
+
+
+def test_a_defense_that_leaves_a_warp_backdoor_is_warned_of(digits_warp_backdoor, tmp_path):
+    """Fine-tuning leaves this backdoor (85.1 % ASR on the first machine) and the cleansed model still sends 90.6 %
+    of the shifted clean digits to the target: the report says so."""
+    report = digits_warp_backdoor.sanitize(tmp_path / "clean.safetensors", method="finetune")
+    assert report["resampling"]["fired"] and report["resampling"]["sau_warp"] is None, "sau did not run"
+    assert report["after"]["asr"] > 50
+    (warning,) = report["warnings"]
+    assert "still shows the resampling sign" in warning and warning.endswith("the warp backdoor may have survived")
 
 
 def _clean_images(case) -> np.ndarray:

@@ -18,9 +18,10 @@ candidates before it, with a margin of `ESTIMATE_MARGIN` for the weights' roughn
 
 No clean-data signal ranks the candidates by erasure, because none we measured told erasure apart: the
 feature shift from the suspect (FST's observation) was largest for a candidate that kept the backdoor on two
-of the five models measured (docs/engine.md, "Choosing automatically"). One signal only says a candidate
-failed: a method's own `warning` (sau's shared loss ended saturated), and such a candidate is set aside while
-any other ran.
+of the five models measured (docs/engine.md, "Choosing automatically"). Some signals only say a candidate
+failed, and give it a `warning`: a method's own (sau's shared loss ended saturated), or, where the suspect
+showed the resampling sign, the cleansed model still showing it (core/engine/resampling.py). Such a candidate
+is set aside while any other ran.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from torch import nn
 from core.engine.data import stratified_split
 from core.engine.methods import Defended, Run, defend, stages
 from core.engine.metrics import classify
-from core.engine.resampling import ResamplingSign
 
 SELECTION_FRACTION = 0.1
 # The stage weights are rough, so the estimate gets a margin. They count epochs of fine-tuning, and a NAD student
@@ -52,7 +52,6 @@ class Choice:
     defended: Defended
     report: dict[str, Any]
     metrics: dict[str, Any]  # the chosen model's, from `measure`: the job's "after"
-    resampling: ResamplingSign | None  # the sign that set sau's warp, when sau ran and measured one
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> float:
@@ -124,8 +123,7 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
     report = {"chosen": row["method"], "reason": reason, "budget": params.auto_budget,
               "suspect_selection_acc": round(suspect_acc, 2), "selection_images": len(held),
               "trained_on": len(keep), "candidates": [result[0] for result in results], "skipped": skipped}
-    signs = [result[1].resampling for result in results if result[1].resampling is not None]
-    return Choice(defended, report, metrics, signs[0] if signs else None)
+    return Choice(defended, report, metrics)
 
 
 @dataclass

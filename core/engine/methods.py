@@ -16,7 +16,7 @@ from core.engine.anp import AnpRecipe, adversarial_neuron_pruning
 from core.engine.defenses import distill, feature_shift_tuning, finetune
 from core.engine.ibau import IbauRecipe, unlearn
 from core.engine.models import Distillation
-from core.engine.resampling import ResamplingSign, resampling_sign
+from core.engine.resampling import ResamplingSign, resampling_sign, survival_warning
 from core.engine.sau import SauRecipe, saturation_warning, shared_unlearning
 from core.engine.training import Execution, Normalization, Recipe, Watch
 from core.params import SanitizeParams
@@ -38,12 +38,15 @@ class Run:
     """What every method of one job shares: its parameters, a supplied teacher (or None), the NAD layers and
     ANP neurons checked at load time, the data pipeline, and where progress and timings go. `watch(stage)`
     gives the progress span of a training stage; `stage_prefix` names the stages of an `auto` candidate;
-    `deadline` (time.monotonic(), or None) is when the job's time runs out."""
+    `deadline` (time.monotonic(), or None) is when the job's time runs out. `resampling` is the suspect's
+    resampling sign (core/engine/resampling.py): it sets sau's warp search when the user left `sau_warp` unset,
+    and where it fired every cleansed model is checked for it again."""
 
     params: SanitizeParams
     teacher: nn.Module | None
     distillation: Distillation | None
     neurons: dict[str, nn.Module] | None
+    resampling: ResamplingSign
     normalize: Normalization
     execution: Execution
     watch: Callable[[str], Watch]
@@ -63,14 +66,13 @@ class Run:
 
 @dataclass(frozen=True)
 class Defended:
-    """What a defense gives back: the cleansed model (for finetune: the teacher), what anp pruned, a warning
-    when the method's own clean-data signals say the backdoor may have survived, and the resampling sign that
-    set sau's warp strength when the user left it to the data."""
+    """What a defense gives back: the cleansed model (for finetune: the teacher), what anp pruned, and a
+    warning when clean-data signals say the backdoor may have survived (the method's own, or the resampling
+    sign's)."""
 
     model: nn.Module
     pruning: dict[str, Any] | None = None
     warning: str | None = None
-    resampling: ResamplingSign | None = None
 
 
 def stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[str, int]:
@@ -114,14 +116,31 @@ def ibau_recipe(params: SanitizeParams) -> IbauRecipe:
                       norm=params.ibau_norm, seed=params.seed)
 
 
-def sau_recipe(params: SanitizeParams, warp: float) -> SauRecipe:
+def sau_recipe(params: SanitizeParams, resampling: ResamplingSign) -> SauRecipe:
+    """sau's recipe; its warp strength is the user's `sau_warp` or, left unset, what the suspect's resampling
+    sign decides."""
+    warp = params.sau_warp if params.sau_warp is not None else resampling.warp
     return SauRecipe(epochs=params.sau_epochs, lr=params.sau_lr, batch_size=params.sau_batch_size,
                      bound=params.sau_bound, anchor_epochs=params.sau_anchor_epochs, warp=warp, seed=params.seed)
 
 
 def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
            run: Run) -> Defended:
-    """Clean `model` (changed in place) with `method`."""
+    """Clean `model` (changed in place) with `method`. Where the suspect showed the resampling sign, the cleansed
+    model is measured for it again on the same images, and one that still shows it into the suspect's class
+    gets a warning: the warp backdoor may have survived (core/engine/resampling.py)."""
+    defended = _defend(method, model, images, labels, run)
+    if not run.resampling.fired:
+        return defended
+    with run.timed("resampling_sign"):
+        survival = survival_warning(run.resampling, resampling_sign(defended.model, images, run.normalize,
+                                                                    run.execution))
+    if survival is None:
+        return defended
+    return dataclasses.replace(defended, warning="; ".join(w for w in (defended.warning, survival) if w))
+
+
+def _defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> Defended:
     params, training = run.params, recipes(run.params)
     normalize, execution = run.normalize, run.execution
     if method == "fst":
@@ -140,13 +159,9 @@ def defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.Te
         return Defended(model)
     if method == "sau":
         with run.timed("sau"):
-            sign, warp = None, params.sau_warp
-            if warp is None:  # left to the data: the suspect's resampling sign decides (core/engine/resampling.py)
-                sign = resampling_sign(model, images, normalize, execution)
-                warp = sign.warp
-            rows = shared_unlearning(model, images, labels, sau_recipe(params, warp), normalize, run.stage("sau"),
-                                     execution)
-        return Defended(model, warning=saturation_warning(rows), resampling=sign)
+            rows = shared_unlearning(model, images, labels, sau_recipe(params, run.resampling), normalize,
+                                     run.stage("sau"), execution)
+        return Defended(model, warning=saturation_warning(rows))
     teacher = run.teacher
     if teacher is None:
         teacher = copy.deepcopy(model)

@@ -1,4 +1,5 @@
-"""A clean-data sign of a backdoor keyed to resampling, which decides whether `sau` searches smooth warps too.
+"""A clean-data sign of a backdoor keyed to resampling: it decides whether `sau` searches smooth warps too, and
+where the suspect shows it, a cleansed model that still does is warned of.
 
 A warping backdoor (WaNet) is learnt from images resampled through one smooth field, and a model that learnt it
 may fire on almost any resampling: our warp model sent 98.5 % of the non-target test images to its target after
@@ -9,7 +10,11 @@ moved ones go to. A clean or otherwise backdoored model loses a few images to bl
 CIFAR-10): 5.4 to 6.1 % on the four dev models, 8.9 and 13.9 % on the NAD authors' backdoored and erased
 ones. Our warp model: 89.8 %. At SIGN_SHARE (50 %) or more, the sign fires.
 
-Only the default `sau_warp` (None) asks for it: the user's own value, 0 included, is used as given.
+The suspect's sign sets `sau_warp` only when the user left it unset; the user's value, 0 included, is used as
+given. Where the suspect's sign fired, each cleansed model is measured again, and one that still moves at least
+SIGN_SHARE of the shifted images into the suspect's class is warned of: on a WaNet digits model, the defenses
+that left the backdoor (ASR 23 to 88 %) all still sent 89.8 to 90.7 % of the clean images to the target, as
+the suspect did (90.6 %), and `sau` with the warp search, which erased it, 24.2 % into another class.
 """
 
 from __future__ import annotations
@@ -49,15 +54,25 @@ class ResamplingSign:
         """The `sau_warp` this sign decides: WARP_STRENGTH when it fires, else 0 (additive search only)."""
         return WARP_STRENGTH if self.fired else 0.0
 
+    def describe(self) -> str:
+        return f"{self.share:.1f} % of the {self.images} clean images moved into class {self.label}"
+
     def report(self) -> dict[str, Any]:
-        """What the job's report says: the figures, what they decided and why."""
-        moved = f"{self.share:.1f} % of the {self.images} clean images moved into class {self.label} when shifted"
-        verdict = (f"at least {SIGN_SHARE:g} %: a backdoor keyed to resampling (a warp) may be there, so sau "
-                   f"searched smooth warps too (sau_warp {self.warp:g})" if self.fired else
-                   f"under {SIGN_SHARE:g} %: no sign of a warp, so sau searched additive perturbations only "
-                   "(sau_warp 0)")
+        """What the job's report says: the figures and what they mean."""
+        meaning = (f"at least {SIGN_SHARE:g} %: a backdoor keyed to resampling (a warp) may be there" if self.fired
+                   else f"under {SIGN_SHARE:g} %: no sign of a warp")
         return {"share": round(self.share, 2), "label": self.label, "images": self.images, "threshold": SIGN_SHARE,
-                "fired": self.fired, "sau_warp": self.warp, "note": f"{moved} half a pixel, {verdict}"}
+                "fired": self.fired, "note": f"{self.describe()} when shifted half a pixel, {meaning}"}
+
+
+def survival_warning(suspect: ResamplingSign, cleansed: ResamplingSign) -> str | None:
+    """A warning when the cleansed model shows the sign into the suspect's class, as a surviving warp backdoor
+    does; None otherwise. A sign into another class is not the backdoor: on the digits warp model, a `sau`
+    that erased it (ASR 0) at a high learning rate sent 53.3 % of the shifted images into class 8, not 0."""
+    if not (suspect.fired and cleansed.fired and cleansed.label == suspect.label):
+        return None
+    return (f"the cleansed model still shows the resampling sign ({cleansed.describe()} when shifted half a pixel; "
+            f"the suspect {suspect.share:.1f} %): the warp backdoor may have survived")
 
 
 def half_pixel_shift(images: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,10 @@ from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, 
 from core.engine.data import ImageSet, TooManyImages, load_images, stratified_split
 from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event, EventSink, ignore
-from core.engine.methods import Run, defend, stages
+from core.engine.methods import Run, defend, sau_recipe, stages
 from core.engine.metrics import attack_success_rate, clean_metrics, predict
 from core.engine.models import build_model, choose_distillation
+from core.engine.resampling import resampling_sign
 from core.engine.training import Execution, Normalization, Watch, to_tensor
 from core.engine.triggers import poison
 from core.params import SanitizeParams
@@ -242,16 +243,18 @@ def sanitize(
     def watch(stage: str) -> Watch:
         return Watch(stage, on_event, should_stop, *spans[stage], history)
 
-    run = Run(params, teacher, distillation, neurons, normalize, execution, watch, clock, deadline=deadline)
+    with clock.time("resampling_sign"):
+        resampling = resampling_sign(model, images, normalize, execution)
+    run = Run(params, teacher, distillation, neurons, resampling, normalize, execution, watch, clock,
+              deadline=deadline)
     if params.method == "auto":
         chosen = choose(model, images, labels, run, lambda candidate: measure(candidate, evaluation, normalize, dev,
                                                                                execution))
         # auto measured every candidate on the evaluation set already: the chosen one's figures are "after".
-        defended, auto, after, sign = chosen.defended, chosen.report, chosen.metrics, chosen.resampling
+        defended, auto, after = chosen.defended, chosen.report, chosen.metrics
     else:
         defended = defend(params.method, model, images, labels, run)
         auto = after = None
-        sign = defended.resampling
     result, pruning, warning = defended.model, defended.pruning, defended.warning
     if should_stop():
         raise Cancelled("cancelled before the final evaluation")
@@ -272,7 +275,8 @@ def sanitize(
         "betas": list(distillation.betas) if params.method == "nad" else [],
         "pruning": pruning,
         "auto": auto,
-        "resampling": sign.report() if sign is not None else None,
+        "resampling": {**resampling.report(),
+                       "sau_warp": sau_recipe(params, resampling).warp if "sau" in methods else None},
         "warnings": [warning] if warning else [],
         "evaluation": {"test_source": evaluation.source, "note": evaluation.note,
                        "n_train": len(train_set.labels), "n_clean": len(evaluation.clean.labels),
