@@ -157,8 +157,8 @@ class Metrics(BaseModel):
                     "there; every cleansed model is then measured again, and one that still shows it into label is "
                     "warned of); note, the same in words; sau_warp, the warp strength sau ran with (the user's, or "
                     "when left unset 1 where the sign fired, else 0; null when sau did not run)",
-        examples=[{"share": 89.84, "label": 0, "images": 2500, "threshold": 50.0, "fired": True,
-                   "note": "89.8 % of the 2500 clean images moved into class 0 when shifted half a pixel, at least "
+        examples=[{"share": 89.4, "label": 0, "images": 2500, "threshold": 50.0, "fired": True,
+                   "note": "89.4 % of the 2500 clean images moved into class 0 when shifted half a pixel, at least "
                            "50 %: a backdoor keyed to resampling (a warp) may be there", "sau_warp": 1.0}],
     )
     warnings: list[str] = Field(
