@@ -122,8 +122,9 @@ class Metrics(BaseModel):
                     "anp one row per 50 mask iterations: stage, step, steps, loss, nat_loss, rob_loss, lr, ...; "
                     "for ibau one row per round (counted as epochs): stage, epoch, epochs, loss, delta_norm, lr; for "
                     "sau one row per epoch: stage, epoch, epochs, loss, clean_loss, shared_loss, poison_share, lr, "
-                    "unclamped (true on the rows of a retry with the exact shared term, after a run that ended "
-                    "saturated)",
+                    "anchored (true where the clean term distilled the suspect's predictions: the first "
+                    "sau_anchor_epochs, and every epoch of a retry), unclamped (true on the rows of a retry with "
+                    "the exact shared term, after a run that ended saturated)",
         examples=[[{"stage": "student", "epoch": 1, "epochs": 20, "loss": 0.41, "lr": 0.1}]],
     )
     pruning: dict[str, Any] | None = Field(

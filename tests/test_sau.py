@@ -260,6 +260,7 @@ def test_only_the_first_anchor_epochs_distil():
     rows = shared_unlearning(_model(), images, labels, dataclasses.replace(RECIPE, anchor_epochs=1),
                              Normalization(), _watch(), EXECUTION)
     assert rows[0]["clean_loss"] < 0.5 < rows[1]["clean_loss"]
+    assert [row["anchored"] for row in rows] == [True, False]
     assert SanitizeParams(arch="wrn-16-1", num_classes=10).sau_anchor_epochs == 2
 
 
@@ -299,14 +300,16 @@ def _saturating_model(scale: float) -> tuple[nn.Module, torch.Tensor, torch.Tens
 
 def test_a_saturated_unlearning_starts_again_from_the_suspect_with_the_exact_term():
     """A margin of 18 on the adversarial images: two epochs of the clamped term leave it saturated, the retry
-    with the exact term (the suspect's weights again, a fresh optimizer) unlearns it, and no warning is due.
-    The retry's progress events stay at the stage's end."""
+    with the exact term (the suspect's weights again, a fresh optimizer, the suspect's predictions as its clean
+    term in every epoch) unlearns it, and no warning is due. The retry's progress events stay at the stage's
+    end."""
     model, images, labels = _saturating_model(120)
     events = []
     watch = Watch("sau", events.append, lambda: False, start=0.2, end=0.6)
     rows = shared_unlearning(model, images, labels, SauRecipe(epochs=2, lr=1.0, batch_size=6, bound=0.2),
                              Normalization(), watch, EXECUTION)
     assert [row["unclamped"] for row in rows] == [False, False, True, True]
+    assert [row["anchored"] for row in rows] == [False, False, True, True]
     assert rows[1]["shared_loss"] > SATURATED > rows[-1]["shared_loss"]
     assert rows[2]["shared_loss"] > rows[1]["shared_loss"], "the retry starts where the suspect was: at the margin"
     assert watch.history == rows
