@@ -49,10 +49,11 @@ def _watch(should_stop=lambda: False, events=None) -> Watch:
 def test_sau_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp_path):
     """10 epochs (the default) of Adam at lr 0.0005 (cosine), batches of 32 (the 500 clean images hold fewer
     than two of the default 256), perturbations within 0.1. The fixture's model depends on the machine and on
-    the thread count: on an AMD EPYC machine, trained on one thread (ACC 95.2, ASR 100) ASR fell to 5.2, 4.5 and
-    5.9 % for seeds 0 to 2, ACC 96.4, 96.0 and 96.4; on two (96.2 / 95.0), to 0.2, 0.2 and 0.5 %, ACC 96.0, 96.0
-    and 94.8. The defaults' lr 0.0007 in batches of 64 cost up to 4.6 points there; the default bound, 0.2, a
-    fifth of the pixel range, is a lot on these flat 16x16 strokes."""
+    the thread count (it is trained on two threads since 2026-12-01, conftest.py): on an AMD EPYC machine, on two
+    (ACC 96.2, ASR 95.0) ASR fell to 0.2, 0.2 and 0.5 % for seeds 0 to 2, ACC 96.0, 96.0 and 94.8; trained on one
+    (95.2 / 100), to 5.2, 4.5 and 5.9 %, ACC 96.4, 96.0 and 96.4. The defaults' lr 0.0007 in batches of 64 cost
+    up to 4.6 points there; the default bound, 0.2, a fifth of the pixel range, is a lot on these flat 16x16
+    strokes."""
     events = []
     report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", events.append, method="sau",
                                       sau_lr=5e-4, sau_batch_size=32, sau_bound=0.1)
