@@ -35,7 +35,10 @@ first author, and `config/defense/sau/config.yaml`), where it differs from a pla
   which the clamped term erases when it does not saturate (docs/engine.md). The retry's clean term distils
   the suspect's predictions in every epoch: its first epoch breaks the saturation and knocks the model about
   10 points down, and the suspect's predictions bring more of that back than labels the model has memorised
-  (our blend inside `auto` ended at 82.1 / 1.3 ACC / ASR, against 80.4 / 0.9 with two anchor epochs).
+  (our blend inside `auto` ended at 82.1 / 1.3 ACC / ASR, against 80.4 / 0.9 with two anchor epochs). It is
+  not a cure: alone on all 2,500 images of the dev blend model the retry lets that backdoor come back
+  (85.6 / 43.0) with no warning; of the retries tried instead, half the lr left that backdoor too and
+  smaller boxes cost our blend model its target (docs/engine.md, docs/results.md).
 - With `warp` (`sau_warp`), the second half of each batch is searched among smooth warps (WaNet's 4 x 4
   control offsets, each within `warp`, from a random start, in steps of half of it) instead of additive
   perturbations: the additive search steps by its whole bound and so only visits the corners of the box,
