@@ -123,8 +123,8 @@ class Metrics(BaseModel):
                     "for ibau one row per round (counted as epochs): stage, epoch, epochs, loss, delta_norm, lr; for "
                     "sau one row per epoch: stage, epoch, epochs, loss, clean_loss, shared_loss, poison_share, lr, "
                     "anchored (true where the clean term distilled the suspect's predictions: the first "
-                    "sau_anchor_epochs, and every epoch of a retry), unclamped (true on the rows of a retry with "
-                    "the exact shared term, after a run that ended saturated)",
+                    "sau_anchor_epochs, and every epoch of a retry), retry (true on the rows of a retry in a "
+                    "quarter of the perturbation box, after a run that ended saturated)",
         examples=[[{"stage": "student", "epoch": 1, "epochs": 20, "loss": 0.41, "lr": 0.1}]],
     )
     pruning: dict[str, Any] | None = Field(
