@@ -36,7 +36,8 @@ first author, and `config/defense/sau/config.yaml`), where it differs from a pla
   exact -log(1 - p), the earlier retry, broke the saturation in one violent epoch and let the dev blend
   backdoor come back (85.6 / 43.0 ACC / ASR, `sau` alone on its 2,500 images); the smaller box breaks it in
   its second epoch and erased it (85.6 / 0.1), and kept our blend model inside `auto` at 82.0 / 1.6. With
-  labels after two anchor epochs the smaller box cost that model its target (79.1).
+  labels after two anchor epochs the smaller box cost that model its target (79.1). It does not make `sau`
+  safe: at seed 1 the dev blend run did not saturate, so no retry, and left 83.1 / 90.2 with no warning.
 - With `warp` (`sau_warp`), the second half of each batch is searched among smooth warps (WaNet's 4 x 4
   control offsets, each within `warp`, from a random start, in steps of half of it) instead of additive
   perturbations: the additive search steps by its whole bound and so only visits the corners of the box,
