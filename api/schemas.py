@@ -124,7 +124,7 @@ class Metrics(BaseModel):
                     "sau one row per epoch: stage, epoch, epochs, loss, clean_loss, shared_loss, poison_share, lr, "
                     "anchored (true where the clean term distilled the suspect's predictions: the first "
                     "sau_anchor_epochs, and every epoch of a retry), retry (true on the rows of a retry in a "
-                    "quarter of the perturbation box, after a run that ended saturated)",
+                    "quarter of the perturbation box, after the first epoch that ended saturated)",
         examples=[[{"stage": "student", "epoch": 1, "epochs": 20, "loss": 0.41, "lr": 0.1}]],
     )
     pruning: dict[str, Any] | None = Field(

@@ -162,7 +162,7 @@ class SanitizeParams(_Spec):
         default=2, ge=0, le=1000,
         description="sau: first epochs whose clean term distils the suspect's own predictions on the clean images "
                     "instead of fitting their labels; it keeps well-trained models' accuracy (0: the authors' loss). "
-                    "A retry after a run whose shared loss ended saturated distils in every epoch",
+                    "A retry after an epoch whose shared loss ended saturated distils in every epoch",
     )
     sau_warp: float | None = Field(
         default=None, ge=0, le=8,
