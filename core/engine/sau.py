@@ -40,7 +40,8 @@ first author, and `config/defense/sau/config.yaml`), where it differs from a pla
   the first saturated epoch, not only after the last: a saturated first epoch that breaks out by itself does
   it violently too. On the dev blend model at seed 1 the first epoch saturated (12.2), Adam's steps took the
   model to 68.7 % (ASR 94 %), the second broke out, and `auto`'s candidate ended at 78.6 / 7.0;
-  `sau` alone on all 2,500 images at seed 1 (first epoch 5.5) left 83.1 / 90.2 with no warning.
+  `sau` alone on all 2,500 images at seed 1 (first epoch 5.5) left 83.1 / 90.2 with no warning. Retried after
+  their first epoch they end at 85.2 / 1.2 and 85.3 / 5.8 (docs/results.md, "The default at another seed").
 - With `warp` (`sau_warp`), the second half of each batch is searched among smooth warps (WaNet's 4 x 4
   control offsets, each within `warp`, from a random start, in steps of half of it) instead of additive
   perturbations: the additive search steps by its whole bound and so only visits the corners of the box,
