@@ -123,8 +123,10 @@ class Metrics(BaseModel):
                     "for ibau one row per round (counted as epochs): stage, epoch, epochs, loss, delta_norm, lr; for "
                     "sau one row per epoch: stage, epoch, epochs, loss, clean_loss, shared_loss, poison_share, lr, "
                     "anchored (true where the clean term distilled the suspect's predictions: the first "
-                    "sau_anchor_epochs, and every epoch of a retry), retry (true on the rows of a retry in a "
-                    "quarter of the perturbation box, after the first epoch that ended saturated)",
+                    "sau_anchor_epochs, and every epoch of a retry), bound (the perturbations' box), retry (true "
+                    "on the rows of a retry in a quarter of the box, after the first epoch that ended saturated; "
+                    "a retry whose first two epochs stay saturated gives way to one in a quarter of its box, "
+                    "twice at most)",
         examples=[[{"stage": "student", "epoch": 1, "epochs": 20, "loss": 0.41, "lr": 0.1}]],
     )
     pruning: dict[str, Any] | None = Field(
@@ -165,8 +167,8 @@ class Metrics(BaseModel):
     warnings: list[str] = Field(
         default_factory=list,
         description="what clean-data signals say about the cleansed model, when they say the backdoor may have "
-                    "survived (sau: its shared loss ended saturated; any method: it still shows the suspect's "
-                    "resampling sign)",
+                    "survived (sau: its last run's shared loss ended saturated, or was for most of its epochs; any "
+                    "method: it still shows the suspect's resampling sign)",
         examples=[[]],
     )
     timings: dict[str, float] = Field(

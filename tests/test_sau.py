@@ -304,6 +304,7 @@ def test_a_saturated_epoch_stops_the_run_and_it_starts_again_from_the_suspect_in
                              Normalization(), watch, EXECUTION)
     assert [row["retry"] for row in rows] == [False, True, True]
     assert [row["anchored"] for row in rows] == [False, True, True]
+    assert [row["bound"] for row in rows] == pytest.approx([0.2, 0.05, 0.05]), "one retry was enough"
     # One step an epoch, so a row's clean loss is the one before its step: the retry starts at the suspect's
     # weights, where distilling its predictions costs nothing and the labels' cross-entropy about 0.0035.
     assert rows[1]["clean_loss"] < 1e-5 < rows[0]["clean_loss"]
@@ -317,16 +318,42 @@ def test_a_saturated_epoch_stops_the_run_and_it_starts_again_from_the_suspect_in
     assert (model(images.float() / 255).argmax(1) == labels).all(), "the retry kept the clean images right"
 
 
-def test_a_shared_loss_that_ends_saturated_after_the_retry_too_is_reported_as_a_warning():
-    """A margin of 30 in the retry's box and a small lr: the retry moves too little to leave saturation, so
-    the report warns."""
-    model, images, labels = _saturating_model(600)
-    rows = shared_unlearning(model, images, labels, SauRecipe(epochs=2, lr=1e-3, batch_size=6, bound=0.2),
+def test_a_retry_stuck_in_saturation_gives_way_to_one_in_a_quarter_of_its_box():
+    """A margin of 42 in the first retry's box (0.2 of 0.8): from the suspect's weights neither term has a
+    gradient there, so its first two epochs stay saturated and it gives way, as the dev blend model's retry
+    should have at seed 2; the second retry (0.05, a margin of 6) unlearns, and no warning is due."""
+    model, images, labels = _saturating_model(120)
+    rows = shared_unlearning(model, images, labels, SauRecipe(epochs=2, lr=1.0, batch_size=6, bound=0.8),
                              Normalization(), _watch(), EXECUTION)
-    assert [row["retry"] for row in rows][-2:] == [True, True]
+    assert [row["bound"] for row in rows] == pytest.approx([0.8, 0.2, 0.2, 0.05, 0.05])
+    assert [row["retry"] for row in rows] == [False, True, True, True, True]
+    assert [row["shared_loss"] > SATURATED for row in rows] == [True, True, True, True, False]
+    assert saturation_warning(rows) is None
+    assert (model(images.float() / 255).argmax(1) == labels).all(), "the second retry kept the clean images right"
+
+
+def test_a_shared_loss_that_ends_saturated_after_the_last_retry_too_is_reported_as_a_warning():
+    """A margin of 12 in the last retry's box (0.05 of 0.8) and a small lr: no retry moves enough to leave
+    saturation, so after the last the report warns."""
+    model, images, labels = _saturating_model(240)
+    rows = shared_unlearning(model, images, labels, SauRecipe(epochs=2, lr=1e-3, batch_size=6, bound=0.8),
+                             Normalization(), _watch(), EXECUTION)
+    assert [row["bound"] for row in rows] == pytest.approx([0.8, 0.2, 0.2, 0.05, 0.05]), "two retries, no more"
     assert rows[-1]["shared_loss"] > SATURATED
     assert "backdoor may be intact" in saturation_warning(rows)
     assert saturation_warning([dict(rows[-1], shared_loss=0.26)]) is None  # the dev sinusoid's last epoch
+
+
+def test_a_last_run_saturated_for_most_of_its_epochs_is_reported_even_if_it_broke_out_at_the_end():
+    """The dev blend model's history at seed 2 before retries gave way (its backdoor kept, 87.5 % ASR):
+    the retry broke out only in its last two epochs, where the cosine lr had little left."""
+    def history(*runs: tuple[float, list[float]]) -> list[dict]:
+        return [{"bound": bound, "shared_loss": loss} for bound, losses in runs for loss in losses]
+
+    seed_2 = history((0.2, [7.40]), (0.05, [12.39, 12.30, 12.34, 12.38, 12.35, 12.35, 12.35, 12.03, 0.96, 0.001]))
+    assert "in 8 of its last run's 10 epochs" in saturation_warning(seed_2)
+    seed_1 = history((0.2, [12.2]), (0.05, [8.99, 0.0014, 0.0009, 0.0011, 0.0018]))
+    assert saturation_warning(seed_1) is None, "a retry that breaks out in its second epoch has time to unlearn"
 
 
 def test_unlearning_keeps_batchnorm_statistics_and_mode_and_is_deterministic():
