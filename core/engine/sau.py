@@ -44,7 +44,8 @@ first author, and `config/defense/sau/config.yaml`), where it differs from a pla
   their first epoch they end at 85.2 / 1.2 and 85.3 / 5.8 (docs/results.md, "The default at another seed").
   A retry can stay saturated too: one whose first `RETRY_PATIENCE` epochs all are gives way to another in a
   quarter of its box, `RETRIES` at most. At seed 2 the dev blend model's retry sat at 12.3 for eight epochs and
-  kept the backdoor (84.1 / 87.5, no warning); the next box broke out in its first epoch (84.8 / 1.0).
+  kept the backdoor (84.1 / 87.5, no warning); the next box broke out in its first epoch (84.8 / 1.0). Three
+  epochs of patience, since our blend models' retries broke out during their second, its mean still saturated.
 - With `warp` (`sau_warp`), the second half of each batch is searched among smooth warps (WaNet's 4 x 4
   control offsets, each within `warp`, from a random start, in steps of half of it) instead of additive
   perturbations: the additive search steps by its whole bound and so only visits the corners of the box,
@@ -99,12 +100,14 @@ SATURATED = 5.0
 # saturated for five epochs of the retry (docs/results.md); at a quarter both blend models broke out in the second.
 RETRY_BOUND = 0.25
 # A retry starts at the suspect's weights, where its clean term (the suspect's own predictions) has no gradient,
-# so its first epoch may stay saturated and it still break out in the second (the dev blend model at seed 1: 9.0,
-# then 0.0014). One whose first RETRY_PATIENCE epochs all stay saturated sits where neither term moves it: the dev
-# blend model at seed 2 stayed there for eight epochs, broke out when the cosine lr was nearly spent and kept its
-# backdoor (84.08 / 87.54, no warning); a quarter of that box again broke out in its first epoch and erased it
-# (84.76 / 1.00). So such a retry gives way to another in a quarter of its box, RETRIES times at most.
-RETRY_PATIENCE = 2
+# so its first epochs may stay saturated and it still break out: the dev blend model's at seed 1 in its second
+# (9.0, then 0.0014), both our blend models' during their second, whose means stayed above SATURATED (12.4 and
+# 12.2, then 6.3 and 7.1, then 0.004 or less).
+# One whose first RETRY_PATIENCE epochs all stay saturated sits where neither term moves it: the dev blend
+# model's at seed 2 stayed there for eight epochs (12.0 to 12.4), broke out when the cosine lr was nearly spent
+# and kept its backdoor (84.08 / 87.54, no warning); a quarter of that box broke out in its first epoch and
+# erased it (84.78 / 1.01). So such a retry gives way to another in a quarter of its box, RETRIES times at most.
+RETRY_PATIENCE = 3
 RETRIES = 2
 
 
