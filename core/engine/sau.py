@@ -92,9 +92,9 @@ TEMPERATURE = 4.0
 # A potential poison that the model puts in the suspect's class with certainty costs about 13.8 in the shared
 # term (-log 1e-6, the clamps' floor) and gives it no gradient. An epoch's mean above SATURATED says most
 # stayed there: 11.9 on our blend model, whose backdoor `sau` left whole (ASR 99.9 %), at most 0.26 at the end
-# of every run that erased one (docs/results.md); after the first epoch 5.6 and 12.2 on the dev blend model
-# (seeds 0 and 1), 4.2 to 4.7 on dev patch, 1.0 to 1.4 on dev badnets and sinusoid. It calls for the retry, and
-# for a warning when the retry ends above it too.
+# of every run that erased one (docs/results.md); after the first epoch 5.6, 12.2 and 7.5 on the dev blend model
+# (seeds 0 to 2), 4.2 to 4.7 on dev patch, 1.0 to 1.6 on dev badnets and sinusoid. It calls for the retries,
+# and for a warning when the last run ends above it or stays there for most of its epochs.
 SATURATED = 5.0
 # The share of the box before it that a retry's perturbations keep. At a half of `bound` our blend model stayed
 # saturated for five epochs of the retry (docs/results.md); at a quarter both blend models broke out in the second.
