@@ -19,9 +19,9 @@ candidates before it, with a margin of `ESTIMATE_MARGIN` for the weights' roughn
 No clean-data signal ranks the candidates by erasure, because none we measured told erasure apart: the
 feature shift from the suspect (FST's observation) was largest for a candidate that kept the backdoor on two
 of the five models measured (docs/engine.md, "Choosing automatically"). Some signals only say a candidate
-failed, and give it a `warning`: a method's own (sau's shared loss ended saturated), or, where the suspect
-showed the resampling sign, the cleansed model still showing it (core/engine/resampling.py). Such a candidate
-is set aside while any other ran.
+failed, and give it a `warning`: a method's own (sau's shared loss saturated at the end of its last run, or in
+most of its epochs), or, where the suspect showed the resampling sign, the cleansed model still showing it
+(core/engine/resampling.py). Such a candidate is set aside while any other ran.
 """
 
 from __future__ import annotations
