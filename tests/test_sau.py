@@ -323,9 +323,14 @@ def test_a_retry_stuck_in_saturation_gives_way_to_one_in_a_quarter_of_its_box():
     gradient there, so its first three epochs stay saturated and it gives way, as the dev blend model's retry
     should have at seed 2; the second retry (0.05, a margin of 6) unlearns, and no warning is due."""
     model, images, labels = _saturating_model(120)
+    events = []
     rows = shared_unlearning(model, images, labels, SauRecipe(epochs=3, lr=1.0, batch_size=6, bound=0.8),
-                             Normalization(), _watch(), EXECUTION)
+                             Normalization(), _watch(events=events), EXECUTION)
     assert [row["bound"] for row in rows] == pytest.approx([0.8, 0.2, 0.2, 0.2, 0.05, 0.05, 0.05])
+    # Seven epochs in a stage planned for three: each retry spreads over what the attempt before it left, and
+    # the first left none, so the second's progress stays at the stage's end instead of running past it.
+    epoch_ends = [event.progress for event in events if event.loss is not None]
+    assert epoch_ends == pytest.approx([1 / 3, 5 / 9, 7 / 9, 1.0, 1.0, 1.0, 1.0])
     assert [row["retry"] for row in rows] == [False] + [True] * 6
     assert [row["shared_loss"] > SATURATED for row in rows] == [True] * 5 + [False] * 2
     assert saturation_warning(rows) is None

@@ -221,8 +221,9 @@ def shared_unlearning(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     most potential poisons), the run stops there, the model goes back to the suspect's weights and runs the
     recipe again in a quarter of the box (`RETRY_BOUND`), anchored in every epoch (the module's docstring says
     why); a retry still saturated after its first `RETRY_PATIENCE` epochs gives way to the next, in a quarter of
-    its box, up to `RETRIES`. Their rows say `"retry": true`, and their progress events spread over what is
-    left of the stage. Every row says whether its clean term was `anchored` and the perturbations' `bound`.
+    its box, up to `RETRIES`. Their rows say `"retry": true`, and each one's progress events spread over what
+    the attempt before it left of the stage, so they never pass its end. Every row says whether its clean term
+    was `anchored` and the perturbations' `bound`.
 
     Checks `watch.should_stop()` before every epoch and raises Cancelled when it turns true, so a model is
     never left half-way through an epoch."""
@@ -233,14 +234,14 @@ def shared_unlearning(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     model.eval()
     try:
         last = _unlearn(model, suspect, images, labels, recipe, 0, normalize, watch, execution)
-        rows, retry = list(last), recipe
+        rows, retry, span = list(last), recipe, watch
         for attempt in range(1, RETRIES + 1):
             if not _stuck(last, attempt - 1):
                 break
             model.load_state_dict(suspect.state_dict())
             retry = dataclasses.replace(retry, anchor_epochs=recipe.epochs, bound=retry.bound * RETRY_BOUND)
-            last = _unlearn(model, suspect, images, labels, retry, attempt, normalize,
-                            dataclasses.replace(watch, start=watch.at(len(rows) / recipe.epochs)), execution)
+            span = dataclasses.replace(span, start=span.at(len(last) / recipe.epochs))
+            last = _unlearn(model, suspect, images, labels, retry, attempt, normalize, span, execution)
             rows += last
     finally:
         model.train(training)
