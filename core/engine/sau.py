@@ -292,7 +292,7 @@ def _stuck(rows: list[dict[str, Any]], attempt: int) -> bool:
 def saturation_warning(rows: list[dict[str, Any]]) -> str | None:
     """A warning for the report when the last run's shared loss says the unlearning never took hold: it ended
     saturated, or was for most of its epochs, breaking out only where the cosine lr had little left to unlearn
-    with."""
+    with. A run's rows are those with its box: each retry's is a quarter of the one before (`sau_bound` > 0)."""
     last = [row for row in rows if row["bound"] == rows[-1]["bound"]]
     saturated = sum(map(_saturated, last))
     if not _saturated(rows[-1]) and 2 * saturated <= len(last):
