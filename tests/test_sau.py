@@ -12,10 +12,14 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
+from api.schemas import Metrics
 from core.engine.checkpoints import read_metadata
 from core.engine.errors import Cancelled
 from core.engine.models import build_model
 from core.engine.sau import (
+    RETRIES,
+    RETRY_BOUND,
+    RETRY_PATIENCE,
     SATURATED,
     SauRecipe,
     saturation_warning,
@@ -359,6 +363,13 @@ def test_a_last_run_saturated_for_most_of_its_epochs_is_reported_even_if_it_brok
     assert "in 8 of its last run's 10 epochs" in saturation_warning(seed_2)
     seed_1 = history((0.2, [12.2]), (0.05, [8.99, 0.0014, 0.0009, 0.0011, 0.0018]))
     assert saturation_warning(seed_1) is None, "a retry that breaks out in its second epoch has time to unlearn"
+
+
+def test_the_openapi_history_text_states_the_retry_rule_the_engine_runs():
+    """`api/` may not import the engine, so the OpenAPI text spells out its retry constants: this ties them."""
+    text = " ".join(Metrics.model_fields["history"].description.split())
+    assert (RETRY_BOUND, RETRY_PATIENCE, RETRIES) == (0.25, 3, 2), "update the history text in api/schemas.py"
+    assert "first three epochs stay saturated gives way to one in a quarter of its box, twice at most" in text
 
 
 def test_unlearning_keeps_batchnorm_statistics_and_mode_and_is_deterministic():
