@@ -24,16 +24,19 @@ class DigitsCase:
     test: Path  # clean test set, npz
     params: dict[str, Any]  # SanitizeParams as JSON, with the trigger and target
 
-    def sanitize(self, out: Path, on_event=None, time_limit: float | None = None, **overrides: Any) -> dict[str, Any]:
+    def sanitize(self, out: Path, on_event=None, time_limit: float | None = None, should_stop=None,
+                 **overrides: Any) -> dict[str, Any]:
         """One job on this case, measured on its test set, the cleansed checkpoint written to `out`: the
-        engine's report. `overrides` change the case's parameters; `time_limit` is the engine's."""
+        engine's report. `overrides` change the case's parameters; `time_limit` and `should_stop` are the
+        engine's."""
         from core.engine.events import ignore
-        from core.engine.sanitize import JobFiles, sanitize
+        from core.engine.sanitize import JobFiles, never, sanitize
         from core.params import SanitizeParams
 
         params = SanitizeParams.model_validate({**self.params, **overrides})
         files = JobFiles(checkpoint=self.checkpoint, clean_data=self.clean, test_data=self.test, out=out)
-        return sanitize(files, params, on_event=on_event or ignore, time_limit=time_limit)
+        return sanitize(files, params, on_event=on_event or ignore, should_stop=should_stop or never,
+                        time_limit=time_limit)
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:

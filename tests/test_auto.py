@@ -1,9 +1,12 @@
 """`method: auto` on the digits backdoor: every candidate runs on its own copy, the choice is made on clean data
 only and explained."""
 
+import time
+
 import pytest
 
-from core.engine.auto import ESTIMATE_MARGIN, Spent, pick
+from core.engine.auto import ESTIMATE_MARGIN, Cutoff, Spent, pick
+from core.engine.errors import Cancelled
 
 
 def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_path):
@@ -40,6 +43,52 @@ def test_auto_runs_only_the_candidates_the_jobs_time_allows(digits_backdoor, tmp
     [skipped] = auto["skipped"]
     assert skipped["method"] == "sau" and skipped["estimated_seconds"] > skipped["seconds_left"] > 0
     assert {row["stage"] for row in report["history"]} == {"finetune/teacher"}
+
+
+def test_a_candidate_that_runs_out_of_time_is_stopped_and_the_choice_made_among_those_that_finished(
+        digits_backdoor, tmp_path, monkeypatch):
+    """A later candidate that the estimate let start but that would run past the job's time is stopped
+    between epochs, instead of the job's limit failing the job and losing the candidate that finished. Here
+    the time left runs out before sau's third epoch."""
+    asks = []
+    ask = Cutoff.__call__
+
+    def running_out(cutoff: Cutoff) -> bool:
+        asks.append(cutoff)
+        if len(asks) == 3:
+            cutoff.deadline = time.monotonic()
+        return ask(cutoff)
+
+    monkeypatch.setattr(Cutoff, "__call__", running_out)
+    report = digits_backdoor.sanitize(tmp_path / "clean.safetensors", time_limit=3600, method="auto",
+                                      auto_candidates=["finetune", "sau"], sau_epochs=5, sau_batch_size=32)
+    auto = report["auto"]
+    assert [row["method"] for row in auto["candidates"]] == ["finetune"] and auto["chosen"] == "finetune"
+    [stopped] = auto["skipped"]
+    assert stopped["method"] == "sau" and stopped["estimated_seconds"] <= stopped["seconds_left"]
+    assert stopped["stopped_after_seconds"] >= 0
+    assert [row["epoch"] for row in report["history"] if row["stage"] == "sau/sau"] == [1, 2]
+
+
+def test_the_users_cancel_during_a_later_candidate_still_cancels_the_job(digits_backdoor, tmp_path):
+    """At once, from inside the candidate: the cutoff's catch does not take the user's cancel for its own."""
+    events = []
+    with pytest.raises(Cancelled, match="before sau/sau epoch 2"):
+        digits_backdoor.sanitize(tmp_path / "clean.safetensors", events.append, time_limit=3600,
+                                 should_stop=lambda: any(event.stage == "sau/sau" for event in events),
+                                 method="auto", auto_candidates=["finetune", "sau"], sau_epochs=5,
+                                 sau_batch_size=32)
+
+
+def test_a_candidate_stops_before_an_epoch_that_would_end_past_the_deadline(monkeypatch):
+    """The next epoch is expected to take as long as the longest so far, with the estimate's margin."""
+    now = [0.0]
+    monkeypatch.setattr("core.engine.auto.time.monotonic", lambda: now[0])
+    cutoff = Cutoff(deadline=100.0, last=0.0)
+    asked = []
+    for now[0] in (0.0, 30.0, 50.0, 60.0, 62.0):  # 60 + 30 * 1.3 ends at 99, 62 + 30 * 1.3 at 101
+        asked.append(cutoff())
+    assert asked == [False, False, False, False, True] and cutoff.reached
 
 
 def test_a_candidates_time_is_estimated_from_the_ones_before_it_by_their_cost():

@@ -14,7 +14,10 @@ Candidates run in that order while the job's time allows: when the job has a tim
 choice is made among those that ran, so a job near its limit ends with a cleansed model instead of failing.
 The first candidate always runs, as does any while nothing before it has trained. The estimate is the
 candidate's cost in epochs of fine-tuning (`methods.stages`) times the seconds each such epoch took the
-candidates before it, with a margin of `ESTIMATE_MARGIN` for the weights' roughness.
+candidates before it, with a margin of `ESTIMATE_MARGIN` for the weights' roughness. The estimate can still
+fall short (a sau retry adds epochs), so a candidate that starts after another has finished is stopped before
+an epoch that would end too late to measure it (`Cutoff`), and is listed with the skipped ones: the job's own
+limit would otherwise fail the job and lose the candidates that finished.
 
 No clean-data signal ranks the candidates by erasure, because none we measured told erasure apart: the
 feature shift from the suspect (FST's observation) was largest for a candidate that kept the backdoor on two
@@ -29,13 +32,14 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from core.engine.data import stratified_split
+from core.engine.errors import Cancelled
 from core.engine.methods import Defended, Run, defend, stages
 from core.engine.metrics import classify
 
@@ -43,7 +47,7 @@ SELECTION_FRACTION = 0.1
 # The stage weights are rough, so the estimate gets a margin. They count epochs of fine-tuning, and a NAD student
 # epoch costs more than one: in one default job on CIFAR-10 (2 CPU cores), nad took 27.5 s per unit and sau 11,
 # so after nad the estimate for sau was about three times what sau took (safe, but it skips sau sooner than
-# it must). A candidate that takes longer than estimated is still stopped by the job's limit.
+# it must). A candidate that takes longer than estimated is stopped by its `Cutoff`.
 ESTIMATE_MARGIN = 1.3
 
 
@@ -99,21 +103,32 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
     fit_images, fit_labels = images[keep], labels[keep]
     selection_images, selection_labels = images[held], labels[held]
     suspect_acc = accuracy(model, selection_images, selection_labels, run)
-    results, skipped, spent = [], [], Spent()
+    results, skipped, spent, measuring = [], [], Spent(), 0.0
     for method in params.auto_candidates:
         cost = sum(stages(method, params, trains_teacher=run.teacher is None).values())
+        cutoff = None
         if results and run.deadline is not None:
             estimate, left = spent.estimate(cost), run.deadline - time.monotonic()
+            late = {"method": method, "estimated_seconds": round(estimate), "seconds_left": round(left)}
             if estimate > left:
-                skipped.append({"method": method, "estimated_seconds": round(estimate), "seconds_left": round(left)})
+                skipped.append(late)
                 continue
+            cutoff = Cutoff(run.deadline - ESTIMATE_MARGIN * measuring)
         started = time.perf_counter()
-        defended = defend(method, copy.deepcopy(model), fit_images, fit_labels, run.for_candidate(method))
+        try:
+            defended = defend(method, copy.deepcopy(model), fit_images, fit_labels, run.for_candidate(method, cutoff))
+        except Cancelled:
+            if cutoff is None or not cutoff.reached:
+                raise  # the user's cancel
+            skipped.append(late | {"stopped_after_seconds": round(time.perf_counter() - started)})
+            continue
+        trained = time.perf_counter()
         row = {"method": method,
                "selection_acc": round(accuracy(defended.model, selection_images, selection_labels, run), 2)}
         if defended.warning:
             row["warning"] = defended.warning
         metrics = measure(defended.model)
+        measuring = max(measuring, time.perf_counter() - trained)
         row["seconds"] = round(time.perf_counter() - started, 1)
         row["measured"] = {key: metrics.get(key) for key in ("acc", "acc_non_target", "asr")}
         spent.add(cost, row["seconds"])
@@ -142,3 +157,21 @@ class Spent:
         if self.cost == 0:
             return 0.0
         return ESTIMATE_MARGIN * cost * self.seconds / self.cost
+
+
+@dataclass
+class Cutoff:
+    """Whether a candidate should stop now, asked before each of its epochs (`Watch.should_stop`): when the
+    next epoch, taking as long as the longest gap between two asks so far with `ESTIMATE_MARGIN`, would end
+    past `deadline`. `reached` tells this stop apart from the user's cancel."""
+
+    deadline: float
+    last: float = field(default_factory=time.monotonic)
+    longest: float = 0.0
+    reached: bool = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        self.longest, self.last = max(self.longest, now - self.last), now
+        self.reached = now + ESTIMATE_MARGIN * self.longest > self.deadline
+        return self.reached

@@ -37,7 +37,8 @@ SAU_EPOCH_WEIGHT = 9
 class Run:
     """What every method of one job shares: its parameters, a supplied teacher (or None), the NAD layers and
     ANP neurons checked at load time, the data pipeline, and where progress and timings go. `watch(stage)`
-    gives the progress span of a training stage; `stage_prefix` names the stages of an `auto` candidate;
+    gives the progress span of a training stage; `stage_prefix` names the stages of an `auto` candidate, and
+    `cutoff`, when set, stops it (Cancelled) before an epoch it has no time for, as the user's cancel would;
     `deadline` (time.monotonic(), or None) is when the job's time runs out. `resampling` is the suspect's
     resampling sign (core/engine/resampling.py): it sets sau's warp search when the user left `sau_warp` unset,
     and where it fired every cleansed model is checked for it again."""
@@ -53,12 +54,17 @@ class Run:
     clock: Any
     stage_prefix: str = ""
     deadline: float | None = None
+    cutoff: Callable[[], bool] | None = None
 
-    def for_candidate(self, method: str) -> Run:
-        return dataclasses.replace(self, stage_prefix=f"{method}/")
+    def for_candidate(self, method: str, cutoff: Callable[[], bool] | None) -> Run:
+        return dataclasses.replace(self, stage_prefix=f"{method}/", cutoff=cutoff)
 
     def stage(self, name: str) -> Watch:
-        return self.watch(self.stage_prefix + name)
+        watch = self.watch(self.stage_prefix + name)
+        if self.cutoff is None:
+            return watch
+        asked, cutoff = watch.should_stop, self.cutoff
+        return dataclasses.replace(watch, should_stop=lambda: asked() or cutoff())
 
     def timed(self, name: str):
         return self.clock.time(self.stage_prefix + name)
