@@ -109,9 +109,9 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
         cutoff = None
         if results and run.deadline is not None:
             estimate, left = spent.estimate(cost), run.deadline - time.monotonic()
-            late = {"method": method, "estimated_seconds": round(estimate), "seconds_left": round(left)}
+            timing = {"method": method, "estimated_seconds": round(estimate), "seconds_left": round(left)}
             if estimate > left:
-                skipped.append(late)
+                skipped.append(timing)
                 continue
             cutoff = Cutoff(run.deadline - ESTIMATE_MARGIN * measuring)
         started = time.perf_counter()
@@ -120,7 +120,7 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
         except Cancelled:
             if cutoff is None or not cutoff.reached:
                 raise  # the user's cancel
-            skipped.append(late | {"stopped_after_seconds": round(time.perf_counter() - started)})
+            skipped.append(timing | {"stopped_after_seconds": round(time.perf_counter() - started)})
             continue
         trained = time.perf_counter()
         row = {"method": method,
