@@ -86,7 +86,8 @@ def test_a_candidate_stops_before_an_epoch_that_would_end_past_the_deadline(monk
     monkeypatch.setattr("core.engine.auto.time.monotonic", lambda: now[0])
     cutoff = Cutoff(deadline=100.0, last=0.0)
     asked = []
-    for now[0] in (0.0, 30.0, 50.0, 60.0, 62.0):  # 60 + 30 * 1.3 ends at 99, 62 + 30 * 1.3 at 101
+    edge = 100.0 - ESTIMATE_MARGIN * 30.0  # the last ask at which a 30 s epoch, with the margin, ends in time
+    for now[0] in (0.0, 30.0, 50.0, edge - 1.0, edge + 1.0):
         asked.append(cutoff())
     assert asked == [False, False, False, False, True] and cutoff.reached
 
