@@ -17,8 +17,7 @@ from core.engine.checkpoints import read_metadata
 from core.engine.errors import Cancelled
 from core.engine.models import build_model
 from core.engine.sau import (
-    RETRIES,
-    RETRY_BOUND,
+    RETRY_BOUNDS,
     RETRY_PATIENCE,
     SATURATED,
     SauRecipe,
@@ -281,9 +280,8 @@ def test_the_clamped_term_has_no_gradient_where_the_model_is_certain_of_the_susp
 def _saturating_model(scale: float) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A linear model on channel means, `scale` times: the label's channel leads by 0.05 (a margin of 0.05 *
     `scale`). The perturbation's first step (its own channel unchanged, the others 0.2 brighter) puts each
-    image in another class with a margin of 0.15 * `scale`, where the clamped term sits at its floor; in the
-    retry's quarter of the box (its own channel 0.05 darker, the others 0.05 brighter) with a margin of
-    0.05 * `scale`."""
+    image in another class with a margin of 0.15 * `scale`, where the clamped term sits at its floor; in a box
+    of 0.05 (its own channel 0.05 darker, the others 0.05 brighter) with a margin of 0.05 * `scale`."""
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
     with torch.no_grad():
         model[2].weight.copy_(scale * torch.eye(3))
@@ -296,24 +294,24 @@ def _saturating_model(scale: float) -> tuple[nn.Module, torch.Tensor, torch.Tens
     return model, images, labels
 
 
-def test_a_saturated_epoch_stops_the_run_and_it_starts_again_from_the_suspect_in_a_quarter_of_the_box():
-    """A margin of 18 on the adversarial images: the first epoch leaves the clamped term saturated, so the run
-    stops there; the retry (the suspect's weights again, a fresh optimizer, perturbations in a quarter of the
-    box, where the margin is 6, and the suspect's predictions as its clean term in every epoch) unlearns it,
+def test_a_saturated_epoch_stops_the_run_and_it_starts_again_from_the_suspect_in_a_sixteenth_of_the_box():
+    """The first epoch's perturbations (a box of 0.8) leave the clamped term saturated, so the run stops
+    there; the retry (the suspect's weights again, a fresh optimizer, perturbations in a sixteenth of the box,
+    0.05, where the margin is 6, and the suspect's predictions as its clean term in every epoch) unlearns it,
     and no warning is due. The retry's progress events spread over the rest of the stage."""
     model, images, labels = _saturating_model(120)
     events = []
     watch = Watch("sau", events.append, lambda: False, start=0.2, end=0.6)
-    rows = shared_unlearning(model, images, labels, SauRecipe(epochs=2, lr=1.0, batch_size=6, bound=0.2),
+    rows = shared_unlearning(model, images, labels, SauRecipe(epochs=2, lr=1.0, batch_size=6, bound=0.8),
                              Normalization(), watch, EXECUTION)
     assert [row["retry"] for row in rows] == [False, True, True]
     assert [row["anchored"] for row in rows] == [False, True, True]
-    assert [row["bound"] for row in rows] == pytest.approx([0.2, 0.05, 0.05]), "one retry was enough"
+    assert [row["bound"] for row in rows] == pytest.approx([0.8, 0.05, 0.05]), "one retry was enough"
     # One step an epoch, so a row's clean loss is the one before its step: the retry starts at the suspect's
     # weights, where distilling its predictions costs nothing and the labels' cross-entropy about 0.0035.
     assert rows[1]["clean_loss"] < 1e-5 < rows[0]["clean_loss"]
     assert rows[0]["shared_loss"] > SATURATED > rows[-1]["shared_loss"]
-    assert rows[1]["shared_loss"] < rows[0]["shared_loss"] / 2, "the retry starts at the smaller margin: 6, not 18"
+    assert rows[1]["shared_loss"] < rows[0]["shared_loss"] / 2, "the retry starts at the smaller margin"
     assert watch.history == rows
     progress = [event.progress for event in events]
     assert progress == sorted(progress) and progress[-1] == 0.6
@@ -323,14 +321,15 @@ def test_a_saturated_epoch_stops_the_run_and_it_starts_again_from_the_suspect_in
 
 
 def test_a_retry_stuck_in_saturation_gives_way_to_one_in_a_quarter_of_its_box():
-    """A margin of 42 in the first retry's box (0.2 of 0.8): from the suspect's weights neither term has a
-    gradient there, so its first three epochs stay saturated and it gives way, as the dev blend model's retry
-    should have at seed 2; the second retry (0.05, a margin of 6) unlearns, and no warning is due."""
+    """The first retry's box is 0.2 (a sixteenth of 3.2): from the suspect's weights neither term has a
+    gradient there, so its first three epochs stay saturated and it gives way, as the dev blend
+    model's retry should have at seed 2; the second retry (0.05, a margin of 6) unlearns, and no warning is
+    due."""
     model, images, labels = _saturating_model(120)
     events = []
-    rows = shared_unlearning(model, images, labels, SauRecipe(epochs=3, lr=1.0, batch_size=6, bound=0.8),
+    rows = shared_unlearning(model, images, labels, SauRecipe(epochs=3, lr=1.0, batch_size=6, bound=3.2),
                              Normalization(), _watch(events=events), EXECUTION)
-    assert [row["bound"] for row in rows] == pytest.approx([0.8, 0.2, 0.2, 0.2, 0.05, 0.05, 0.05])
+    assert [row["bound"] for row in rows] == pytest.approx([3.2, 0.2, 0.2, 0.2, 0.05, 0.05, 0.05])
     # Seven epochs in a stage planned for three: each retry spreads over what the attempt before it left, and
     # the first left none, so the second's progress stays at the stage's end instead of running past it.
     epoch_ends = [event.progress for event in events if event.loss is not None]
@@ -342,12 +341,12 @@ def test_a_retry_stuck_in_saturation_gives_way_to_one_in_a_quarter_of_its_box():
 
 
 def test_a_shared_loss_that_ends_saturated_after_the_last_retry_too_is_reported_as_a_warning():
-    """A margin of 12 in the last retry's box (0.05 of 0.8) and a small lr: no retry moves enough to leave
-    saturation, so after the last the report warns."""
+    """A margin of 12 in the last retry's box (0.05, a sixty-fourth of 3.2) and a small lr: no retry moves
+    enough to leave saturation, so after the last the report warns."""
     model, images, labels = _saturating_model(240)
-    rows = shared_unlearning(model, images, labels, SauRecipe(epochs=3, lr=1e-3, batch_size=6, bound=0.8),
+    rows = shared_unlearning(model, images, labels, SauRecipe(epochs=3, lr=1e-3, batch_size=6, bound=3.2),
                              Normalization(), _watch(), EXECUTION)
-    assert [row["bound"] for row in rows] == pytest.approx([0.8] + [0.2] * 3 + [0.05] * 3), "two retries, no more"
+    assert [row["bound"] for row in rows] == pytest.approx([3.2] + [0.2] * 3 + [0.05] * 3), "two retries, no more"
     assert rows[-1]["shared_loss"] > SATURATED
     assert "backdoor may be intact" in saturation_warning(rows)
     assert saturation_warning([dict(rows[-1], shared_loss=0.26)]) is None  # the dev sinusoid's last epoch
@@ -368,8 +367,9 @@ def test_a_last_run_saturated_for_most_of_its_epochs_is_reported_even_if_it_brok
 def test_the_openapi_history_text_states_the_retry_rule_the_engine_runs():
     """`api/` may not import the engine, so the OpenAPI text spells out its retry constants: this ties them."""
     text = " ".join(Metrics.model_fields["history"].description.split())
-    assert (RETRY_BOUND, RETRY_PATIENCE, RETRIES) == (0.25, 3, 2), "update the history text in api/schemas.py"
-    assert "first three epochs stay saturated gives way to one in a quarter of its box, twice at most" in text
+    assert (RETRY_BOUNDS, RETRY_PATIENCE) == ((1 / 16, 1 / 64), 3), "update the history text in api/schemas.py"
+    assert "rows of a retry in a sixteenth of the box" in text
+    assert "first three epochs stay saturated gives way to one in a quarter of its box, once" in text
 
 
 def test_unlearning_keeps_batchnorm_statistics_and_mode_and_is_deterministic():
