@@ -28,27 +28,26 @@ first author, and `config/defense/sau/config.yaml`), where it differs from a pla
   pull back weakly, where its softened predictions hold the model to what it did on clean data. Not for
   longer: distilled to the end, a blend backdoor that the first epochs had erased came back (ASR 1.3 % after
   epoch 3, 37 % after epoch 10), the suspect's soft predictions carrying some of it (docs/engine.md).
-- When an epoch's shared term is saturated (`SATURATED`: the authors' clamps give it no gradient where the
-  model is certain of the suspect's class; on our blend models it stayed there for all ten epochs, ASR 100 %),
-  the run stops at that epoch's end and starts again from the suspect's weights with perturbations in a
-  sixteenth of the box (`RETRY_BOUNDS`), whose adversarial images the model is less certain of, and with the
-  suspect's predictions as its clean term in every epoch. Both halves matter (docs/engine.md,
-  docs/results.md): the exact -log(1 - p), an earlier retry, broke the saturation in one violent epoch and let
-  the dev blend backdoor come back (85.6 / 43.0 ACC / ASR, `sau` alone on its 2,500 images); a quarter of the
-  box broke it in its second epoch and erased it (85.6 / 0.1), and kept our blend model inside `auto` at
-  82.0 / 1.6, but at other seeds broke it inside its first and let the backdoor come back, where a sixteenth
-  erased it at every seed measured (`RETRY_BOUNDS` says more). With labels after two anchor epochs the
-  smaller box cost our blend model its target (79.1). Why at
-  the first saturated epoch, not only after the last: a saturated first epoch that breaks out by itself does
-  it violently too. On the dev blend model at seed 1 the first epoch saturated (12.2), Adam's steps took the
-  model to 68.7 % (ASR 94 %), the second broke out, and `auto`'s candidate ended at 78.6 / 7.0;
-  `sau` alone on all 2,500 images at seed 1 (first epoch 5.5) left 83.1 / 90.2 with no warning. Retried after
-  their first epoch they end at 85.2 / 1.2 and 85.3 / 5.8 (docs/results.md, "The default at another seed").
-  A retry can stay saturated too: one whose first `RETRY_PATIENCE` epochs all are gives way to another in a
-  quarter of its box, once. At seed 2 the dev blend model's retry in a quarter of the box sat at 12.3 for
-  eight epochs and kept the backdoor (84.1 / 87.5, no warning); a quarter of that box broke out in its first
-  epoch (84.8 / 1.0). Three epochs of patience, since our blend models' retries broke out during their second,
-  its mean still saturated. No retry in a sixteenth of the box has stayed saturated in our measurements.
+- When an epoch's shared term is saturated (`SATURATED`: the authors' clamps give it no gradient where the model
+  is certain of the suspect's class; on our blend models it stayed there for all ten epochs, ASR 100 %), the run
+  stops at that epoch's end and starts again from the suspect's weights with perturbations in a sixteenth of the
+  box (`RETRY_BOUNDS`), whose adversarial images the model is less certain of, and with the suspect's predictions
+  as its clean term in every epoch. Both halves matter (docs/engine.md, docs/results.md): the exact -log(1 - p),
+  an earlier retry, broke the saturation in one violent epoch and let the dev blend backdoor come back (85.6 /
+  43.0 ACC / ASR, `sau` alone on its 2,500 images); a quarter of the box broke it in its second epoch and erased
+  it (85.6 / 0.1), and kept our blend model inside `auto` at 82.0 / 1.6, but at other seeds broke it inside its
+  first and let the backdoor come back, where a sixteenth erased it at every seed measured (`RETRY_BOUNDS` says
+  more). With labels after two anchor epochs the smaller box cost our blend model its target (79.1). Why at the
+  first saturated epoch, not only after the last: a saturated first epoch that breaks out by itself does it
+  violently too. On the dev blend model at seed 1 the first epoch saturated (12.2), Adam's steps took the model to
+  68.7 % (ASR 94 %), the second broke out, and `auto`'s candidate ended at 78.6 / 7.0; `sau` alone on all 2,500
+  images at seed 1 (first epoch 5.5) left 83.1 / 90.2 with no warning. Retried in a quarter of the box after their
+  first epoch they end at 85.2 / 1.2 and 85.3 / 5.8 (docs/results.md, "The default at another seed"). A retry can
+  stay saturated too: one whose first `RETRY_PATIENCE` epochs all are gives way to another in a quarter of its
+  box, once. At seed 2 the dev blend model's retry in a quarter of the box sat at 12.3 for eight epochs and kept
+  the backdoor (84.1 / 87.5, no warning); a quarter of that box broke out in its first epoch (84.8 / 1.0). Three
+  epochs of patience, since our blend models' retries broke out during their second, its mean still saturated. No
+  retry in a sixteenth of the box has stayed saturated in our measurements.
 - With `warp` (`sau_warp`), the second half of each batch is searched among smooth warps (WaNet's 4 x 4
   control offsets, each within `warp`, from a random start, in steps of half of it) instead of additive
   perturbations: the additive search steps by its whole bound and so only visits the corners of the box,
