@@ -124,9 +124,7 @@ class Metrics(BaseModel):
                     "sau one row per epoch: stage, epoch, epochs, loss, clean_loss, shared_loss, poison_share, lr, "
                     "anchored (true where the clean term distilled the suspect's predictions: the first "
                     "sau_anchor_epochs, and every epoch of a retry), bound (the perturbations' box), retry (true "
-                    "on the rows of a retry in a sixteenth of the box, after the first epoch that ended saturated; "
-                    "a retry whose first three epochs stay saturated gives way to one in a quarter of its box, "
-                    "once)",
+                    "on the rows of the retry in a sixteenth of the box, after the first epoch that ended saturated)",
         examples=[[{"stage": "student", "epoch": 1, "epochs": 20, "loss": 0.41, "lr": 0.1}]],
     )
     pruning: dict[str, Any] | None = Field(

@@ -85,8 +85,8 @@ class SanitizeParams(_Spec):
     with nesterov momentum 0.9, weight decay 1e-4; batch 64; betas 500/1000/1000 on WRN's three residual
     groups; crop and flip augmentation. The `anp_*` defaults are the ANP authors' (Wu & Wang, NeurIPS 2021),
     the `ibau_*` ones I-BAU's (Zeng et al., ICLR 2022); the `sau_*` ones follow SAU's (Wei et al., NeurIPS
-    2023) but for its learning rate, epochs and clean term, retries in a sixteenth of the box (and a quarter of
-    that) where the authors' shared term saturates, and a warp search where the suspect's resampling sign fires, as
+    2023) but for its learning rate, epochs and clean term, a retry in a sixteenth of the box where the
+    authors' shared term saturates, and a warp search where the suspect's resampling sign fires, as
     docs/engine.md details.
     """
 
