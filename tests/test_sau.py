@@ -327,7 +327,6 @@ def test_a_retry_that_stays_saturated_runs_to_its_end_and_is_reported_as_a_warni
                              Normalization(), _watch(), EXECUTION)
     assert [row["bound"] for row in rows] == pytest.approx([0.8] + [0.05] * 3), "one retry, no more"
     assert all(row["shared_loss"] > SATURATED for row in rows)
-    assert rows[-1]["shared_loss"] > SATURATED
     assert "backdoor may be intact" in saturation_warning(rows)
     assert saturation_warning([dict(rows[-1], shared_loss=0.26)]) is None  # the dev sinusoid's last epoch
 
