@@ -45,9 +45,10 @@ first author, and `config/defense/sau/config.yaml`), where it differs from a pla
   first epoch they end at 85.2 / 1.2 and 85.3 / 5.8 (docs/results.md, "The default at another seed"). A retry
   that stays saturated runs to its end: at seed 2 the dev blend model's retry in a quarter of the box sat at 12.3
   for eight epochs and kept the backdoor (84.1 / 87.5, no warning then), and a quarter of that box erased it
-  (84.8 / 1.0), but no retry in a sixteenth has stayed saturated in our measurements, and a sixteenth of that
-  again (0.003, under one pixel level) left our blend model's backdoor whole with no sign (99.8 % ASR, shared loss
-  0.1). Such a run is warned of instead (`saturation_warning`).
+  (84.8 / 1.0), but no retry in a sixteenth has stayed saturated in our measurements, and a retry in a box of 0.003
+  (a sixteenth of 0.05, under one pixel level) left our blend model's backdoor whole with no sign (99.8 % ASR,
+  shared loss 0.1). A retry saturated for most of its epochs, or at its end, is warned of instead
+  (`saturation_warning`).
 - With `warp` (`sau_warp`), the second half of each batch is searched among smooth warps (WaNet's 4 x 4
   control offsets, each within `warp`, from a random start, in steps of half of it) instead of additive
   perturbations: the additive search steps by its whole bound and so only visits the corners of the box,
@@ -95,7 +96,7 @@ TEMPERATURE = 4.0
 # term (-log 1e-6, the clamps' floor) and gives it no gradient. An epoch's mean above SATURATED says most
 # stayed there: 11.9 on our blend model, whose backdoor `sau` left whole (ASR 99.9 %), at most 0.26 at the end
 # of every run that erased one (docs/results.md); after the first epoch 5.6, 12.2 and 7.5 on the dev blend model
-# (seeds 0 to 2), 4.2 to 4.7 on dev patch, 1.0 to 1.6 on dev badnets and sinusoid. It calls for the retries,
+# (seeds 0 to 2), 4.2 to 4.7 on dev patch, 1.0 to 1.6 on dev badnets and sinusoid. It calls for the retry,
 # and for a warning when the last run ends above it or stays there for most of its epochs.
 SATURATED = 5.0
 # The retry's box as a share of `bound`. At a half our blend model stayed saturated for five epochs of the retry
