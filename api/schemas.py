@@ -91,6 +91,10 @@ class Measurement(BaseModel):
                                          "as the NAD paper reports it", examples=[74.1])
     asr: float | None = Field(description="attack success rate, percent; null when the attack is unknown",
                               examples=[100.0])
+    asr_without_trigger: float | None = Field(
+        default=None, description="the same share for the clean images, no trigger: non-target images the model "
+        "puts in the target class through ordinary errors, the part of `asr` a trigger does not account for; "
+        "null when the target is unknown", examples=[3.6])
     per_class_acc: dict[str, float] = Field(examples=[{"airplane": 81.2, "automobile": 88.0}])
 
 
@@ -137,18 +141,21 @@ class Metrics(BaseModel):
         default=None,
         description="method auto only: what it ran, what it chose and why. chosen, reason, budget, "
                     "suspect_selection_acc, selection_images, trained_on; candidates, one row per candidate run "
-                    "(method, selection_acc, seconds, measured: acc, acc_non_target, asr; warning, when clean-data "
-                    "signals say the backdoor may have survived, as in warnings: such a candidate is kept only when "
-                    "every one has one); skipped, the candidates the job's time limit left no room for (method, "
-                    "estimated_seconds, seconds_left when it was to start; stopped_after_seconds for one that "
-                    "started but was stopped before an epoch that would have ended too late)",
+                    "(method, selection_acc, seconds, measured: acc, acc_non_target, asr, asr_without_trigger; "
+                    "warning, when clean-data signals say the backdoor may have survived, as in warnings: such a "
+                    "candidate is kept only when every one has one); skipped, the candidates the job's time limit "
+                    "left no room for (method, estimated_seconds, seconds_left when it was to start; "
+                    "stopped_after_seconds for one that started but was stopped before an epoch that would have "
+                    "ended too late)",
         examples=[{"chosen": "sau", "reason": "sau is the first candidate that kept clean accuracy on the selection "
                    "set within 2.0 points of the suspect's 90.80 %", "budget": 2.0, "suspect_selection_acc": 90.8,
                    "selection_images": 250, "trained_on": 2250,
                    "candidates": [{"method": "nad", "selection_acc": 82.8, "seconds": 190.2,
-                                   "measured": {"acc": 78.1, "acc_non_target": 78.3, "asr": 4.4}},
+                                   "measured": {"acc": 78.1, "acc_non_target": 78.3, "asr": 4.4,
+                                                "asr_without_trigger": 3.9}},
                                   {"method": "sau", "selection_acc": 87.6, "seconds": 290.5,
-                                   "measured": {"acc": 82.2, "acc_non_target": 82.4, "asr": 1.6}}],
+                                   "measured": {"acc": 82.2, "acc_non_target": 82.4, "asr": 1.6,
+                                                "asr_without_trigger": 1.2}}],
                    "skipped": []}],
     )
     resampling: dict[str, Any] | None = Field(

@@ -23,7 +23,7 @@ def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_pa
     # Each candidate is measured on the evaluation set too (the chosen one as the report's "after"), for the
     # user who knows the attack.
     chosen = auto["candidates"][index]["measured"]
-    assert chosen == {key: report["after"][key] for key in ("acc", "acc_non_target", "asr")}
+    assert chosen == {key: report["after"][key] for key in ("acc", "acc_non_target", "asr", "asr_without_trigger")}
     assert all(row["measured"]["asr"] is not None for row in auto["candidates"])
     stages = {row["stage"] for row in report["history"]}
     assert stages == {"nad/teacher", "nad/student", "sau/sau", "fst/fst"}

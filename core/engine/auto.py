@@ -130,7 +130,7 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
         metrics = measure(defended.model)
         measuring = max(measuring, time.perf_counter() - trained)
         row["seconds"] = round(time.perf_counter() - started, 1)
-        row["measured"] = {key: metrics.get(key) for key in ("acc", "acc_non_target", "asr")}
+        row["measured"] = {key: metrics.get(key) for key in ("acc", "acc_non_target", "asr", "asr_without_trigger")}
         spent.add(cost, row["seconds"])
         results.append((row, defended, metrics))
     index, reason = pick([result[0] for result in results], suspect_acc, params.auto_budget)

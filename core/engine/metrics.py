@@ -37,8 +37,10 @@ def _percent(hits: np.ndarray) -> float:
 
 def clean_metrics(predictions: np.ndarray, labels: np.ndarray, classes: list[str],
                   target_label: int | None) -> dict[str, Any]:
-    """ACC over all images, per class, and over the non-target classes when a target is known (the figure
-    the NAD paper reports)."""
+    """ACC over all images, per class, and, when a target is known, over the non-target classes (the figure
+    the NAD paper reports) and the ASR of the clean images themselves: the share of non-target images put in
+    the target class without any trigger, the part of an ASR that ordinary errors account for (on the NAD
+    authors' model, cleansed, 3 to 6 % of the 5 % target, docs/results.md)."""
     hits = predictions == labels
     result: dict[str, Any] = {
         "acc": _percent(hits),
@@ -46,6 +48,7 @@ def clean_metrics(predictions: np.ndarray, labels: np.ndarray, classes: list[str
     }
     if target_label is not None:
         result["acc_non_target"] = _percent(hits[labels != target_label])
+        result["asr_without_trigger"] = attack_success_rate(predictions, labels, target_label)
     return result
 
 
