@@ -92,8 +92,8 @@ class Measurement(BaseModel):
     asr: float | None = Field(description="attack success rate, percent; null when the attack is unknown",
                               examples=[100.0])
     asr_without_trigger: float | None = Field(
-        default=None, description="the same share for the clean images, no trigger: non-target images the model "
-        "puts in the target class through ordinary errors, the part of `asr` a trigger does not account for; "
+        default=None, description="the attack success rate of the clean test images, no trigger: the percent of "
+        "non-target images the model puts in the target class through ordinary errors, which `asr` counts too; "
         "null when the target is unknown", examples=[3.6])
     per_class_acc: dict[str, float] = Field(examples=[{"airplane": 81.2, "automobile": 88.0}])
 

@@ -39,8 +39,8 @@ def clean_metrics(predictions: np.ndarray, labels: np.ndarray, classes: list[str
                   target_label: int | None) -> dict[str, Any]:
     """ACC over all images, per class, and, when a target is known, over the non-target classes (the figure
     the NAD paper reports) and the ASR of the clean images themselves: the share of non-target images put in
-    the target class without any trigger, the part of an ASR that ordinary errors account for (on the NAD
-    authors' model, cleansed, 3 to 6 % of the 5 % target, docs/results.md)."""
+    the target class without any trigger, the part of an ASR that ordinary errors account for (3 to 6 % on the
+    NAD authors' model once cleansed, next to the efficacy target's 5 %: docs/results.md)."""
     hits = predictions == labels
     result: dict[str, Any] = {
         "acc": _percent(hits),
