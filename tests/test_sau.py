@@ -319,6 +319,21 @@ def test_a_saturated_epoch_stops_the_run_and_it_starts_again_from_the_suspect_in
     assert (model(images.float() / 255).argmax(1) == labels).all(), "the retry kept the clean images right"
 
 
+def test_a_retry_after_a_saturated_last_epoch_keeps_its_progress_at_the_stages_end():
+    """The first run saturates in its last (here its only) epoch, so it leaves the retry none of the stage: the
+    retry's progress events stay at the stage's end instead of running past it (its epoch and epochs move)."""
+    model, images, labels = _saturating_model(120)
+    events = []
+    watch = Watch("sau", events.append, lambda: False, start=0.2, end=0.6)
+    rows = shared_unlearning(model, images, labels, SauRecipe(epochs=1, lr=1.0, batch_size=3, bound=0.8),
+                             Normalization(), watch, EXECUTION)
+    assert [row["retry"] for row in rows] == [False, True]
+    progress = [event.progress for event in events]
+    assert progress == sorted(progress), "two steps an epoch: a retry spread over the whole stage would step back"
+    assert [event.progress for event in events if event.loss is not None] == pytest.approx([0.6, 0.6])
+    assert progress[-1] == pytest.approx(0.6)
+
+
 def test_a_retry_that_stays_saturated_runs_to_its_end_and_is_reported_as_a_warning():
     """A margin of 12 in the retry's box (0.05, a sixteenth of 0.8) and a small lr: the retry never leaves
     saturation, runs all its epochs without giving way to another, and the report warns."""
