@@ -52,6 +52,8 @@ def test_sanitize_writes_checkpoint_report_and_table(digits_backdoor, tmp_path, 
     assert data["params"]["epochs"] == 1 and data["history"] and data["timings"]["total"] > 0
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed and "ASR" in printed
+    after = next(line.split() for line in printed.splitlines() if line.startswith("after"))
+    assert after[1:] == [f"{data['after'][key]:.2f}" for key in ("acc", "acc_non_target", "asr", "asr_without_trigger")]
     # The default method is auto: what it kept, and why, is printed as well as reported.
     assert f"auto kept {data['auto']['chosen']}: {data['auto']['reason']}" in printed
     # The suspect's resampling sign is printed too.

@@ -226,7 +226,7 @@ def test_nad_submit_runs_a_job_and_prints_the_before_after_table(
     assert done.returncode == 0, done.stderr[-3000:]
     table = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.strip()}
     header = done.stdout.splitlines()[1].split()
-    assert header[0] == "ACC" and header[-1] == "ASR"
+    assert header == ["ACC", "ACC*", "ASR", "ASR0"]
     assert len(table["before"]) == len(table["after"]) == len(header)
     assert out.stat().st_size > 0 and f"cleansed checkpoint: {out}" in done.stdout
 

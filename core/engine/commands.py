@@ -192,10 +192,12 @@ def _fmt(value: float | None) -> str:
 
 def table(before: dict[str, Any], after: dict[str, Any]) -> str:
     """The before/after summary every front end prints; ACC* leaves the target class out, as the NAD paper
-    reports it."""
-    rows = [f"{'':8}{'ACC':>8}{'ACC*':>8}{'ASR':>8}"]
+    reports it, and ASR0 is the ASR of the clean images, the part of an ASR that ordinary errors account for."""
+    rows = [f"{'':8}{'ACC':>8}{'ACC*':>8}{'ASR':>8}{'ASR0':>8}"]
     for name, m in (("before", before), ("after", after)):
-        rows.append(f"{name:8}{_fmt(m['acc']):>8}{_fmt(m.get('acc_non_target')):>8}{_fmt(m.get('asr')):>8}")
+        rows.append(f"{name:8}{_fmt(m['acc']):>8}{_fmt(m.get('acc_non_target')):>8}{_fmt(m.get('asr')):>8}"
+                    f"{_fmt(m.get('asr_without_trigger')):>8}")
+    rows.append("ACC* leaves out the target class; ASR0 is the ASR without the trigger (ordinary errors)")
     return "\n".join(rows)
 
 
