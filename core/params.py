@@ -78,15 +78,15 @@ Mode = Literal["fast", "reference"]
 class SanitizeParams(_Spec):
     """Everything a sanitization job needs besides its files.
 
-    The default method is `auto` with candidates nad, then sau, then fst: on well-trained models the authors'
-    nad costs 22 to 46 points of accuracy, and auto falls back to sau there; where both collapse (our
-    PreAct-ResNet18), to fst (docs/results.md). NAD's defaults are the NAD authors' (Li et al., ICLR 2021):
-    student 20 epochs at lr 0.1, dropped tenfold from epoch 2; teacher fine-tuned 10 epochs at lr 0.01; SGD
-    with nesterov momentum 0.9, weight decay 1e-4; batch 64; betas 500/1000/1000 on WRN's three residual
-    groups; crop and flip augmentation. The `anp_*` defaults are the ANP authors' (Wu & Wang, NeurIPS 2021),
-    the `ibau_*` ones I-BAU's (Zeng et al., ICLR 2022); the `sau_*` ones follow SAU's (Wei et al., NeurIPS
-    2023) but for its learning rate, epochs and clean term, a retry in a sixteenth of the box where the
-    authors' shared term saturates, and a warp search where the suspect's resampling sign fires, as
+    The default method is `auto` with candidates nad, then sau, then fst: on well-trained models the authors' nad
+    costs 22 to 46 points of accuracy, and auto falls back to sau there; where both collapse (our PreAct-ResNet18),
+    to fst (docs/results.md). NAD's defaults are the NAD authors' (Li et al., ICLR 2021): student 20 epochs at lr
+    0.1, dropped tenfold from epoch 2; teacher fine-tuned 10 epochs at lr 0.01; SGD with nesterov momentum 0.9,
+    weight decay 1e-4; batch 64; betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation
+    (`nad_sam_rho`, off by default, adds sharpness-aware steps after the lr drop). The `anp_*` defaults are the ANP
+    authors' (Wu & Wang, NeurIPS 2021), the `ibau_*` ones I-BAU's (Zeng et al., ICLR 2022); the `sau_*` ones follow
+    SAU's (Wei et al., NeurIPS 2023) but for its learning rate, epochs and clean term, a retry in a sixteenth of the
+    box where the authors' shared term saturates, and a warp search where the suspect's resampling sign fires, as
     docs/engine.md details.
     """
 
@@ -111,6 +111,12 @@ class SanitizeParams(_Spec):
     lr: float = Field(default=0.1, gt=0, le=10, description="student learning rate")
     lr_milestones: list[int] = Field(
         default=[2], description="epochs (0-based) from which the student's lr is divided by 10"
+    )
+    nad_sam_rho: float = Field(
+        default=0.0, ge=0, le=10,
+        description="nad: radius of the sharpness-aware steps (adaptive SAM, as in FT-SAM; its radius is 2) the "
+                    "student takes from its first lr milestone on, the epochs in which plain SGD lets part of an "
+                    "erased backdoor come back (0: plain SGD, the authors' NAD; docs/engine.md)",
     )
     teacher_epochs: int = Field(default=10, ge=1, le=1000)
     teacher_lr: float = Field(default=0.01, gt=0, le=10)

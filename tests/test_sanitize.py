@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
+from core.engine import training
 from core.engine.checkpoints import read_metadata, sha256_file
 from core.engine.errors import Cancelled, InputError
+from core.engine.methods import recipes, stages
 from core.engine.sanitize import JobFiles, load_model, sanitize
 from core.params import SanitizeParams
 
@@ -137,3 +139,34 @@ def test_fast_and_reference_modes_compute_the_same_thing():
     assert Execution.for_mode("fast", torch.device("cpu")).channels_last
     assert torch.allclose(ref_logits, fast_logits, atol=1e-4)
     assert all(torch.allclose(ref_state[k].float(), fast_state[k].float(), atol=2e-4) for k in ref_state)
+
+
+def test_nad_sam_rho_makes_the_students_steps_after_its_milestone_sharpness_aware():
+    """Off by default (the authors' plain SGD); given, from the student's first milestone on, each such epoch
+    costing two in the progress bar and in auto's estimates."""
+    params = SanitizeParams(arch="wrn-16-1", num_classes=10)
+    assert recipes(params)["student"].sam_rho == 0
+    assert stages("nad", params, trains_teacher=True) == {"teacher": 10, "student": 20}
+    sharp = params.model_copy(update={"nad_sam_rho": 2.0})
+    student = recipes(sharp)["student"]
+    assert (student.sam_rho, student.sam_from) == (2.0, 2)
+    assert stages("nad", sharp, trains_teacher=True) == {"teacher": 10, "student": 20 + 18}
+    assert stages("auto", sharp, trains_teacher=True)["nad/student"] == 38
+
+
+def test_the_sharpness_aware_steps_reach_the_training_loop_only_when_asked(digits_backdoor, tmp_path, monkeypatch):
+    """None by default; with nad_sam_rho, one a batch in the student's epochs from its milestone (here the last
+    of three)."""
+    rhos = []
+    step = training.sharpness_aware_gradients
+
+    def counted(model, objective, inputs, labels, rho, execution):
+        rhos.append(rho)
+        step(model, objective, inputs, labels, rho, execution)
+
+    monkeypatch.setattr(training, "sharpness_aware_gradients", counted)
+    short = {"teacher_epochs": 1, "epochs": 3, "lr_milestones": [2]}
+    digits_backdoor.sanitize(tmp_path / "plain.safetensors", **short)
+    assert rhos == []
+    report = digits_backdoor.sanitize(tmp_path / "sharp.safetensors", nad_sam_rho=0.5, **short)
+    assert rhos == [0.5] * (report["evaluation"]["n_train"] // digits_backdoor.params["batch_size"])

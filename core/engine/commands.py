@@ -84,6 +84,9 @@ def _add_sanitize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--lr-milestones", type=_ints, help="epochs (0-based) where lr drops tenfold, e.g. 2")
+    parser.add_argument("--nad-sam-rho", type=float,
+                        help="nad: radius of the student's sharpness-aware steps after its lr drop (default 0: the "
+                             "authors' plain SGD; FT-SAM's radius is 2)")
     parser.add_argument("--auto-candidates", type=_names,
                         help="auto: the methods it tries, in order of preference (default nad,sau,fst)")
     parser.add_argument("--auto-budget", type=float, help="auto: points of clean accuracy a candidate may lose")

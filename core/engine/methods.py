@@ -83,7 +83,8 @@ class Defended:
 
 def stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[str, int]:
     """The training stages `method` runs, in order, with their cost in epochs of fine-tuning (auto: every
-    candidate's, prefixed with the candidate's name)."""
+    candidate's, prefixed with the candidate's name). A sharpness-aware epoch costs two: each step runs the
+    batch twice."""
     if method == "auto":
         return {f"{candidate}/{stage}": epochs for candidate in params.auto_candidates
                 for stage, epochs in stages(candidate, params, trains_teacher).items()}
@@ -96,7 +97,9 @@ def stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[st
     if method == "sau":
         return {"sau": params.sau_epochs * SAU_EPOCH_WEIGHT}
     teacher = {"teacher": params.teacher_epochs} if trains_teacher else {}
-    return teacher | ({"student": params.epochs} if method == "nad" else {})
+    student = recipes(params)["student"]
+    sharp = sum(student.sharpness_aware(epoch) for epoch in range(student.epochs))
+    return teacher | ({"student": params.epochs + sharp} if method == "nad" else {})
 
 
 def recipes(params: SanitizeParams) -> dict[str, Recipe]:
@@ -104,7 +107,8 @@ def recipes(params: SanitizeParams) -> dict[str, Recipe]:
     common = {"batch_size": params.batch_size, "augment": params.augment, "seed": params.seed}
     return {
         "teacher": Recipe(epochs=params.teacher_epochs, lr=params.teacher_lr, **common),
-        "student": Recipe(epochs=params.epochs, lr=params.lr, milestones=tuple(params.lr_milestones), **common),
+        "student": Recipe(epochs=params.epochs, lr=params.lr, milestones=tuple(params.lr_milestones),
+                          sam_rho=params.nad_sam_rho, sam_from=min(params.lr_milestones, default=0), **common),
         # The FST authors' optimiser: plain momentum, no weight decay, cosine schedule.
         "fst": Recipe(epochs=params.fst_epochs, lr=params.fst_lr, cosine=True, nesterov=False, weight_decay=0.0,
                       **common),

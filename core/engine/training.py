@@ -4,7 +4,8 @@ crop-and-flip augmentation on uint8 tensors, progress events and cooperative can
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,8 @@ Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str,
 class Recipe:
     """How long and how fast to train. The lr is divided by 10 from each milestone epoch (0-based) on, or,
     with `cosine`, follows a cosine from `lr` towards 0 over the epochs (PyTorch's CosineAnnealingLR stepped
-    once an epoch)."""
+    once an epoch). With `sam_rho`, the steps of epoch `sam_from` (0-based) on are sharpness-aware
+    (`sharpness_aware_gradients`)."""
 
     epochs: int
     lr: float
@@ -39,6 +41,11 @@ class Recipe:
     weight_decay: float = WEIGHT_DECAY
     cosine: bool = False
     nesterov: bool = True
+    sam_rho: float = 0.0
+    sam_from: int = 0
+
+    def sharpness_aware(self, epoch: int) -> bool:
+        return self.sam_rho > 0 and epoch >= self.sam_from
 
     def lr_at(self, epoch: int) -> float:
         if self.cosine:
@@ -225,6 +232,7 @@ def begin_epoch(epoch: int, recipe: Recipe, optimizer: torch.optim.Optimizer, wa
 def _epoch(model, images, labels, objective, recipe, pipeline, watch, optimizer, generator, epoch) -> dict:
     normalize, execution = pipeline
     model.train()
+    sharp = recipe.sharpness_aware(epoch)
     steps = plan_epoch(len(images), recipe, generator, images.device, execution.static_shapes)
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=images.device)
@@ -233,10 +241,13 @@ def _epoch(model, images, labels, objective, recipe, pipeline, watch, optimizer,
         index = step.index
         batch = augment(images[index], step.dy, step.dx, step.flip) if recipe.augment else images[index]
         target = labels[index]
+        inputs = execution.inputs(normalize(batch))
         with execution.autocast(images.device):
-            loss, parts, logits = objective(execution.inputs(normalize(batch)), target)
+            loss, parts, logits = objective(inputs, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sharp:
+            sharpness_aware_gradients(model, objective, inputs, target, recipe.sam_rho, execution)
         optimizer.step()
         for name, value in {"loss": loss, **parts}.items():
             sums[name] = sums.get(name, 0) + value.detach() * len(index)
@@ -248,3 +259,46 @@ def _epoch(model, images, labels, objective, recipe, pipeline, watch, optimizer,
     row = {name: float(total) / seen for name, total in sums.items()}
     row["train_acc"] = 100.0 * float(correct) / seen
     return row
+
+
+def sharpness_aware_gradients(model: nn.Module, objective: Objective, inputs: torch.Tensor, labels: torch.Tensor,
+                              rho: float, execution: Execution) -> None:
+    """Replace the gradients of the batch's loss at the weights w, already in `.grad`, by its gradients at w + e,
+    the first-order worst case within radius `rho` in adaptive SAM's scale-invariant measure (Kwon et al.,
+    2021): e = rho * w^2 g / ||w g||. This is FT-SAM's step (Zhu et al., ICCV 2023). Its observation: a
+    backdoor lives in a few neurons of large weight norm, the perturbation, scaled by the weights, falls
+    hardest on them, and fine-tuning with it shrinks them where plain fine-tuning leaves them. The weights are
+    back at w when it returns, so the optimizer's step applies the new gradients to w; the second forward pass
+    leaves BatchNorm's running statistics as the first left them."""
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(torch.stack([(p.abs() * p.grad).norm() for p in parameters]))
+        weights = [p.detach().clone() for p in parameters]
+        for p in parameters:
+            p.add_(p.square() * p.grad * (rho / (norm + 1e-12)))
+    for p in parameters:
+        p.grad = None
+    with frozen_batch_norm_statistics(model), execution.autocast(inputs.device):
+        worst, _, _ = objective(inputs, labels)
+    worst.backward()
+    with torch.no_grad():
+        for p, weight in zip(parameters, weights, strict=True):
+            p.copy_(weight)
+
+
+@contextmanager
+def frozen_batch_norm_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in training mode normalise with the batch's statistics but leave their running
+    statistics (and batch count) as they are."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(layers, saved, strict=True):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
