@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from core.engine import training
 from core.engine.checkpoints import read_metadata, sha256_file
@@ -143,7 +144,7 @@ def test_fast_and_reference_modes_compute_the_same_thing():
 
 def test_nad_sam_rho_makes_the_students_steps_after_its_milestone_sharpness_aware():
     """Off by default (the authors' plain SGD); given, from the student's first milestone on, each such epoch
-    costing two in the progress bar and in auto's estimates."""
+    costing two in the progress bar and in auto's estimates; a radius outside 0 to 10 is refused."""
     params = SanitizeParams(arch="wrn-16-1", num_classes=10)
     assert recipes(params)["student"].sam_rho == 0
     assert stages("nad", params, trains_teacher=True) == {"teacher": 10, "student": 20}
@@ -152,6 +153,9 @@ def test_nad_sam_rho_makes_the_students_steps_after_its_milestone_sharpness_awar
     assert (student.sam_rho, student.sam_from) == (2.0, 2)
     assert stages("nad", sharp, trains_teacher=True) == {"teacher": 10, "student": 20 + 18}
     assert stages("auto", sharp, trains_teacher=True)["nad/student"] == 38
+    for bad in (-1.0, 11.0, float("nan"), float("inf")):
+        with pytest.raises(ValidationError):
+            SanitizeParams(arch="wrn-16-1", num_classes=10, nad_sam_rho=bad)
 
 
 def test_the_sharpness_aware_steps_reach_the_training_loop_only_when_asked(digits_backdoor, tmp_path, monkeypatch):

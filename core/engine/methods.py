@@ -97,9 +97,10 @@ def stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[st
     if method == "sau":
         return {"sau": params.sau_epochs * SAU_EPOCH_WEIGHT}
     teacher = {"teacher": params.teacher_epochs} if trains_teacher else {}
+    if method != "nad":
+        return teacher
     student = recipes(params)["student"]
-    sharp = sum(student.sharpness_aware(epoch) for epoch in range(student.epochs))
-    return teacher | ({"student": params.epochs + sharp} if method == "nad" else {})
+    return teacher | {"student": student.epochs + sum(map(student.sharpness_aware, range(student.epochs)))}
 
 
 def recipes(params: SanitizeParams) -> dict[str, Recipe]:
