@@ -14,13 +14,23 @@ from core.engine.training import Execution, Normalization, to_tensor
 @torch.inference_mode()
 def classify(model: nn.Module, images: torch.Tensor, normalize: Normalization, execution: Execution) -> torch.Tensor:
     """Predicted labels for uint8 NCHW images on the model's device, in evaluation mode."""
+    return _batched(model, images, normalize, execution, lambda logits: logits.argmax(1), torch.long)
+
+
+@torch.inference_mode()
+def logits_of(model: nn.Module, images: torch.Tensor, normalize: Normalization, execution: Execution) -> torch.Tensor:
+    """The model's logits (float32) for uint8 NCHW images on its device, in evaluation mode."""
+    return _batched(model, images, normalize, execution, lambda logits: logits.float(), torch.float32)
+
+
+def _batched(model, images, normalize, execution, keep, dtype) -> torch.Tensor:
     model.eval()
-    predictions = []
+    kept = []
     for start in range(0, len(images), execution.eval_batch):
         batch = images[start : start + execution.eval_batch]
         with execution.autocast(images.device):
-            predictions.append(model(execution.inputs(normalize(batch))).argmax(1))
-    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long, device=images.device)
+            kept.append(keep(model(execution.inputs(normalize(batch)))))
+    return torch.cat(kept) if kept else torch.zeros(0, dtype=dtype, device=images.device)
 
 
 def predict(model: nn.Module, images: np.ndarray, normalize: Normalization, device: torch.device,
