@@ -82,12 +82,13 @@ class SanitizeParams(_Spec):
     costs 22 to 46 points of accuracy, and auto falls back to sau there; where both collapse (our PreAct-ResNet18),
     to fst (docs/results.md). NAD's defaults are the NAD authors' (Li et al., ICLR 2021): student 20 epochs at lr
     0.1, dropped tenfold from epoch 2; teacher fine-tuned 10 epochs at lr 0.01; SGD with nesterov momentum 0.9,
-    weight decay 1e-4; batch 64; betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation
-    (`nad_sam_rho`, off by default, adds sharpness-aware steps after the lr drop). The `anp_*` defaults are the ANP
-    authors' (Wu & Wang, NeurIPS 2021), the `ibau_*` ones I-BAU's (Zeng et al., ICLR 2022); the `sau_*` ones follow
-    SAU's (Wei et al., NeurIPS 2023) but for its learning rate, epochs and clean term, a retry in a sixteenth of the
-    box where the authors' shared term saturates, and a warp search where the suspect's resampling sign fires, as
-    docs/engine.md details.
+    weight decay 1e-4; batch 64; betas 500/1000/1000 on WRN's three residual groups; crop and flip augmentation;
+    but for two changes of ours, measured on the authors' own model: sharpness-aware steps after the lr drop
+    (`nad_sam_rho`) and the classifier's bias refit to the clean images (`nad_refit_bias`). The `anp_*` defaults
+    are the ANP authors' (Wu & Wang, NeurIPS 2021), the `ibau_*` ones I-BAU's (Zeng et al., ICLR 2022); the `sau_*`
+    ones follow SAU's (Wei et al., NeurIPS 2023) but for its learning rate, epochs and clean term, a retry in a
+    sixteenth of the box where the authors' shared term saturates, and a warp search where the suspect's
+    resampling sign fires, as docs/engine.md details.
     """
 
     arch: str = Field(description="architecture name, e.g. wrn-16-1, preact-resnet18, resnet18, or a torchvision name")
@@ -113,10 +114,16 @@ class SanitizeParams(_Spec):
         default=[2], description="epochs (0-based) from which the student's lr is divided by 10"
     )
     nad_sam_rho: float = Field(
-        default=0.0, ge=0, le=10,
-        description="nad: radius of the sharpness-aware steps (adaptive SAM, as in FT-SAM; its radius is 2) the "
+        default=2.0, ge=0, le=10,
+        description="nad: radius of the sharpness-aware steps (adaptive SAM, as in FT-SAM, whose radius is 2) the "
                     "student takes from its first lr milestone on, the epochs in which plain SGD lets part of an "
                     "erased backdoor come back (0: plain SGD, the authors' NAD; docs/engine.md)",
+    )
+    nad_refit_bias: bool = Field(
+        default=True,
+        description="nad: once the student is trained, refit its classifier's bias to the clean images (the other "
+                    "weights held), so that it predicts each class as often as the images hold it (false: the "
+                    "authors' NAD; docs/engine.md)",
     )
     teacher_epochs: int = Field(default=10, ge=1, le=1000)
     teacher_lr: float = Field(default=0.01, gt=0, le=10)

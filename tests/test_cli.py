@@ -44,13 +44,14 @@ def test_sanitize_writes_checkpoint_report_and_table(digits_backdoor, tmp_path, 
                  "--checkpoint", str(digits_backdoor.checkpoint), "--clean-data", str(digits_backdoor.clean),
                  "--test-data", str(digits_backdoor.test), "--trigger", TRIGGER, "--target-label", "0",
                  "--teacher-epochs", "1", "--epochs", "1", "--lr", "0.01", "--betas", "500,1000,1000",
-                 "--layers", "block1,block2,block3", "--nad-sam-rho", "0.5", "--out", str(out),
+                 "--layers", "block1,block2,block3", "--nad-sam-rho", "0.5", "--no-nad-refit-bias", "--out", str(out),
                  "--report", str(report)])
     assert code == 0 and out.exists()
     data = json.loads(report.read_text())
     for key in ("before", "after"):
         assert {"acc", "asr", "per_class_acc"} <= set(data[key])
     assert data["params"]["epochs"] == 1 and data["params"]["nad_sam_rho"] == 0.5
+    assert data["params"]["nad_refit_bias"] is False and data["bias_shift"] is None
     assert data["history"] and data["timings"]["total"] > 0
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed and "ASR" in printed

@@ -58,6 +58,24 @@ def test_nad_is_deterministic_for_a_seed(digits_backdoor, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_nad_refits_the_students_bias_unless_told_not_to(digits_backdoor, tmp_path):
+    """By default the student's classifier bias is refit to the clean images after its last epoch: the checkpoint
+    differs from the authors' NAD (nad_refit_bias false, the same seed) in the head's bias alone, by the shift the
+    report gives."""
+    short = {**digits_backdoor.params, "teacher_epochs": 1, "epochs": 1}
+    refit = sanitize(_files(digits_backdoor, tmp_path / "a"), SanitizeParams.model_validate(short))
+    plain = sanitize(_files(digits_backdoor, tmp_path / "b"),
+                     SanitizeParams.model_validate({**short, "nad_refit_bias": False}))
+    assert plain["bias_shift"] is None and "refit_bias" not in plain["timings"]
+    assert "refit_bias" in refit["timings"]
+    shift = torch.tensor(refit["bias_shift"])
+    assert len(shift) == 10 and shift.abs().max() > 0.01 and abs(float(shift.sum())) < 1e-3
+    a = load_model("wrn-16-1", 10, tmp_path / "a" / "clean.safetensors").state_dict()
+    b = load_model("wrn-16-1", 10, tmp_path / "b" / "clean.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "fc.bias")
+    assert torch.allclose(a["fc.bias"], b["fc.bias"] + shift, atol=1e-3)
+
+
 def test_a_supplied_teacher_is_used_instead_of_fine_tuning(digits_backdoor, tmp_path):
     params = SanitizeParams.model_validate({**digits_backdoor.params, "epochs": 1})
     report = sanitize(_files(digits_backdoor, tmp_path, teacher=digits_backdoor.checkpoint), params)
@@ -143,24 +161,24 @@ def test_fast_and_reference_modes_compute_the_same_thing():
 
 
 def test_nad_sam_rho_makes_the_students_steps_after_its_milestone_sharpness_aware():
-    """Off by default (the authors' plain SGD); given, from the student's first milestone on, each such epoch
-    costing two in the progress bar and in auto's estimates; a radius outside 0 to 10 is refused."""
+    """FT-SAM's radius 2 by default, from the student's first milestone on, each such epoch costing two in the
+    progress bar and in auto's estimates; 0 gives the authors' plain SGD; a radius outside 0 to 10 is refused."""
     params = SanitizeParams(arch="wrn-16-1", num_classes=10)
-    assert recipes(params)["student"].sam_rho == 0
-    assert stages("nad", params, trains_teacher=True) == {"teacher": 10, "student": 20}
-    sharp = params.model_copy(update={"nad_sam_rho": 2.0})
-    student = recipes(sharp)["student"]
+    student = recipes(params)["student"]
     assert (student.sam_rho, student.sam_from) == (2.0, 2)
-    assert stages("nad", sharp, trains_teacher=True) == {"teacher": 10, "student": 20 + 18}
-    assert stages("auto", sharp, trains_teacher=True)["nad/student"] == 38
+    assert stages("nad", params, trains_teacher=True) == {"teacher": 10, "student": 20 + 18}
+    assert stages("auto", params, trains_teacher=True)["nad/student"] == 38
+    plain = params.model_copy(update={"nad_sam_rho": 0.0})
+    assert recipes(plain)["student"].sam_rho == 0
+    assert stages("nad", plain, trains_teacher=True) == {"teacher": 10, "student": 20}
     for bad in (-1.0, 11.0, float("nan"), float("inf")):
         with pytest.raises(ValidationError):
             SanitizeParams(arch="wrn-16-1", num_classes=10, nad_sam_rho=bad)
 
 
 def test_the_sharpness_aware_steps_reach_the_training_loop_only_when_asked(digits_backdoor, tmp_path, monkeypatch):
-    """None by default; with nad_sam_rho, one a batch in the student's epochs from its milestone (here the last
-    of three)."""
+    """One a batch in the student's epochs from its milestone (here the last of three), at the default radius 2;
+    none with nad_sam_rho 0."""
     rhos = []
     step = training.sharpness_aware_gradients
 
@@ -170,7 +188,7 @@ def test_the_sharpness_aware_steps_reach_the_training_loop_only_when_asked(digit
 
     monkeypatch.setattr(training, "sharpness_aware_gradients", counted)
     short = {"teacher_epochs": 1, "epochs": 3, "lr_milestones": [2]}
-    digits_backdoor.sanitize(tmp_path / "plain.safetensors", **short)
+    digits_backdoor.sanitize(tmp_path / "plain.safetensors", nad_sam_rho=0.0, **short)
     assert rhos == []
-    report = digits_backdoor.sanitize(tmp_path / "sharp.safetensors", nad_sam_rho=0.5, **short)
-    assert rhos == [0.5] * (report["evaluation"]["n_train"] // digits_backdoor.params["batch_size"])
+    report = digits_backdoor.sanitize(tmp_path / "sharp.safetensors", **short)
+    assert rhos == [2.0] * (report["evaluation"]["n_train"] // digits_backdoor.params["batch_size"])

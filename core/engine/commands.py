@@ -85,8 +85,10 @@ def _add_sanitize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--lr-milestones", type=_ints, help="epochs (0-based) where lr drops tenfold, e.g. 2")
     parser.add_argument("--nad-sam-rho", type=float,
-                        help="nad: radius of the student's sharpness-aware steps after its lr drop (default 0: the "
-                             "authors' plain SGD; FT-SAM's radius is 2)")
+                        help="nad: radius of the student's sharpness-aware steps after its lr drop (default 2, "
+                             "FT-SAM's; 0: the authors' plain SGD)")
+    parser.add_argument("--no-nad-refit-bias", dest="nad_refit_bias", action="store_false", default=None,
+                        help="nad: keep the student's classifier bias as trained (the authors' NAD)")
     parser.add_argument("--auto-candidates", type=_names,
                         help="auto: the methods it tries, in order of preference (default nad,sau,fst)")
     parser.add_argument("--auto-budget", type=float, help="auto: points of clean accuracy a candidate may lose")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from core.engine.anp import AnpRecipe, adversarial_neuron_pruning
-from core.engine.defenses import distill, feature_shift_tuning, finetune
+from core.engine.defenses import distill, feature_shift_tuning, finetune, fit_class_bias
 from core.engine.ibau import IbauRecipe, unlearn
 from core.engine.models import Distillation
 from core.engine.resampling import ResamplingSign, resampling_sign, survival_warning
@@ -72,13 +72,14 @@ class Run:
 
 @dataclass(frozen=True)
 class Defended:
-    """What a defense gives back: the cleansed model (for finetune: the teacher), what anp pruned, and a
-    warning when clean-data signals say the backdoor may have survived (the method's own, or the resampling
-    sign's)."""
+    """What a defense gives back: the cleansed model (for finetune: the teacher), what anp pruned, the shift
+    nad added to its classifier's bias, and a warning when clean-data signals say the backdoor may have
+    survived (the method's own, or the resampling sign's)."""
 
     model: nn.Module
     pruning: dict[str, Any] | None = None
     warning: str | None = None
+    bias_shift: list[float] | None = None
 
 
 def stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[str, int]:
@@ -183,4 +184,8 @@ def _defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.T
     with run.timed("student"):
         distill(model, teacher, run.distillation, images, labels, training["student"], normalize, run.stage("student"),
                 execution)
-    return Defended(model)
+    if not params.nad_refit_bias:
+        return Defended(model)
+    with run.timed("refit_bias"):
+        shift = fit_class_bias(model, images, labels, normalize, execution)
+    return Defended(model, bias_shift=[round(float(value), 4) for value in shift])

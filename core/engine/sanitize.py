@@ -274,6 +274,7 @@ def sanitize(
         "layers": list(distillation.layers) if params.method == "nad" else [],
         "betas": list(distillation.betas) if params.method == "nad" else [],
         "pruning": pruning,
+        "bias_shift": defended.bias_shift,
         "auto": auto,
         "resampling": {**resampling.report(),
                        "sau_warp": sau_recipe(params, resampling).warp if "sau" in methods else None},
