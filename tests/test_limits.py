@@ -366,7 +366,7 @@ def _engine(monkeypatch: pytest.MonkeyPatch, error: BaseException | None, calls:
         files.out.parent.mkdir(parents=True, exist_ok=True)
         files.out.write_bytes(b"half a checkpoint")
         if error is not None:
-            raise error
+            raise error  # noqa: B904 (implicit chaining, as the database driver raised it)
         return {"after": {}}
 
     monkeypatch.setattr(worker.tasks, "sanitize", sanitize)
@@ -382,15 +382,29 @@ def _outputs(job: WorkerJob) -> list[Path]:
     return [path for path in job.storage.job_dir(job.id).rglob("*") if path.is_file() and "inputs" not in path.parts]
 
 
+def _raised_while_handling(cause: BaseException, error: Exception) -> Exception:
+    """`error` chained to `cause` as Python chains an error raised inside an `except` for `cause`."""
+    try:
+        try:
+            raise cause
+        except BaseException:
+            raise error  # noqa: B904 (implicit chaining, as the database driver raised it)
+    except Exception as chained:
+        return chained
+
+
 @pytest.mark.parametrize(
     ("error", "reason"),
     [
         (SoftTimeLimitExceeded(), "the job ran past the service's time limit"),
+        # The soft limit's signal landed inside a database call, whose driver failed on its half-sent query.
+        (_raised_while_handling(SoftTimeLimitExceeded(), RuntimeError("can't change 'autocommit' now")),
+         "the job ran past the service's time limit"),
         (OSError(errno.ENOSPC, "No space left on device", "/srv/nad/jobs/x/output/0/model.safetensors"),
          "the service ran out of disk space while running this job; submit it again later"),
         (RuntimeError("a bug"), jobs.INTERNAL_ERROR),
     ],
-    ids=["time-limit", "disk-full", "bug"],
+    ids=["time-limit", "time-limit-in-a-database-call", "disk-full", "bug"],
 )
 def test_a_failed_job_leaves_no_partial_checkpoint_and_says_why(
     worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, error: Exception, reason: str

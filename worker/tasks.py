@@ -186,8 +186,8 @@ def _failure(job_id: str, error: Exception, time_limit: int) -> str:
     if isinstance(error, InputError):
         log.info("job %s: failed on its input: %s", job_id, error)
         return str(error)
-    if isinstance(error, SoftTimeLimitExceeded | TimeLimitExceeded):
-        log.info("job %s: timed out", job_id)
+    if _timed_out(error):
+        log.info("job %s: timed out", job_id, exc_info=error if error.__context__ or error.__cause__ else None)
         return f"the job ran past the service's time limit of {time_limit} s; use fewer epochs or images"
     if isinstance(error, MissingInput):
         log.error("job %s: its %s file is missing from storage", job_id, error.role)
@@ -199,6 +199,19 @@ def _failure(job_id: str, error: Exception, time_limit: int) -> str:
                 "service's operators if this persists")
     log.exception("job %s: internal error", job_id, exc_info=error)
     return jobs.INTERNAL_ERROR
+
+
+def _timed_out(error: BaseException | None) -> bool:
+    """Whether `error` is Celery's time limit or was raised while handling it: the soft limit's signal can land
+    inside a database call (the progress recorder's, say), and the driver then fails on its half-sent query
+    with an error of its own, chained to the time limit."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, SoftTimeLimitExceeded | TimeLimitExceeded):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _record_success(db: Database, job_id: str, dispatch: int, report: dict, out: Path) -> None:
