@@ -59,6 +59,28 @@ def test_nad_objective_trains_the_student_through_the_attention_term():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_the_teacher_runs_once_a_batch_when_the_objective_is_asked_twice():
+    """A sharpness-aware step evaluates the objective twice on one batch: the teacher's features are reused,
+    and the second evaluation's attention term is the one a fresh teacher pass would give."""
+    torch.manual_seed(0)
+    student, teacher = build_model("wrn-16-1", 10), build_model("wrn-16-1", 10)
+    distillation = Distillation(("block1", "block2", "block3"), (500.0, 1000.0, 1000.0))
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    inputs, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with tap(student, distillation.layers) as s_feats, tap(teacher, distillation.layers) as t_feats:
+        objective = nad_objective(student, teacher, distillation, s_feats, t_feats)
+        first = objective(inputs, labels)[1]["at_loss"]
+        with torch.no_grad():
+            student.block1.layer[0].conv1.weight.mul_(1.5)  # as a sharpness-aware step moves the student
+        again = objective(inputs, labels)[1]["at_loss"]
+        assert len(calls) == 1 and not torch.equal(first, again)
+        fresh = nad_objective(student, teacher, distillation, s_feats, t_feats)(inputs, labels)[1]["at_loss"]
+        assert len(calls) == 2 and torch.equal(again, fresh)
+        objective(inputs.clone(), labels)
+        assert len(calls) == 3, "a new batch runs the teacher again"
+
+
 def test_tap_records_named_outputs_and_removes_its_hooks():
     model = build_model("wrn-16-1", 10)
     with tap(model, ["block1", "block3"]) as outputs:

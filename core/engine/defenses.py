@@ -64,11 +64,15 @@ def feature_shift_tuning(model: nn.Module, images: torch.Tensor, labels: torch.T
 def nad_objective(student: nn.Module, teacher: nn.Module, distillation: Distillation,
                   student_features: list, teacher_features: list) -> Objective:
     """Cross-entropy plus sum_i beta_i * MSE(A(student_i), A(teacher_i)); the teacher runs without gradient
-    in evaluation mode, the student's attention term carries gradient."""
+    in evaluation mode, the student's attention term carries gradient. The teacher runs once a batch: a
+    sharpness-aware step asks for the same batch twice, and its features are still in `teacher_features`."""
+    last: list[torch.Tensor] = []
 
     def objective(inputs: torch.Tensor, labels: torch.Tensor):
-        with torch.no_grad():
-            teacher(inputs)
+        if not last or last[0] is not inputs:
+            with torch.no_grad():
+                teacher(inputs)
+            last[:] = [inputs]
         logits = student(inputs)
         ce = F.cross_entropy(logits, labels)
         at = attention_loss(student_features, teacher_features, distillation.betas)
