@@ -107,7 +107,7 @@ def main() -> int:
         files = JobFiles(checkpoint=MODEL, clean_data=clean_subset(folder), test_data=CIFAR / "test.tar.gz",
                          out=folder / "out.safetensors")
         # The performance issue's job is the authors' NAD: plain SGD for the student, its bias as trained (the
-        # default's sharpness-aware steps cost about 1.8 times the student's time: docs/benchmarks.md).
+        # default's sharpness-aware steps cost about 1.6 times the student's time: docs/benchmarks.md).
         params = SanitizeParams(arch=args.arch, num_classes=10, method="nad", trigger=NAD_GRID, target_label=5,
                                 nad_sam_rho=0, nad_refit_bias=False)
         results = [run_mode(mode, files, params) for mode in args.modes.split(",")]
