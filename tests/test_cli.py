@@ -124,3 +124,15 @@ def test_the_progress_bar_shows_an_epoch_that_starts_without_the_percentage_movi
     shown = capsys.readouterr().err
     bar.close()
     assert "sau 1/10" in shown
+
+
+def test_the_progress_bar_shows_an_epochs_loss_and_lr_beside_that_epoch_only(capsys):
+    """The loss and lr come with an epoch's last event; the next epoch's first step must not show them as its
+    own (the student's lr 0.1 of epoch 2 read as epoch 3's, after the drop)."""
+    bar = ProgressBar()
+    bar(Event("student", 0.1, epoch=2, epochs=20, loss=1.5, lr=0.1))
+    bar(Event("student", 0.11, epoch=3, epochs=20, step=1, steps=35))
+    shown = capsys.readouterr().err.split("\r")
+    bar.close()
+    assert any("student 2/20" in line and "lr=0.1" in line for line in shown)
+    assert all("lr=" not in line for line in shown if "student 3/20" in line), shown

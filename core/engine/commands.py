@@ -183,6 +183,8 @@ class ProgressBar:
         self.bar.set_description(label, refresh=False)
         if event.loss is not None:
             self.bar.set_postfix(loss=f"{event.loss:.3f}", lr=event.lr, refresh=False)
+        elif relabelled:  # an epoch's loss and lr come at its end: not beside the next epoch's label
+            self.bar.set_postfix_str("", refresh=False)
         self.bar.update(100 * event.progress - self.bar.n)
         if relabelled:  # an epoch may start without the percentage moving (sau's unplanned retry)
             self.bar.refresh()
