@@ -116,7 +116,16 @@ class Metrics(BaseModel):
     arch: str = Field(examples=["wrn-16-1"])
     num_classes: int = Field(examples=[10])
     method: str = Field(examples=["nad"])
+    classes: list[str] | None = Field(default=None, description="the class names, in label order, as the clean "
+                                      "data gave them", examples=[["airplane", "automobile"]])
     input_sha256: str = Field(description="sha256 of the uploaded checkpoint")
+    teacher: str | None = Field(
+        default=None, description="methods nad and finetune: where the teacher came from (supplied, or fine-tuned "
+        "for how many epochs); null for the other methods", examples=["fine-tuned 10 epochs"])
+    layers: list[str] = Field(default_factory=list, description="method nad: the layers whose attention was "
+                              "distilled; empty for the other methods", examples=[["block1", "block2", "block3"]])
+    betas: list[float] = Field(default_factory=list, description="method nad: the attention loss's weight for "
+                               "each of layers", examples=[[500, 1000, 1000]])
     params: dict[str, Any]
     evaluation: Evaluation
     before: Measurement
@@ -136,6 +145,12 @@ class Metrics(BaseModel):
         description="method anp only: the threshold, how many BatchNorm neurons of how many were pruned, and the "
                     "same per layer",
         examples=[{"threshold": 0.2, "pruned": 8, "neurons": 464, "layers": {"bn1": {"pruned": 5, "neurons": 64}}}],
+    )
+    bias_shift: list[float] | None = Field(
+        default=None,
+        description="nad (alone or kept by auto) with nad_refit_bias: what the refit added to its classifier's "
+                    "bias, one value a class; null for the other methods and where the classifier has no bias",
+        examples=[[0.0121, -0.0733, 0.0402]],
     )
     auto: dict[str, Any] | None = Field(
         default=None,
@@ -177,6 +192,7 @@ class Metrics(BaseModel):
                     "method: it still shows the suspect's resampling sign)",
         examples=[[]],
     )
+    device: str | None = Field(default=None, description="the device the job ran on", examples=["cuda:0"])
     timings: dict[str, float] = Field(
         description="seconds spent in each stage",
         examples=[{"load": 0.4, "evaluate_before": 3.1, "teacher": 60.2, "student": 121.7,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from api.schemas import Metrics
 from core.engine import training
 from core.engine.checkpoints import read_metadata, sha256_file
 from core.engine.errors import Cancelled, InputError
@@ -38,6 +39,7 @@ def test_nad_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp
     meta = read_metadata(tmp_path / "clean.safetensors")
     assert meta["method"] == "nad" and meta["input_sha256"] == sha256_file(digits_backdoor.checkpoint)
     json.dumps(report)  # the report must be storable as it is
+    assert set(report) <= set(Metrics.model_fields), "document the report's new keys in api/schemas.py's Metrics"
 
 
 def test_finetune_returns_the_fine_tuned_teacher(digits_backdoor, tmp_path):

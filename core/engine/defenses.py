@@ -13,7 +13,7 @@ from torch import nn
 
 from core.engine.attention import attention_loss, tap
 from core.engine.metrics import logits_of
-from core.engine.models import Distillation, classifier_head
+from core.engine.models import Distillation, classifier_head, find_classifier_head
 from core.engine.training import Execution, Normalization, Objective, Recipe, Watch, cross_entropy, train
 
 
@@ -96,22 +96,23 @@ def distill(student: nn.Module, teacher: nn.Module, distillation: Distillation, 
 
 
 def fit_class_bias(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalization,
-                   execution: Execution) -> torch.Tensor:
+                   execution: Execution) -> torch.Tensor | None:
     """Refit the classifier head's bias to the clean images, all other weights held: the shift that minimises
     the cross-entropy of the model's logits (evaluation mode, no augmentation) plus that shift, added to the
-    bias; returns it. The problem is convex and, at its optimum, the model's mean predicted probability of each
-    class on the images equals that class's share of them.
+    bias; returns it, or None where there is no such bias (below). The problem is convex and, at its optimum,
+    the model's mean predicted probability of each class on the images equals that class's share of them.
 
     Why: the last SGD steps leave each class's bias wherever the last batches pushed it, so the trained model
     over-predicts some class by chance; where that class is the attack's target, the over-prediction reads as
     ASR (on the NAD authors' model a student put 1,263 test images in the target class of 1,000, docs/results.md).
     Only the classes the images hold are refit, by shifts that sum to 0 (softmax ignores a common shift, and
     without that rule the fit would push every other class out): the images say nothing of another class's
-    share. A head without a bias is left as it is."""
-    head = classifier_head(model)
+    share. A model whose logits do not come from a linear layer with a bias is left as it is: `nad` still
+    runs on it."""
+    head = find_classifier_head(model)
+    if head is None or head.bias is None:
+        return None
     shift = torch.zeros(head.out_features)
-    if head.bias is None:
-        return shift
     logits = logits_of(model, images, normalize, execution).cpu()
     target = labels.cpu()
     present = torch.unique(target)

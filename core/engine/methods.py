@@ -188,4 +188,4 @@ def _defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.T
         return Defended(model)
     with run.timed("refit_bias"):
         shift = fit_class_bias(model, images, labels, normalize, execution)
-    return Defended(model, bias_shift=[round(float(value), 4) for value in shift])
+    return Defended(model, bias_shift=None if shift is None else [round(float(value), 4) for value in shift])

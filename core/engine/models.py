@@ -215,7 +215,14 @@ def choose_distillation(
 def classifier_head(model: nn.Module) -> nn.Linear:
     """The linear layer that produces the logits: the last `nn.Linear` of the model (`fc` of WRN and
     torchvision's ResNets, `linear` of the CIFAR ResNets, the last of `classifier` or `heads` elsewhere)."""
-    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    if not linears:
+    head = find_classifier_head(model)
+    if head is None:
         raise InputError("the model has no linear classifier layer, which this method retrains; use nad or finetune")
-    return linears[-1]
+    return head
+
+
+def find_classifier_head(model: nn.Module) -> nn.Linear | None:
+    """`classifier_head`, or None for a model whose logits come from elsewhere (torchvision's SqueezeNet ends in
+    a convolution)."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    return linears[-1] if linears else None
