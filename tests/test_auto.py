@@ -1,12 +1,16 @@
 """`method: auto` on the digits backdoor: every candidate runs on its own copy, the choice is made on clean data
 only and explained."""
 
+import dataclasses
 import time
 
 import pytest
 
+from conftest import DigitsCase
 from core.engine.auto import ESTIMATE_MARGIN, Cutoff, Spent, pick
-from core.engine.errors import Cancelled
+from core.engine.checkpoints import write_checkpoint
+from core.engine.errors import Cancelled, InputError
+from core.engine.models import build_model
 
 
 def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_path):
@@ -113,6 +117,43 @@ def test_a_candidate_that_warns_is_set_aside_and_a_kept_ones_warning_reaches_the
     assert auto["chosen"] == "finetune" and "sau set aside: sau's shared loss was above" in auto["reason"]
     assert "warning" in auto["candidates"][0] and "warning" not in auto["candidates"][1]
     assert report["warnings"] == []
+
+
+@pytest.fixture
+def squeezenet_suspect(digits_backdoor, tmp_path) -> DigitsCase:
+    """The digits case with an untrained SqueezeNet as the suspect: its logits come from a convolution, so it has
+    no linear classifier layer for fst (and no BatchNorm for anp). It needs 32 x 32 inputs."""
+    checkpoint = tmp_path / "squeezenet.safetensors"
+    write_checkpoint(build_model("squeezenet1_1", 10), checkpoint, {"arch": "squeezenet1_1"})
+    return dataclasses.replace(digits_backdoor, checkpoint=checkpoint,
+                               params={**digits_backdoor.params, "arch": "squeezenet1_1", "input_size": 32})
+
+
+def test_a_candidate_that_cannot_clean_the_model_is_left_out_and_said(squeezenet_suspect, tmp_path):
+    """Not a failed job after the other candidates trained: fst and anp are skipped with their reasons, before
+    anything trains."""
+    report = squeezenet_suspect.sanitize(tmp_path / "auto.safetensors", method="auto",
+                                         auto_candidates=["fst", "finetune", "anp"], teacher_epochs=1)
+    auto = report["auto"]
+    assert [row["method"] for row in auto["candidates"]] == ["finetune"] and auto["chosen"] == "finetune"
+    fst, anp = auto["skipped"]
+    assert fst["method"] == "fst" and "linear classifier layer" in fst["reason"]
+    assert anp["method"] == "anp" and "no BatchNorm layer" in anp["reason"]
+    assert {row["stage"] for row in report["history"]} == {"finetune/teacher"}
+
+
+@pytest.mark.parametrize(("method", "candidates", "words"), [
+    ("fst", ["nad"], "linear classifier layer"),
+    ("auto", ["fst"], "linear classifier layer"),
+    ("anp", ["nad"], "no BatchNorm layer"),
+])
+def test_a_method_that_cannot_clean_the_model_fails_the_job_before_it_trains(squeezenet_suspect, tmp_path, method,
+                                                                            candidates, words):
+    events = []
+    with pytest.raises(InputError, match=words):
+        squeezenet_suspect.sanitize(tmp_path / "out.safetensors", events.append, method=method,
+                                    auto_candidates=candidates)
+    assert {event.stage for event in events} <= {"load"}
 
 
 def test_with_nothing_trained_yet_there_is_no_rate_and_the_candidate_runs():

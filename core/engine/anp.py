@@ -62,10 +62,14 @@ class AnpRecipe:
     seed: int = 0
 
 
-def batch_norms(model: nn.Module) -> dict[str, nn.Module]:
+def affine_batch_norms(model: nn.Module) -> dict[str, nn.Module]:
     """The model's BatchNorm layers with a weight and bias, by module name: ANP's neurons are their channels."""
-    layers = {name: module for name, module in model.named_modules()
-              if isinstance(module, BATCH_NORMS) and module.affine}
+    return {name: module for name, module in model.named_modules() if isinstance(module, BATCH_NORMS) and module.affine}
+
+
+def batch_norms(model: nn.Module) -> dict[str, nn.Module]:
+    """`affine_batch_norms`, refusing a model that has none: ANP would have nothing to prune."""
+    layers = affine_batch_norms(model)
     if not layers:
         raise InputError("anp prunes BatchNorm neurons and this model has no BatchNorm layer with weight and bias; "
                          "use nad, finetune or another method")

@@ -9,6 +9,8 @@ method erases a backdoor, and the budget says how much accuracy that surety may 
 within the budget, the same rule applies with the most accurate candidate's accuracy in place of the
 suspect's, and the report says so.
 
+A candidate that cannot clean the model at all (`methods.unsuitable`: `fst` where there is no linear
+classifier layer, `anp` where there is no BatchNorm) is left out and listed as skipped, with the reason.
 Candidates run in that order while the job's time allows: when the job has a time limit (the service's
 `NAD_JOB_TIME_LIMIT`), a candidate whose estimated time does not fit in what is left is skipped, and the
 choice is made among those that ran, so a job near its limit ends with a cleansed model instead of failing.
@@ -40,7 +42,7 @@ from torch import nn
 
 from core.engine.data import stratified_split
 from core.engine.errors import Cancelled
-from core.engine.methods import Defended, Run, defend, stages
+from core.engine.methods import Defended, Run, defend, stages, unsuitable
 from core.engine.metrics import classify
 
 SELECTION_FRACTION = 0.1
@@ -105,6 +107,9 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
     suspect_acc = accuracy(model, selection_images, selection_labels, run)
     results, skipped, spent, measuring = [], [], Spent(), 0.0
     for method in params.auto_candidates:
+        if reason := unsuitable(method, model):
+            skipped.append({"method": method, "reason": reason})
+            continue
         cost = sum(stages(method, params, trains_teacher=run.teacher is None).values())
         cutoff = None
         if results and run.deadline is not None:

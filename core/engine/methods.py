@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.engine.anp import AnpRecipe, adversarial_neuron_pruning
+from core.engine.anp import AnpRecipe, adversarial_neuron_pruning, affine_batch_norms
 from core.engine.defenses import distill, feature_shift_tuning, finetune, fit_class_bias
 from core.engine.ibau import IbauRecipe, unlearn
-from core.engine.models import Distillation
+from core.engine.models import Distillation, find_classifier_head
 from core.engine.resampling import ResamplingSign, resampling_sign, survival_warning
 from core.engine.sau import SauRecipe, saturation_warning, shared_unlearning
 from core.engine.training import Execution, Normalization, Recipe, Watch
@@ -102,6 +102,18 @@ def stages(method: str, params: SanitizeParams, trains_teacher: bool) -> dict[st
         return teacher
     student = recipes(params)["student"]
     return teacher | {"student": student.epochs + sum(map(student.sharpness_aware, range(student.epochs)))}
+
+
+def unsuitable(method: str, model: nn.Module) -> str | None:
+    """Why `method` cannot clean `model`, or None when it can: `fst` retrains the linear classifier layer, `anp`
+    prunes BatchNorm neurons, and some models have neither (torchvision's SqueezeNet ends in a convolution).
+    Asked before anything trains: `auto` leaves such a candidate out instead of failing the job after the
+    others trained, and a single method fails at once."""
+    if method == "fst" and find_classifier_head(model) is None:
+        return "fst retrains the model's linear classifier layer, and this model has none"
+    if method == "anp" and not affine_batch_norms(model):
+        return "anp prunes BatchNorm neurons, and this model has no BatchNorm layer with weight and bias"
+    return None
 
 
 def recipes(params: SanitizeParams) -> dict[str, Recipe]:

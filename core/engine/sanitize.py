@@ -19,7 +19,7 @@ from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, 
 from core.engine.data import ImageSet, TooManyImages, load_images, stratified_split
 from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event, EventSink, ignore
-from core.engine.methods import Run, defend, sau_recipe, stages
+from core.engine.methods import Run, defend, sau_recipe, stages, unsuitable
 from core.engine.metrics import attack_success_rate, clean_metrics, predict
 from core.engine.models import build_model, choose_distillation
 from core.engine.resampling import resampling_sign
@@ -193,6 +193,18 @@ def _training_spans(stages: dict[str, int]) -> dict[str, tuple[float, float]]:
     return spans
 
 
+def runnable(params: SanitizeParams, model: nn.Module) -> list[str]:
+    """The methods the job will run on `model`: its method, or those of `auto`'s candidates that can clean it
+    (`methods.unsuitable`; `auto` lists the others as skipped). An InputError, before anything trains, when
+    none can."""
+    candidates = params.auto_candidates if params.method == "auto" else [params.method]
+    reasons = {method: unsuitable(method, model) for method in candidates}
+    kept = [method for method, reason in reasons.items() if reason is None]
+    if not kept:
+        raise InputError(f"{'; '.join(reasons.values())}: use nad, finetune, sau or ibau")
+    return kept
+
+
 def _teacher_note(params: SanitizeParams, files: JobFiles) -> str | None:
     if params.method not in ("nad", "finetune"):
         return None
@@ -222,7 +234,7 @@ def sanitize(
     on_event(Event("load", 0.0))
     with clock.time("load"):
         model = execution.prepare(load_model(params.arch, params.num_classes, files.checkpoint).to(dev))
-        methods = params.auto_candidates if params.method == "auto" else [params.method]
+        methods = runnable(params, model)
         distillation = (choose_distillation(params.arch, model, params.layers, params.betas)
                         if "nad" in methods else None)
         neurons = batch_norms(model) if "anp" in methods else None
