@@ -23,6 +23,7 @@ from core.engine.anp import (
 )
 from core.engine.checkpoints import read_metadata, write_checkpoint
 from core.engine.errors import Cancelled, InputError
+from core.engine.methods import unsuitable
 from core.engine.models import build_model
 from core.engine.sanitize import JobFiles, load_model, sanitize
 from core.engine.training import Execution, Normalization, Watch
@@ -116,10 +117,9 @@ def test_inside_the_block_the_layers_are_perturbed_and_only_the_mask_learns():
 
 def test_a_model_without_batchnorm_is_refused(tmp_path):
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-    with pytest.raises(InputError, match="no BatchNorm"):
-        batch_norms(plain)
-    with pytest.raises(InputError, match="no BatchNorm"):
-        batch_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False)))
+    assert "no BatchNorm" in unsuitable("anp", plain)
+    assert "no BatchNorm" in unsuitable("anp", nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False)))
+    assert unsuitable("anp", _model()) is None
     # Through a job: refused while loading, before any evaluation or training.
     checkpoint = tmp_path / "squeezenet.safetensors"
     write_checkpoint(build_model("squeezenet1_1", 10), checkpoint, {"arch": "squeezenet1_1"})

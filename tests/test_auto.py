@@ -145,7 +145,6 @@ def test_a_candidate_that_cannot_clean_the_model_is_left_out_and_said(squeezenet
 @pytest.mark.parametrize(("method", "candidates", "words"), [
     ("fst", ["nad"], "linear classifier layer"),
     ("auto", ["fst"], "linear classifier layer"),
-    ("anp", ["nad"], "no BatchNorm layer"),
 ])
 def test_a_method_that_cannot_clean_the_model_fails_the_job_before_it_trains(squeezenet_suspect, tmp_path, method,
                                                                             candidates, words):

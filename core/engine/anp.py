@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from core.engine.errors import Cancelled, InputError
+from core.engine.errors import Cancelled
 from core.engine.events import Event
 from core.engine.training import MOMENTUM, Execution, Normalization, Watch, augment, draw_augmentation
 
@@ -62,18 +62,10 @@ class AnpRecipe:
     seed: int = 0
 
 
-def affine_batch_norms(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's BatchNorm layers with a weight and bias, by module name: ANP's neurons are their channels."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, BATCH_NORMS) and module.affine}
-
-
 def batch_norms(model: nn.Module) -> dict[str, nn.Module]:
-    """`affine_batch_norms`, refusing a model that has none: ANP would have nothing to prune."""
-    layers = affine_batch_norms(model)
-    if not layers:
-        raise InputError("anp prunes BatchNorm neurons and this model has no BatchNorm layer with weight and bias; "
-                         "use nad, finetune or another method")
-    return layers
+    """The model's BatchNorm layers with a weight and bias, by module name: ANP's neurons are their channels. A
+    model without any cannot be pruned (`methods.unsuitable` says so before any work)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, BATCH_NORMS) and module.affine}
 
 
 class Perturbation:
@@ -257,8 +249,8 @@ def prune(layers: dict[str, nn.Module], masks: list[torch.Tensor], threshold: fl
 def adversarial_neuron_pruning(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
                                labels: torch.Tensor, recipe: AnpRecipe, normalize: Normalization, watch: Watch,
                                execution: Execution) -> dict[str, Any]:
-    """Prune `model` in place: learn the masks of `layers` (`batch_norms(model)`, which refuses a model without
-    BatchNorm, so a caller can check before any work) on the clean data, then zero the weights of the neurons
+    """Prune `model` in place: learn the masks of `layers` (`batch_norms(model)`, not empty: `methods.unsuitable`
+    refuses such a model before any work) on the clean data, then zero the weights of the neurons
     whose mask fell to the threshold. Returns what `prune` reports."""
     masks = optimize_masks(model, layers, images, labels, recipe, normalize, watch, execution)
     return prune(layers, masks, recipe.threshold)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.engine.anp import AnpRecipe, adversarial_neuron_pruning, affine_batch_norms
+from core.engine.anp import AnpRecipe, adversarial_neuron_pruning, batch_norms
 from core.engine.defenses import distill, feature_shift_tuning, finetune, fit_class_bias
 from core.engine.ibau import IbauRecipe, unlearn
 from core.engine.models import Distillation, find_classifier_head
@@ -111,7 +111,7 @@ def unsuitable(method: str, model: nn.Module) -> str | None:
     others trained, and a single method fails at once."""
     if method == "fst" and find_classifier_head(model) is None:
         return "fst retrains the model's linear classifier layer, and this model has none"
-    if method == "anp" and not affine_batch_norms(model):
+    if method == "anp" and not batch_norms(model):
         return "anp prunes BatchNorm neurons, and this model has no BatchNorm layer with weight and bias"
     return None
 
