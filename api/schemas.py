@@ -157,6 +157,9 @@ class Metrics(BaseModel):
         description="method auto only: what it ran, what it chose and why. chosen, reason, budget, "
                     "suspect_selection_acc, selection_images, trained_on; candidates, one row per candidate run "
                     "(method, selection_acc, seconds, measured: acc, acc_non_target, asr, asr_without_trigger; "
+                    "selection_lost and selection_gained, the selection images the suspect got right and the "
+                    "candidate wrong and the other way, on which the gap between their accuracies rests, and "
+                    "selection_gap_se, that gap's standard error in points: how far the choice can be trusted; "
                     "warning, when clean-data signals say the backdoor may have survived, as in warnings: such a "
                     "candidate is kept only when every one has one); skipped, the candidates the job's time limit "
                     "left no room for (method, estimated_seconds, seconds_left when it was to start; "
@@ -166,10 +169,12 @@ class Metrics(BaseModel):
         examples=[{"chosen": "sau", "reason": "sau is the first candidate that kept clean accuracy on the selection "
                    "set within 2.0 points of the suspect's 90.80 %", "budget": 2.0, "suspect_selection_acc": 90.8,
                    "selection_images": 250, "trained_on": 2250,
-                   "candidates": [{"method": "nad", "selection_acc": 82.8, "seconds": 190.2,
+                   "candidates": [{"method": "nad", "selection_acc": 82.8, "selection_lost": 31,
+                                   "selection_gained": 11, "selection_gap_se": 2.54, "seconds": 190.2,
                                    "measured": {"acc": 78.1, "acc_non_target": 78.3, "asr": 4.4,
                                                 "asr_without_trigger": 3.9}},
-                                  {"method": "sau", "selection_acc": 87.6, "seconds": 290.5,
+                                  {"method": "sau", "selection_acc": 87.6, "selection_lost": 16,
+                                   "selection_gained": 8, "selection_gap_se": 1.95, "seconds": 290.5,
                                    "measured": {"acc": 82.2, "acc_non_target": 82.4, "asr": 1.6,
                                                 "asr_without_trigger": 1.2}}],
                    "skipped": []}],

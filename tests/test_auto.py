@@ -5,9 +5,10 @@ import dataclasses
 import time
 
 import pytest
+import torch
 
 from conftest import DigitsCase
-from core.engine.auto import ESTIMATE_MARGIN, Cutoff, Spent, pick
+from core.engine.auto import ESTIMATE_MARGIN, Cutoff, Spent, against_suspect, pick
 from core.engine.checkpoints import write_checkpoint
 from core.engine.errors import Cancelled, InputError
 from core.engine.models import build_model
@@ -29,6 +30,11 @@ def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_pa
     chosen = auto["candidates"][index]["measured"]
     assert chosen == {key: report["after"][key] for key in ("acc", "acc_non_target", "asr", "asr_without_trigger")}
     assert all(row["measured"]["asr"] is not None for row in auto["candidates"])
+    # Each row says on how many images its selection accuracy differs from the suspect's, which is the gap.
+    for row in auto["candidates"]:
+        gap = 100.0 * (row["selection_gained"] - row["selection_lost"]) / auto["selection_images"]
+        assert abs(row["selection_acc"] - auto["suspect_selection_acc"] - gap) < 0.02
+        assert row["selection_gap_se"] > 0 or row["selection_gained"] + row["selection_lost"] == 0
     stages = {row["stage"] for row in report["history"]}
     assert stages == {"nad/teacher", "nad/student", "sau/sau", "fst/fst"}
     progress = [event.progress for event in events]
@@ -159,6 +165,20 @@ def test_with_nothing_trained_yet_there_is_no_rate_and_the_candidate_runs():
     spent = Spent()
     spent.add(cost=0, seconds=4.0)  # finetune with a supplied teacher: measured, never trained
     assert spent.estimate(90) == 0.0
+
+
+def test_the_gap_to_the_suspect_is_counted_image_by_image_with_its_standard_error():
+    """The NAD authors' model at seed 6: the suspect right and nad wrong on 24 of 250 images, the other way on
+    15; nad 3.6 points under, give or take 2.5."""
+    suspect_right = torch.ones(250, dtype=torch.bool)
+    suspect_right[:51] = False  # the suspect: 199 of 250, 79.6 %
+    right = suspect_right.clone()
+    right[51:75] = False  # lost 24
+    right[:15] = True  # gained 15
+    compared = against_suspect(right, suspect_right)
+    assert compared == {"selection_acc": 76.0, "selection_lost": 24, "selection_gained": 15,
+                        "selection_gap_se": 2.49}
+    assert against_suspect(suspect_right, suspect_right)["selection_gap_se"] == 0.0
 
 
 ROWS = [{"method": "nad", "selection_acc": 70.0},

@@ -32,6 +32,7 @@ most of its epochs), or, where the suspect showed the resampling sign, the clean
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,9 +61,28 @@ class Choice:
     metrics: dict[str, Any]  # the chosen model's, from `measure`: the job's "after"
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> float:
-    """Clean accuracy (percent) on `images`, in evaluation mode."""
-    return 100.0 * float((classify(model, images, run.normalize, run.execution) == labels).float().mean())
+def correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run) -> torch.Tensor:
+    """Which of `images` the model classifies right, in evaluation mode (a boolean per image)."""
+    return classify(model, images, run.normalize, run.execution) == labels
+
+
+def percent(right: torch.Tensor) -> float:
+    return 100.0 * float(right.float().mean())
+
+
+def against_suspect(right: torch.Tensor, suspect_right: torch.Tensor) -> dict[str, Any]:
+    """A candidate's selection accuracy and how it differs from the suspect's, image by image.
+
+    The budget compares two accuracies on the same few hundred images, so the gap is noisy: it rests on the
+    images one model gets right and the other wrong. `selection_lost` counts those the suspect got right,
+    `selection_gained` the others, and `selection_gap_se` is the standard error (points) of the paired gap they
+    give. The choice does not use them; they say how far a user (or a later rule) can trust it."""
+    images = len(right)
+    lost = int((suspect_right & ~right).sum())
+    gained = int((right & ~suspect_right).sum())
+    se = 100.0 * math.sqrt(lost + gained - (gained - lost) ** 2 / images) / images
+    return {"selection_acc": round(percent(right), 2), "selection_lost": lost, "selection_gained": gained,
+            "selection_gap_se": round(se, 2)}
 
 
 def pick(rows: list[dict[str, Any]], suspect_acc: float, budget: float) -> tuple[int, str]:
@@ -104,7 +124,8 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
                   for index in stratified_split(labels.cpu().numpy(), SELECTION_FRACTION, params.seed))
     fit_images, fit_labels = images[keep], labels[keep]
     selection_images, selection_labels = images[held], labels[held]
-    suspect_acc = accuracy(model, selection_images, selection_labels, run)
+    suspect_right = correct(model, selection_images, selection_labels, run)
+    suspect_acc = percent(suspect_right)
     results, skipped, spent, measuring = [], [], Spent(), 0.0
     for method in params.auto_candidates:
         if reason := unsuitable(method, model):
@@ -128,8 +149,8 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
             skipped.append(timing | {"stopped_after_seconds": round(time.perf_counter() - started)})
             continue
         trained = time.perf_counter()
-        row = {"method": method,
-               "selection_acc": round(accuracy(defended.model, selection_images, selection_labels, run), 2)}
+        row = {"method": method} | against_suspect(
+            correct(defended.model, selection_images, selection_labels, run), suspect_right)
         if defended.warning:
             row["warning"] = defended.warning
         metrics = measure(defended.model)
