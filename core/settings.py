@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     )
     job_time_limit: int = Field(
         default=6 * 3600, ge=10, description="seconds a job may run before it is stopped and failed; `auto` skips "
-        "a candidate it estimates would not finish within it, and stops one that runs out of it between epochs"
+        "a candidate it estimates would not finish within it, and stops one that runs out of it between epochs, "
+        "leaving 5 % of it (at most a minute) to write and record the result"
     )
     max_attempts: int = Field(
         default=3, ge=1, description="how often a job is started before a worker that keeps dying fails it"

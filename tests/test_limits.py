@@ -458,11 +458,18 @@ def test_the_worker_gives_the_engine_the_operators_image_cap_and_the_jobs_time_l
     worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The time left (what `auto` runs its candidates within) counts from the task's start, as Celery's
-    limits do."""
+    limits do, less a reserve for writing the result: a minute of the default limit of six hours."""
     calls: list = []
     _engine(monkeypatch, None, calls)
     _run(worker_job)
     [call] = calls
     assert call["max_images"] == 1234 and worker_job.row().status == jobs.Status.SUCCEEDED
     limit = worker_job.settings.job_time_limit
-    assert limit - 30 < call["time_limit"] < limit
+    assert limit - 90 < call["time_limit"] <= limit - 60
+
+
+def test_the_reserve_for_finishing_is_a_share_of_a_short_limit_and_a_minute_at_most() -> None:
+    from worker.tasks import engine_time
+
+    assert engine_time(10, 2.0) == pytest.approx(7.5)
+    assert engine_time(6 * 3600, 100.0) == 6 * 3600 - 160

@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 # Seconds between two progress writes within one stage; epoch ends and stage changes are always written.
 PROGRESS_INTERVAL = 1.0
+# What the engine is told it has is the job's time limit less a reserve for what follows its last candidate
+# (writing and hashing the checkpoints, recording the job): `auto` stops candidates so that the last one is
+# measured by its deadline, and a soft limit reached while the result is written would fail the whole job.
+# Seconds for a checkpoint of a few hundred megabytes, capped at a share of a short limit.
+FINISH_RESERVE = 60.0
+FINISH_RESERVE_SHARE = 0.05
 
 
 @cache
@@ -149,7 +155,7 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
         with heartbeat(db, job_id, dispatch, settings.sweep_interval / 4):
             report = sanitize(files, params, ProgressRecorder(db, job_id, dispatch),
                               lambda: _stop_requested(db, job_id, dispatch), max_images=settings.max_images,
-                              time_limit=settings.job_time_limit - (time.monotonic() - started))
+                              time_limit=engine_time(settings.job_time_limit, time.monotonic() - started))
         _record_success(db, job_id, dispatch, report, files.out)
     except Cancelled:
         with db.session() as session:
@@ -160,6 +166,12 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
         with db.session() as session:
             jobs.fail(session, job_id, dispatch, message)
         _discard_output(db, storage, job_id, dispatch)
+
+
+def engine_time(limit: float, elapsed: float) -> float:
+    """The seconds the engine may spend of a job with time limit `limit` that started `elapsed` seconds ago:
+    what is left, less the reserve for finishing."""
+    return limit - elapsed - min(FINISH_RESERVE, FINISH_RESERVE_SHARE * limit)
 
 
 def _discard_output(db: Database, storage: Storage, job_id: str, dispatch: int) -> None:
