@@ -195,13 +195,18 @@ def test_pick_keeps_the_first_candidate_within_the_budget():
     assert ROWS[index]["method"] == "nad"
 
 
-def test_pick_measures_from_the_most_accurate_when_none_is_within_the_budget_and_says_so():
-    """The suspect memorised its training images: every candidate looks 5 points worse than it on them."""
-    index, reason = pick(ROWS, suspect_acc=95.0, budget=2.0)
-    assert ROWS[index]["method"] == "sau" and reason.startswith("no candidate kept clean accuracy")
-    assert "most accurate (90.00 %)" in reason
-    index, _ = pick(ROWS, suspect_acc=95.0, budget=0.5)
-    assert ROWS[index]["method"] == "finetune"  # sau lost a point against finetune: too costly
+def test_pick_keeps_the_most_accurate_when_none_is_within_the_budget_and_says_so():
+    """Our patch model, retrained on 2026-12-05: the suspect memorised its training images and reads 90.8 on
+    them; nad, 1.2 points under sau, was kept when the budget was measured from the most accurate, at 80.06 %
+    on the test set where sau kept 82.00 (84.13 before)."""
+    rows = [{"method": "nad", "selection_acc": 83.6}, {"method": "sau", "selection_acc": 84.8},
+            {"method": "fst", "selection_acc": 71.6}]
+    index, reason = pick(rows, suspect_acc=90.8, budget=2.0)
+    assert rows[index]["method"] == "sau" and reason.startswith("no candidate kept clean accuracy")
+    assert reason.endswith("sau is the most accurate (84.80 %)")
+    tied = [dict(row, selection_acc=84.8) for row in rows]
+    index, _ = pick(tied, suspect_acc=90.8, budget=2.0)
+    assert tied[index]["method"] == "nad"  # on a tie, the order
 
 
 def test_pick_sets_aside_a_candidate_whose_own_signals_say_the_backdoor_survived():

@@ -6,8 +6,8 @@ the suspect model on the other nine tenths and is measured on the selection set 
 must stay within `auto_budget` points of the suspect's. Of the candidates within the budget the first in
 `auto_candidates` order wins: the order is the user's (by default the project's) ranking of how surely each
 method erases a backdoor, and the budget says how much accuracy that surety may cost. When no candidate is
-within the budget, the same rule applies with the most accurate candidate's accuracy in place of the
-suspect's, and the report says so.
+within the budget, the most accurate one is kept (the first of them, on a tie), and the report says so: the
+budget is spent, and every point a less accurate candidate reads under it is one more the user loses.
 
 A candidate that cannot clean the model at all (`methods.unsuitable`: `fst` where there is no linear
 classifier layer, `anp` where there is no BatchNorm) is left out and listed as skipped, with the reason.
@@ -87,11 +87,14 @@ def against_suspect(right: torch.Tensor, suspect_right: torch.Tensor) -> dict[st
 
 def pick(rows: list[dict[str, Any]], suspect_acc: float, budget: float) -> tuple[int, str]:
     """The index of the candidate to keep among `rows` (each with method and selection_acc, in preference
-    order), and why: the first within `budget` points of `suspect_acc`. When none is within it, the first
-    within `budget` points of the most accurate candidate: the suspect may have trained on the clean images
-    (it scores 5 to 10 points higher on them than on unseen ones), so its own accuracy there overstates what a
-    candidate can keep. Candidates with a `warning` (their own signals say the backdoor may have survived)
-    are set aside while any other ran."""
+    order), and why: the first within `budget` points of `suspect_acc`. When none is within it, the most
+    accurate candidate. The suspect may have trained on the clean images (it scores 5 to 10 points higher on
+    them than on unseen ones), so none may be within the budget of it; the most accurate candidate has then
+    already lost what it lost, and an earlier one that reads a point or two under it loses that much more on
+    unseen images too. Measuring the budget from the most accurate, as `auto` did until 2026-12-05, added the
+    two: 4.07 points under before on our patch model, 4.9 on our GPU-trained warp (docs/results.md).
+    Candidates with a `warning` (their own signals say the backdoor may have survived) are set aside while
+    any other ran."""
     trusted = [i for i, row in enumerate(rows) if not row.get("warning")] or list(range(len(rows)))
     aside = "".join(f"; {rows[i]['method']} set aside: {rows[i]['warning']}" for i in range(len(rows))
                     if i not in trusted)
@@ -101,10 +104,9 @@ def pick(rows: list[dict[str, Any]], suspect_acc: float, budget: float) -> tuple
         return best, (f"{rows[best]['method']} is the first candidate that kept clean accuracy on the selection "
                       f"set within {budget} points of the suspect's {suspect_acc:.2f} %{aside}")
     top = max(rows[i]["selection_acc"] for i in trusted)
-    best = _within(rows, trusted, top, budget)[0]
+    best = _within(rows, trusted, top, 0.0)[0]
     return best, (f"no candidate kept clean accuracy within {budget} points of the suspect's {suspect_acc:.2f} %; "
-                  f"{rows[best]['method']} is the first within {budget} points of the most accurate ({top:.2f} %)"
-                  f"{aside}")
+                  f"{rows[best]['method']} is the most accurate ({top:.2f} %){aside}")
 
 
 def _within(rows: list[dict[str, Any]], indices: list[int], acc: float, budget: float) -> list[int]:
