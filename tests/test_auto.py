@@ -171,7 +171,7 @@ def test_the_gap_to_the_suspect_is_counted_image_by_image_with_its_standard_erro
     """The NAD authors' model at seed 6: the suspect right and nad wrong on 24 of 250 images, the other way on
     15; nad 3.6 points under, give or take 2.5."""
     suspect_right = torch.ones(250, dtype=torch.bool)
-    suspect_right[:51] = False  # the suspect: 199 of 250, 79.6 %
+    suspect_right[:51] = False  # the suspect right on 199 (any share will do: the counts make the error)
     right = suspect_right.clone()
     right[51:75] = False  # lost 24
     right[:15] = True  # gained 15
