@@ -4,6 +4,7 @@ only and explained."""
 import dataclasses
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,18 @@ def test_a_method_that_cannot_clean_the_model_fails_the_job_before_it_trains(squ
         squeezenet_suspect.sanitize(tmp_path / "out.safetensors", events.append, method=method,
                                     auto_candidates=candidates)
     assert {event.stage for event in events} <= {"load"}
+
+
+def test_clean_data_with_one_image_a_class_is_refused_before_anything_trains(digits_backdoor, tmp_path):
+    """Nothing can be set aside for the choice; the selection accuracy would divide by zero."""
+    clean = np.load(digits_backdoor.clean)
+    first = [int(np.flatnonzero(clean["y"] == label)[0]) for label in range(10)]
+    np.savez(tmp_path / "one-each.npz", x=clean["x"][first], y=clean["y"][first])
+    events = []
+    with pytest.raises(InputError, match="single image"):
+        dataclasses.replace(digits_backdoor, clean=tmp_path / "one-each.npz").sanitize(
+            tmp_path / "clean.safetensors", events.append, method="auto", auto_candidates=["finetune"])
+    assert not any(event.stage.startswith("finetune") for event in events)
 
 
 def test_with_nothing_trained_yet_there_is_no_rate_and_the_candidate_runs():

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from core.engine.data import stratified_split
-from core.engine.errors import Cancelled
+from core.engine.errors import Cancelled, InputError
 from core.engine.methods import Defended, Run, defend, stages, unsuitable
 from core.engine.metrics import classify
 
@@ -124,6 +124,9 @@ def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Ru
     params = run.params
     keep, held = (torch.from_numpy(index).to(images.device)
                   for index in stratified_split(labels.cpu().numpy(), SELECTION_FRACTION, params.seed))
+    if not len(held):
+        raise InputError("auto sets a tenth of the clean images aside to choose among its candidates, and every "
+                         "class of this clean data has a single image; give more clean images, or choose a method")
     fit_images, fit_labels = images[keep], labels[keep]
     selection_images, selection_labels = images[held], labels[held]
     suspect_right = correct(model, selection_images, selection_labels, run)
