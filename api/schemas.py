@@ -14,8 +14,10 @@ JOB_ID_EXAMPLE = "0192f3a4c5d6e7f8a9b0c1d2e3f4a5b6"
 
 class Progress(BaseModel):
     stage: str | None = Field(
-        description="load, evaluate_before, the method's stages (teacher, student, fst, anp, ibau, sau), "
-                    "evaluate_after or done; null before the start",
+        description="load, evaluate_before, the method's stages (teacher, student, fst, anp, ibau, sau; under "
+                    "auto named after the candidate, nad/student, and nad/second_look/student while a candidate "
+                    "gets a second look, during which percent stays where training ends), evaluate_after or done; "
+                    "null before the start",
         examples=["student"],
     )
     epoch: int | None = Field(description="the epoch of `stage` under way (1-based)", examples=[3])
@@ -161,7 +163,13 @@ class Metrics(BaseModel):
                     "candidate wrong and the other way, on which the gap between their accuracies rests, and "
                     "selection_gap_se, that gap's standard error in points: how far the choice can be trusted; "
                     "warning, when clean-data signals say the backdoor may have survived, as in warnings: such a "
-                    "candidate is kept only when every one has one); skipped, the candidates the job's time limit "
+                    "candidate is kept only when every one has one; second_look, for a candidate before the kept "
+                    "one that missed the budget by no more than selection_gap_se: trained again with as many other "
+                    "images set aside, its figures there (selection_images, suspect_selection_acc, selection_acc, "
+                    "selection_lost, selection_gained, selection_gap_se, seconds), both, the same on the two sets "
+                    "together, and within_budget, whether both keeps it within the budget, and so kept; or "
+                    "estimated_seconds and seconds_left, or stopped_after_seconds, when the job's time had no room "
+                    "for it); skipped, the candidates the job's time limit "
                     "left no room for (method, estimated_seconds, seconds_left when it was to start; "
                     "stopped_after_seconds for one that started but was stopped before an epoch that would have "
                     "ended too late), and those that cannot clean this model at all (method, reason: fst where the "

@@ -137,7 +137,8 @@ class SanitizeParams(_Spec):
         default=2.0, ge=0, le=100,
         description="auto: how many points of clean accuracy (on a held-out tenth of clean_data) a candidate may "
                     "lose against the suspect and still be chosen over the ones after it (when none is within it, "
-                    "the most accurate candidate is kept)",
+                    "the most accurate candidate is kept; one before the kept one that missed it by no more than "
+                    "its gap's standard error gets a second look, on as many other images)",
     )
     fst_epochs: int = Field(default=10, ge=1, le=1000, description="fst: epochs (the authors' 10)")
     fst_lr: float = Field(default=0.01, gt=0, le=10,

@@ -6,12 +6,23 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import DigitsCase
-from core.engine.auto import ESTIMATE_MARGIN, Cutoff, Spent, against_suspect, pick
+from core.engine.auto import (
+    ESTIMATE_MARGIN,
+    Cutoff,
+    Spent,
+    against_suspect,
+    close_misses,
+    decide,
+    fits,
+    pick,
+    second_held,
+)
 from core.engine.checkpoints import write_checkpoint
+from core.engine.data import stratified_split
 from core.engine.errors import Cancelled, InputError
+from core.engine.metrics import percent
 from core.engine.models import build_model
 
 
@@ -183,9 +194,9 @@ def test_with_nothing_trained_yet_there_is_no_rate_and_the_candidate_runs():
 def test_the_gap_to_the_suspect_is_counted_image_by_image_with_its_standard_error():
     """The NAD authors' model at seed 6: the suspect right and nad wrong on 24 of 250 images, the other way on
     15; nad 3.6 points under, give or take 2.5."""
-    suspect_right = torch.ones(250, dtype=torch.bool)
+    suspect_right = np.ones(250, dtype=bool)
     suspect_right[:51] = False  # the suspect right on 199 (any share will do: the counts make the error)
-    right = suspect_right.clone()
+    right = suspect_right.copy()
     right[51:75] = False  # lost 24
     right[:15] = True  # gained 15
     compared = against_suspect(right, suspect_right)
@@ -232,3 +243,106 @@ def test_pick_sets_aside_a_candidate_whose_own_signals_say_the_backdoor_survived
     both = [dict(row, warning="saturated") for row in rows]
     index, reason = pick(both, suspect_acc=90.0, budget=2.0)
     assert both[index]["method"] == "sau" and "set aside" not in reason
+
+
+SEED_6 = [{"method": "nad", "selection_acc": 84.4, "selection_gap_se": 2.49},
+          {"method": "sau", "selection_acc": 88.4, "selection_gap_se": 1.1},
+          {"method": "fst", "selection_acc": 45.6, "selection_gap_se": 3.4}]
+
+
+def test_a_candidate_before_the_kept_one_that_missed_the_budget_by_less_than_its_error_gets_a_second_look():
+    """The NAD authors' model at seed 6: nad read 3.6 points under the suspect's 88.0, out of the budget by 1.6,
+    less than its gap's standard error (2.49); sau, after it, was kept. Our GPU-trained warp at seed 2 (SE not
+    recorded; 2.5 taken): nad 4.0 under, sau kept by the fallback. Out by more than the error, after the kept
+    one, or set aside by a warning: no second look."""
+    assert close_misses(SEED_6, kept=1, suspect_acc=88.0, budget=2.0) == [0]
+    warp = [{"method": "nad", "selection_acc": 84.4, "selection_gap_se": 2.5},
+            {"method": "sau", "selection_acc": 86.0, "selection_gap_se": 1.8}]
+    assert close_misses(warp, kept=1, suspect_acc=88.4, budget=2.0) == [0]
+    assert close_misses(SEED_6, kept=1, suspect_acc=89.0, budget=2.0) == []  # 4.6 under: out by 2.6
+    assert close_misses(SEED_6, kept=0, suspect_acc=88.0, budget=2.0) == []
+    warned = [dict(SEED_6[0], warning="saturated"), *SEED_6[1:]]
+    assert close_misses(warned, kept=1, suspect_acc=88.0, budget=2.0) == []
+    edge = [{"method": "nad", "selection_acc": 84.0, "selection_gap_se": 2.0}, SEED_6[1]]
+    assert close_misses(edge, kept=1, suspect_acc=88.0, budget=2.0) == [0]  # out by exactly the error
+
+
+def test_the_budgets_edge_is_within_it_whatever_the_float_error():
+    """Measured in float32, 97 of 100 read 97.0000029 points, which put a candidate at 95.0 (to the hundredth,
+    as rows give it) out of a 2-point budget: accuracies are compared as the report gives them."""
+    suspect = percent(np.arange(100) < 97)
+    assert suspect == 97.0 and fits(95.0, suspect, 2.0) and not fits(94.99, suspect, 2.0)
+    assert fits(0.3, 0.1 + 0.2, 0.0)  # 0.30000000000000004
+
+
+def _look(within: bool) -> dict:
+    """A second look at nad on the authors' model at seed 6: 250 more images, on which the suspect reads 84.0;
+    nad either 84.4 there (2 under it on the 500, within) or 80.4 (4 under on the 500, out)."""
+    there = 84.4 if within else 80.4
+    return {"selection_images": 250, "suspect_selection_acc": 84.0, "selection_acc": there,
+            "both": {"selection_images": 500, "suspect_selection_acc": 86.0, "selection_acc": 84.0 if within else 82.0},
+            "within_budget": within}
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_a_second_look_within_the_budget_keeps_the_candidate_and_one_out_of_it_keeps_the_choice(within):
+    rows = [dict(row) for row in SEED_6]
+    looked = []
+    index, reason = decide(rows, suspect_acc=88.0, budget=2.0, look=lambda i: looked.append(i) or _look(within))
+    assert looked == [0] and rows[0]["second_look"]["within_budget"] is within
+    assert "nad read 3.60 points under the suspect's 88.00 % on the selection set, out of the 2.0-point budget by " \
+           "less than that gap's standard error (2.49); trained again with another 250 images set aside, it read " \
+           f"{'0.40 over' if within else '3.60 under'} there, {2.0 if within else 4.0:.2f} under on all 500" in reason
+    if within:
+        assert index == 0 and reason.startswith("nad is kept on a second look")
+        assert reason.endswith("without it: sau is the first candidate that kept clean accuracy on the selection "
+                               "set within 2.0 points of the suspect's 88.00 %")
+    else:
+        assert index == 1 and reason.startswith("sau is the first candidate")
+        assert reason.endswith("4.00 under on all 500: still out of the budget")
+
+
+def test_a_second_look_the_jobs_time_has_no_room_for_keeps_the_choice_and_says_so():
+    rows = [dict(row) for row in SEED_6]
+    index, reason = decide(rows, suspect_acc=88.0, budget=2.0,
+                           look=lambda i: {"estimated_seconds": 300, "seconds_left": 100})
+    assert index == 1 and reason.endswith("(2.49), and a second look at it did not fit in the job's time")
+
+
+def test_the_second_selection_set_is_as_large_per_class_and_apart_from_the_first():
+    labels = np.repeat(np.arange(10), 250)
+    _, held = stratified_split(labels, 0.1, seed=6)
+    second = second_held(labels, held, seed=6)
+    assert not set(second) & set(held)
+    assert np.array_equal(np.bincount(labels[second]), np.bincount(labels[held]))
+    assert np.array_equal(second, second_held(labels, held, seed=6))
+
+
+def test_a_close_miss_is_trained_again_and_measured_on_both_sets(digits_backdoor, tmp_path):
+    """End to end on the digits: fst (4 epochs) reads a few points under the suspect, finetune (with an lr that
+    leaves the model as it is) less; a budget between fst's gap and that gap less its error gives fst a second
+    look, whose stages train and report like a candidate's and whose progress waits where training ends."""
+    case = dict(time_limit=3600, method="auto", auto_candidates=["fst", "finetune"], fst_epochs=4, teacher_lr=1e-6,
+                teacher_epochs=1)
+    plain = digits_backdoor.sanitize(tmp_path / "plain.safetensors", auto_budget=100.0, **case)["auto"]
+    fst, finetune = plain["candidates"]
+    gap = plain["suspect_selection_acc"] - fst["selection_acc"]
+    assert gap > 0 and finetune["selection_acc"] > fst["selection_acc"], "the case needs fst under finetune"
+    budget = round(gap - fst["selection_gap_se"] / 2, 2)
+    events = []
+    report = digits_backdoor.sanitize(tmp_path / "looked.safetensors", events.append, auto_budget=budget, **case)
+    auto = report["auto"]
+    look = auto["candidates"][0]["second_look"]
+    assert look["selection_images"] == auto["selection_images"] and look["both"]["selection_images"] == 2 * look[
+        "selection_images"]
+    both = look["both"]
+    assert both["selection_lost"] == fst["selection_lost"] + look["selection_lost"]
+    assert look["within_budget"] == fits(both["selection_acc"], both["suspect_selection_acc"], budget)
+    assert auto["chosen"] == ("fst" if look["within_budget"] else "finetune")
+    assert "second_look" not in auto["candidates"][1]
+    assert {row["stage"] for row in report["history"]} == {"fst/fst", "fst/second_look/fst", "finetune/teacher"}
+    assert "fst/second_look/fst" in report["timings"]
+    progress = [event.progress for event in events]
+    assert progress == sorted(progress)
+    assert {event.progress for event in events if event.stage == "fst/second_look/fst"} == {max(
+        event.progress for event in events if event.stage == "finetune/teacher")}

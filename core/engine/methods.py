@@ -56,8 +56,9 @@ class Run:
     deadline: float | None = None
     cutoff: Callable[[], bool] | None = None
 
-    def for_candidate(self, method: str, cutoff: Callable[[], bool] | None) -> Run:
-        return dataclasses.replace(self, stage_prefix=f"{method}/", cutoff=cutoff)
+    def for_candidate(self, name: str, cutoff: Callable[[], bool] | None) -> Run:
+        """This run for one of auto's candidates: its stages named `name`/..., stopped by `cutoff` too."""
+        return dataclasses.replace(self, stage_prefix=f"{name}/", cutoff=cutoff)
 
     def stage(self, name: str) -> Watch:
         watch = self.watch(self.stage_prefix + name)

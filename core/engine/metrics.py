@@ -41,7 +41,8 @@ def predict(model: nn.Module, images: np.ndarray, normalize: Normalization, devi
                            .cpu().numpy() for start in range(0, len(images), step)] or [np.zeros(0, dtype=np.int64)])
 
 
-def _percent(hits: np.ndarray) -> float:
+def percent(hits: np.ndarray) -> float:
+    """The share of `hits`, in points to the hundredth (NaN for none), as reports give it."""
     return round(100.0 * float(hits.mean()), 2) if len(hits) else float("nan")
 
 
@@ -53,11 +54,11 @@ def clean_metrics(predictions: np.ndarray, labels: np.ndarray, classes: list[str
     NAD authors' model once cleansed, next to the efficacy target's 5 %: docs/results.md)."""
     hits = predictions == labels
     result: dict[str, Any] = {
-        "acc": _percent(hits),
-        "per_class_acc": {name: _percent(hits[labels == c]) for c, name in enumerate(classes) if (labels == c).any()},
+        "acc": percent(hits),
+        "per_class_acc": {name: percent(hits[labels == c]) for c, name in enumerate(classes) if (labels == c).any()},
     }
     if target_label is not None:
-        result["acc_non_target"] = _percent(hits[labels != target_label])
+        result["acc_non_target"] = percent(hits[labels != target_label])
         result["asr_without_trigger"] = attack_success_rate(predictions, labels, target_label)
     return result
 
@@ -65,4 +66,4 @@ def clean_metrics(predictions: np.ndarray, labels: np.ndarray, classes: list[str
 def attack_success_rate(predictions: np.ndarray, labels: np.ndarray, target_label: int) -> float:
     """Share of triggered images classified as the target, among those whose true class is not the target."""
     keep = labels != target_label
-    return _percent(predictions[keep] == target_label)
+    return percent(predictions[keep] == target_label)

@@ -253,7 +253,10 @@ def sanitize(
     history: list[dict[str, Any]] = []
 
     def watch(stage: str) -> Watch:
-        return Watch(stage, on_event, should_stop, *spans[stage], history)
+        # auto's second look at a candidate runs only when its choice is close, so it has no share of the plan:
+        # its epochs are told where training ends.
+        span = (1.0 - EVALUATE_SHARE,) * 2 if "/second_look/" in stage else spans[stage]
+        return Watch(stage, on_event, should_stop, *span, history)
 
     with clock.time("resampling_sign"):
         resampling = resampling_sign(model, images, normalize, execution)
