@@ -169,11 +169,11 @@ class Metrics(BaseModel):
                     "selection_lost, selection_gained, selection_gap_se, seconds), both, the same on the two sets "
                     "together, and within_budget, whether both keeps it within the budget, and so kept; or "
                     "estimated_seconds and seconds_left, or stopped_after_seconds, when the job's time had no room "
-                    "for it); skipped, the candidates the job's time limit "
-                    "left no room for (method, estimated_seconds, seconds_left when it was to start; "
-                    "stopped_after_seconds for one that started but was stopped before an epoch that would have "
-                    "ended too late), and those that cannot clean this model at all (method, reason: fst where the "
-                    "model has no linear classifier layer, anp where it has no BatchNorm)",
+                    "for it, or reason, when too few images a class were left to set aside); skipped, the candidates "
+                    "the job's time limit left no room for (method, estimated_seconds, seconds_left when it was to "
+                    "start; stopped_after_seconds for one that started but was stopped before an epoch that would "
+                    "have ended too late), and those that cannot clean this model at all (method, reason: fst where "
+                    "the model has no linear classifier layer, anp where it has no BatchNorm)",
         examples=[{"chosen": "sau", "reason": "sau is the first candidate that kept clean accuracy on the selection "
                    "set within 2.0 points of the suspect's 90.80 %", "budget": 2.0, "suspect_selection_acc": 90.8,
                    "selection_images": 250, "trained_on": 2250,

@@ -318,6 +318,22 @@ def test_the_second_selection_set_is_as_large_per_class_and_apart_from_the_first
     assert np.array_equal(second, second_held(labels, held, seed=6))
 
 
+@pytest.mark.parametrize(("per_class", "drawn"), [(2, 0), (3, 10), (4, 10)])
+def test_with_two_or_three_images_a_class_a_second_set_is_drawn_if_it_can_be_and_never_fails(per_class, drawn):
+    """Two images a class leave one outside the first set: nothing to draw (the split would have been asked for
+    all of them, which it refuses). The second look then says why it did not run."""
+    labels = np.repeat(np.arange(10), per_class)
+    _, held = stratified_split(labels, 0.1, seed=0)
+    second = second_held(labels, held, seed=0)
+    assert len(second) == drawn and not set(second) & set(held)
+
+
+def test_a_second_look_with_no_images_to_set_aside_keeps_the_choice_and_says_why():
+    rows = [dict(row) for row in SEED_6]
+    index, reason = decide(rows, suspect_acc=88.0, budget=2.0, look=lambda i: {"reason": "none can be set aside"})
+    assert index == 1 and reason.endswith("(2.49), and it got no second look: none can be set aside")
+
+
 def test_a_close_miss_is_trained_again_and_measured_on_both_sets(digits_backdoor, tmp_path):
     """End to end on the digits: fst (4 epochs) reads a few points under the suspect, finetune (with an lr that
     leaves the model as it is) less; a budget between fst's gap and that gap less its error gives fst a second

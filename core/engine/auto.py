@@ -270,9 +270,11 @@ def _cost(method: str, run: Run) -> int:
 
 def second_held(labels: np.ndarray, held: np.ndarray, seed: int) -> np.ndarray:
     """Indices of a second selection set for a second look: as many images of each class as `held` has, drawn
-    from the others, so that the two sets together measure a candidate on twice the images."""
+    from the others, so that the two sets together measure a candidate on twice the images. With very few images
+    a class (two or three) it takes at most half of what is left, and none of a class with one image left; it
+    may be empty."""
     rest = np.setdiff1d(np.arange(len(labels)), held)
-    _, inner = stratified_split(labels[rest], len(held) / len(rest), seed)
+    _, inner = stratified_split(labels[rest], min(len(held) / len(rest), 0.5), seed)
     return rest[inner]
 
 
@@ -282,9 +284,14 @@ def second_look(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, he
     `held`, none of them in it), and measured there against the suspect; then on both sets together, whose
     gap decides. Its stages are `<method>/second_look/...`. The report entry: that set's figures (as a
     candidate's row has them), `both` (the same on the two sets together) and `within_budget`; or, when the
-    job's time left no room for it, the estimate and the time left (or `stopped_after_seconds`)."""
+    job's time left no room for it, the estimate and the time left (or `stopped_after_seconds`); or a `reason`
+    when no second set can be drawn."""
     method, budget = ran.row["method"], run.params.auto_budget
-    second = Split.of(model, images, labels, second_held(labels.cpu().numpy(), held, run.params.seed), run)
+    aside = second_held(labels.cpu().numpy(), held, run.params.seed)
+    if not len(aside):
+        return {"reason": "every class has a single clean image left outside the selection set, so none can be "
+                          "set aside for it"}
+    second = Split.of(model, images, labels, aside, run)
     started = time.perf_counter()
     defended, timing = _train(method, f"{method}/second_look", model, second, run, spent, 0.0)
     timing.pop("method")
@@ -311,6 +318,8 @@ def _second_look_verdict(row: dict[str, Any], suspect_acc: float, budget: float)
     missed = (f"{method} read {suspect_acc - row['selection_acc']:.2f} points under the suspect's {suspect_acc:.2f} % "
               f"on the selection set, out of the {budget}-point budget by less than that gap's standard error "
               f"({row['selection_gap_se']:.2f})")
+    if "reason" in look:
+        return f"{missed}, and it got no second look: {look['reason']}"
     if "both" not in look:
         return f"{missed}, and a second look at it did not fit in the job's time"
     both = look["both"]
