@@ -252,7 +252,7 @@ SEED_6 = [{"method": "nad", "selection_acc": 84.4, "selection_gap_se": 2.49},
 
 def test_a_candidate_before_the_kept_one_that_missed_the_budget_by_less_than_its_error_gets_a_second_look():
     """The NAD authors' model at seed 6: nad read 3.6 points under the suspect's 88.0, out of the budget by 1.6,
-    less than its gap's standard error (2.49); sau, after it, was kept. Our GPU-trained warp at seed 2 (SE not
+    no more than its gap's standard error (2.49); sau, after it, was kept. Our GPU-trained warp at seed 2 (SE not
     recorded; 2.5 taken): nad 4.0 under, sau kept by the fallback. Out by more than the error, after the kept
     one, or set aside by a warning: no second look."""
     assert close_misses(SEED_6, kept=1, suspect_acc=88.0, budget=2.0) == [0]
@@ -291,7 +291,7 @@ def test_a_second_look_within_the_budget_keeps_the_candidate_and_one_out_of_it_k
     index, reason = decide(rows, suspect_acc=88.0, budget=2.0, look=lambda i: looked.append(i) or _look(within))
     assert looked == [0] and rows[0]["second_look"]["within_budget"] is within
     assert "nad read 3.60 points under the suspect's 88.00 % on the selection set, out of the 2.0-point budget by " \
-           "less than that gap's standard error (2.49); trained again with another 250 images set aside, it read " \
+           "no more than that gap's standard error (2.49); trained again with another 250 images set aside, it read " \
            f"{'0.40 over' if within else '3.60 under'} there, {2.0 if within else 4.0:.2f} under on all 500" in reason
     if within:
         assert index == 0 and reason.startswith("nad is kept on a second look")

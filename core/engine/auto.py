@@ -54,6 +54,9 @@ from core.engine.methods import Defended, Run, defend, stages, unsuitable
 from core.engine.metrics import classify, percent
 
 SELECTION_FRACTION = 0.1
+# The stage names of a candidate's second look are `<method>/second_look/<stage>`; the job's progress plan has no
+# share for them (sanitize.py), since one runs only when a choice is close.
+SECOND_LOOK = "second_look"
 # The stage weights are rough, so the estimate gets a margin. They count epochs of fine-tuning, and a NAD student
 # epoch costs more than one: in one default job on CIFAR-10 (2 CPU cores), nad took 27.5 s per unit and sau 11,
 # so after nad the estimate for sau was about three times what sau took (safe, but it skips sau sooner than
@@ -191,7 +194,7 @@ class Ran:
 def choose(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, run: Run,
            measure: Callable[[nn.Module], dict[str, Any]]) -> Choice:
     """Run the candidates of `run.params.auto_candidates` that the job's time allows, each on a copy of
-    `model`, give a second look to those that missed the budget by less than its noise (`close_misses`), and
+    `model`, give a second look to those that missed the budget by no more than its noise (`close_misses`), and
     return the chosen one.
 
     `measure` gives each candidate's metrics on the job's evaluation set (its ACC, and ASR when the attack is
@@ -293,18 +296,18 @@ def second_look(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, he
                           "set aside for it"}
     second = Split.of(model, images, labels, aside, run)
     started = time.perf_counter()
-    defended, timing = _train(method, f"{method}/second_look", model, second, run, spent, 0.0)
+    defended, timing = _train(method, f"{method}/{SECOND_LOOK}", model, second, run, spent, 0.0)
     timing.pop("method")
     if defended is None:
         return timing
     right = correct(defended.model, second.images, second.labels, run)
     spent.add(_cost(method, run), time.perf_counter() - started)
     suspect_right = np.concatenate([first.suspect_right, second.suspect_right])
-    both = against_suspect(np.concatenate([ran.right, right]), suspect_right)
+    both = {"selection_images": len(suspect_right), "suspect_selection_acc": percent(suspect_right),
+            **against_suspect(np.concatenate([ran.right, right]), suspect_right)}
     return {"selection_images": len(second.labels), "suspect_selection_acc": percent(second.suspect_right),
-            **against_suspect(right, second.suspect_right),
-            "both": {"selection_images": len(suspect_right), "suspect_selection_acc": percent(suspect_right), **both},
-            "within_budget": fits(both["selection_acc"], percent(suspect_right), budget),
+            **against_suspect(right, second.suspect_right), "both": both,
+            "within_budget": fits(both["selection_acc"], both["suspect_selection_acc"], budget),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -316,7 +319,7 @@ def _second_look_verdict(row: dict[str, Any], suspect_acc: float, budget: float)
     """What a close miss's second look found, for the reason."""
     method, look = row["method"], row["second_look"]
     missed = (f"{method} read {suspect_acc - row['selection_acc']:.2f} points under the suspect's {suspect_acc:.2f} % "
-              f"on the selection set, out of the {budget}-point budget by less than that gap's standard error "
+              f"on the selection set, out of the {budget}-point budget by no more than that gap's standard error "
               f"({row['selection_gap_se']:.2f})")
     if "reason" in look:
         return f"{missed}, and it got no second look: {look['reason']}"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from core.engine.anp import batch_norms
-from core.engine.auto import choose
+from core.engine.auto import SECOND_LOOK, choose
 from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, write_checkpoint
 from core.engine.data import ImageSet, TooManyImages, load_images, stratified_split
 from core.engine.errors import Cancelled, InputError
@@ -255,7 +255,7 @@ def sanitize(
     def watch(stage: str) -> Watch:
         # auto's second look at a candidate runs only when its choice is close, so it has no share of the plan:
         # its epochs are told where training ends.
-        span = (1.0 - EVALUATE_SHARE,) * 2 if "/second_look/" in stage else spans[stage]
+        span = (1.0 - EVALUATE_SHARE,) * 2 if f"/{SECOND_LOOK}/" in stage else spans[stage]
         return Watch(stage, on_event, should_stop, *span, history)
 
     with clock.time("resampling_sign"):
