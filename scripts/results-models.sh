@@ -7,9 +7,10 @@
 # is not the target).
 # Usage: [MODELS="dev-badnets own-warp"] bash scripts/results-models.sh [OUT_DIR] [METHOD ...]
 #   MODELS defaults to every model of scripts/models.sh whose checkpoint is present; METHOD defaults to
-#   finetune nad fst anp ibau sau auto, and may carry sanitize flags after a colon, as
-#   auto:--auto-candidates=nad,fst (quote a METHOD with several flags:
-#   "auto:--auto-candidates=nad,ibau --ibau-lr=0.0003").
+#   finetune, nad with the authors' defaults ("nad:--nad-sam-rho=0 --no-nad-refit-bias": plain SGD, no bias refit),
+#   fst, anp, ibau, sau and auto (whose report's `auto.candidates` has the engine's default nad as measured there).
+#   A METHOD may carry sanitize flags after a colon, as auto:--auto-candidates=nad,fst (quote a METHOD with several
+#   flags: "auto:--auto-candidates=nad,ibau --ibau-lr=0.0003"); its report is named by the method alone.
 # On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 11, ibau about 7, sau about 5 (9 on
 # one thread), auto (nad, sau, fst) about 9. A report already in OUT_DIR is kept, so an interrupted run goes on
 # where it stopped. Then:
@@ -20,7 +21,7 @@ source scripts/models.sh
 out=${1:-var/results}
 shift || true
 methods=("$@")
-(($#)) || methods=(finetune nad fst anp ibau sau auto)
+(($#)) || methods=(finetune "nad:--nad-sam-rho=0 --no-nad-refit-bias" fst anp ibau sau auto)
 cifar=${SHARED:-../shared}/datasets/cifar10
 declare -A folder=([dev]=${SHARED:-../shared}/models/dev [own]=${OWN:-var/own})
 nad=.venv/bin/nad
