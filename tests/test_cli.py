@@ -29,7 +29,7 @@ def test_attack_then_evaluate(digits_npz, tmp_path, capsys):
     assert main(["attack", "--arch", "wrn-16-1", "--data", str(digits_npz), "--trigger", TRIGGER,
                  "--target-label", "0", "--epochs", "1", "--input-size", "16", "--out", str(model)]) == 0
     assert model.exists()
-    report = tmp_path / "metrics.json"
+    report = tmp_path / "reports" / "metrics.json"  # a folder that does not exist yet is made
     assert main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(model),
                  "--test-data", str(digits_npz), "--input-size", "16", "--trigger", TRIGGER, "--target-label", "0",
                  "--report", str(report)]) == 0
@@ -83,6 +83,28 @@ def test_subset_is_stratified(digits_npz, tmp_path):
     with np.load(out) as part:
         assert len(part["y"]) == pytest.approx(100, abs=10)
         assert set(part["y"].tolist()) == set(range(10))
+
+
+def test_subset_makes_its_folder_and_says_where_the_file_is(digits_npz, tmp_path, capsys):
+    """`nad subset ... --out var/clean.npz`, as the README has it, on a clone with no var/ yet; numpy adds .npz to a
+    name without it, and the printed path must be the file's."""
+    out = tmp_path / "var" / "new" / "part"
+    assert main(["subset", str(digits_npz), "--fraction", "0.25", "--input-size", "16", "--out", str(out)]) == 0
+    written = out.with_name("part.npz")
+    assert written.is_file() and capsys.readouterr().out.rstrip().endswith(f"-> {written}")
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(digits_backdoor, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("core.engine.sanitize.sanitize", lambda *args, **kwargs: pytest.fail("the job ran"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    job = ["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(digits_backdoor.checkpoint),
+           "--clean-data", str(digits_backdoor.clean)]
+    assert main([*job, "--out", str(tmp_path / "clean.safetensors"), "--report", str(blocker / "report.json")]) == 2
+    assert f"cannot make the folder for {blocker / 'report.json'}" in capsys.readouterr().err
+    assert main([*job, "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path} is a folder; name the file to write" in capsys.readouterr().err
+    assert not (tmp_path / "clean.safetensors").exists()
 
 
 def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):

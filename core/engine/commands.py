@@ -213,6 +213,21 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _unwritable(*paths: Path | None) -> str | None:
+    """Make the folders the given output files go in, before any work starts: a job of minutes must not end
+    in a traceback, its report lost, for want of a folder. Why one of them cannot be written there, or None."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            return f"{path} is a folder; name the file to write"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return f"cannot make the folder for {path}: {error.strerror}"
+    return None
+
+
 def run_sanitize(args: argparse.Namespace) -> int:
     from core.engine.errors import InputError
     from core.engine.sanitize import JobFiles, sanitize
@@ -221,6 +236,8 @@ def run_sanitize(args: argparse.Namespace) -> int:
         params = _params(args)
     except ValidationError as error:
         return _fail(str(error))
+    if problem := _unwritable(args.out, args.report):
+        return _fail(problem)
     files = JobFiles(checkpoint=args.checkpoint, clean_data=args.clean_data, out=args.out, test_data=args.test_data,
                      poison_data=args.poison_data, teacher=args.teacher)
     bar = ProgressBar()
@@ -248,6 +265,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from core.engine.errors import InputError
     from core.engine.sanitize import evaluate_checkpoint
 
+    if problem := _unwritable(args.report):
+        return _fail(problem)
     try:
         metrics, evaluation = evaluate_checkpoint(args.checkpoint, args.test_data, _params(args), args.poison_data)
     except (InputError, ValidationError) as error:
@@ -269,6 +288,8 @@ def run_attack(args: argparse.Namespace) -> int:
     from core.engine.sanitize import device
     from core.engine.training import Normalization, Recipe
 
+    if problem := _unwritable(args.out):
+        return _fail(problem)
     size = args.input_size or 32
     try:
         data = load_images(args.data, size, args.classes)
@@ -296,12 +317,16 @@ def run_subset(args: argparse.Namespace) -> int:
     from core.engine.data import load_images, stratified_split
     from core.engine.errors import InputError
 
+    # numpy adds the suffix the archive readers go by when the name lacks it: say where the file really is.
+    out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
+    if problem := _unwritable(out):
+        return _fail(problem)
     try:
         data = load_images(args.archive, args.input_size)
         _, chosen = stratified_split(data.labels, args.fraction, args.seed)
     except InputError as error:
         return _fail(str(error))
     part = data.subset(np.sort(chosen))
-    np.savez(args.out, x=part.images, y=part.labels, classes=np.array(part.classes))
-    print(f"{len(part.labels)} of {len(data.labels)} images ({len(part.classes)} classes) -> {args.out}")
+    np.savez(out, x=part.images, y=part.labels, classes=np.array(part.classes))
+    print(f"{len(part.labels)} of {len(data.labels)} images ({len(part.classes)} classes) -> {out}")
     return 0
