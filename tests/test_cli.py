@@ -105,6 +105,11 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(digits_backd
     assert main([*job, "--out", str(tmp_path)]) == 2
     assert f"{tmp_path} is a folder; name the file to write" in capsys.readouterr().err
     assert not (tmp_path / "clean.safetensors").exists()
+    # nad submit too, before it uploads anything (nothing listens at this URL: it is never asked).
+    submit = ["submit", str(digits_backdoor.checkpoint), str(digits_backdoor.clean), "--params", "{}",
+              "--url", "http://127.0.0.1:9"]
+    assert main([*submit, "--out", str(blocker / "model.safetensors")]) == 2
+    assert f"cannot make the folder for {blocker / 'model.safetensors'}" in capsys.readouterr().err
 
 
 def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):

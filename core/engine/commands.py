@@ -213,9 +213,10 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _unwritable(*paths: Path | None) -> str | None:
+def unwritable(*paths: Path | None) -> str | None:
     """Make the folders the given output files go in, before any work starts: a job of minutes must not end
-    in a traceback, its report lost, for want of a folder. Why one of them cannot be written there, or None."""
+    in a traceback, its report lost, for want of a folder. Why one of them cannot be written there, or None.
+    `nad submit` calls it too, before it uploads."""
     for path in paths:
         if path is None:
             continue
@@ -236,7 +237,7 @@ def run_sanitize(args: argparse.Namespace) -> int:
         params = _params(args)
     except ValidationError as error:
         return _fail(str(error))
-    if problem := _unwritable(args.out, args.report):
+    if problem := unwritable(args.out, args.report):
         return _fail(problem)
     files = JobFiles(checkpoint=args.checkpoint, clean_data=args.clean_data, out=args.out, test_data=args.test_data,
                      poison_data=args.poison_data, teacher=args.teacher)
@@ -265,7 +266,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from core.engine.errors import InputError
     from core.engine.sanitize import evaluate_checkpoint
 
-    if problem := _unwritable(args.report):
+    if problem := unwritable(args.report):
         return _fail(problem)
     try:
         metrics, evaluation = evaluate_checkpoint(args.checkpoint, args.test_data, _params(args), args.poison_data)
@@ -288,7 +289,7 @@ def run_attack(args: argparse.Namespace) -> int:
     from core.engine.sanitize import device
     from core.engine.training import Normalization, Recipe
 
-    if problem := _unwritable(args.out):
+    if problem := unwritable(args.out):
         return _fail(problem)
     size = args.input_size or 32
     try:
@@ -319,7 +320,7 @@ def run_subset(args: argparse.Namespace) -> int:
 
     # numpy adds the suffix the archive readers go by when the name lacks it: say where the file really is.
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
-    if problem := _unwritable(out):
+    if problem := unwritable(out):
         return _fail(problem)
     try:
         data = load_images(args.archive, args.input_size)
