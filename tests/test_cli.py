@@ -112,6 +112,18 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(digits_backd
     assert f"cannot make the folder for {blocker / 'model.safetensors'}" in capsys.readouterr().err
 
 
+def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(digits_npz, tmp_path, capsys):
+    none = tmp_path / "none.pt"
+    assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(none),
+                 "--clean-data", str(digits_npz), "--out", str(tmp_path / "clean.safetensors")]) == 2
+    assert f"nad: error: {none}: no such file" in capsys.readouterr().err
+    assert main(["subset", str(none), "--fraction", "0.5", "--out", str(tmp_path / "part.npz")]) == 2
+    assert f"{none}: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["subset", str(digits_npz), "--fraction", "1.5", "--out", str(tmp_path / "part.npz")])
+    assert refused.value.code == 2 and "1.5 is not between 0 and 1" in capsys.readouterr().err
+
+
 def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):
     code = main(["evaluate", "--arch", "vgg99", "--num-classes", "10", "--checkpoint", str(digits_npz),
                  "--test-data", str(digits_npz)])

@@ -151,10 +151,17 @@ def _add_attack(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_attack)
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
 def _add_subset(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("subset", help="a stratified share of an archive as .npz (e.g. 5%% as clean data)")
     parser.add_argument("archive", type=Path)
-    parser.add_argument("--fraction", type=float, required=True, help="share of each class to keep, e.g. 0.05")
+    parser.add_argument("--fraction", type=_fraction, required=True, help="share of each class to keep, e.g. 0.05")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--out", type=Path, required=True, help="the .npz to write (x uint8 NHWC, y, classes)")
@@ -213,6 +220,14 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _missing(*paths: Path | None) -> str | None:
+    """The first given input that is not a file, said plainly: a traceback is not an answer to a typo."""
+    for path in paths:
+        if path is not None and not path.is_file():
+            return f"{path}: no such file"
+    return None
+
+
 def unwritable(*paths: Path | None) -> str | None:
     """Make the folders the given output files go in, before any work starts: a job of minutes must not end
     in a traceback, its report lost, for want of a folder. Why one of them cannot be written there, or None.
@@ -237,7 +252,8 @@ def run_sanitize(args: argparse.Namespace) -> int:
         params = _params(args)
     except ValidationError as error:
         return _fail(str(error))
-    if problem := unwritable(args.out, args.report):
+    inputs = (args.checkpoint, args.clean_data, args.test_data, args.poison_data, args.teacher)
+    if problem := _missing(*inputs) or unwritable(args.out, args.report):
         return _fail(problem)
     files = JobFiles(checkpoint=args.checkpoint, clean_data=args.clean_data, out=args.out, test_data=args.test_data,
                      poison_data=args.poison_data, teacher=args.teacher)
@@ -266,7 +282,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from core.engine.errors import InputError
     from core.engine.sanitize import evaluate_checkpoint
 
-    if problem := unwritable(args.report):
+    if problem := _missing(args.checkpoint, args.test_data, args.poison_data) or unwritable(args.report):
         return _fail(problem)
     try:
         metrics, evaluation = evaluate_checkpoint(args.checkpoint, args.test_data, _params(args), args.poison_data)
@@ -289,7 +305,7 @@ def run_attack(args: argparse.Namespace) -> int:
     from core.engine.sanitize import device
     from core.engine.training import Normalization, Recipe
 
-    if problem := unwritable(args.out):
+    if problem := _missing(args.data) or unwritable(args.out):
         return _fail(problem)
     size = args.input_size or 32
     try:
@@ -320,7 +336,7 @@ def run_subset(args: argparse.Namespace) -> int:
 
     # numpy adds the suffix the archive readers go by when the name lacks it: say where the file really is.
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
-    if problem := unwritable(out):
+    if problem := _missing(args.archive) or unwritable(out):
         return _fail(problem)
     try:
         data = load_images(args.archive, args.input_size)
