@@ -122,6 +122,14 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
     with pytest.raises(SystemExit) as refused:
         main(["subset", str(digits_npz), "--fraction", "1.5", "--out", str(tmp_path / "part.npz")])
     assert refused.value.code == 2 and "1.5 is not between 0 and 1" in capsys.readouterr().err
+    for trigger, said in ((str(none), f"cannot read {none}: No such file or directory"),
+                          ("{bad", "not a usable trigger: Expecting property name"),
+                          ('{"type": "badnets", "pattern": "missing.png"}', "cannot read missing.png"),
+                          ('{"type": "square"}', "not a usable trigger")):
+        with pytest.raises(SystemExit) as refused:
+            main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(digits_npz),
+                  "--test-data", str(digits_npz), "--trigger", trigger, "--target-label", "0"])
+        assert refused.value.code == 2 and said in capsys.readouterr().err, trigger
 
 
 def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):

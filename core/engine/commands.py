@@ -29,11 +29,18 @@ def parse_trigger(text: str) -> TriggerSpec:
 
     if text == "nad-grid":
         return NAD_GRID
-    raw: Any = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
-    if isinstance(raw.get("pattern"), str):
-        path, _, key = raw["pattern"].partition(":")
-        raw["pattern"] = load_pattern(Path(path), key or None)
-    return TypeAdapter(TriggerSpec).validate_python(raw)
+    try:
+        raw: Any = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("a trigger is a JSON object, as docs/engine.md shows")
+        if isinstance(raw.get("pattern"), str):
+            path, _, key = raw["pattern"].partition(":")
+            raw["pattern"] = load_pattern(Path(path), key or None)
+        return TypeAdapter(TriggerSpec).validate_python(raw)
+    except OSError as error:  # argparse shows its own errors only for ValueError and TypeError
+        raise argparse.ArgumentTypeError(f"cannot read {error.filename}: {error.strerror}") from None
+    except ValueError as error:  # not JSON, not a trigger, or a pattern file that cannot be used
+        raise argparse.ArgumentTypeError(f"not a usable trigger: {error}") from None
 
 
 def _floats(text: str) -> list[float]:
