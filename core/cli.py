@@ -35,29 +35,40 @@ def _add_keys_command(commands: argparse._SubParsersAction) -> None:
     actions.add_parser("list", help="every key: id, name, created, revoked")
 
     def run(args: argparse.Namespace) -> int:
-        from core import keys
-        from core.database import Database
-        from core.settings import get_settings
+        from sqlalchemy.exc import SQLAlchemyError
 
-        database = Database(get_settings().database_url)
-        database.migrate()
-        with database.session() as session:
-            if args.action == "create":
-                key, text = keys.create_key(session, args.name)
-                print(f"created key {key.id} ({key.name}); it is shown only now:")
-                print(text)
-            elif args.action == "revoke":
-                if not keys.revoke_key(session, args.key_id):
-                    print(f"nad: error: no live key {args.key_id}", file=sys.stderr)
-                    return 2
-                print(f"revoked key {args.key_id}")
-            else:
-                for key in keys.list_keys(session):
-                    revoked = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "live"
-                    print(f"{key.id}  {key.created_at:%Y-%m-%d %H:%M}  {revoked:<24}  {key.name}")
-        return 0
+        try:
+            return _keys(args)
+        except SQLAlchemyError as error:  # an operator's typo or a server down: said, not a traceback
+            reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+            print(f"nad: error: cannot use the database of NAD_DATABASE_URL: {reason}", file=sys.stderr)
+            return 2
 
     parser.set_defaults(run=run)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from core import keys
+    from core.database import Database
+    from core.settings import get_settings
+
+    database = Database(get_settings().database_url)
+    database.migrate()
+    with database.session() as session:
+        if args.action == "create":
+            key, text = keys.create_key(session, args.name)
+            print(f"created key {key.id} ({key.name}); it is shown only now:")
+            print(text)
+        elif args.action == "revoke":
+            if not keys.revoke_key(session, args.key_id):
+                print(f"nad: error: no live key {args.key_id}", file=sys.stderr)
+                return 2
+            print(f"revoked key {args.key_id}")
+        else:
+            for key in keys.list_keys(session):
+                revoked = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "live"
+                print(f"{key.id}  {key.created_at:%Y-%m-%d %H:%M}  {revoked:<24}  {key.name}")
+    return 0
 
 
 def _add_submit_command(commands: argparse._SubParsersAction) -> None:

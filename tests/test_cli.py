@@ -138,6 +138,15 @@ def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):
     assert code == 2 and "unknown architecture 'vgg99'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("url", ["postgresql+psycopg://nobody@127.0.0.1:1/none", "bogus://x", "not a url"])
+def test_nad_keys_says_when_it_cannot_use_the_database(url):
+    result = subprocess.run([sys.executable, "-m", "core.cli", "keys", "list"], capture_output=True, text=True,
+                            env={"NAD_DATABASE_URL": url, "PATH": "/usr/bin:/bin"}, cwd=Path(__file__).parents[1])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("nad: error: cannot use the database of NAD_DATABASE_URL: ")
+    assert "Traceback" not in result.stderr
+
+
 def test_the_console_script_is_installed():
     nad = Path(sys.executable).with_name("nad")
     result = subprocess.run([str(nad), "--help"], capture_output=True, text=True, check=True)
