@@ -129,10 +129,10 @@ def _params(text: str) -> dict[str, Any]:
 def run_submit(args: argparse.Namespace) -> int:
     """`nad submit`: upload, follow, download, and print the before/after table. Exit 0 when the job
     succeeded, 1 when it failed or was cancelled, 2 when it could not be submitted or followed."""
-    from core.engine.commands import table, unwritable
+    from core.engine.commands import prepare_outputs, table
     from core.settings import ClientSettings
 
-    if problem := unwritable(args.out):
+    if problem := prepare_outputs(args.out):
         print(f"nad: error: {problem}", file=sys.stderr)
         return 2
     settings = ClientSettings()

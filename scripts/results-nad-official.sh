@@ -2,7 +2,7 @@
 # Reproduces docs/results.md: the NAD authors' BadNets WRN-16-1 on the shared CIFAR-10, measured by this engine.
 # `nad-own-teacher` and `nad-authors-teacher` are the authors' NAD (plain SGD, no bias refit); `nad` is the engine's
 # default NAD (sharpness-aware steps after the lr drop, the bias refit) and `auto` the default method.
-# Usage: bash scripts/results-nad-official.sh [OUT_DIR]   (about 20 minutes on 2 CPU cores)
+# Usage: bash scripts/results-nad-official.sh [OUT_DIR]   (about 15 minutes on 2 idle CPU cores)
 set -euo pipefail
 out=${1:-var/results}
 shared=../shared

@@ -235,7 +235,7 @@ def _missing(*paths: Path | None) -> str | None:
     return None
 
 
-def unwritable(*paths: Path | None) -> str | None:
+def prepare_outputs(*paths: Path | None) -> str | None:
     """Make the folders the given output files go in, before any work starts: a job of minutes must not end
     in a traceback, its report lost, for want of a folder. Why one of them cannot be written there, or None.
     `nad submit` calls it too, before it uploads."""
@@ -260,7 +260,7 @@ def run_sanitize(args: argparse.Namespace) -> int:
     except ValidationError as error:
         return _fail(str(error))
     inputs = (args.checkpoint, args.clean_data, args.test_data, args.poison_data, args.teacher)
-    if problem := _missing(*inputs) or unwritable(args.out, args.report):
+    if problem := _missing(*inputs) or prepare_outputs(args.out, args.report):
         return _fail(problem)
     files = JobFiles(checkpoint=args.checkpoint, clean_data=args.clean_data, out=args.out, test_data=args.test_data,
                      poison_data=args.poison_data, teacher=args.teacher)
@@ -289,7 +289,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from core.engine.errors import InputError
     from core.engine.sanitize import evaluate_checkpoint
 
-    if problem := _missing(args.checkpoint, args.test_data, args.poison_data) or unwritable(args.report):
+    if problem := _missing(args.checkpoint, args.test_data, args.poison_data) or prepare_outputs(args.report):
         return _fail(problem)
     try:
         metrics, evaluation = evaluate_checkpoint(args.checkpoint, args.test_data, _params(args), args.poison_data)
@@ -312,7 +312,7 @@ def run_attack(args: argparse.Namespace) -> int:
     from core.engine.sanitize import device
     from core.engine.training import Normalization, Recipe
 
-    if problem := _missing(args.data) or unwritable(args.out):
+    if problem := _missing(args.data) or prepare_outputs(args.out):
         return _fail(problem)
     size = args.input_size or 32
     try:
@@ -343,7 +343,7 @@ def run_subset(args: argparse.Namespace) -> int:
 
     # numpy adds the suffix the archive readers go by when the name lacks it: say where the file really is.
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
-    if problem := _missing(args.archive) or unwritable(out):
+    if problem := _missing(args.archive) or prepare_outputs(out):
         return _fail(problem)
     try:
         data = load_images(args.archive, args.input_size)
