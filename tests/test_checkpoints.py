@@ -1,5 +1,6 @@
 import collections
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,22 @@ class Payload:
 
     def __reduce__(self):
         return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize(
+    ("write", "reason"),
+    [(lambda path: path.write_text("# not a checkpoint"), "Unsupported operand"),
+     (lambda path: path.write_bytes(pickle.dumps([1, 2], protocol=4)), "Unsupported operand")],
+    ids=["text", "plain-pickle"],
+)
+def test_a_file_torch_cannot_read_safely_is_refused_without_torchs_advice_to_load_it_unsafely(tmp_path, write, reason):
+    """torch's message opens with 'Re-running torch.load with weights_only set to False will likely succeed': the
+    one thing a user of a sanitization service must not be told to do."""
+    path = tmp_path / "model.pt"
+    write(path)
+    with pytest.raises(InputError, match="not a plain state dict") as caught:
+        read_state_dict(path)
+    assert reason in str(caught.value) and "weights_only" not in str(caught.value)
 
 
 @pytest.mark.parametrize(

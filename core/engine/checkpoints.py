@@ -186,10 +186,11 @@ def _load_pickled(path: Path) -> Any:
 def _torch_reason(error: Exception) -> str:
     """The line of a torch.load error that says what was refused, without torch's advice to load with
     weights_only=False (which would run the file's code, and which the user cannot do here anyway)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    refused = [line for line in lines if line.startswith("WeightsUnpickler error:")]
-    line = (refused or lines or [type(error).__name__])[0]
-    return line.removeprefix("WeightsUnpickler error: ").split(" Please use ")[0][:300]
+    text = str(error)
+    _, marker, refused = text.partition("WeightsUnpickler error:")  # the reason follows it, on its line or the next
+    lines = [line.strip() for line in (refused if marker else text).splitlines() if line.strip()]
+    lines = [line for line in lines if "weights_only" not in line]
+    return (lines or [type(error).__name__])[0].split(" Please use ")[0][:300]
 
 
 def _unwrap(obj: Any) -> Mapping[str, Any]:
