@@ -87,6 +87,7 @@ class Payload:
      (lambda path: path.write_bytes(pickle.dumps([1, 2], protocol=4)), "Unsupported operand")],
     ids=["text", "plain-pickle"],
 )
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")  # torch's note on the second file: expected
 def test_a_file_torch_cannot_read_safely_is_refused_without_torchs_advice_to_load_it_unsafely(tmp_path, write, reason):
     """torch's message opens with 'Re-running torch.load with weights_only set to False will likely succeed': the
     one thing a user of a sanitization service must not be told to do."""
