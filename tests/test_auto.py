@@ -250,7 +250,7 @@ SEED_6 = [{"method": "nad", "selection_acc": 84.4, "selection_gap_se": 2.49},
           {"method": "fst", "selection_acc": 45.6, "selection_gap_se": 3.4}]
 
 
-def test_a_candidate_before_the_kept_one_that_missed_the_budget_by_less_than_its_error_gets_a_second_look():
+def test_a_candidate_before_the_kept_one_that_missed_the_budget_by_no_more_than_its_error_gets_a_second_look():
     """The NAD authors' model at seed 6: nad read 3.6 points under the suspect's 88.0, out of the budget by 1.6,
     no more than its gap's standard error (2.49); sau, after it, was kept. Our GPU-trained warp at seed 2 (SE not
     recorded; 2.5 taken): nad 4.0 under, sau kept by the fallback. Out by more than the error, after the kept
