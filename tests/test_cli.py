@@ -122,10 +122,13 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
     with pytest.raises(SystemExit) as refused:
         main(["subset", str(digits_npz), "--fraction", "1.5", "--out", str(tmp_path / "part.npz")])
     assert refused.value.code == 2 and "1.5 is not between 0 and 1" in capsys.readouterr().err
+    padded = tmp_path / "padded.json"  # a trigger, but no trigger file is this big: /dev/zero would be read forever
+    padded.write_text('{"type": "badnets"' + " " * (1 << 20) + "}")
     for trigger, said in ((str(none), f"cannot read {none}: No such file or directory"),
                           ("{bad", "not a usable trigger: Expecting property name"),
                           ('{"type": "badnets", "pattern": "missing.png"}', "cannot read missing.png"),
-                          ('{"type": "square"}', "not a usable trigger")):
+                          ('{"type": "square"}', "not a usable trigger"),
+                          (str(padded), f"{padded} is larger than 1,048,576 characters")):
         with pytest.raises(SystemExit) as refused:
             main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(digits_npz),
                   "--test-data", str(digits_npz), "--trigger", trigger, "--target-label", "0"])

@@ -13,6 +13,9 @@ from pydantic import TypeAdapter, ValidationError
 from core.params import Method, SanitizeParams, TriggerSpec
 
 PRESETS = {"nad-grid": "the NAD authors' 3x3 grid in the bottom-right corner"}
+# A trigger file is a small JSON document, as the service's params field is (1 MiB there too); a bigger one is
+# not a trigger, and reading it whole (/dev/zero, say) would never end. Big patterns go in a pattern file.
+TRIGGER_FILE_LIMIT = 1 << 20
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -30,7 +33,7 @@ def parse_trigger(text: str) -> TriggerSpec:
     if text == "nad-grid":
         return NAD_GRID
     try:
-        raw: Any = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+        raw: Any = json.loads(text if text.lstrip().startswith("{") else _trigger_file(Path(text)))
         if not isinstance(raw, dict):
             raise ValueError("a trigger is a JSON object, as docs/engine.md shows")
         if isinstance(raw.get("pattern"), str):
@@ -41,6 +44,15 @@ def parse_trigger(text: str) -> TriggerSpec:
         raise argparse.ArgumentTypeError(f"cannot read {error.filename}: {error.strerror}") from None
     except ValueError as error:  # not JSON, not a trigger, or a pattern file that cannot be used
         raise argparse.ArgumentTypeError(f"not a usable trigger: {error}") from None
+
+
+def _trigger_file(path: Path) -> str:
+    with path.open(encoding="utf-8") as file:
+        text = file.read(TRIGGER_FILE_LIMIT + 1)
+    if len(text) > TRIGGER_FILE_LIMIT:
+        raise ValueError(f"{path} is larger than {TRIGGER_FILE_LIMIT:,} characters; a trigger file is a small JSON "
+                         'object: put a big pattern in a pattern file ("pattern": "pattern.npy")')
+    return text
 
 
 def _floats(text: str) -> list[float]:
