@@ -122,26 +122,40 @@ class Client:
 
 
 def _params(text: str) -> dict[str, Any]:
-    """--params: inline JSON, or @file."""
-    return json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+    """--params: inline JSON, or @file; a ValueError says which it was and why it is not a JSON object."""
+    source = text[1:] if text.startswith("@") else "--params"
+    try:
+        params = json.loads(Path(source).read_text() if text.startswith("@") else text)
+    except ValueError as error:
+        raise ValueError(f"{source} is not JSON: {error}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{source} is not a JSON object of parameters, as README's example shows")
+    return params
 
 
 def run_submit(args: argparse.Namespace) -> int:
     """`nad submit`: upload, follow, download, and print the before/after table. Exit 0 when the job
     succeeded, 1 when it failed or was cancelled, 2 when it could not be submitted or followed."""
-    from core.engine.commands import prepare_outputs, table
+    from core.engine.commands import missing_input, prepare_outputs, table
     from core.settings import ClientSettings
 
-    if problem := prepare_outputs(args.out):
-        print(f"nad: error: {problem}", file=sys.stderr)
-        return 2
-    settings = ClientSettings()
     files = {field: path for field, path in (("model", args.model), ("clean_data", args.clean_data),
                                              ("test_data", args.test_data), ("poison_data", args.poison_data),
                                              ("teacher", args.teacher)) if path is not None}
+    try:
+        problem = missing_input(*files.values()) or prepare_outputs(args.out)
+        params = _params(args.params)
+    except OSError as error:
+        problem = f"cannot read {error.filename}: {error.strerror}"
+    except ValueError as error:
+        problem = str(error)
+    if problem:
+        print(f"nad: error: {problem}", file=sys.stderr)
+        return 2
+    settings = ClientSettings()
     client = Client(args.url or settings.api_url, args.key or settings.api_key)
     try:
-        job = client.submit(files, _params(args.params))
+        job = client.submit(files, params)
         print(f"job {job['id']} queued", file=sys.stderr)
         job = client.wait(job["id"])
         if job["status"] != "succeeded":

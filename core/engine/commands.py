@@ -239,8 +239,9 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _missing(*paths: Path | None) -> str | None:
-    """The first given input that is not a file, said plainly: a traceback is not an answer to a typo."""
+def missing_input(*paths: Path | None) -> str | None:
+    """The first given input that is not a file, said plainly: a traceback is not an answer to a typo. `nad
+    submit` calls it too, before it uploads."""
     for path in paths:
         if path is not None and not path.is_file():
             return f"{path}: no such file"
@@ -272,7 +273,7 @@ def run_sanitize(args: argparse.Namespace) -> int:
     except ValidationError as error:
         return _fail(str(error))
     inputs = (args.checkpoint, args.clean_data, args.test_data, args.poison_data, args.teacher)
-    if problem := _missing(*inputs) or prepare_outputs(args.out, args.report):
+    if problem := missing_input(*inputs) or prepare_outputs(args.out, args.report):
         return _fail(problem)
     files = JobFiles(checkpoint=args.checkpoint, clean_data=args.clean_data, out=args.out, test_data=args.test_data,
                      poison_data=args.poison_data, teacher=args.teacher)
@@ -301,7 +302,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from core.engine.errors import InputError
     from core.engine.sanitize import evaluate_checkpoint
 
-    if problem := _missing(args.checkpoint, args.test_data, args.poison_data) or prepare_outputs(args.report):
+    if problem := missing_input(args.checkpoint, args.test_data, args.poison_data) or prepare_outputs(args.report):
         return _fail(problem)
     try:
         metrics, evaluation = evaluate_checkpoint(args.checkpoint, args.test_data, _params(args), args.poison_data)
@@ -324,7 +325,7 @@ def run_attack(args: argparse.Namespace) -> int:
     from core.engine.sanitize import device
     from core.engine.training import Normalization, Recipe
 
-    if problem := _missing(args.data) or prepare_outputs(args.out):
+    if problem := missing_input(args.data) or prepare_outputs(args.out):
         return _fail(problem)
     size = args.input_size or 32
     try:
@@ -355,7 +356,7 @@ def run_subset(args: argparse.Namespace) -> int:
 
     # numpy adds the suffix the archive readers go by when the name lacks it: say where the file really is.
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
-    if problem := _missing(args.archive) or prepare_outputs(out):
+    if problem := missing_input(args.archive) or prepare_outputs(out):
         return _fail(problem)
     try:
         data = load_images(args.archive, args.input_size)
