@@ -123,10 +123,13 @@ class Client:
 
 def _params(text: str) -> dict[str, Any]:
     """--params: inline JSON, or @file; a ValueError says which it was and why it is not a JSON object."""
+    from core.engine.commands import small_json_file
+
     source = text[1:] if text.startswith("@") else "--params"
     try:
-        params = json.loads(Path(source).read_text() if text.startswith("@") else text)
-    except ValueError as error:
+        params = json.loads(small_json_file(Path(source), "the service refuses larger params")
+                            if text.startswith("@") else text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{source} is not JSON: {error}") from None
     if not isinstance(params, dict):
         raise ValueError(f"{source} is not a JSON object of parameters, as README's example shows")

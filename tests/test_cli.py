@@ -115,13 +115,15 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(digits_backd
 def test_nad_submit_refuses_a_missing_file_or_params_that_are_no_json_object_before_it_uploads(
         digits_npz, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("core.client.Client.submit", lambda *args, **kwargs: pytest.fail("it uploaded"))
-    none = tmp_path / "none.pt"
+    none, padded = tmp_path / "none.pt", tmp_path / "padded.json"
+    padded.write_text("{" + " " * (1 << 20) + "}")  # an object, but past what the service takes
     for files, params, said in (((none, digits_npz), "{}", f"{none}: no such file"),
                                 ((digits_npz, digits_npz, "--test-data", none), "{}", f"{none}: no such file"),
                                 ((digits_npz, digits_npz), "{bad", "--params is not JSON: Expecting property name"),
                                 ((digits_npz, digits_npz), "[1]", "--params is not a JSON object of parameters"),
                                 ((digits_npz, digits_npz), f"@{none}", f"cannot read {none}: No such file"),
-                                ((digits_npz, digits_npz), f"@{digits_npz}", f"{digits_npz} is not JSON")):
+                                ((digits_npz, digits_npz), f"@{digits_npz}", f"{digits_npz} is not JSON"),
+                                ((digits_npz, digits_npz), f"@{padded}", f"{padded} is larger than 1,048,576")):
         assert main(["submit", *map(str, files), "--params", params, "--url", "http://127.0.0.1:9"]) == 2
         assert f"nad: error: {said}" in capsys.readouterr().err, (files, params)
 

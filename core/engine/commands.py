@@ -13,9 +13,10 @@ from pydantic import TypeAdapter, ValidationError
 from core.params import Method, SanitizeParams, TriggerSpec
 
 PRESETS = {"nad-grid": "the NAD authors' 3x3 grid in the bottom-right corner"}
-# A trigger file is a small JSON document, as the service's params field is (1 MiB there too); a bigger one is
-# not a trigger, and reading it whole (/dev/zero, say) would never end. Big patterns go in a pattern file.
-TRIGGER_FILE_LIMIT = 1 << 20
+# A JSON file named on the command line (a trigger, `nad submit`'s params) is read up to the size of the service's
+# params field (api/uploads.py, PARAMS_LIMIT): a bigger one is not what it claims to be, and reading it whole
+# (/dev/zero, say) would never end.
+JSON_FILE_LIMIT = 1 << 20
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -33,7 +34,9 @@ def parse_trigger(text: str) -> TriggerSpec:
     if text == "nad-grid":
         return NAD_GRID
     try:
-        raw: Any = json.loads(text if text.lstrip().startswith("{") else _trigger_file(Path(text)))
+        raw: Any = json.loads(text if text.lstrip().startswith("{") else small_json_file(
+            Path(text), 'a trigger file is a small JSON object: put a big pattern in a pattern file ("pattern": '
+            '"pattern.npy")'))
         if not isinstance(raw, dict):
             raise ValueError("a trigger is a JSON object, as docs/engine.md shows")
         if isinstance(raw.get("pattern"), str):
@@ -46,12 +49,13 @@ def parse_trigger(text: str) -> TriggerSpec:
         raise argparse.ArgumentTypeError(f"not a usable trigger: {error}") from None
 
 
-def _trigger_file(path: Path) -> str:
+def small_json_file(path: Path, advice: str) -> str:
+    """The text of a JSON file named on the command line, up to JSON_FILE_LIMIT; past it a ValueError that ends
+    with `advice`. `nad submit` reads its `--params @file` with it too."""
     with path.open(encoding="utf-8") as file:
-        text = file.read(TRIGGER_FILE_LIMIT + 1)
-    if len(text) > TRIGGER_FILE_LIMIT:
-        raise ValueError(f"{path} is larger than {TRIGGER_FILE_LIMIT:,} characters; a trigger file is a small JSON "
-                         'object: put a big pattern in a pattern file ("pattern": "pattern.npy")')
+        text = file.read(JSON_FILE_LIMIT + 1)
+    if len(text) > JSON_FILE_LIMIT:
+        raise ValueError(f"{path} is larger than {JSON_FILE_LIMIT:,} characters; {advice}")
     return text
 
 
