@@ -117,13 +117,16 @@ def test_nad_submit_refuses_a_missing_file_or_params_that_are_no_json_object_bef
     monkeypatch.setattr("core.client.Client.submit", lambda *args, **kwargs: pytest.fail("it uploaded"))
     none, padded = tmp_path / "none.pt", tmp_path / "padded.json"
     padded.write_text("{" + " " * (1 << 20) + "}")  # an object, but past what the service takes
+    wide = tmp_path / "wide.json"  # fewer characters than the limit, more bytes: the service counts bytes
+    wide.write_text('{"name": "' + "é" * (1 << 19) + '"}', encoding="utf-8")
     for files, params, said in (((none, digits_npz), "{}", f"{none}: no such file"),
                                 ((digits_npz, digits_npz, "--test-data", none), "{}", f"{none}: no such file"),
                                 ((digits_npz, digits_npz), "{bad", "--params is not JSON: Expecting property name"),
                                 ((digits_npz, digits_npz), "[1]", "--params is not a JSON object of parameters"),
                                 ((digits_npz, digits_npz), f"@{none}", f"cannot read {none}: No such file"),
                                 ((digits_npz, digits_npz), f"@{digits_npz}", f"{digits_npz} is not JSON"),
-                                ((digits_npz, digits_npz), f"@{padded}", f"{padded} is larger than 1,048,576")):
+                                ((digits_npz, digits_npz), f"@{padded}", f"{padded} is larger than 1,048,576 bytes"),
+                                ((digits_npz, digits_npz), f"@{wide}", f"{wide} is larger than 1,048,576 bytes")):
         assert main(["submit", *map(str, files), "--params", params, "--url", "http://127.0.0.1:9"]) == 2
         assert f"nad: error: {said}" in capsys.readouterr().err, (files, params)
 
@@ -135,16 +138,17 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
     assert f"nad: error: {none}: no such file" in capsys.readouterr().err
     assert main(["subset", str(none), "--fraction", "0.5", "--out", str(tmp_path / "part.npz")]) == 2
     assert f"{none}: no such file" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as refused:
-        main(["subset", str(digits_npz), "--fraction", "1.5", "--out", str(tmp_path / "part.npz")])
-    assert refused.value.code == 2 and "1.5 is not between 0 and 1" in capsys.readouterr().err
+    for fraction in ("1.5", "5%"):
+        with pytest.raises(SystemExit) as refused:
+            main(["subset", str(digits_npz), "--fraction", fraction, "--out", str(tmp_path / "part.npz")])
+        assert refused.value.code == 2 and f"{fraction} is not between 0 and 1" in capsys.readouterr().err
     padded = tmp_path / "padded.json"  # a trigger, but no trigger file is this big: /dev/zero would be read forever
     padded.write_text('{"type": "badnets"' + " " * (1 << 20) + "}")
     for trigger, said in ((str(none), f"cannot read {none}: No such file or directory"),
                           ("{bad", "not a usable trigger: Expecting property name"),
                           ('{"type": "badnets", "pattern": "missing.png"}', "cannot read missing.png"),
                           ('{"type": "square"}', "not a usable trigger"),
-                          (str(padded), f"{padded} is larger than 1,048,576 characters")):
+                          (str(padded), f"{padded} is larger than 1,048,576 bytes")):
         with pytest.raises(SystemExit) as refused:
             main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(digits_npz),
                   "--test-data", str(digits_npz), "--trigger", trigger, "--target-label", "0"])

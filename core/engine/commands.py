@@ -50,13 +50,14 @@ def parse_trigger(text: str) -> TriggerSpec:
 
 
 def small_json_file(path: Path, advice: str) -> str:
-    """The text of a JSON file named on the command line, up to JSON_FILE_LIMIT; past it a ValueError that ends
-    with `advice`. `nad submit` reads its `--params @file` with it too."""
-    with path.open(encoding="utf-8") as file:
-        text = file.read(JSON_FILE_LIMIT + 1)
-    if len(text) > JSON_FILE_LIMIT:
-        raise ValueError(f"{path} is larger than {JSON_FILE_LIMIT:,} characters; {advice}")
-    return text
+    """The text of a JSON file named on the command line, up to JSON_FILE_LIMIT bytes (the service counts bytes
+    too); past it a ValueError that ends with `advice`, and a UnicodeDecodeError where it is not UTF-8. `nad
+    submit` reads its `--params @file` with it too."""
+    with path.open("rb") as file:
+        data = file.read(JSON_FILE_LIMIT + 1)
+    if len(data) > JSON_FILE_LIMIT:
+        raise ValueError(f"{path} is larger than {JSON_FILE_LIMIT:,} bytes; {advice}")
+    return data.decode("utf-8")
 
 
 def _floats(text: str) -> list[float]:
@@ -175,7 +176,10 @@ def _add_attack(commands: argparse._SubParsersAction) -> None:
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")  # refused below, in the same words: argparse would name this function instead
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
     return value
