@@ -139,7 +139,7 @@ def _params(text: str) -> dict[str, Any]:
 def run_submit(args: argparse.Namespace) -> int:
     """`nad submit`: upload, follow, download, and print the before/after table. Exit 0 when the job
     succeeded, 1 when it failed or was cancelled, 2 when it could not be submitted or followed."""
-    from core.engine.commands import missing_input, prepare_outputs, table
+    from core.engine.commands import cannot_read, missing_input, prepare_outputs, table
     from core.settings import ClientSettings
 
     files = {field: path for field, path in (("model", args.model), ("clean_data", args.clean_data),
@@ -149,7 +149,7 @@ def run_submit(args: argparse.Namespace) -> int:
         problem = missing_input(*files.values()) or prepare_outputs(args.out)
         params = _params(args.params)
     except OSError as error:
-        problem = f"cannot read {error.filename}: {error.strerror}"
+        problem = cannot_read(error)
     except ValueError as error:
         problem = str(error)
     if problem:

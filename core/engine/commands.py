@@ -44,9 +44,14 @@ def parse_trigger(text: str) -> TriggerSpec:
             raw["pattern"] = load_pattern(Path(path), key or None)
         return TypeAdapter(TriggerSpec).validate_python(raw)
     except OSError as error:  # argparse shows its own errors only for ValueError and TypeError
-        raise argparse.ArgumentTypeError(f"cannot read {error.filename}: {error.strerror}") from None
+        raise argparse.ArgumentTypeError(cannot_read(error)) from None
     except ValueError as error:  # not JSON, not a trigger, or a pattern file that cannot be used
         raise argparse.ArgumentTypeError(f"not a usable trigger: {error}") from None
+
+
+def cannot_read(error: OSError) -> str:
+    """One line for a file the command line could not read, the same for every command."""
+    return f"cannot read {error.filename}: {error.strerror}"
 
 
 def small_json_file(path: Path, advice: str) -> str:
