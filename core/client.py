@@ -146,8 +146,8 @@ def run_submit(args: argparse.Namespace) -> int:
                                              ("test_data", args.test_data), ("poison_data", args.poison_data),
                                              ("teacher", args.teacher)) if path is not None}
     try:
+        params = _params(args.params)  # first: a refusal leaves no folder behind
         problem = missing_input(*files.values()) or prepare_outputs(args.out)
-        params = _params(args.params)
     except OSError as error:
         problem = cannot_read(error)
     except ValueError as error:

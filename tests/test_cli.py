@@ -127,8 +127,11 @@ def test_nad_submit_refuses_a_missing_file_or_params_that_are_no_json_object_bef
                                 ((digits_npz, digits_npz), f"@{digits_npz}", f"{digits_npz} is not JSON"),
                                 ((digits_npz, digits_npz), f"@{padded}", f"{padded} is larger than 1,048,576 bytes"),
                                 ((digits_npz, digits_npz), f"@{wide}", f"{wide} is larger than 1,048,576 bytes")):
-        assert main(["submit", *map(str, files), "--params", params, "--url", "http://127.0.0.1:9"]) == 2
+        out = tmp_path / "new" / "clean.safetensors"
+        assert main(["submit", *map(str, files), "--params", params, "--out", str(out),
+                     "--url", "http://127.0.0.1:9"]) == 2
         assert f"nad: error: {said}" in capsys.readouterr().err, (files, params)
+        assert not out.parent.exists(), "a refused submit made its output folder"
 
 
 def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(digits_npz, tmp_path, capsys):
