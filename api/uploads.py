@@ -18,6 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from api.problems import FieldError, ProblemError, invalid
 from core.jobs import FileRecord
+from core.params import PARAMS_LIMIT
 from core.storage import FileWriter, Storage, TooLarge
 
 FILE_FIELDS = {
@@ -29,8 +30,6 @@ FILE_FIELDS = {
 }
 PARAMS = "params"
 REQUIRED = ("model", "clean_data", PARAMS)
-# The params field is a small JSON document; anything bigger is not one.
-PARAMS_LIMIT = 1 << 20
 
 
 @dataclass

@@ -10,6 +10,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# The most bytes of params JSON anyone takes: the API for the `params` form field, the command line for a JSON
+# file it is given (a trigger, `nad submit --params @file`). A bigger one is no small JSON object, and reading it
+# whole (/dev/zero, say) would never end.
+PARAMS_LIMIT = 1 << 20
+
 Pixel = Annotated[int, Field(ge=0, le=255)]
 # A pattern is rows of pixels: each pixel one grey value (all channels alike) or one value per channel.
 Pattern = list[list[Pixel]] | list[list[list[Pixel]]]

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from api.app import create_app
 from core import jobs, keys
 from core.database import Database
+from core.params import PARAMS_LIMIT
 from core.settings import Settings
 from core.storage import LOCK_FILE, Storage, output_name
 
@@ -309,6 +310,7 @@ def test_a_retried_submit_with_the_same_idempotency_key_returns_the_same_job(
         ),
         ({"arch": "wrn-16-1", "num_classes": 10, "bogus": 1}, "params.bogus"),
         ("{not json", "params"),
+        (json.dumps(PARAMS) + " " * PARAMS_LIMIT, "params"),  # JSON, but past the cap `nad` reads files to too
     ],
 )
 def test_invalid_params_are_422_naming_the_field(

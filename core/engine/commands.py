@@ -10,13 +10,9 @@ from typing import Any, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
-from core.params import Method, SanitizeParams, TriggerSpec
+from core.params import PARAMS_LIMIT, Method, SanitizeParams, TriggerSpec
 
 PRESETS = {"nad-grid": "the NAD authors' 3x3 grid in the bottom-right corner"}
-# A JSON file named on the command line (a trigger, `nad submit`'s params) is read up to the size of the service's
-# params field (api/uploads.py, PARAMS_LIMIT): a bigger one is not what it claims to be, and reading it whole
-# (/dev/zero, say) would never end.
-JSON_FILE_LIMIT = 1 << 20
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -55,13 +51,13 @@ def cannot_read(error: OSError) -> str:
 
 
 def small_json_file(path: Path, advice: str) -> str:
-    """The text of a JSON file named on the command line, up to JSON_FILE_LIMIT bytes (the service counts bytes
+    """The text of a JSON file named on the command line, up to PARAMS_LIMIT bytes (the service counts bytes
     too); past it a ValueError that ends with `advice`, and a UnicodeDecodeError where it is not UTF-8. `nad
     submit` reads its `--params @file` with it too."""
     with path.open("rb") as file:
-        data = file.read(JSON_FILE_LIMIT + 1)
-    if len(data) > JSON_FILE_LIMIT:
-        raise ValueError(f"{path} is larger than {JSON_FILE_LIMIT:,} bytes; {advice}")
+        data = file.read(PARAMS_LIMIT + 1)
+    if len(data) > PARAMS_LIMIT:
+        raise ValueError(f"{path} is larger than {PARAMS_LIMIT:,} bytes; {advice}")
     return data.decode("utf-8")
 
 
