@@ -1,6 +1,7 @@
 """The `nad` command on real files: attack, evaluate, subset and sanitize, with their reports."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,11 @@ import pytest
 
 from conftest import DIGITS_TRIGGER, digits_arrays
 from core.cli import main
-from core.engine.commands import ProgressBar
+from core.engine.commands import ProgressBar, parse_trigger
 from core.engine.events import Event
 
 TRIGGER = json.dumps(DIGITS_TRIGGER)
+UNREADABLE = "/proc/self/mem"  # opens, then fails to read (EIO): an OSError that names no file
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,8 @@ def test_nad_submit_refuses_a_missing_file_or_params_that_are_no_json_object_bef
                                 ((digits_npz, digits_npz), f"@{none}", f"cannot read {none}: No such file"),
                                 ((digits_npz, digits_npz), f"@{digits_npz}", f"{digits_npz} is not JSON"),
                                 ((digits_npz, digits_npz), f"@{padded}", f"{padded} is larger than 1,048,576 bytes"),
-                                ((digits_npz, digits_npz), f"@{wide}", f"{wide} is larger than 1,048,576 bytes")):
+                                ((digits_npz, digits_npz), f"@{wide}", f"{wide} is larger than 1,048,576 bytes"),
+                                ((digits_npz, digits_npz), f"@{UNREADABLE}", f"cannot read {UNREADABLE}: Input")):
         out = tmp_path / "new" / "clean.safetensors"
         assert main(["submit", *map(str, files), "--params", params, "--out", str(out),
                      "--url", "http://127.0.0.1:9"]) == 2
@@ -151,11 +154,34 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
                           ("{bad", "not a usable trigger: Expecting property name"),
                           ('{"type": "badnets", "pattern": "missing.png"}', "cannot read missing.png"),
                           ('{"type": "square"}', "not a usable trigger"),
-                          (str(padded), f"{padded} is larger than 1,048,576 bytes")):
+                          (str(padded), f"{padded} is larger than 1,048,576 bytes"),
+                          (UNREADABLE, f"cannot read {UNREADABLE}: Input/output error")):
         with pytest.raises(SystemExit) as refused:
             main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(digits_npz),
                   "--test-data", str(digits_npz), "--trigger", trigger, "--target-label", "0"])
         assert refused.value.code == 2 and said in capsys.readouterr().err, trigger
+
+
+def _pipe(text: str) -> str:
+    """A pipe holding `text`, named as bash's process substitution names one (/dev/fd/N)."""
+    out, into = os.pipe()
+    os.write(into, text.encode())
+    os.close(into)
+    return f"/dev/fd/{out}"
+
+
+def test_json_files_may_be_pipes_as_process_substitution_makes_them(digits_npz, monkeypatch):
+    """`--trigger <(...)` and `--params @<(jq ...)` name a pipe: it is read as it comes, not refused for not
+    being a regular file."""
+    assert parse_trigger(_pipe(TRIGGER)) == parse_trigger(TRIGGER)
+    sent = {}
+    monkeypatch.setattr("core.client.Client.submit", lambda self, files, params: sent.update(params) or {"id": "x"})
+    monkeypatch.setattr("core.client.Client.wait",
+                        lambda self, job_id: {"id": job_id, "status": "failed", "error": "stop"})
+    params = _pipe('{"method": "sau"}')
+    assert main(["submit", str(digits_npz), str(digits_npz), "--params", f"@{params}",
+                 "--url", "http://127.0.0.1:9"]) == 1
+    assert sent == {"method": "sau"}
 
 
 def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):

@@ -53,9 +53,13 @@ def cannot_read(error: OSError) -> str:
 def small_json_file(path: Path, advice: str) -> str:
     """The text of a JSON file named on the command line, up to PARAMS_LIMIT bytes (the service counts bytes
     too); past it a ValueError that ends with `advice`, and a UnicodeDecodeError where it is not UTF-8. `nad
-    submit` reads its `--params @file` with it too."""
-    with path.open("rb") as file:
-        data = file.read(PARAMS_LIMIT + 1)
+    submit` reads its `--params @file` with it too. A pipe is read as it comes, so `@<(jq ...)` works."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(PARAMS_LIMIT + 1)
+    except OSError as error:  # a failed read (EIO from /proc/self/mem) names no file; cannot_read needs one
+        error.filename = error.filename or str(path)
+        raise
     if len(data) > PARAMS_LIMIT:
         raise ValueError(f"{path} is larger than {PARAMS_LIMIT:,} bytes; {advice}")
     return data.decode("utf-8")
