@@ -19,7 +19,7 @@ from api.schemas import JobPage, JobResource, Metrics
 from api.services import Reading, Service, Services
 from core import jobs
 from core.jobs import OUTPUT, Job, Status
-from core.params import SanitizeParams
+from core.params import CAPPED_EPOCHS, SanitizeParams
 from core.storage import JOB_ID
 from worker.dispatch import send_job
 
@@ -105,10 +105,7 @@ def _check_epochs(params: SanitizeParams, max_epochs: int) -> None:
     not finish within the time limit is refused now rather than failed hours later."""
     errors = [FieldError(field=f"params.{name}", message=f"{value} is more than this service's limit of "
                                                           f"{max_epochs} epochs; ask for at most {max_epochs}")
-              for name, value in (("epochs", params.epochs), ("teacher_epochs", params.teacher_epochs),
-                                  ("fst_epochs", params.fst_epochs), ("ibau_rounds", params.ibau_rounds),
-                                  ("sau_epochs", params.sau_epochs))
-              if value > max_epochs]
+              for name, value in ((name, getattr(params, name)) for name in CAPPED_EPOCHS) if value > max_epochs]
     if errors:
         raise invalid(errors)
 
@@ -146,8 +143,8 @@ async def submit(request: Request, response: Response, owner: Owner, service: Se
     checkpoint or archive the engine cannot use fails the job with a message saying why.
 
     A key that already has `NAD_MAX_QUEUED_JOBS` jobs queued or running is answered 429 (with `Retry-After`)
-    before its body is read; `epochs` or `teacher_epochs` past `NAD_MAX_EPOCHS` is a 422; a server whose disk
-    is full answers 507.
+    before its body is read; an epoch count past `NAD_MAX_EPOCHS` is a 422 naming the field; a server whose
+    disk is full answers 507.
 
     A retry with an `Idempotency-Key` already used is received like any upload (so the client is never cut
     off mid-body), then discarded, and answered with the first job.

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # file it is given (a trigger, `nad submit --params @file`). A bigger one is no small JSON object, and reading it
 # whole (/dev/zero, say) would never end.
 PARAMS_LIMIT = 1 << 20
+# The training lengths an operator caps with NAD_MAX_EPOCHS (`sau_anchor_epochs` only splits `sau_epochs`).
+CAPPED_EPOCHS = ("epochs", "teacher_epochs", "fst_epochs", "ibau_rounds", "sau_epochs")
 
 Pixel = Annotated[int, Field(ge=0, le=255)]
 # A pattern is rows of pixels: each pixel one grey value (all channels alike) or one value per channel.

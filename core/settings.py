@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.params import CAPPED_EPOCHS
+
 
 class Settings(BaseSettings):
     """Everything the API and the worker need to agree on, with defaults for one machine (`make up`)."""
@@ -34,7 +36,7 @@ class Settings(BaseSettings):
     )
     max_epochs: int = Field(
         default=200, ge=1,
-        description="cap on a job's `epochs`, `teacher_epochs` and `fst_epochs`, checked at submission",
+        description=f"cap on a job's {', '.join(f'`{name}`' for name in CAPPED_EPOCHS)}, checked at submission",
     )
     max_images: int = Field(
         default=200_000, ge=1, description="cap on the images of one job's archives together (clean, test, "
