@@ -91,8 +91,8 @@ def test_the_perturbation_leaves_the_model_as_it_was_but_for_pruned_weights(arch
     images, labels = _data(8)
     layers = batch_norms(model)
     # threshold 1 prunes every neuron: each BatchNorm weight zero, everything else as it was.
-    report = adversarial_neuron_pruning(model, layers, images, labels, _recipe(iterations=2, batch_size=4,
-                                        threshold=1.0), Normalization(), _watch(), Execution())
+    report = adversarial_neuron_pruning(model, images, labels, _recipe(iterations=2, batch_size=4, threshold=1.0),
+                                        Normalization(), _watch(), Execution())
     state = model.state_dict()
     assert list(state) == list(original)
     assert all(type(module) in (nn.BatchNorm2d, nn.BatchNorm1d) for module in layers.values())

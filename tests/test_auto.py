@@ -160,6 +160,20 @@ def test_a_candidate_that_cannot_clean_the_model_is_left_out_and_said(squeezenet
     assert {row["stage"] for row in report["history"]} == {"finetune/teacher"}
 
 
+def test_anp_as_a_candidate_prunes_its_own_copy_and_leaves_the_suspect_whole_for_the_next(digits_backdoor, tmp_path):
+    """anp's masks go on the candidate's own BatchNorm layers. On the suspect's, which the copy does not use,
+    the masks had no gradient and the job failed; and a pruned suspect would be where every later candidate
+    starts. At threshold 1 anp prunes every neuron of its copy; finetune after it still starts from the suspect."""
+    report = digits_backdoor.sanitize(tmp_path / "auto.safetensors", time_limit=3600, method="auto",
+                                      auto_candidates=["anp", "finetune"], anp_iterations=8, anp_threshold=1.0,
+                                      auto_budget=3.0)
+    auto = report["auto"]
+    anp, finetune = auto["candidates"]
+    assert (anp["method"], finetune["method"], auto["chosen"]) == ("anp", "finetune", "finetune")
+    assert anp["selection_acc"] < auto["suspect_selection_acc"] - 50  # nothing left of its copy
+    assert finetune["selection_acc"] >= auto["suspect_selection_acc"] - 3.0
+
+
 @pytest.mark.parametrize(("method", "candidates", "words"), [
     ("fst", ["nad"], "linear classifier layer"),
     ("auto", ["fst"], "linear classifier layer"),

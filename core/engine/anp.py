@@ -246,11 +246,13 @@ def prune(layers: dict[str, nn.Module], masks: list[torch.Tensor], threshold: fl
             "neurons": sum(row["neurons"] for row in per_layer.values()), "layers": per_layer}
 
 
-def adversarial_neuron_pruning(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
-                               labels: torch.Tensor, recipe: AnpRecipe, normalize: Normalization, watch: Watch,
-                               execution: Execution) -> dict[str, Any]:
-    """Prune `model` in place: learn the masks of `layers` (`batch_norms(model)`, not empty: `methods.unsuitable`
+def adversarial_neuron_pruning(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: AnpRecipe,
+                               normalize: Normalization, watch: Watch, execution: Execution) -> dict[str, Any]:
+    """Prune `model` in place: learn the masks of its BatchNorm layers (there are some: `methods.unsuitable`
     refuses such a model before any work) on the clean data, then zero the weights of the neurons
-    whose mask fell to the threshold. Returns what `prune` reports."""
+    whose mask fell to the threshold. Returns what `prune` reports. The layers are looked up on `model`
+    itself: `auto` cleans a copy of the suspect, and pruning the suspect's layers instead would touch the
+    model every later candidate starts from."""
+    layers = batch_norms(model)
     masks = optimize_masks(model, layers, images, labels, recipe, normalize, watch, execution)
     return prune(layers, masks, recipe.threshold)

@@ -35,8 +35,8 @@ SAU_EPOCH_WEIGHT = 9
 
 @dataclass(frozen=True)
 class Run:
-    """What every method of one job shares: its parameters, a supplied teacher (or None), the NAD layers and
-    ANP neurons checked at load time, the data pipeline, and where progress and timings go. `watch(stage)`
+    """What every method of one job shares: its parameters, a supplied teacher (or None), the NAD layers
+    checked at load time, the data pipeline, and where progress and timings go. `watch(stage)`
     gives the progress span of a training stage; `stage_prefix` names the stages of an `auto` candidate, and
     `cutoff`, when set, stops it (Cancelled) before an epoch it has no time for, as the user's cancel would;
     `deadline` (time.monotonic(), or None) is when the job's time runs out. `resampling` is the suspect's
@@ -46,7 +46,6 @@ class Run:
     params: SanitizeParams
     teacher: nn.Module | None
     distillation: Distillation | None
-    neurons: dict[str, nn.Module] | None
     resampling: ResamplingSign
     normalize: Normalization
     execution: Execution
@@ -175,8 +174,8 @@ def _defend(method: str, model: nn.Module, images: torch.Tensor, labels: torch.T
         return Defended(model)
     if method == "anp":
         with run.timed("anp"):
-            pruning = adversarial_neuron_pruning(model, run.neurons, images, labels, anp_recipe(params), normalize,
-                                                 run.stage("anp"), execution)
+            pruning = adversarial_neuron_pruning(model, images, labels, anp_recipe(params), normalize, run.stage("anp"),
+                                                 execution)
         return Defended(model, pruning)
     if method == "ibau":
         with run.timed("ibau"):

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.engine.anp import batch_norms
 from core.engine.auto import SECOND_LOOK, choose
 from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, write_checkpoint
 from core.engine.data import ImageSet, TooManyImages, load_images, stratified_split
@@ -237,7 +236,6 @@ def sanitize(
         methods = runnable(params, model)
         distillation = (choose_distillation(params.arch, model, params.layers, params.betas)
                         if "nad" in methods else None)
-        neurons = batch_norms(model) if "anp" in methods else None
         budget = ImageBudget(max_images)
         clean = load_clean(files.clean_data, params, budget)
         train_set, evaluation = prepare_evaluation(files, params, clean, budget)
@@ -260,7 +258,7 @@ def sanitize(
 
     with clock.time("resampling_sign"):
         resampling = resampling_sign(model, images, normalize, execution)
-    run = Run(params, teacher, distillation, neurons, resampling, normalize, execution, watch, clock,
+    run = Run(params, teacher, distillation, resampling, normalize, execution, watch, clock,
               deadline=deadline)
     if params.method == "auto":
         chosen = choose(model, images, labels, run, lambda candidate: measure(candidate, evaluation, normalize, dev,
