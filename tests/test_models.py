@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from core.engine.attention import tap
 from core.engine.errors import InputError
 from core.engine.models import build_model, choose_distillation
 
@@ -9,13 +10,29 @@ from core.engine.models import build_model, choose_distillation
     ("arch", "layers"),
     [("wrn-16-1", ("block1", "block2", "block3")), ("wrn-16-2", ("block1", "block2", "block3")),
      ("preact-resnet18", ("layer2", "layer3", "layer4")), ("resnet18", ("layer2", "layer3", "layer4")),
-     ("mobilenet_v2", ("features.16", "features.17", "features.18"))],
+     ("mobilenet_v2", ("features.16", "features.17", "features.18")),
+     # features.18 and .16, VGG's last convolutions, are overwritten by the ReLU(inplace=True) after each
+     ("vgg11", ("features.17", "features.19", "features.20")),
+     ("densenet121", ("features.transition3", "features.denseblock4", "features.norm5"))],
 )
 def test_registry_builds_models_with_default_layers(arch, layers):
     model = build_model(arch, 7)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
     chosen = choose_distillation(arch, model, None, None)
     assert chosen.layers == layers and chosen.betas == (500.0, 1000.0, 1000.0)
+
+
+def test_the_default_layers_record_three_distinct_maps_and_an_overwritten_layer_is_refused():
+    """A hook on a convolution that a ReLU(inplace=True) follows records, once the pass is done, the ReLU's
+    output: NAD would distil that one map twice. The defaults skip such a module, and a user's choice of one
+    is refused, naming the module to choose instead."""
+    model = build_model("vgg11", 10)
+    chosen = choose_distillation("vgg11", model, None, None)
+    with tap(model, chosen.layers) as outputs:
+        model(torch.rand(2, 3, 32, 32))
+    assert len({output.data_ptr() for output in outputs}) == 3
+    with pytest.raises(InputError, match="module after 'features.18' overwrites its output"):
+        choose_distillation("vgg11", model, ["features.18", "features.19"], [1.0, 1.0])
 
 
 def test_wrn_has_the_wideresnet_pytorch_parameter_layout():

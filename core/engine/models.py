@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -177,17 +178,34 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     raise InputError(f"unknown architecture {arch!r}; known: " + "; ".join(arch_names()))
 
 
+def overwritten(model: nn.Module) -> set[str]:
+    """The modules whose output the next module of their nn.Sequential overwrites in place (VGG's convolutions,
+    each followed by ReLU(inplace=True)). What a hook records of such a module is, once the forward pass is
+    done, the next module's output, the very same tensor: NAD would distil one map twice and the named one
+    never."""
+    names = set()
+    for prefix, parent in model.named_modules():
+        if isinstance(parent, nn.Sequential):
+            names.update(f"{prefix}.{name}" if prefix else name
+                         for (name, _), (_, following) in pairwise(parent.named_children())
+                         if getattr(following, "inplace", False))
+    return names
+
+
 def default_layers(arch: str, model: nn.Module) -> tuple[str, ...]:
     """The three residual groups' outputs, as in the NAD paper; for other torchvision models the last three
-    stages of `features`."""
+    modules of `features` whose output is not overwritten in place."""
     if _WRN.fullmatch(arch):
         return ("block1", "block2", "block3")
     names = dict(model.named_children())
     if {"layer2", "layer3", "layer4"} <= names.keys():
         return ("layer2", "layer3", "layer4")
     features = names.get("features")
-    if isinstance(features, nn.Sequential) and len(features) >= 3:
-        return tuple(f"features.{i}" for i in range(len(features) - 3, len(features)))
+    lost = overwritten(model)
+    kept = [name for name in (f"features.{child}" for child, _ in features.named_children()) if name not in lost] \
+        if isinstance(features, nn.Sequential) else []
+    if len(kept) >= 3:
+        return tuple(kept[-3:])
     raise InputError(f"no default distillation layers for {arch!r}: choose them with `layers` (module names)")
 
 
@@ -201,6 +219,10 @@ def choose_distillation(
     if unknown:
         known = ", ".join(name for name in modules if name)
         raise InputError(f"no module named {', '.join(map(repr, unknown))} in {arch}; module names: {known}")
+    lost = sorted(overwritten(model) & set(chosen))
+    if lost:
+        raise InputError(f"the module after {', '.join(map(repr, lost))} overwrites its output in place: choose "
+                         "that module instead")
     if betas:
         weights = tuple(betas)
     elif len(chosen) == len(DEFAULT_BETAS):
