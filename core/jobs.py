@@ -327,8 +327,9 @@ class Assignment:
 def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: int) -> Assignment | None:
     """Count one more start of the job and mark it running; None when there is nothing to run.
 
-    A message delivered again after its worker died finds the job still running (or cancelling): that counts
-    as another attempt, and past `max_attempts` the job fails instead of taking down one more worker.
+    A message delivered again after its worker died finds the job still running (or cancelling), and one the
+    sweeper sent after the whole worker died finds it queued again: either counts as another attempt, and past
+    `max_attempts` the job fails instead of taking down one more worker.
     A job cancelled, deleted or finished in the meantime is not run, nor one whose message the sweeper has
     replaced (`dispatch` is not the job's): the replacement runs it.
     """
@@ -338,10 +339,11 @@ def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: in
     if job.status == Status.CANCELLING:
         finish_cancelled(session, job_id, dispatch)
         return None
-    if job.attempts >= max_attempts:
-        fail(session, job_id, dispatch, f"the job was started {job.attempts} times and its worker stopped each time "
-                              "before it finished (out of memory, or the machine restarted); try smaller "
-                              "batch_size or fewer images, or ask the operators")
+    if job.attempts >= max_attempts:  # from queued too: fail() would leave a recovered job queued for ever
+        _transition(session, job_id, (Status.QUEUED, Status.RUNNING), dispatch, status=Status.FAILED,
+                    finished_at=now(), error=f"the job was started {job.attempts} times and its worker stopped each "
+                    "time before it finished (out of memory, or the machine restarted); try smaller batch_size or "
+                    "fewer images, or ask the operators")
         return None
     job.attempts += 1
     job.status = Status.RUNNING

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,21 @@ def test_each_start_is_an_attempt_and_a_job_that_keeps_killing_workers_fails(dat
     with database.session() as session:
         job = session.get(jobs.Job, job_id)
         assert job.status == "failed" and job.attempts == 2 and "started 2 times" in job.error
+
+
+def test_a_job_whose_whole_worker_keeps_dying_fails_too(database: Database) -> None:
+    """The sweeper puts such a job back in the queue under a new dispatch; its next start past the attempts
+    fails it from there, where it had stayed queued (and been sent again) for ever."""
+    job_id = new_job(database, owner())
+    start(database, job_id, max_attempts=1)
+    with database.session() as session:
+        assert jobs.recover(session, job_id, 0, jobs.now() + timedelta(seconds=1))
+    assert status(database, job_id) == "queued"
+    assert start(database, job_id, dispatch=1, max_attempts=1) is None
+    with database.session() as session:
+        job = session.get(jobs.Job, job_id)
+        assert job.status == "failed" and "started 1 times" in job.error and job.finished_at is not None
+        assert jobs.count_unfinished(session, job.owner) == 0
 
 
 def test_a_redispatch_is_claimed_once_and_retires_the_old_message(database: Database) -> None:
