@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from http import HTTPStatus
 from pathlib import Path
@@ -25,6 +27,8 @@ from core.database import Database
 from core.params import PARAMS_LIMIT
 from core.settings import Settings
 from core.storage import LOCK_FILE, Storage, output_name
+from worker.app import make_celery
+from worker.dispatch import send_job
 
 pytest_plugins = ["service_fixtures"]
 
@@ -279,6 +283,41 @@ def test_a_job_the_broker_cannot_take_is_not_kept(api_settings: Settings) -> Non
         headers = new_key(down)
         assert "send it again" in problem(submit(client, headers), 503)["detail"]
         assert job_ids(client, headers) == [] and leftovers(down) == []
+
+
+def test_a_broker_that_accepts_connections_but_never_answers_is_down_not_waited_on(api_settings: Settings) -> None:
+    """A stopped Redis on a live host, a stalled VM: connections open, no answer ever comes. Each submit and
+    readiness probe once held an API thread for ever (40 probes took the whole pool); now they answer 503.
+    Socket timeouts bound it, not a test clock: the join only keeps a regression from hanging the suite."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes connections into the backlog; nothing reads or answers them
+        down = api_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                                               "storage_dir": api_settings.storage_dir / "silent"})
+        failed: list[Exception] = []  # first without the API: a hang here fails the test instead of hanging it
+
+        def send() -> None:
+            try:
+                send_job(make_celery(down), jobs.new_job_id(), 0)
+            except Exception as error:
+                failed.append(error)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        sender.join(60)
+        assert failed, "sending a job to a broker that never answers did not end"
+        with TestClient(create_app(down)) as client:
+            headers = new_key(down)
+            answers: list[httpx.Response] = []
+            calls = (lambda: submit(client, headers), lambda: client.get("/readyz"))
+            threads = [threading.Thread(target=lambda call=call: answers.append(call()), daemon=True) for call in calls]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert sorted(answer.status_code for answer in answers) == [503, 503]
+            assert job_ids(client, headers) == [] and leftovers(down) == []
+            assert client.get("/healthz").status_code == 200
 
 
 def test_a_retried_submit_with_the_same_idempotency_key_returns_the_same_job(

@@ -15,7 +15,12 @@ from core.database import Database
 from core.settings import Settings, get_settings
 from worker.dispatch import SANITIZE, Sweeper
 
-__all__ = ["SANITIZE", "app", "make_celery"]
+__all__ = ["BROKER_TIMEOUT", "SANITIZE", "app", "make_celery"]
+
+# Seconds any one exchange with the broker may take before it counts as down. Redis answers in milliseconds;
+# without a bound, a Redis that accepts connections but never answers (stopped, on a stalled host) would hold
+# each submit and readiness probe, and with them the API's threads, for ever.
+BROKER_TIMEOUT = 2.0
 
 # Set on import, before anything imports torch (`celery -A worker.app` imports this module first): every
 # torch.load in the worker then reads weights only, whatever its call says, so no later code (ours or a
@@ -49,8 +54,11 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
     )
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        # Redis's redelivery clock; other transports take no such option (SQLAlchemy's refuses it).
-        app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout}
+        # Redis's redelivery clock and socket timeouts; other transports take no such options (SQLAlchemy's
+        # refuses them).
+        app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout,
+                                             "socket_timeout": BROKER_TIMEOUT,
+                                             "socket_connect_timeout": BROKER_TIMEOUT}
     app.steps["worker"].add(Sweeper)
     return app
 
