@@ -60,7 +60,7 @@ UPLOAD_BODY = {
 QUEUE_FULL_RETRY_AFTER = 60
 IdempotencyKey = Annotated[
     str | None,
-    Header(max_length=255, description="any unique string; a retried POST with the same key (and API key) "
+    Header(min_length=1, max_length=255, description="any unique string; a retried POST with the same key (and API key) "
                                        "returns the job the first one created instead of a second job"),
 ]
 

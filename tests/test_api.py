@@ -332,6 +332,10 @@ def test_a_retried_submit_with_the_same_idempotency_key_returns_the_same_job(
     assert leftovers(api_settings) == []  # the retried upload was discarded
     other = new_key(api_settings)
     assert submit(api, other, **{"Idempotency-Key": "upload-7"}).json()["id"] != first.json()["id"]
+    # An empty key (a template's unset variable) names no upload: refused, not taken for another's first job.
+    body = problem(submit(api, auth, **{"Idempotency-Key": ""}), 422)
+    assert [error["field"] for error in body["errors"]] == ["idempotency-key"], body
+    assert job_ids(api, auth) == [first.json()["id"]]
 
 
 @pytest.mark.parametrize(
