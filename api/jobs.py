@@ -60,8 +60,9 @@ UPLOAD_BODY = {
 QUEUE_FULL_RETRY_AFTER = 60
 IdempotencyKey = Annotated[
     str | None,
-    Header(min_length=1, max_length=255, description="any unique string; a retried POST with the same key (and API key) "
-                                       "returns the job the first one created instead of a second job"),
+    Header(min_length=1, max_length=255,
+           description="any unique string; a retried POST with the same key (and API key) returns the job the "
+                       "first one created instead of a second job"),
 ]
 
 
@@ -155,6 +156,7 @@ async def submit(request: Request, response: Response, owner: Owner, service: Se
         upload = await uploads.receive(request, service.storage, job_id, service.settings.max_upload_bytes)
         params = _params(upload.params)
         _check_epochs(params, service.settings.max_epochs)
+        await run_in_threadpool(service.storage.adopt, job_id)  # a move that fails leaves the upload to discard
     except BaseException:
         service.storage.discard_incoming(job_id)
         raise
@@ -164,10 +166,9 @@ async def submit(request: Request, response: Response, owner: Owner, service: Se
 
 def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, upload: uploads.Upload,
             idempotency_key: str | None) -> Job:
-    """Move the upload into place, record the job, then send its id to the workers, in that order: a worker
+    """Record the job whose upload is in place, then send its id to the workers, in that order: a worker
     never receives an id the database does not know."""
     storage = service.storage
-    storage.adopt(job_id)
     try:
         with service.db.session() as session:
             job = jobs.create_job(session, job_id, owner, service.settings.queue, params.model_dump(mode="json"),

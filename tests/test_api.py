@@ -320,6 +320,18 @@ def test_a_broker_that_accepts_connections_but_never_answers_is_down_not_waited_
             assert client.get("/healthz").status_code == 200
 
 
+def test_an_upload_that_cannot_be_moved_into_place_is_not_left_behind(api_settings: Settings) -> None:
+    """The job folder cannot be made (here a file stands where the folder of job folders goes; in life, a
+    full disk): the received upload is discarded at once, not left under incoming/ until a restart."""
+    blocked = api_settings.model_copy(update={"storage_dir": api_settings.storage_dir / "blocked"})
+    with TestClient(create_app(blocked), raise_server_exceptions=False) as client:
+        blocked.storage_dir.mkdir(parents=True, exist_ok=True)
+        (blocked.storage_dir / "jobs").write_bytes(b"not a folder")
+        headers = new_key(blocked)
+        assert submit(client, headers).status_code == 500
+        assert job_ids(client, headers) == [] and leftovers(blocked) == []
+
+
 def test_a_retried_submit_with_the_same_idempotency_key_returns_the_same_job(
     api: TestClient, api_settings: Settings, auth: dict[str, str]
 ) -> None:
