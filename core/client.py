@@ -25,20 +25,30 @@ from tqdm.utils import CallbackIOWrapper
 FINISHED = ("succeeded", "failed", "cancelled")
 # Attempts of the upload when the connection fails before an answer arrives (never when the service answered).
 UPLOAD_TRIES = 3
+# Answers of a service that is restarting or behind a proxy whose backend is: asked again, like no answer.
+UNAVAILABLE = (502, 503, 504)
+# Seconds `wait` keeps asking a service that does not answer before it gives up (the job goes on without it).
+POLL_PATIENCE = 600.0
 
 
 class ServiceError(Exception):
-    """The service answered with an error (its problem detail is the message) or could not be reached."""
+    """The service answered with an error (its problem detail is the message, `status` its HTTP status) or
+    could not be reached (`status` None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _checked(response: httpx.Response) -> httpx.Response:
     if response.is_success:
         return response
+    response.read()  # a streamed answer (a download) has not read its problem document yet
     try:
         detail = response.json().get("detail", response.text)
     except ValueError:
         detail = response.text
-    raise ServiceError(f"{response.status_code} {response.reason_phrase}: {detail}")
+    raise ServiceError(f"{response.status_code} {response.reason_phrase}: {detail}", response.status_code)
 
 
 class Client:
@@ -82,12 +92,29 @@ class Client:
     def job(self, job_id: str) -> dict[str, Any]:
         return _checked(self.http.get(f"/jobs/{job_id}")).json()
 
-    def wait(self, job_id: str, interval: float = 2.0, show_progress: bool = True) -> dict[str, Any]:
-        """Poll the job until it has finished, showing its stage, epoch and percent; the final resource."""
+    def wait(self, job_id: str, interval: float = 2.0, show_progress: bool = True,
+             patience: float = POLL_PATIENCE) -> dict[str, Any]:
+        """Poll the job until it has finished, showing its stage, epoch and percent; the final resource.
+
+        A job runs for hours and the service may restart meanwhile (the job goes on): no answer, or a 502, 503
+        or 504, is asked again until it has lasted `patience` seconds."""
+        silent_since = None
         with tqdm(total=100, unit="%", desc="queued", file=sys.stderr, disable=not show_progress,
                   bar_format="{l_bar}{bar}| [{elapsed}]") as bar:
             while True:
-                job = self.job(job_id)
+                try:
+                    job = self.job(job_id)
+                except (httpx.TransportError, ServiceError) as error:
+                    if isinstance(error, ServiceError) and error.status not in UNAVAILABLE:
+                        raise
+                    silent_since = silent_since or time.monotonic()
+                    if time.monotonic() - silent_since >= patience:
+                        raise ServiceError(f"no answer about job {job_id} for {patience:.0f} s ({error}); it goes "
+                                           f"on at the service: ask again with GET /jobs/{job_id}") from None
+                    bar.set_description("service unreachable, asking again")
+                    time.sleep(interval)
+                    continue
+                silent_since = None
                 progress = job["progress"]
                 epoch = f" {progress['epoch']}/{progress['epochs']}" if progress.get("epoch") else ""
                 label = f"{job['status']} {progress.get('stage') or ''}{epoch}".strip()
@@ -168,6 +195,10 @@ def run_submit(args: argparse.Namespace) -> int:
         metrics = client.metrics(job["id"])
     except (ServiceError, OSError, ValueError) as error:
         print(f"nad: error: {error}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as error:  # the connection lost mid-download, say: not an OSError
+        print(f"nad: error: lost {client.http.base_url} ({error!r}); the job's results stay at the service",
+              file=sys.stderr)
         return 2
     finally:
         client.close()

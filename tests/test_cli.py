@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from service_fixtures import free_port
 
 from conftest import DIGITS_TRIGGER, digits_arrays
 from core.cli import main
+from core.client import Client, ServiceError
 from core.engine.commands import ProgressBar, parse_trigger
 from core.engine.events import Event
 
@@ -182,6 +184,16 @@ def test_json_files_may_be_pipes_as_process_substitution_makes_them(digits_npz, 
     assert main(["submit", str(digits_npz), str(digits_npz), "--params", f"@{params}",
                  "--url", "http://127.0.0.1:9"]) == 1
     assert sent == {"method": "sau"}
+
+
+def test_a_service_that_stays_unreachable_is_given_up_on_saying_how_to_follow_the_job():
+    """`nad submit` asks again through a restart of the service (test_service_e2e.py), but not for ever."""
+    client = Client(f"http://127.0.0.1:{free_port()}", "key")
+    try:
+        with pytest.raises(ServiceError, match=r"no answer about job abc for 0 s .*ask again with GET /jobs/abc"):
+            client.wait("abc", interval=0.01, show_progress=False, patience=0.1)
+    finally:
+        client.close()
 
 
 def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):

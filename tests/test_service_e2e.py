@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from test_checkpoints import Payload
 from test_hostile_files import _entry, _png, _safetensors, _zip
 
 from api.app import create_app
-from core.client import Client
+from core.client import Client, ServiceError
 from core.engine.sanitize import evaluate_checkpoint
 from core.jobs import INTERNAL_ERROR, new_job_id
 from core.params import SanitizeParams
@@ -179,13 +180,22 @@ def test_restarting_the_api_while_a_job_runs_loses_nothing(
         api.kill()
         with pytest.raises(httpx.TransportError):
             client.http.get("/healthz")
+        # The client asks all through the restart, as `nad submit` would: no answer is asked again.
+        waited: list[dict] = []
+        waiting = threading.Thread(target=lambda: waited.append(client.wait(job_id, interval=0.3,
+                                                                             show_progress=False)), daemon=True)
+        waiting.start()
         api = start_api(stack_settings, port, log)
-        job = client.wait(job_id, interval=0.3, show_progress=False)
+        waiting.join(300)
+        assert waited, "the client gave up while the API restarted"
+        job = waited[0]
         assert job["status"] == "succeeded" and job["attempts"] == 1
         assert set(job["inputs"]) == {"model", "clean_data", "test_data"}
         saved = client.download(job_id, tmp_path / "cleansed.safetensors", show_progress=False)
         assert hashlib.sha256(saved.read_bytes()).hexdigest() == job["output"]["sha256"]
         assert client.metrics(job_id)["after"]["asr"] is not None
+        with pytest.raises(ServiceError, match="404 Not Found: .*job"):  # the problem's detail, not a crash
+            client.download(new_job_id(), tmp_path / "none.safetensors", show_progress=False)
     finally:
         client.close()
         api.kill()
