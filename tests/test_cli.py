@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from service_fixtures import free_port
+from test_hostile_files import _png, _zip
 
 from conftest import DIGITS_TRIGGER, digits_arrays
 from core.cli import main
@@ -40,6 +41,15 @@ def test_attack_then_evaluate(digits_npz, tmp_path, capsys):
     metrics = json.loads(report.read_text())
     assert set(metrics) >= {"acc", "acc_non_target", "asr", "per_class_acc"}
     assert "ASR" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_folders_of_fewer_classes_than_the_model_has(digits_backdoor, tmp_path, capsys):
+    """Sorted folder names number the classes only when every class has a folder: a 10-class model measured
+    on folders 3 and 7 alone would have had them read as classes 0 and 1."""
+    archive = _zip(tmp_path / "two-classes.zip", {"3/0.png": _png(0), "7/0.png": _png(1)})
+    assert main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint",
+                 str(digits_backdoor.checkpoint), "--test-data", str(archive), "--input-size", "16"]) == 2
+    assert "the test data has 2 classes but the model has 10" in capsys.readouterr().err
 
 
 def test_sanitize_writes_checkpoint_report_and_table(digits_backdoor, tmp_path, capsys):

@@ -344,3 +344,16 @@ def test_npz_class_names_are_kept(tmp_path):
     path = tmp_path / "named.npz"
     np.savez(path, x=np.zeros((2, 4, 4, 3), np.uint8), y=np.array([0, 1]), classes=np.array(["cat", "dog"]))
     assert load_images(path, 4).classes == ["cat", "dog"]
+
+
+def test_an_npz_with_its_own_class_names_is_relabelled_to_the_jobs_class_order(tmp_path):
+    """`nad subset` writes sorted folder names with y; a job whose `classes` number them otherwise (or the
+    clean data's order, for a test set) gets each image under its class's name, not under the file's number."""
+    path = tmp_path / "named.npz"
+    x = np.stack([np.full((4, 4, 3), value, np.uint8) for value in (10, 240, 10)])  # cat, dog, cat
+    np.savez(path, x=x, y=np.array([0, 1, 0]), classes=np.array(["cat", "dog"]))
+    loaded = load_images(path, 4, ["dog", "bird", "cat"], 3)
+    assert loaded.classes == ["dog", "bird", "cat"] and loaded.labels.tolist() == [2, 0, 2]
+    with pytest.raises(InputError, match=r"classes \['horse'\] are not among the classes"):
+        np.savez(path, x=x, y=np.array([0, 1, 0]), classes=np.array(["cat", "horse"]))
+        load_images(path, 4, ["dog", "cat"], 2)

@@ -411,8 +411,8 @@ def _class_names(folders: list[str], classes: list[str] | None, num_classes: int
         unknown = [folder for folder in folders if folder not in classes]
         if unknown:
             raise InputError(
-                f"class folders {unknown} are not among the classes {classes}; rename the folders or fix "
-                "the classes list"
+                f"the archive's classes {unknown} are not among the classes {classes}; rename its folders (or "
+                "an npz's `classes`) or fix the classes list"
             )
         return list(classes)
     if num_classes is not None and len(folders) > num_classes:
@@ -430,12 +430,16 @@ def _load_npz(path: Path, input_size: int, classes: list[str] | None, num_classe
               max_images: int | None) -> ImageSet:
     x, y, stored = _read_arrays(path, max_images)
     images = _rgb_array(x)
+    own = stored if stored is not None else classes
+    labels = _labels(y, len(images), len(own) if own is not None else num_classes)
+    if stored is not None and classes is not None:
+        # y counts in the file's own order (`nad subset` writes sorted folder names), the job in `classes`'
+        order = _class_names(stored, classes, num_classes)
+        labels = np.array([order.index(name) for name in stored], dtype=np.int64)[labels]
     classes = classes if classes is not None else stored
-    limit = len(classes) if classes is not None else num_classes
-    labels = _labels(y, len(images), limit)
     if images.shape[1:3] != (input_size, input_size):
         images = np.stack([_sized(Image.fromarray(image), input_size) for image in images])
-    names = list(classes) if classes is not None else [str(i) for i in range(limit or int(labels.max()) + 1)]
+    names = list(classes) if classes is not None else [str(i) for i in range(num_classes or int(labels.max()) + 1)]
     return ImageSet(np.ascontiguousarray(images), labels, names)
 
 

@@ -129,12 +129,18 @@ def load_clean(path: Path, params: SanitizeParams, budget: ImageBudget | None = 
     fewer class folders than the model has classes is refused: sorted folder names would shift the labels."""
     clean = (budget or ImageBudget()).load("clean_data", path, params.input_size, params.classes,
                                            params.num_classes)
-    if params.classes is None and len(clean.classes) != params.num_classes:
+    return _every_class(clean, params, "clean data")
+
+
+def _every_class(images: ImageSet, params: SanitizeParams, what: str) -> ImageSet:
+    """`images` when its labels can be trusted: sorted folder names number the classes right only when
+    every class has a folder, so without `classes` fewer folders than the model has classes are refused."""
+    if params.classes is None and len(images.classes) != params.num_classes:
         raise InputError(
-            f"the clean data has {len(clean.classes)} classes but the model has {params.num_classes}; "
+            f"the {what} has {len(images.classes)} classes but the model has {params.num_classes}; "
             "give every class some images, or list all class names in label order with `classes`"
         )
-    return clean
+    return images
 
 
 def evaluate_checkpoint(checkpoint: Path, test_data: Path, params: SanitizeParams,
@@ -143,7 +149,8 @@ def evaluate_checkpoint(checkpoint: Path, test_data: Path, params: SanitizeParam
     dev = device()
     execution = Execution.for_mode(params.mode, dev)
     model = execution.prepare(load_model(params.arch, params.num_classes, checkpoint).to(dev))
-    test = load_images(test_data, params.input_size, params.classes, params.num_classes)
+    test = _every_class(load_images(test_data, params.input_size, params.classes, params.num_classes), params,
+                        "test data")
     evaluation = Evaluation(test, poisoned_set(poison_data, params, test), params.target_label, "test_data",
                             f"{len(test.labels)} test images")
     return measure(model, evaluation, Normalization(params.mean, params.std), dev, execution), evaluation
