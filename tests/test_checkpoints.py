@@ -32,8 +32,11 @@ def _same(a: dict, b: dict) -> bool:
     "wrap",
     [lambda sd: sd, lambda sd: {"state_dict": sd, "epoch": 3}, lambda sd: {"model": sd},
      lambda sd: {"net": sd, "acc": 91.0}, lambda sd: {f"module.{k}": v for k, v in sd.items()},
-     lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "best_prec": 0.9}],
-    ids=["plain", "state_dict", "model", "net", "dataparallel", "wrapped-dataparallel"],
+     lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "best_prec": 0.9},
+     lambda sd: {"epoch": 9, "model_state_dict": sd, "optimizer_state_dict": {"state": {}, "param_groups": []}},
+     lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()}],
+    ids=["plain", "state_dict", "model", "net", "dataparallel", "wrapped-dataparallel", "pytorch-tutorial",
+         "compiled-dataparallel"],
 )
 def test_torch_save_wrappers_are_unwrapped(tmp_path, model, wrap):
     path = tmp_path / "model.pth"
@@ -59,6 +62,17 @@ def test_plain_safetensors_is_read(tmp_path, model):
     path = tmp_path / "m.safetensors"
     save_file(model.state_dict(), path)
     assert _same(read_state_dict(path), model.state_dict())
+    save_file({f"module.{k}": v for k, v in model.state_dict().items()}, path)  # DataParallel's, as safetensors
+    assert _same(read_state_dict(path), model.state_dict())
+
+
+def test_a_checkpoint_without_batch_norms_batch_counts_loads(model):
+    """PyTorch before 0.4.1 saved no `num_batches_tracked`; torch's own loading fills it in."""
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(model.state_dict())
+    fresh = build_model("wrn-16-1", 10)
+    load_weights(fresh, old, "wrn-16-1")
+    assert _same({k: fresh.state_dict()[k] for k in old}, old)
 
 
 def test_pickled_whole_module_is_refused_with_advice(tmp_path, model):

@@ -28,8 +28,10 @@ SAVE_HINT = (
     "save the weights alone, e.g. `torch.save(model.state_dict(), 'model.pt')` or "
     "`safetensors.torch.save_file(model.state_dict(), 'model.safetensors')`"
 )
-# Keys under which training scripts commonly nest the state dict.
-WRAPPER_KEYS = ("state_dict", "model", "net")
+# Keys under which training scripts commonly nest the state dict (model_state_dict: PyTorch's own tutorial).
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+# Prefixes that wrappers put before every key: DataParallel's and torch.compile's.
+KEY_PREFIXES = ("module.", "_orig_mod.")
 FORMAT = "nad-service/1"
 ACCEPTED = "only safetensors files and state dicts written by torch.save are accepted"
 # A safetensors header is a few kilobytes for a classifier and a few megabytes for the largest models.
@@ -194,7 +196,7 @@ def _torch_reason(error: Exception) -> str:
 
 
 def _unwrap(obj: Any) -> Mapping[str, Any]:
-    """The state dict inside the common wrappers: {'state_dict': ...}, {'model': ...}, {'net': ...}."""
+    """The state dict inside the common wrappers: {'state_dict': ...}, {'model_state_dict': ...}, ..."""
     if not isinstance(obj, Mapping):
         raise InputError(f"the checkpoint holds a {type(obj).__name__}, not a state dict; {SAVE_HINT}")
     for key in WRAPPER_KEYS:
@@ -205,14 +207,15 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
 
 
 def _strip_prefix(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Tensors only, without DataParallel's `module.` prefix."""
+    """Tensors only, without the prefixes of DataParallel (`module.`) and torch.compile (`_orig_mod.`), in
+    whatever order they were stacked, in either file format."""
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise InputError(f"the checkpoint holds no tensors; {SAVE_HINT}")
     if not all(isinstance(k, str) for k in tensors):
         raise InputError(f"the checkpoint's tensors are not all named by strings; {SAVE_HINT}")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    while prefix := next((p for p in KEY_PREFIXES if all(k.startswith(p) for k in tensors)), None):
+        tensors = {k.removeprefix(prefix): v for k, v in tensors.items()}
     return tensors
 
 
@@ -229,7 +232,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if _is_safetensors(path):
         _check_safetensors(path)
         try:
-            tensors = load_file(path, device="cpu")
+            tensors = _strip_prefix(load_file(path, device="cpu"))
         except (SafetensorError, OSError, ValueError) as error:
             raise _damaged_safetensors(str(error)[:300]) from None
     else:
@@ -246,9 +249,10 @@ def _names(keys: list[str], limit: int = 12) -> str:
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> None:
-    """Load `state` into `model`, or say by name which keys are missing, unexpected or mis-shaped."""
+    """Load `state` into `model`, or say by name which keys are missing, unexpected or mis-shaped. BatchNorm's
+    `num_batches_tracked` may be missing: checkpoints older than PyTorch 0.4.1 have none, and torch fills it."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     misshaped = [
         f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
