@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The most bytes of params JSON anyone takes: the API for the `params` form field, the command line for a JSON
 # file it is given (a trigger, `nad submit --params @file`). A bigger one is no small JSON object, and reading it
@@ -205,6 +205,15 @@ class SanitizeParams(_Spec):
     )
     target_label: int | None = Field(default=None, ge=0, description="the attack's target class, for ASR")
     trigger: TriggerSpec | None = Field(default=None, description="a trigger applied to the clean test set for ASR")
+
+    @field_validator("auto_candidates", "classes")
+    @classmethod
+    def _once_each(cls, names: list[str] | None) -> list[str] | None:
+        """A method runs once (its stages and report rows are named by it), and a class has one label."""
+        repeated = sorted({name for name in names or [] if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} named more than once")
+        return names
 
     @model_validator(mode="after")
     def _consistent(self) -> SanitizeParams:

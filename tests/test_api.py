@@ -364,6 +364,9 @@ def test_a_retried_submit_with_the_same_idempotency_key_returns_the_same_job(
             "params",
         ),
         ({"arch": "wrn-16-1", "num_classes": 10, "bogus": 1}, "params.bogus"),
+        # a method runs once: its progress share and report row are named by it
+        ({"arch": "wrn-16-1", "num_classes": 10, "auto_candidates": ["fst", "sau", "fst"]}, "params.auto_candidates"),
+        ({"arch": "wrn-16-1", "num_classes": 2, "classes": ["cat", "cat"]}, "params.classes"),
         ("{not json", "params"),
         (json.dumps(PARAMS) + " " * PARAMS_LIMIT, "params"),  # JSON, but past the cap `nad` reads files to too
     ],

@@ -272,10 +272,11 @@ def _cost(method: str, run: Run) -> int:
 
 
 def second_held(labels: np.ndarray, held: np.ndarray, seed: int) -> np.ndarray:
-    """Indices of a second selection set for a second look: as many images of each class as `held` has, drawn
-    from the others, so that the two sets together measure a candidate on twice the images. With very few images
-    a class (two or three) it takes at most half of what is left, and none of a class with one image left; it
-    may be empty."""
+    """Indices of a second selection set for a second look: about as many images as `held`, drawn from the others
+    stratified by class (the same share of each class's), so that the two sets together measure a candidate on
+    about twice the images; a class that `held` rounded up to one image may count one more or less here. With
+    very few images a class (two or three) it takes at most half of what is left, and none of a class with one
+    image left; it may be empty."""
     rest = np.setdiff1d(np.arange(len(labels)), held)
     _, inner = stratified_split(labels[rest], min(len(held) / len(rest), 0.5), seed)
     return rest[inner]
