@@ -127,6 +127,24 @@ def test_grey_rgba_and_jpeg_images_become_rgb(tmp_path):
     np.testing.assert_array_equal(loaded.images[2], np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
 
 
+def test_sixteen_bit_grey_is_scaled_to_eight_bits_not_clipped_white(tmp_path):
+    """A 16-bit grey PNG (a scanner's, a medical image's) opens in Pillow's I;16 mode, whose convert("RGB")
+    clips every value above 255: half grey came out white."""
+    grey = np.array([[0, 32768], [65535, 1000]], np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, "PNG")
+    loaded = load_images(_zip(tmp_path / "d.zip", {"c/deep.png": buffer.getvalue()}), 2)
+    np.testing.assert_array_equal(loaded.images[0][..., 0], [[0, 128], [255, 3]])
+
+
+def test_folder_names_match_in_composed_and_decomposed_unicode(tmp_path):
+    """macOS stores names decomposed: its café/ is e + a combining accent, Linux's one character."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    loaded = load_images(_zip(tmp_path / "d.zip", {f"{decomposed}/0.png": TREE["train/dog/0.png"],
+                                                   "tea/1.png": TREE["train/cat/1.png"]}), 32, [composed, "tea"], 2)
+    assert loaded.classes == [composed, "tea"] and loaded.labels.tolist() == [0, 1]
+
+
 def test_clutter_is_skipped(tmp_path):
     members = {
         "train/cat/0.png": _encode(_pixels(0)),
@@ -259,6 +277,24 @@ def test_npz_is_recognised_inside_a_zip_of_any_name(tmp_path):
     stored = tmp_path / "upload.bin"
     stored.write_bytes(npz.read_bytes())
     assert load_images(stored, 4).images.shape == (1, 4, 4, 3)
+    # Other array names too (the service stores uploads without a suffix): the npz's own message, not "no images"
+    other = _npz(tmp_path / "e.npz", images=np.zeros((1, 4, 4, 3), np.uint8), labels=np.zeros(1))
+    stored.write_bytes(other.read_bytes())
+    with pytest.raises(InputError, match=r"arrays named x and y but holds \[images, labels\]"):
+        load_images(stored, 4)
+
+
+def test_a_compressed_npz_of_many_sorted_labels_is_no_bomb(tmp_path):
+    """np.savez_compressed shrinks 140,000 sorted int64 labels a thousandfold, past the ratio a bomb is known by;
+    y is bounded by x's image count instead, checked from the headers before anything is unpacked."""
+    count = 140_000
+    x = np.random.default_rng(0).integers(0, 256, (count, 1, 1, 3), dtype=np.uint8)
+    path = tmp_path / "many.npz"
+    np.savez_compressed(path, x=x, y=np.repeat(np.arange(10), count // 10))
+    assert load_images(path, 1).labels.shape == (count,)
+    np.savez_compressed(path, x=x, y=np.zeros(count + 1, np.int64))
+    with pytest.raises(InputError, match="140001 labels for 140000 images"):
+        load_images(path, 1)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import math
 import stat
 import struct
 import tarfile
+import unicodedata
 import warnings
 import zipfile
 import zlib
@@ -104,6 +105,7 @@ def load_images(
     raises TooManyImages as soon as that is known: from an npz's header, or at the first image past the limit
     of a folder archive, before it is decoded.
     """
+    classes = None if classes is None else [_composed(name) for name in classes]
     kind = _kind(path)
     if kind == "npz":
         return _load_npz(path, input_size, classes, num_classes, max_images)
@@ -136,7 +138,7 @@ def decode_image(data: bytes, name: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=DECODERS)
             if image.width * image.height <= MAX_SOURCE_PIXELS:
-                return image.convert("RGB")
+                return _eight_bits(image).convert("RGB")
     except Image.UnidentifiedImageError:
         raise InputError(
             f"'{name}' is named like an image but is not a {'/'.join(DECODERS)} file; "
@@ -153,6 +155,14 @@ def decode_image(data: bytes, name: str) -> Image.Image:
     )
 
 
+def _eight_bits(image: Image.Image) -> Image.Image:
+    """16-bit grey (a PNG's I;16, or I) scaled to 8 bits: convert("RGB") clips it instead, so every value above
+    255 of 65,535, nearly all of a real image, would come out white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return Image.fromarray((np.asarray(image, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    return image
+
+
 def error_reason(error: BaseException) -> str:
     """A library error's first line, fit for a user: never an OSError's file name, which is a server path."""
     if isinstance(error, OSError) and error.filename is not None:
@@ -162,8 +172,8 @@ def error_reason(error: BaseException) -> str:
 
 
 def _kind(path: Path) -> str:
-    """'zip', 'tar' or 'npz', from the file's first bytes (uploads may be stored under any name); the suffix
-    only tells an npz from a zip when the zip holds no x.npy and y.npy."""
+    """'zip', 'tar' or 'npz', from the file's first bytes (uploads may be stored under any name); a zip is an
+    npz when its name says so or its members do (below)."""
     with path.open("rb") as stream:
         head = stream.read(4)
     if head in (b"PK\x03\x04", b"PK\x05\x06"):
@@ -187,11 +197,14 @@ def _is_tar(path: Path) -> bool:
 
 
 def _holds_arrays(path: Path) -> bool:
+    """An npz under another name: it holds x.npy and y.npy, or nothing but .npy arrays (np.savez with other
+    names, which the npz reader then names in its message rather than calling it an archive of no images)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return {"x.npy", "y.npy"} <= set(archive.namelist())
+            names = archive.namelist()
     except zipfile.BadZipFile:
         return False
+    return {"x.npy", "y.npy"} <= set(names) or (bool(names) and all(name.endswith(".npy") for name in names))
 
 
 # ---- ImageFolder archives ------------------------------------------------------------------------------
@@ -316,7 +329,7 @@ def _member_name(name: str) -> str:
     """The member's name, with / separators and any undecodable bytes escaped (so a message can show it),
     refused when it is absolute (/..., C:...) or climbs out with `..` (zip slip): harmless here, since
     nothing is extracted, but no legitimate archive has such names and no class may be derived from one."""
-    name = name.replace("\\", "/").encode("utf-8", "backslashreplace").decode("utf-8")
+    name = _composed(name.replace("\\", "/").encode("utf-8", "backslashreplace").decode("utf-8"))
     parts = name.split("/")
     if name.startswith("/") or ".." in parts or (name[:1].isalpha() and name[1:2] == ":"):
         raise InputError(
@@ -324,6 +337,12 @@ def _member_name(name: str) -> str:
             "from inside the data folder, e.g. `cd data && zip -r ../data.zip .`"
         )
     return name
+
+
+def _composed(name: str) -> str:
+    """A name in Unicode's composed form (NFC): macOS writes file names decomposed (é as e and an accent),
+    so the same folder zipped there and on Linux, or named in `classes`, would not match, nor sort alike."""
+    return unicodedata.normalize("NFC", name)
 
 
 def _check_tar_file(member: tarfile.TarInfo, name: str) -> None:
@@ -449,12 +468,16 @@ def _read_arrays(path: Path, max_images: int | None) -> tuple[np.ndarray, np.nda
     try:
         with np.load(path, allow_pickle=False) as arrays:
             members = [f"{key}.npy" for key in ("x", "y", "classes") if f"{key}.npy" in arrays.zip.namelist()]
-            unpacked = 0
+            unpacked, headers = 0, {}
             for member in members:
-                size, shape = _npy_bytes(arrays.zip, member, unpacked)
+                size, shape = headers[member] = _npy_bytes(arrays.zip, member, unpacked)
                 unpacked += size
                 if member == "x.npy" and max_images is not None and shape and shape[0] > max_images:
                     raise TooManyImages(shape[0], max_images)
+            if headers.get("x.npy", (0, ()))[1] and "y.npy" in headers:  # y's bound, checked before it is unpacked
+                images, labels = headers["x.npy"][1][0], math.prod(headers["y.npy"][1])
+                if labels != images:
+                    raise InputError(f"y has {labels} labels for {images} images; give one label per image")
             found = {member.removesuffix(".npy"): arrays[member] for member in members}
             keys = sorted(arrays.files)
     except InputError:
@@ -473,7 +496,7 @@ def _read_arrays(path: Path, max_images: int | None) -> tuple[np.ndarray, np.nda
     names = found.get("classes")
     if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
         raise InputError("the npz's `classes` must be a 1-D array of strings, e.g. np.array(['cat', 'dog'])")
-    return found["x"], found["y"], None if names is None else names.tolist()
+    return found["x"], found["y"], None if names is None else [_composed(name) for name in names.tolist()]
 
 
 def _npy_bytes(archive: zipfile.ZipFile, member: str, unpacked: int) -> tuple[int, tuple[int, ...]]:
@@ -490,7 +513,10 @@ def _npy_bytes(archive: zipfile.ZipFile, member: str, unpacked: int) -> tuple[in
             "np.savez(file, x=images, y=labels)"
         )
     size = math.prod(shape) * dtype.itemsize
-    _check_inflation(unpacked + size, size, archive.getinfo(member).compress_size, f"'{member}'")
+    # Labels are bounded by x's image count instead (the caller checks it): sorted labels compress a
+    # thousandfold (np.savez_compressed), as no image does.
+    packed = size if member == "y.npy" else archive.getinfo(member).compress_size
+    _check_inflation(unpacked + size, size, packed, f"'{member}'")
     return size, shape
 
 
