@@ -1,4 +1,5 @@
 import collections
+import errno
 import os
 import pickle
 import subprocess
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from core.engine.checkpoints import load_weights, read_metadata, read_state_dict, sha256_file, write_checkpoint
@@ -64,6 +66,19 @@ def test_plain_safetensors_is_read(tmp_path, model):
     assert _same(read_state_dict(path), model.state_dict())
     save_file({f"module.{k}": v for k, v in model.state_dict().items()}, path)  # DataParallel's, as safetensors
     assert _same(read_state_dict(path), model.state_dict())
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_an_oserror_saying_so(tmp_path, model, monkeypatch):
+    """safetensors reports the OS's errors as its own SafetensorError, which the worker could not tell from a
+    bug: its full disk reached the owner as the generic internal error."""
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("core.engine.checkpoints.save_file", full)
+    with pytest.raises(OSError) as raised:
+        write_checkpoint(model, tmp_path / "m.safetensors", {})
+    assert raised.value.errno == errno.ENOSPC
 
 
 def test_a_checkpoint_without_batch_norms_batch_counts_loads(model):

@@ -423,7 +423,7 @@ def test_a_job_killed_at_the_hard_time_limit_leaves_no_partial_checkpoint(worker
         jobs.start_attempt(session, worker_job.id, dispatch=0, max_attempts=3)
     partial = worker_job.storage.output_path(worker_job.id, 0)
     partial.parent.mkdir(parents=True)
-    partial.write_bytes(b"half a checkpoint")
+    partial.with_name(".tmpX7q2").write_bytes(b"half a checkpoint")  # safetensors' file before its rename
     sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
     job = worker_job.row()
     assert job.status == jobs.Status.FAILED and "time limit" in job.error and _outputs(worker_job) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -176,14 +177,16 @@ def engine_time(limit: float, elapsed: float) -> float:
 
 def _discard_output(db: Database, storage: Storage, job_id: str, dispatch: int) -> None:
     """Remove what this run wrote of its checkpoint (cut off by a time limit or a full disk, or whole but
-    never recorded): a failed run leaves no file behind. Unless the job recorded that very file as its output
-    (it succeeded just before the error that is reported now): a job's result is never taken from it."""
+    never recorded), with the folder it wrote in: safetensors writes a temporary file there and renames it
+    at the end, so a run killed mid-write leaves that file instead. A failed run leaves nothing behind.
+    Unless the job recorded this run's file as its output (it succeeded just before the error that is
+    reported now): a job's result is never taken from it."""
     out = storage.output_path(job_id, dispatch)
     with db.session() as session:
         job = session.get(jobs.Job, job_id)
         recorded = job.artifact(jobs.OUTPUT) if job is not None else None
     if recorded is None or storage.path(job_id, recorded.path) != out:
-        out.unlink(missing_ok=True)
+        shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def _stop_requested(db: Database, job_id: str, dispatch: int) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -278,7 +280,13 @@ def write_checkpoint(model: nn.Module, path: Path, metadata: Mapping[str, Any]) 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path, metadata={"format": FORMAT, **text})
+    try:
+        save_file(tensors, path, metadata={"format": FORMAT, **text})
+    except SafetensorError as error:  # the OS's errors in safetensors' own type: a full disk is an OSError
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from error
 
 
 def read_metadata(path: Path) -> dict[str, str]:
