@@ -324,8 +324,14 @@ class Assignment:
     inputs: dict[str, str]
 
 
-def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: int) -> Assignment | None:
+def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: int,
+                  alive_since: datetime) -> Assignment | None:
     """Count one more start of the job and mark it running; None when there is nothing to run.
+
+    A job whose process has given a sign of life since `alive_since` (the sweeper's grace) runs elsewhere
+    now: this message is a copy (a broker gives a worker's unacknowledged message to another when their
+    connection drops), and two runs at once would overwrite each other's progress and checkpoint. If that
+    process is in fact dead, the sweeper queues the job again once it has been silent for the grace.
 
     A message delivered again after its worker died finds the job still running (or cancelling), and one the
     sweeper sent after the whole worker died finds it queued again: either counts as another attempt, and past
@@ -335,6 +341,8 @@ def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: in
     """
     job = session.get(Job, job_id, with_for_update=True)
     if job is None or job.status in FINISHED or job.dispatch != dispatch:
+        return None
+    if job.status != Status.QUEUED and job.heartbeat_at is not None and job.heartbeat_at >= alive_since:
         return None
     if job.status == Status.CANCELLING:
         finish_cancelled(session, job_id, dispatch)

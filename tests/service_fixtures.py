@@ -244,8 +244,10 @@ def start_api(settings: Settings, port: int, log: Path) -> ServiceProcess:
 
 @pytest.fixture(scope="session")
 def stack_settings(make_settings) -> Settings:
-    """The settings of the end-to-end tests, whose queue a real worker consumes."""
-    return make_settings()
+    """The settings of the end-to-end tests, whose queue a real worker consumes. A job whose worker process
+    died is run again by the sweeper once silent for `sweep_interval` (the message given back at once is a
+    copy while the heartbeat is fresh): 15 s, not the default minute, keeps that test short."""
+    return make_settings(sweep_interval=15)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -51,9 +51,12 @@ def status(db: Database, job_id: str) -> str | None:
         return None if job is None else job.status
 
 
-def start(db: Database, job_id: str, max_attempts: int = 3, dispatch: int = 0) -> jobs.Assignment | None:
+def start(db: Database, job_id: str, max_attempts: int = 3, dispatch: int = 0,
+          alive_since: datetime | None = None) -> jobs.Assignment | None:
+    """Start the job's `dispatch`; by default every earlier run of it counts as dead (silent since before now)."""
     with db.session() as session:
-        return jobs.start_attempt(session, job_id, dispatch, max_attempts)
+        return jobs.start_attempt(session, job_id, dispatch, max_attempts,
+                                  alive_since or jobs.now() + timedelta(seconds=1))
 
 
 def test_migrations_build_exactly_the_models(database: Database) -> None:
@@ -152,6 +155,21 @@ def test_each_start_is_an_attempt_and_a_job_that_keeps_killing_workers_fails(dat
     with database.session() as session:
         job = session.get(jobs.Job, job_id)
         assert job.status == "failed" and job.attempts == 2 and "started 2 times" in job.error
+
+
+def test_a_copy_of_the_message_while_its_run_still_beats_is_not_run_again(database: Database) -> None:
+    """A broker hands a worker's unacknowledged message to another when their connection drops: while the
+    first run's heartbeat is fresh the copy runs nothing and counts no attempt; once silent, it runs."""
+    job_id = new_job(database, owner())
+    start(database, job_id)
+    grace = jobs.now() - timedelta(seconds=60)
+    assert start(database, job_id, alive_since=grace) is None
+    with database.session() as session:
+        job = session.get(jobs.Job, job_id)
+        assert (job.status, job.attempts) == ("running", 1)
+    assert start(database, job_id) is not None  # silent since before now: that run is dead
+    with database.session() as session:
+        assert session.get(jobs.Job, job_id).attempts == 2
 
 
 def test_a_job_whose_whole_worker_keeps_dying_fails_too(database: Database) -> None:

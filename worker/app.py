@@ -32,8 +32,8 @@ os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for `settings`. Delivery is at-least-once: a job is acknowledged only when its task
-    returns, and a worker that dies mid-job (out of memory, killed) gives it back to the queue, where its
-    `attempts` count in the database stops it from looping forever."""
+    returns. A worker that dies mid-job (out of memory, killed) has its job queued again by the sweeper
+    (`worker.dispatch`), where its `attempts` count in the database stops it from looping forever."""
     app = Celery("nad", broker=settings.broker_url, include=["worker.tasks"])
     app.conf.update(
         task_default_queue=settings.queue,

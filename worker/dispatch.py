@@ -10,8 +10,10 @@ up after all, is dropped by the worker (`core.jobs.start_attempt`): a job never 
 A running job's process writes a heartbeat to its row (`worker.tasks`). When a whole worker dies (the
 machine is lost, or a `kill -9` takes the worker and its pool at once), nothing gives its message back before
 Redis's visibility timeout of hours; the sweeper instead finds the job silent for a sweep interval and queues
-it again under a new dispatch, so the old message, when Redis does give it back, is dropped. (A worker's pool
-process that dies alone is replaced by its worker, which gives the message back at once.)
+it again under a new dispatch, so the old message, when Redis does give it back, is dropped. A worker's pool
+process that dies alone is replaced by its worker, which gives the message back at once; that copy finds the
+heartbeat still fresh and runs nothing (`core.jobs.start_attempt`), and the sweeper queues the job again
+once it has been silent for the interval.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import cache
 from pathlib import Path
 
@@ -143,9 +144,11 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
     settings = get_settings()
     db = database()
     with db.session() as session:
-        assignment = jobs.start_attempt(session, job_id, dispatch, settings.max_attempts)
+        assignment = jobs.start_attempt(session, job_id, dispatch, settings.max_attempts,
+                                        alive_since=jobs.now() - timedelta(seconds=settings.sweep_interval))
     if assignment is None:
-        log.info("job %s: nothing to run (cancelled, deleted, finished, out of attempts or sent again)", job_id)
+        log.info("job %s: nothing to run (cancelled, deleted, finished, running elsewhere, out of attempts or sent "
+                 "again)", job_id)
         return
     log.info("job %s: started", job_id)
     storage = Storage(settings.storage_dir)
