@@ -2,8 +2,9 @@
 
 up: migrates the database (SQLite at var/nad.db unless NAD_DATABASE_URL says otherwise), picks a broker (the
 Redis at NAD_BROKER_URL if it answers, else a `redis-server` started here if one is installed, else kombu's
-SQLAlchemy transport on SQLite, which needs no server), starts a worker and the API, waits until the API is
-ready, and prints its URL and a new API key. down: stops what up started, by the process ids it recorded.
+SQLAlchemy transport on SQLite, which needs no server), starts whichever of the worker and the API (and the
+`redis-server` it manages) is not running, waits until the API is ready, and prints its URL and a new API key.
+down: stops what up started, by the process ids it recorded.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -37,12 +39,24 @@ def _alive(name: str) -> int | None:
     if not pidfile.exists():
         return None
     pid = int(pidfile.read_text())
+    if _running(pid):
+        return pid
+    pidfile.unlink()
+    return None
+
+
+def _running(pid: int) -> bool:
+    """Whether the process runs. A service that died is a zombie until its parent reaps it, and its parent (up,
+    long gone) hands it to PID 1, which in a container often reaps nothing: signal 0 still reaches a zombie, so
+    it is /proc that tells a dead service from a live one (where there is a /proc)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        pidfile.unlink()
-        return None
-    return pid
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # it has just ended, or there is no /proc (macOS) and signal 0 must do
+        return not Path("/proc").is_dir()
 
 
 def _start(name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -76,50 +90,80 @@ def _redis_answers(url: str) -> bool:
 def choose_broker(url: str) -> tuple[str, str]:
     """The broker URL to use and a sentence saying which it is."""
     if not url.startswith("redis://"):
-        return url, f"broker: {url} (as NAD_BROKER_URL says)"
-    if _redis_answers(url):
-        return url, f"broker: the Redis at {url}"
-    server = shutil.which("redis-server")
+        return url, f"broker:   {url} (as NAD_BROKER_URL says)"
     parts = urlsplit(url)
+    port = str(parts.port or 6379)
+    pid = _alive("redis")
+    if pid:
+        return url, f"broker:   redis-server on port {port} already running (pid {pid}; data in var/redis)"
+    if _redis_answers(url):
+        return url, f"broker:   the Redis at {url}"
+    server = shutil.which("redis-server")
     if server and parts.hostname in ("127.0.0.1", "localhost"):
-        port = str(parts.port or 6379)
-        (VAR / "redis").mkdir(exist_ok=True)
-        process = _start("redis", [server, "--bind", "127.0.0.1", "--port", port, "--dir", str(VAR / "redis"),
-                                   "--appendonly", "yes", "--maxmemory-policy", "noeviction"], {})
-        _wait("redis-server", lambda: _redis_answers(url), process, "redis.log", timeout=30)
-        return url, f"broker: redis-server started here on port {port} (data in var/redis)"
-    return FALLBACK_BROKER, ("broker: no Redis answers and none is installed: kombu's SQLAlchemy transport "
+        pid = _start_redis(server, url, port)
+        return url, f"broker:   redis-server on port {port} started (pid {pid}; data in var/redis)"
+    return FALLBACK_BROKER, ("broker:   no Redis answers and none is installed: kombu's SQLAlchemy transport "
                              "on var/broker.sqlite (fine for one machine; use Redis for anything more)")
 
 
+def _start_redis(server: str, url: str, port: str) -> int:
+    """A redis-server of up's own on 127.0.0.1:port, once it answers: its pid."""
+    (VAR / "redis").mkdir(exist_ok=True)
+    process = _start("redis", [server, "--bind", "127.0.0.1", "--port", port, "--dir", str(VAR / "redis"),
+                               "--appendonly", "yes", "--maxmemory-policy", "noeviction"], {})
+    _wait("redis-server", lambda: _redis_answers(url), process, "redis.log", timeout=30)
+    return process.pid
+
+
 def up() -> None:
+    """Start each part that is not running. Each is checked on its own, since each can die alone: a running
+    one is left alone (a second would take over its pid file and outlive `down`), a missing one is started
+    (an API without its worker queues jobs that never run)."""
     settings = get_settings()
     RUN.mkdir(parents=True, exist_ok=True)
     LOG.mkdir(parents=True, exist_ok=True)
     database = Database(settings.database_url)
     database.migrate()
     url = f"http://{settings.api_host}:{settings.api_port}"
-    if _alive("api"):
-        print(f"already running at {url} (`make down` stops it)")
-    else:
-        broker, said = choose_broker(settings.broker_url)
-        print(said)
-        env = {"NAD_BROKER_URL": broker}
-        log = LOG / "worker.log"
-        start = log.stat().st_size if log.exists() else 0
-        worker = _start("worker", [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel",
-                                   "INFO", "--without-mingle", "--without-gossip"], env)
-        _wait("the worker", lambda: b" ready." in log.read_bytes()[start:], worker, "worker.log")
-        api = _start("api", [sys.executable, "-m", "api"], env)
-        _wait("the API", lambda: _ready(url), api, "api.log")
+    broker, said = choose_broker(settings.broker_url)
+    print(said)
+    env = {"NAD_BROKER_URL": broker}
+    _ensure("worker", "worker", lambda: _start_worker(env))
+    _ensure("api", "API", lambda: _start_api(env, url))
     with database.session() as session:
         _, key = keys.create_key(session, "make up")
     database.dispose()
-    print(f"API:      {url}  (docs at {url}/docs; logs in var/log)")
+    print(f"URL:      {url}  (docs at {url}/docs; logs in var/log; `make down` stops what `make up` started)")
     print(f"database: {settings.database_url}")
     print(f"API key:  {key}")
     print(f"try:      curl -H 'Authorization: Bearer {key}' {url}/jobs")
     print(f"          export NAD_API_KEY={key}   # for `nad submit` and `make demo`")
+
+
+def _ensure(name: str, label: str, start: Callable[[], subprocess.Popen]) -> None:
+    """Start the service `name` unless it runs, and say which it was."""
+    pid = _alive(name)
+    if pid:
+        print(f"{label + ':':<10}already running (pid {pid})")
+    else:
+        print(f"{label + ':':<10}started (pid {start().pid})")
+
+
+def _start_worker(env: dict[str, str]) -> subprocess.Popen:
+    """A Celery worker, once its log says it is ready."""
+    log = LOG / "worker.log"
+    start = log.stat().st_size if log.exists() else 0
+    worker = _start("worker", [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "INFO",
+                               "--without-mingle", "--without-gossip"], env)
+    _wait("the worker", lambda: b" ready." in log.read_bytes()[start:], worker, "worker.log")
+    return worker
+
+
+def _start_api(env: dict[str, str], url: str) -> subprocess.Popen:
+    """The API, once it answers /readyz."""
+    api = _start("api", [sys.executable, "-m", "api"], env)
+    _wait("the API", lambda: _ready(url), api, "api.log")
+    return api
 
 
 def _ready(url: str) -> bool:

@@ -1,0 +1,144 @@
+"""`make up` and `make down` (scripts/service.py) with one part killed between two `up`s: the next `up` starts
+that part alone, and `down` then stops everything. The script runs as a copy in a temporary folder, so its var/
+(pid files, logs) is the test's own; the database and the broker are SQLite files there, or a redis-server the
+script starts itself on a free port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from service_fixtures import ROOT, free_port
+
+
+@dataclass
+class Service:
+    """A copy of scripts/service.py under `root`, with its own settings."""
+
+    root: Path
+    env: dict[str, str]
+
+    def run(self, command: str) -> str:
+        """`service.py up` or `down`: its output, which must be a success."""
+        script = self.root / "scripts" / "service.py"
+        done = subprocess.run([sys.executable, str(script), command], cwd=self.root, env=self.env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def pid(self, name: str) -> int:
+        """The pid `up` recorded for a part."""
+        return int((self.root / "var" / "run" / f"{name}.pid").read_text())
+
+    def live(self) -> list[int]:
+        """Processes running in the copy's folder, as every part `up` starts does (redis-server in var/redis): a
+        zombie, which a killed part may stay where PID 1 reaps nothing, has no cwd to read."""
+        found = []
+        for process in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(process / "cwd")).is_relative_to(self.root):
+                    found.append(int(process.name))
+        return found
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a part (its whole process group: a worker's pool too), as a crash or the OOM killer would."""
+        pid = self.pid(name)
+        os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid in self.live():
+            assert time.monotonic() < deadline, f"{name} (pid {pid}) outlived SIGKILL"
+            time.sleep(0.1)
+
+
+def _service(tmp_path: Path, broker_url: str) -> Iterator[Service]:
+    """A copy of the script on settings of its own; whatever it started is stopped at the end, by `down` and
+    then by SIGKILL to anything still running there (a pid file can have lost a part: the bug this tests)."""
+    root = tmp_path / "root"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "service.py", root / "scripts")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("NAD_")} | {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "NAD_DATABASE_URL": f"sqlite:///{tmp_path / 'nad.db'}",
+        "NAD_BROKER_URL": broker_url,
+        "NAD_QUEUE": f"nad-test-{uuid.uuid4().hex[:8]}",
+        "NAD_STORAGE_DIR": str(tmp_path / "storage"),
+        "NAD_API_HOST": "127.0.0.1",
+        "NAD_API_PORT": str(free_port()),
+    }
+    service = Service(root, env)
+    try:
+        yield service
+    finally:
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            service.run("down")
+        for pid in service.live():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def sqlite_service(tmp_path: Path) -> Iterator[Service]:
+    """On kombu's SQLAlchemy transport: no server needed."""
+    yield from _service(tmp_path, f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}")
+
+
+@pytest.fixture
+def redis_service(tmp_path: Path) -> Iterator[Service]:
+    """On a Redis URL nothing answers, so that `up` starts a redis-server of its own."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    yield from _service(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
+
+
+def test_up_starts_only_the_parts_that_are_not_running(sqlite_service: Service) -> None:
+    service = sqlite_service
+    service.run("up")
+    worker, api = service.pid("worker"), service.pid("api")
+
+    service.kill("api")
+    said = service.run("up")
+    assert service.pid("worker") == worker, said  # no second worker took over its pid file
+    assert service.pid("api") in service.live(), said
+    assert f"worker:   already running (pid {worker})" in said and "API:      started" in said, said
+
+    service.kill("worker")
+    api = service.pid("api")
+    said = service.run("up")
+    assert service.pid("worker") in service.live(), said
+    assert service.pid("api") == api, said
+    assert "worker:   started" in said and f"API:      already running (pid {api})" in said, said
+
+    service.run("down")
+    assert service.live() == []
+
+
+def test_up_restarts_its_own_redis_server_alone(redis_service: Service) -> None:
+    service = redis_service
+    service.run("up")
+    redis, worker, api = service.pid("redis"), service.pid("worker"), service.pid("api")
+
+    service.kill("redis")
+    said = service.run("up")
+    assert service.pid("redis") in service.live(), said
+    assert (service.pid("worker"), service.pid("api")) == (worker, api), said
+    assert said.startswith("broker:   redis-server on port") and " started (pid" in said.splitlines()[0], said
+    assert f"worker:   already running (pid {worker})" in said and f"API:      already running (pid {api})" in said
+    redis = service.pid("redis")
+
+    said = service.run("up")
+    assert (service.pid("redis"), service.pid("worker"), service.pid("api")) == (redis, worker, api), said
+    assert f" already running (pid {redis};" in said.splitlines()[0], said
+
+    service.run("down")
+    assert service.live() == []
