@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from service_fixtures import ROOT, new_key
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from api import uploads
 from api.app import create_app
@@ -31,6 +32,7 @@ from core.database import Database
 from core.engine import data
 from core.engine.data import TooManyImages, load_images
 from core.engine.errors import InputError
+from core.engine.events import Event
 from core.settings import Settings
 from core.storage import FileWriter, Storage
 
@@ -414,6 +416,45 @@ def test_a_failed_job_leaves_no_partial_checkpoint_and_says_why(
     job = worker_job.row()
     assert job.status == jobs.Status.FAILED and job.error.startswith(reason) and "/srv" not in job.error
     assert _outputs(worker_job) == []
+
+
+def _refused(*args, **kwargs) -> None:
+    raise OperationalError("UPDATE jobs ...", {}, Exception("the database system is starting up"))
+
+
+def test_a_database_outage_mid_job_costs_progress_writes_not_the_run(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database restart while a job trains: its progress writes and stop checks fail and the run goes on
+    (the next epoch asks again); its last write, the result, is tried again until the database is back.
+    Before, the first refused write ended the run, and its failure could not be recorded either."""
+    import worker.tasks
+
+    asked = []
+
+    def sanitize(files, params, on_event, should_stop, **kwargs) -> dict:
+        with monkeypatch.context() as outage:
+            outage.setattr(jobs, "record_progress", _refused)
+            outage.setattr(jobs, "stop_requested", _refused)
+            on_event(Event("student", 0.5, epoch=1, epochs=2))
+            asked.append(should_stop())
+        files.out.parent.mkdir(parents=True, exist_ok=True)
+        files.out.write_bytes(b"a checkpoint")
+        return {"after": {}}
+
+    refusals, succeed = iter([True, True]), jobs.succeed
+
+    def back_on_the_third_try(*args, **kwargs) -> bool:
+        if next(refusals, False):
+            _refused()
+        return succeed(*args, **kwargs)
+
+    monkeypatch.setattr(worker.tasks, "sanitize", sanitize)
+    monkeypatch.setattr(worker.tasks, "FINAL_WRITE_PAUSES", (0.0, 0.0))
+    monkeypatch.setattr(jobs, "succeed", back_on_the_third_try)
+    _run(worker_job)
+    assert asked == [False]
+    assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
 
 
 def test_a_job_killed_at_the_hard_time_limit_leaves_no_partial_checkpoint(worker_job: WorkerJob) -> None:

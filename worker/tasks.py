@@ -8,14 +8,17 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from core import jobs
 from core.database import Database
@@ -29,6 +32,7 @@ from core.storage import Storage, output_name
 from worker.app import SANITIZE, app
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Seconds between two progress writes within one stage; epoch ends and stage changes are always written.
 PROGRESS_INTERVAL = 1.0
@@ -38,6 +42,8 @@ PROGRESS_INTERVAL = 1.0
 # Seconds for a checkpoint of a few hundred megabytes, capped at a share of a short limit.
 FINISH_RESERVE = 60.0
 FINISH_RESERVE_SHARE = 0.05
+# Seconds between the tries of a job's last write (its result, cancel or failure) while the database is out.
+FINAL_WRITE_PAUSES = (1.0, 2.0, 4.0, 8.0)
 
 
 @cache
@@ -49,7 +55,8 @@ def database() -> Database:
 
 class ProgressRecorder:
     """Writes the engine's events to the job's row, sparingly: a step event every few milliseconds would
-    otherwise mean as many database writes."""
+    otherwise mean as many database writes. A write the database refuses (a restart, a failover) is skipped
+    and the next event writes: hours of training are not thrown away for a progress bar."""
 
     def __init__(self, db: Database, job_id: str, dispatch: int) -> None:
         self.db, self.job_id, self.dispatch = db, job_id, dispatch
@@ -61,10 +68,14 @@ class ProgressRecorder:
         now = time.monotonic()
         if event.stage == self.stage and not epoch_end and now - self.written_at < PROGRESS_INTERVAL:
             return
+        try:
+            with self.db.session() as session:
+                jobs.record_progress(session, self.job_id, self.dispatch, event.stage, event.progress, event.epoch,
+                                     event.epochs)
+        except OperationalError:
+            log.warning("job %s: progress not recorded; the next event tries again", self.job_id, exc_info=True)
+            return
         self.stage, self.written_at = event.stage, now
-        with self.db.session() as session:
-            jobs.record_progress(session, self.job_id, self.dispatch, event.stage, event.progress, event.epoch,
-                                 event.epochs)
 
 
 @contextmanager
@@ -162,13 +173,11 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
                               time_limit=engine_time(settings.job_time_limit, time.monotonic() - started))
         _record_success(db, job_id, dispatch, report, files.out)
     except Cancelled:
-        with db.session() as session:
-            jobs.finish_cancelled(session, job_id, dispatch)
+        _finally(db, job_id, lambda session: jobs.finish_cancelled(session, job_id, dispatch))
         log.info("job %s: cancelled (or given to another worker)", job_id)
     except Exception as error:
         message = _failure(job_id, error, settings.job_time_limit)
-        with db.session() as session:
-            jobs.fail(session, job_id, dispatch, message)
+        _finally(db, job_id, lambda session: jobs.fail(session, job_id, dispatch, message))
         _discard_output(db, storage, job_id, dispatch)
 
 
@@ -185,16 +194,38 @@ def _discard_output(db: Database, storage: Storage, job_id: str, dispatch: int) 
     Unless the job recorded this run's file as its output (it succeeded just before the error that is
     reported now): a job's result is never taken from it."""
     out = storage.output_path(job_id, dispatch)
-    with db.session() as session:
+
+    def recorded_output(session: Session) -> jobs.Artifact | None:
         job = session.get(jobs.Job, job_id)
-        recorded = job.artifact(jobs.OUTPUT) if job is not None else None
+        return job.artifact(jobs.OUTPUT) if job is not None else None
+
+    recorded = _finally(db, job_id, recorded_output)
     if recorded is None or storage.path(job_id, recorded.path) != out:
         shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def _stop_requested(db: Database, job_id: str, dispatch: int) -> bool:
-    with db.session() as session:
-        return jobs.stop_requested(session, job_id, dispatch)
+    """Whether to stop; not while the database cannot say (the next epoch asks again)."""
+    try:
+        with db.session() as session:
+            return jobs.stop_requested(session, job_id, dispatch)
+    except OperationalError:
+        log.warning("job %s: could not ask whether to stop; going on", job_id, exc_info=True)
+        return False
+
+
+def _finally(db: Database, job_id: str, write: Callable[[Session], T]) -> T:
+    """`write` in a session of its own, tried again through a database outage of some seconds: without the
+    job's last word its row stays running, and the sweeper would run the whole job again."""
+    for pause in FINAL_WRITE_PAUSES:
+        try:
+            with db.session() as session:
+                return write(session)
+        except OperationalError:
+            log.warning("job %s: the database refused its last write; trying again in %s s", job_id, pause)
+            time.sleep(pause)
+    with db.session() as session:  # the last try: its error is the task's
+        return write(session)
 
 
 def _failure(job_id: str, error: Exception, time_limit: int) -> str:
@@ -236,10 +267,14 @@ def _record_success(db: Database, job_id: str, dispatch: int, report: dict, out:
     """Register the cleansed checkpoint with the report, unless a cancel arrived after the last epoch: a
     cancelled job always ends cancelled, and its output is removed."""
     output = jobs.FileRecord(jobs.OUTPUT, output_name(dispatch), out.stat().st_size, sha256_file(out))
-    with db.session() as session:
+
+    def record(session: Session) -> bool:
         succeeded = jobs.succeed(session, job_id, dispatch, report, output)
         if not succeeded:
             jobs.finish_cancelled(session, job_id, dispatch)
+        return succeeded
+
+    succeeded = _finally(db, job_id, record)
     if not succeeded:
         out.unlink(missing_ok=True)
     log.info("job %s: %s", job_id, "succeeded" if succeeded else "cancelled after its last epoch")
