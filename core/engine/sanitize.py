@@ -67,12 +67,15 @@ class ImageBudget:
 
     def load(self, role: str, path: Path, input_size: int, classes: list[str] | None,
              num_classes: int | None) -> ImageSet:
-        """The images of the archive `role` (clean_data, test_data, poison_data), counted against the limit."""
+        """The images of the archive `role` (clean_data, test_data, poison_data), counted against the limit.
+        Whatever is wrong with an archive, the message starts with its role: a job has up to three."""
         remaining = None if self.limit is None else self.limit - sum(self.loaded.values())
         try:
             images = load_images(path, input_size, classes, num_classes, remaining)
         except TooManyImages as error:
             raise InputError(self._refusal(role, error)) from None
+        except InputError as error:
+            raise InputError(f"{role}: {error}") from None
         self.loaded[role] = len(images.labels)
         return images
 
