@@ -78,7 +78,7 @@ def test_anp_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert {e.stage for e in events} == {"load", "evaluate_before", "anp", "evaluate_after", "done"}
     assert read_metadata(tmp_path / "clean.safetensors")["method"] == "anp"
-    pruned = load_model("wrn-16-1", 10, tmp_path / "clean.safetensors")
+    pruned = load_model(SanitizeParams(arch="wrn-16-1", num_classes=10), tmp_path / "clean.safetensors")
     zeros = sum(int((layer.weight == 0).sum()) for layer in batch_norms(pruned).values())
     assert zeros == pruning["pruned"]
     json.dumps(report)
@@ -123,9 +123,9 @@ def test_a_model_without_batchnorm_is_refused(tmp_path):
     # Through a job: refused while loading, before any evaluation or training.
     checkpoint = tmp_path / "squeezenet.safetensors"
     write_checkpoint(build_model("squeezenet1_1", 10), checkpoint, {"arch": "squeezenet1_1"})
-    np.savez(tmp_path / "clean.npz", x=np.zeros((10, 16, 16, 3), np.uint8), y=np.arange(10))
-    events = []
-    params = SanitizeParams(arch="squeezenet1_1", num_classes=10, input_size=16, method="anp")
+    np.savez(tmp_path / "clean.npz", x=np.zeros((10, 32, 32, 3), np.uint8), y=np.arange(10))
+    events = []  # 32 pixels a side: at 16 SqueezeNet's pooling leaves nothing (models.check_runs refuses it)
+    params = SanitizeParams(arch="squeezenet1_1", num_classes=10, input_size=32, method="anp")
     with pytest.raises(InputError, match="no BatchNorm"):
         sanitize(JobFiles(checkpoint=checkpoint, clean_data=tmp_path / "clean.npz", out=tmp_path / "o.safetensors"),
                  params, on_event=events.append)

@@ -3,7 +3,7 @@ import torch
 
 from core.engine.attention import tap
 from core.engine.errors import InputError
-from core.engine.models import build_model, choose_distillation
+from core.engine.models import build_model, check_runs, choose_distillation
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,22 @@ def test_the_default_layers_record_three_distinct_maps_and_an_overwritten_layer_
     assert len({output.data_ptr() for output in outputs}) == 3
     with pytest.raises(InputError, match="module after 'features.18' overwrites its output"):
         choose_distillation("vgg11", model, ["features.18", "features.19"], [1.0, 1.0])
+
+
+@pytest.mark.filterwarnings("ignore:The default weight initialization:FutureWarning")
+@pytest.mark.parametrize(("arch", "said"), [
+    ("inception_v3", "inception_v3 cannot classify 32x32 images (Calculated padded input size"),
+    ("googlenet", "googlenet answers a GoogLeNetOutputs in training mode, not 10 class scores an image"),
+])
+def test_a_model_that_cannot_classify_the_images_as_training_needs_is_refused_before_any_work(arch, said):
+    """They failed mid-job as the generic internal error; the check runs a copy, the model is left as it was."""
+    model = build_model(arch, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError) as refused:
+        check_runs(model, arch, 32, 10)
+    assert str(refused.value).startswith(said)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+    check_runs(build_model("wrn-16-1", 10), "wrn-16-1", 32, 10)
 
 
 def test_wrn_has_the_wideresnet_pytorch_parameter_layout():

@@ -20,6 +20,7 @@ from core.engine.resampling import (
 )
 from core.engine.sanitize import load_model
 from core.engine.training import Execution, Normalization, to_tensor
+from core.params import SanitizeParams
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR10_TEST = SHARED / "datasets" / "cifar10" / "test.tar.gz"
@@ -28,6 +29,7 @@ MODELS = [SHARED / "models" / "dev" / f"wrn16_1-dev_{name}.safetensors"
 OFFICIAL = [SHARED / "models" / "nad-official" / f"wrn16_1-badnets-grid-{name}.pth.tar"
             for name in ("backdoored", "nad-erased")]
 EXECUTION = Execution()
+WRN = SanitizeParams(arch="wrn-16-1", num_classes=10)
 
 
 def _sign(model: nn.Module, images: np.ndarray) -> ResamplingSign:
@@ -98,9 +100,9 @@ def _clean_images(case) -> np.ndarray:
 def test_the_sign_tells_a_real_warp_backdoor_from_a_badnets_one(digits_warp_backdoor, digits_backdoor):
     """On the first machine: the warp model 90.6 % of the 500 clean digits into its target, class 0; the badnets
     one far under the threshold."""
-    warp = _sign(load_model("wrn-16-1", 10, digits_warp_backdoor.checkpoint), _clean_images(digits_warp_backdoor))
+    warp = _sign(load_model(WRN, digits_warp_backdoor.checkpoint), _clean_images(digits_warp_backdoor))
     assert warp.fired and warp.label == 0 and warp.images == 500
-    badnets = _sign(load_model("wrn-16-1", 10, digits_backdoor.checkpoint), _clean_images(digits_backdoor))
+    badnets = _sign(load_model(WRN, digits_backdoor.checkpoint), _clean_images(digits_backdoor))
     assert not badnets.fired and badnets.share < SIGN_SHARE / 2
 
 
@@ -112,6 +114,6 @@ def test_the_sign_stays_quiet_on_the_shared_models_whose_triggers_are_no_warps()
     images = load_images(CIFAR10_TEST, 32).images[:1000]
     execution = Execution.for_mode("fast", torch.device("cpu"))
     for path in MODELS + OFFICIAL:
-        model = execution.prepare(load_model("wrn-16-1", 10, path))
+        model = execution.prepare(load_model(WRN, path))
         sign = resampling_sign(model, to_tensor(images, torch.device("cpu")), Normalization(), execution)
         assert sign.share < 20, f"{path.name}: {sign.report()['note']}"

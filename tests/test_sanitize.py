@@ -55,8 +55,8 @@ def test_nad_is_deterministic_for_a_seed(digits_backdoor, tmp_path):
     first = sanitize(_files(digits_backdoor, tmp_path / "a"), params)
     second = sanitize(_files(digits_backdoor, tmp_path / "b"), params)
     assert first["after"] == second["after"] and first["history"] == second["history"]
-    a = load_model("wrn-16-1", 10, tmp_path / "a" / "clean.safetensors").state_dict()
-    b = load_model("wrn-16-1", 10, tmp_path / "b" / "clean.safetensors").state_dict()
+    a = load_model(params, tmp_path / "a" / "clean.safetensors").state_dict()
+    b = load_model(params, tmp_path / "b" / "clean.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -72,8 +72,8 @@ def test_nad_refits_the_students_bias_unless_told_not_to(digits_backdoor, tmp_pa
     assert "refit_bias" in refit["timings"]
     shift = torch.tensor(refit["bias_shift"])
     assert len(shift) == 10 and shift.abs().max() > 0.01 and abs(float(shift.sum())) < 1e-3
-    a = load_model("wrn-16-1", 10, tmp_path / "a" / "clean.safetensors").state_dict()
-    b = load_model("wrn-16-1", 10, tmp_path / "b" / "clean.safetensors").state_dict()
+    a = load_model(SanitizeParams.model_validate(short), tmp_path / "a" / "clean.safetensors").state_dict()
+    b = load_model(SanitizeParams.model_validate(short), tmp_path / "b" / "clean.safetensors").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k != "fc.bias")
     assert torch.allclose(a["fc.bias"], b["fc.bias"] + shift, atol=1e-3)
 

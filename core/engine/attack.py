@@ -12,7 +12,7 @@ from core.engine.data import ImageSet
 from core.engine.defenses import finetune
 from core.engine.errors import InputError
 from core.engine.events import EventSink, ignore
-from core.engine.models import build_model
+from core.engine.models import build_model, check_runs
 from core.engine.training import Execution, Normalization, Recipe, Watch, to_tensor
 from core.engine.triggers import apply_trigger
 from core.params import TriggerSpec
@@ -54,7 +54,9 @@ def train_backdoored(arch: str, data: ImageSet, poisoning: Poisoning, recipe: Re
     poisoned, _ = poison_training_set(data, poisoning, recipe.seed)
     torch.manual_seed(recipe.seed)
     execution = Execution.for_mode("fast", device)
-    model = execution.prepare(build_model(arch, len(data.classes)).to(device))
+    model = build_model(arch, len(data.classes))
+    check_runs(model, arch, data.images.shape[1], len(data.classes))
+    model = execution.prepare(model.to(device))
     finetune(model, to_tensor(poisoned.images, device), torch.from_numpy(poisoned.labels).to(device), recipe,
              normalize, Watch("attack", on_event, lambda: False), execution)
     return model

@@ -8,6 +8,7 @@ torchvision by its name.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from itertools import pairwise
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from core.engine.data import error_reason
 from core.engine.errors import InputError
 
 # The NAD authors' betas for WRN-16-1's three residual groups; used for every arch's three default layers.
@@ -176,6 +178,26 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     if name in torchvision_names():
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     raise InputError(f"unknown architecture {arch!r}; known: " + "; ".join(arch_names()))
+
+
+def check_runs(model: nn.Module, arch: str, input_size: int, num_classes: int) -> None:
+    """Refuse, before any work, a model that cannot classify `input_size` images as training needs: some
+    torchvision models take only their own size (a ViT's 224), some need more pixels than a CIFAR image has
+    (Inception), some answer in training mode with more than class scores (GoogLeNet's auxiliary outputs).
+    They failed mid-job as an internal error. A copy runs: a training-mode pass moves BatchNorm's statistics."""
+    probe = copy.deepcopy(model)
+    images = torch.zeros(2, 3, input_size, input_size, device=next(probe.parameters()).device)
+    for training in (False, True):
+        probe.train(training)
+        try:
+            with torch.no_grad():
+                scores = probe(images)
+        except Exception as error:  # the model's own assertion or shape error says what does not fit
+            raise InputError(f"{arch} cannot classify {input_size}x{input_size} images ({error_reason(error)}); "
+                             "set input_size to the size it takes, or choose another arch") from None
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (2, num_classes):
+            raise InputError(f"{arch} answers a {type(scores).__name__} in {'training' if training else 'evaluation'} "
+                             f"mode, not {num_classes} class scores an image; choose another arch")
 
 
 def overwritten(model: nn.Module) -> set[str]:

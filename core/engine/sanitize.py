@@ -20,7 +20,7 @@ from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event, EventSink, ignore
 from core.engine.methods import Run, defend, sau_recipe, stages, unsuitable
 from core.engine.metrics import attack_success_rate, clean_metrics, predict
-from core.engine.models import build_model, choose_distillation
+from core.engine.models import build_model, check_runs, choose_distillation
 from core.engine.resampling import resampling_sign
 from core.engine.training import Execution, Normalization, Watch, to_tensor
 from core.engine.triggers import poison
@@ -108,9 +108,12 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(arch: str, num_classes: int, checkpoint: Path) -> nn.Module:
-    model = build_model(arch, num_classes)
-    load_weights(model, read_state_dict(checkpoint), arch)
+def load_model(params: SanitizeParams, checkpoint: Path) -> nn.Module:
+    """The model of `params.arch` in `checkpoint`, checked to classify `params.input_size` images before any
+    work."""
+    model = build_model(params.arch, params.num_classes)
+    load_weights(model, read_state_dict(checkpoint), params.arch)
+    check_runs(model, params.arch, params.input_size, params.num_classes)
     return model
 
 
@@ -151,7 +154,7 @@ def evaluate_checkpoint(checkpoint: Path, test_data: Path, params: SanitizeParam
     """The metrics of one checkpoint on a test archive (ASR from `poison_data` or `params.trigger`)."""
     dev = device()
     execution = Execution.for_mode(params.mode, dev)
-    model = execution.prepare(load_model(params.arch, params.num_classes, checkpoint).to(dev))
+    model = execution.prepare(load_model(params, checkpoint).to(dev))
     test = _every_class(load_images(test_data, params.input_size, params.classes, params.num_classes), params,
                         "test data")
     evaluation = Evaluation(test, poisoned_set(poison_data, params, test), params.target_label, "test_data",
@@ -242,14 +245,14 @@ def sanitize(
     execution = Execution.for_mode(params.mode, dev)
     on_event(Event("load", 0.0))
     with clock.time("load"):
-        model = execution.prepare(load_model(params.arch, params.num_classes, files.checkpoint).to(dev))
+        model = execution.prepare(load_model(params, files.checkpoint).to(dev))
         methods = runnable(params, model)
         distillation = (choose_distillation(params.arch, model, params.layers, params.betas)
                         if "nad" in methods else None)
         budget = ImageBudget(max_images)
         clean = load_clean(files.clean_data, params, budget)
         train_set, evaluation = prepare_evaluation(files, params, clean, budget)
-        teacher = (execution.prepare(load_model(params.arch, params.num_classes, files.teacher).to(dev))
+        teacher = (execution.prepare(load_model(params, files.teacher).to(dev))
                    if files.teacher else None)
         images, labels = to_tensor(train_set.images, dev), torch.from_numpy(train_set.labels).to(dev)
     on_event(Event("evaluate_before", LOAD_SHARE))
