@@ -35,14 +35,18 @@ def _add_keys_command(commands: argparse._SubParsersAction) -> None:
     actions.add_parser("list", help="every key: id, name, created, revoked")
 
     def run(args: argparse.Namespace) -> int:
+        from pydantic import ValidationError
         from sqlalchemy.exc import SQLAlchemyError
+
+        from core.engine.commands import fail, validation_message
 
         try:
             return _keys(args)
+        except ValidationError as error:  # a setting of the environment, NAD_API_PORT=abc say: which, and why
+            return fail(validation_message(error, lambda field: f"NAD_{field.upper()}"))
         except SQLAlchemyError as error:  # an operator's typo or a server down: said, not a traceback
             reason = str(getattr(error, "orig", None) or error).splitlines()[0]
-            print(f"nad: error: cannot use the database of NAD_DATABASE_URL: {reason}", file=sys.stderr)
-            return 2
+            return fail(f"cannot use the database of NAD_DATABASE_URL: {reason}")
 
     parser.set_defaults(run=run)
 
@@ -50,6 +54,7 @@ def _add_keys_command(commands: argparse._SubParsersAction) -> None:
 def _keys(args: argparse.Namespace) -> int:
     from core import keys
     from core.database import Database
+    from core.engine.commands import fail
     from core.settings import get_settings
 
     database = Database(get_settings().database_url)
@@ -61,8 +66,7 @@ def _keys(args: argparse.Namespace) -> int:
             print(text)
         elif args.action == "revoke":
             if not keys.revoke_key(session, args.key_id):
-                print(f"nad: error: no live key {args.key_id}", file=sys.stderr)
-                return 2
+                return fail(f"no live key {args.key_id}")
             print(f"revoked key {args.key_id}")
         else:
             for key in keys.list_keys(session):

@@ -1,8 +1,8 @@
 """The HTTP client of the service, behind `nad submit`: upload, follow the job, download the result.
 
-It needs httpx and tqdm only, so it runs on a user's machine without torch. Uploads stream from disk with a
-progress bar, and carry an Idempotency-Key so that a POST retried after a dropped connection cannot create a
-second job.
+It needs httpx, tqdm and pydantic, never torch, so it runs on a user's machine without torch. Uploads stream
+from disk with a progress bar, and carry an Idempotency-Key so that a POST retried after a dropped connection
+cannot create a second job.
 """
 
 from __future__ import annotations
@@ -14,13 +14,23 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-from tqdm import tqdm
 from tqdm.utils import CallbackIOWrapper
+
+from core.engine.commands import (
+    StageBar,
+    cannot_read,
+    fail,
+    missing_input,
+    prepare_outputs,
+    small_json_file,
+    table,
+    terminal_bar,
+)
 
 FINISHED = ("succeeded", "failed", "cancelled")
 # Attempts of the upload when the connection fails before an answer arrives (never when the service answered).
@@ -81,8 +91,8 @@ class Client:
         """The files opened for httpx's multipart encoder, which reads them in chunks; one bar for all."""
         total = sum(path.stat().st_size for path in files.values())
         with ExitStack() as stack:
-            bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc="upload",
-                                           file=sys.stderr, disable=not show_progress))
+            bar = stack.enter_context(terminal_bar(show_progress, total=total, unit="B", unit_scale=True,
+                                                   desc="upload"))
             streams = {}
             for field, path in files.items():
                 stream = stack.enter_context(path.open("rb"))
@@ -98,9 +108,8 @@ class Client:
 
         A job runs for hours and the service may restart meanwhile (the job goes on): no answer, or a 502, 503
         or 504, is asked again until it has lasted `patience` seconds."""
-        silent_since = None
-        with tqdm(total=100, unit="%", desc="queued", file=sys.stderr, disable=not show_progress,
-                  bar_format="{l_bar}{bar}| [{elapsed}]") as bar:
+        silent_since, percent = None, 0.0
+        with closing(StageBar("{l_bar}{bar}| [{elapsed}]", show_progress)) as bar:
             while True:
                 try:
                     job = self.job(job_id)
@@ -111,15 +120,13 @@ class Client:
                     if time.monotonic() - silent_since >= patience:
                         raise ServiceError(f"no answer about job {job_id} for {patience:.0f} s ({error}); it goes "
                                            f"on at the service: ask again with GET /jobs/{job_id}") from None
-                    bar.set_description("service unreachable, asking again")
+                    bar.show("service unreachable, asking again", percent)
                     time.sleep(interval)
                     continue
                 silent_since = None
-                progress = job["progress"]
+                progress, percent = job["progress"], job["progress"]["percent"]
                 epoch = f" {progress['epoch']}/{progress['epochs']}" if progress.get("epoch") else ""
-                label = f"{job['status']} {progress.get('stage') or ''}{epoch}".strip()
-                bar.set_description(label)  # refreshed: the label may change while the percentage does not
-                bar.update(progress["percent"] - bar.n)
+                bar.show(f"{job['status']} {progress.get('stage') or ''}{epoch}".strip(), percent)
                 if job["status"] in FINISHED:
                     return job
                 time.sleep(interval)
@@ -134,8 +141,8 @@ class Client:
         with self.http.stream("GET", f"/jobs/{job_id}/model") as response:
             _checked(response)
             total = int(response.headers.get("content-length", 0)) or None
-            with partial.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="download",
-                                                  file=sys.stderr, disable=not show_progress) as bar:
+            with partial.open("wb") as out, terminal_bar(show_progress, total=total, unit="B", unit_scale=True,
+                                                          desc="download") as bar:
                 for chunk in response.iter_bytes():
                     out.write(chunk)
                     digest.update(chunk)
@@ -150,8 +157,6 @@ class Client:
 
 def _params(text: str) -> dict[str, Any]:
     """--params: inline JSON, or @file; a ValueError says which it was and why it is not a JSON object."""
-    from core.engine.commands import small_json_file
-
     source = text[1:] if text.startswith("@") else "--params"
     try:
         params = json.loads(small_json_file(Path(source), "the service refuses larger params")
@@ -163,27 +168,38 @@ def _params(text: str) -> dict[str, Any]:
     return params
 
 
+def _service_url(url: str) -> str:
+    """The service's base URL, or a ValueError where httpx cannot use it: it would raise InvalidURL, outside any
+    request, or retry an unsupported scheme as if the service were down."""
+    try:
+        scheme = httpx.URL(url).scheme
+    except httpx.InvalidURL as error:
+        raise ValueError(f"the service URL {url} is not usable: {error}") from None
+    if scheme not in ("http", "https"):
+        raise ValueError(f"the service URL {url} is not usable: it must start with http:// or https://")
+    return url
+
+
 def run_submit(args: argparse.Namespace) -> int:
     """`nad submit`: upload, follow, download, and print the before/after table. Exit 0 when the job
     succeeded, 1 when it failed or was cancelled, 2 when it could not be submitted or followed."""
-    from core.engine.commands import cannot_read, missing_input, prepare_outputs, table
     from core.settings import ClientSettings
 
     files = {field: path for field, path in (("model", args.model), ("clean_data", args.clean_data),
                                              ("test_data", args.test_data), ("poison_data", args.poison_data),
                                              ("teacher", args.teacher)) if path is not None}
+    settings = ClientSettings()
     try:
         params = _params(args.params)  # first: a refusal leaves no folder behind
-        problem = missing_input(*files.values()) or prepare_outputs(args.out)
+        url = _service_url(args.url or settings.api_url)
+        problem = missing_input(*files.values()) or prepare_outputs(args.out, inputs=tuple(files.values()))
     except OSError as error:
         problem = cannot_read(error)
     except ValueError as error:
         problem = str(error)
     if problem:
-        print(f"nad: error: {problem}", file=sys.stderr)
-        return 2
-    settings = ClientSettings()
-    client = Client(args.url or settings.api_url, args.key or settings.api_key)
+        return fail(problem)
+    client = Client(url, args.key or settings.api_key)
     try:
         job = client.submit(files, params)
         print(f"job {job['id']} queued", file=sys.stderr)
@@ -194,12 +210,9 @@ def run_submit(args: argparse.Namespace) -> int:
         out = client.download(job["id"], args.out or Path(f"{job['id']}.safetensors"))
         metrics = client.metrics(job["id"])
     except (ServiceError, OSError, ValueError) as error:
-        print(f"nad: error: {error}", file=sys.stderr)
-        return 2
+        return fail(str(error))
     except httpx.HTTPError as error:  # the connection lost mid-download, say: not an OSError
-        print(f"nad: error: lost {client.http.base_url} ({error!r}); the job's results stay at the service",
-              file=sys.stderr)
-        return 2
+        return fail(f"lost {client.http.base_url} ({error!r}); the job's results stay at the service")
     finally:
         client.close()
     print(metrics["evaluation"]["note"])

@@ -14,11 +14,27 @@ from test_hostile_files import _png, _zip
 from conftest import DIGITS_TRIGGER, digits_arrays
 from core.cli import main
 from core.client import Client, ServiceError
-from core.engine.commands import ProgressBar, parse_trigger
+from core.engine.commands import ProgressBar, attack_milestones, parse_trigger, terminal_bar
+from core.engine.errors import InputError
 from core.engine.events import Event
 
 TRIGGER = json.dumps(DIGITS_TRIGGER)
 UNREADABLE = "/proc/self/mem"  # opens, then fails to read (EIO): an OSError that names no file
+UNWRITABLE = "/proc/report.json"  # its folder exists, yet takes no new file, even from root (tests run as root)
+
+
+def _as_terminal(monkeypatch) -> None:
+    """Make the captured stderr a terminal, where progress bars are drawn: as a log's, pytest's is none. Called in
+    the test itself: pytest puts its stream in sys.stderr after the fixtures ran."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+
+
+def _job_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A checkpoint and clean data that exist, for a run whose engine a test replaces."""
+    checkpoint, clean = tmp_path / "model.safetensors", tmp_path / "clean.npz"
+    checkpoint.write_text("weights")
+    clean.write_text("data")
+    return checkpoint, clean
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +140,58 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(digits_backd
               "--url", "http://127.0.0.1:9"]
     assert main([*submit, "--out", str(blocker / "model.safetensors")]) == 2
     assert f"cannot make the folder for {blocker / 'model.safetensors'}" in capsys.readouterr().err
+    # A folder that exists but takes no file (read-only, full): found by writing a file there, not by making it.
+    assert main([*job, "--out", str(tmp_path / "clean.safetensors"), "--report", UNWRITABLE]) == 2
+    assert f"nad: error: cannot write files in /proc, for {UNWRITABLE}: " in capsys.readouterr().err
+    assert main([*submit, "--out", UNWRITABLE]) == 2
+    assert f"nad: error: cannot write files in /proc, for {UNWRITABLE}: " in capsys.readouterr().err
+
+
+def test_a_report_that_cannot_be_written_in_the_end_is_said_in_one_line_after_the_results(
+        tmp_path, capsys, monkeypatch):
+    """The folder was writable when the job began; the disk filled up while it ran."""
+    result = {"evaluation": {"note": "measured"}, "auto": None, "resampling": None, "warnings": [],
+              "before": {"acc": 90.0, "asr": 99.0}, "after": {"acc": 88.0, "asr": 2.0}}
+    monkeypatch.setattr("core.engine.sanitize.sanitize", lambda *args, **kwargs: result)
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    checkpoint, clean = _job_files(tmp_path)
+    monkeypatch.setattr(Path, "write_text", full)
+    report = tmp_path / "report.json"
+    assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(checkpoint),
+                 "--clean-data", str(clean), "--out", str(tmp_path / "clean.safetensors"),
+                 "--report", str(report)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"nad: error: cannot write {report}: No space left on device\n"
+    assert "after      88.00" in captured.out, "the results are printed all the same"
+
+
+def test_an_output_that_names_an_input_or_another_output_is_refused(digits_npz, tmp_path, capsys, monkeypatch):
+    """One file written over another loses a checkpoint to its report, or the user's data to a result."""
+    monkeypatch.setattr("core.engine.sanitize.sanitize", lambda *args, **kwargs: pytest.fail("the job ran"))
+    monkeypatch.setattr("core.client.Client.submit", lambda *args, **kwargs: pytest.fail("it uploaded"))
+    checkpoint, clean = _job_files(tmp_path)
+    job = ["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(checkpoint),
+           "--clean-data", str(clean)]
+    both = tmp_path / "both.safetensors"  # not there yet: two outputs may name it all the same
+    (tmp_path / "link").symlink_to(tmp_path)
+    for outputs, clash in ((("--out", both, "--report", tmp_path / "link" / both.name), "is named for two outputs"),
+                           (("--out", both, "--report", clean), "is an input"),
+                           (("--out", tmp_path / "sub" / ".." / checkpoint.name), "is an input")):
+        assert main([*job, *map(str, outputs)]) == 2
+        assert capsys.readouterr().err.startswith(f"nad: error: {outputs[-1]} {clash}"), outputs
+    assert not both.exists() and checkpoint.read_text() == "weights" and clean.read_text() == "data"
+    copy = tmp_path / "digits.npz"
+    copy.write_bytes(digits_npz.read_bytes())
+    for out in (copy, copy.with_suffix("")):  # subset adds .npz: `--out digits` is digits.npz too
+        assert main(["subset", str(copy), "--fraction", "0.5", "--out", str(out)]) == 2
+        assert f"{copy} is an input" in capsys.readouterr().err
+    assert copy.read_bytes() == digits_npz.read_bytes()
+    assert main(["submit", str(checkpoint), str(clean), "--params", "{}", "--url", "http://127.0.0.1:9",
+                 "--out", str(checkpoint)]) == 2
+    assert f"{checkpoint} is an input" in capsys.readouterr().err
 
 
 def test_nad_submit_refuses_a_missing_file_or_params_that_are_no_json_object_before_it_uploads(
@@ -212,6 +280,93 @@ def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):
     assert code == 2 and "unknown architecture 'vgg99'" in capsys.readouterr().err
 
 
+def test_invalid_parameters_are_said_in_one_line_by_their_flags(tmp_path, capsys):
+    checkpoint, clean = _job_files(tmp_path)
+    model = ["--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(checkpoint)]
+    sanitize = ["sanitize", *model, "--clean-data", str(clean), "--out", str(tmp_path / "out.safetensors")]
+    evaluate = ["evaluate", *model, "--test-data", str(clean)]
+    for command, said in (([*sanitize, "--batch-size", "0", "--epochs", "-1"],
+                           ("--epochs: Input should be greater than or equal to 1",
+                            "--batch-size: Input should be greater than or equal to 1")),
+                          ([*sanitize, "--trigger", "nad-grid"], ("a trigger needs target_label",)),
+                          ([*evaluate, "--trigger", "nad-grid"], ("a trigger needs target_label",))):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("nad: error: ") and err.count("\n") == 1, err
+        assert all(part in err for part in said) and "Value error" not in err, err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_nad_attack_refuses_numbers_out_of_range(digits_npz, tmp_path, capsys):
+    attack = ["attack", "--arch", "wrn-16-1", "--data", str(digits_npz), "--trigger", TRIGGER, "--input-size", "16",
+              "--out", str(tmp_path / "bd.safetensors")]
+    for flag, value, said in (("--target-label", "-1", "-1 is below 0"), ("--epochs", "0", "0 is below 1"),
+                              ("--batch-size", "0", "0 is below 1"), ("--lr", "-1", "-1 is not a positive number"),
+                              ("--lr", "nan", "nan is not a positive number"), ("--input-size", "0", "0 is below 1")):
+        with pytest.raises(SystemExit) as refused:
+            main([*attack, "--target-label", "0", flag, value])
+        assert refused.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err
+    # Only the data says how many classes there are: 10 here, so 10 is one too many.
+    assert main([*attack, "--target-label", "10"]) == 2
+    said = f"nad: error: --target-label 10 is not a class of {digits_npz}: it has 10, 0 to 9\n"
+    assert capsys.readouterr().err == said
+    assert not (tmp_path / "bd.safetensors").exists()
+
+
+def test_nad_attack_trains_a_one_epoch_run_at_the_lr_it_was_given(digits_npz, tmp_path, monkeypatch):
+    """Milestones at half and three quarters of one epoch were both epoch 0: it trained at a hundredth of --lr."""
+    recipes = []
+
+    def train(arch, data, poisoning, recipe, *args, **kwargs):
+        recipes.append(recipe)
+        raise InputError("stop here")
+
+    monkeypatch.setattr("core.engine.attack.train_backdoored", train)
+    assert main(["attack", "--arch", "wrn-16-1", "--data", str(digits_npz), "--trigger", TRIGGER,
+                 "--target-label", "0", "--epochs", "1", "--lr", "0.05", "--input-size", "16",
+                 "--out", str(tmp_path / "bd.safetensors")]) == 2
+    assert recipes[0].lr_at(0) == 0.05
+    assert attack_milestones(1) == () and attack_milestones(2) == (1,) and attack_milestones(30) == (15, 22)
+
+
+def test_subset_refuses_an_input_size_below_1(digits_npz, tmp_path, capsys):
+    for size in ("0", "-3"):
+        with pytest.raises(SystemExit) as refused:
+            main(["subset", str(digits_npz), "--fraction", "0.5", "--input-size", size,
+                  "--out", str(tmp_path / "part.npz")])
+        assert refused.value.code == 2 and f"argument --input-size: {size} is below 1" in capsys.readouterr().err
+
+
+def test_lists_of_numbers_that_are_not_are_refused_without_naming_a_helper(digits_npz, tmp_path, capsys):
+    model = ["--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(digits_npz)]
+    for command, said in ((["evaluate", *model, "--test-data", str(digits_npz), "--mean", "a,b"],
+                           "argument --mean: a,b is not a comma-separated list of numbers"),
+                          (["sanitize", *model, "--clean-data", str(digits_npz), "--lr-milestones", "x",
+                            "--out", str(tmp_path / "o.safetensors")],
+                           "argument --lr-milestones: x is not a comma-separated list of whole numbers")):
+        with pytest.raises(SystemExit) as refused:
+            main(command)
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and said in err and "invalid" not in err, err
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "ftp://127.0.0.1", "127.0.0.1:8000"])
+def test_nad_submit_refuses_a_service_url_it_cannot_use(digits_npz, url, capsys, monkeypatch):
+    monkeypatch.setattr("core.client.Client.submit", lambda *args, **kwargs: pytest.fail("it uploaded"))
+    assert main(["submit", str(digits_npz), str(digits_npz), "--params", "{}", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nad: error: the service URL {url} is not usable: ") and err.count("\n") == 1
+
+
+def test_nad_keys_says_which_setting_of_the_environment_is_wrong(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "core.cli", "keys", "list"], capture_output=True, text=True,
+                            env={"NAD_API_PORT": "abc", "NAD_DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}",
+                                 "PATH": "/usr/bin:/bin"}, cwd=Path(__file__).parents[1])
+    assert result.returncode == 2
+    assert result.stderr == ("nad: error: NAD_API_PORT: Input should be a valid integer, unable to parse string as an "
+                             "integer\n")
+
+
 @pytest.mark.parametrize("url", ["postgresql+psycopg://nobody@127.0.0.1:1/none", "bogus://x", "not a url"])
 def test_nad_keys_says_when_it_cannot_use_the_database(url):
     result = subprocess.run([sys.executable, "-m", "core.cli", "keys", "list"], capture_output=True, text=True,
@@ -246,19 +401,21 @@ def test_attack_with_the_warp_trigger_plants_a_backdoor(tmp_path):
     assert metrics["asr"] > 80 and metrics["acc"] > 85, metrics
 
 
-def test_the_progress_bar_shows_an_epoch_that_starts_without_the_percentage_moving(capsys):
+def test_the_progress_bar_shows_an_epoch_that_starts_without_the_percentage_moving(capsys, monkeypatch):
     """sau's retry runs its epochs at the stage's end: the bar must still say which epoch it is in."""
+    _as_terminal(monkeypatch)
     bar = ProgressBar()
     bar(Event("sau", 0.5, epoch=10, epochs=10, loss=12.3, lr=1e-4))
     bar(Event("sau", 0.5, epoch=1, epochs=10, step=1, steps=9))
     shown = capsys.readouterr().err
     bar.close()
-    assert "sau 1/10" in shown
+    assert "sau 1/10" in shown and "\r" in shown
 
 
-def test_the_progress_bar_shows_an_epochs_loss_and_lr_beside_that_epoch_only(capsys):
+def test_the_progress_bar_shows_an_epochs_loss_and_lr_beside_that_epoch_only(capsys, monkeypatch):
     """The loss and lr come with an epoch's last event; the next epoch's first step must not show them as its
     own (the student's lr 0.1 of epoch 2 read as epoch 3's, after the drop)."""
+    _as_terminal(monkeypatch)
     bar = ProgressBar()
     bar(Event("student", 0.1, epoch=2, epochs=20, loss=1.5, lr=0.1))
     bar(Event("student", 0.11, epoch=3, epochs=20, step=1, steps=35))
@@ -266,3 +423,49 @@ def test_the_progress_bar_shows_an_epochs_loss_and_lr_beside_that_epoch_only(cap
     bar.close()
     assert any("student 2/20" in line and "lr=0.1" in line for line in shown)
     assert all("lr=" not in line for line in shown if "student 3/20" in line), shown
+
+
+def test_off_a_terminal_progress_is_a_line_per_stage_and_epoch_not_a_bar(capsys):
+    """A job of hours logged to a file: each bar redraw would be kept there, a megabyte of them."""
+    bar = ProgressBar()
+    for step in range(1, 36):
+        bar(Event("student", 0.1 + step / 1000, epoch=3, epochs=20, step=step, steps=35))
+    bar(Event("evaluate_after", 0.96))
+    bar.close()
+    assert capsys.readouterr().err == "student 3/20 (10%)\nevaluate_after (96%)\n"
+    with terminal_bar(total=1) as upload:
+        assert upload.disable, "upload and download bars are not drawn either"
+
+
+def test_off_a_terminal_nad_submit_says_each_stage_of_the_job_on_a_line(capsys, monkeypatch):
+    answers = iter([{"status": "queued", "progress": {"percent": 0}},
+                    {"status": "running", "progress": {"stage": "student", "epoch": 1, "epochs": 2, "percent": 40}},
+                    {"status": "running", "progress": {"stage": "student", "epoch": 1, "epochs": 2, "percent": 45}},
+                    {"status": "succeeded", "progress": {"stage": "done", "percent": 100}}])
+    monkeypatch.setattr(Client, "job", lambda self, job_id: next(answers))
+    client = Client("http://127.0.0.1:9", "key")
+    try:
+        assert client.wait("abc", interval=0)["status"] == "succeeded"
+    finally:
+        client.close()
+    assert capsys.readouterr().err == "queued (0%)\nrunning student 1/2 (40%)\nsucceeded done (100%)\n"
+
+
+def test_on_a_terminal_the_bars_are_drawn(capsys, monkeypatch):
+    _as_terminal(monkeypatch)
+    with terminal_bar(total=1) as upload:
+        assert not upload.disable
+
+
+def test_an_error_is_said_after_the_bar_is_closed_on_a_line_of_its_own(tmp_path, capsys, monkeypatch):
+    def sanitize(files, params, on_event):
+        on_event(Event("student", 0.5, epoch=1, epochs=2))
+        raise InputError("the data ran out")
+
+    monkeypatch.setattr("core.engine.sanitize.sanitize", sanitize)
+    checkpoint, clean = _job_files(tmp_path)
+    _as_terminal(monkeypatch)
+    assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(checkpoint),
+                 "--clean-data", str(clean), "--out", str(tmp_path / "clean.safetensors")]) == 2
+    shown = capsys.readouterr().err
+    assert "student 1/2" in shown and shown.endswith("\nnad: error: the data ran out\n"), shown

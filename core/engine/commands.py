@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import tempfile
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
 from core.params import PARAMS_LIMIT, Method, SanitizeParams, TriggerSpec
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from core.engine.events import Event
 
 PRESETS = {"nad-grid": "the NAD authors' 3x3 grid in the bottom-right corner"}
 
@@ -66,11 +75,56 @@ def small_json_file(path: Path, advice: str) -> str:
 
 
 def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:  # argparse would name this function: "invalid _floats value"
+        raise argparse.ArgumentTypeError(f"{text} is not a comma-separated list of numbers") from None
 
 
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:  # argparse would name this function: "invalid _ints value"
+        raise argparse.ArgumentTypeError(f"{text} is not a comma-separated list of whole numbers") from None
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type for a whole number of `least` or more: `nad attack` and `nad subset` have no parameter
+    model to refuse a batch of 0 or a label of -1 for them, and would end in a traceback, or train nothing."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text} is below {least}")
+        return value
+
+    return whole
+
+
+def _number(text: str) -> float:
+    """float(text), or NaN where it is none: the types below refuse it in their own words, as argparse would name
+    them instead ("invalid _fraction value")."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
 
 
 def _names(text: str) -> list[str]:
@@ -85,7 +139,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _input_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-size", type=int, help="images are resized to this square size (default 32)")
+    parser.add_argument("--input-size", type=_at_least(1), help="images are resized to this square size (default 32)")
     parser.add_argument("--mean", type=_floats, help="normalization mean, e.g. 0.4914,0.4822,0.4465")
     parser.add_argument("--std", type=_floats, help="normalization std")
     parser.add_argument("--classes", type=_names, help="class folder names in label order (default: sorted)")
@@ -168,26 +222,17 @@ def _add_attack(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--arch", required=True)
     parser.add_argument("--data", type=Path, required=True, help="labelled training archive")
     parser.add_argument("--trigger", type=parse_trigger, required=True)
-    parser.add_argument("--target-label", type=int, required=True)
+    parser.add_argument("--target-label", type=_at_least(0), required=True, help="the class the trigger leads to")
     parser.add_argument("--poison-rate", type=float, default=0.1,
                         help="share of images poisoned (for sig, share of the target class)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=_at_least(1), default=30,
+                        help="lr drops tenfold at half and three quarters of them")
+    parser.add_argument("--lr", type=_positive, default=0.1)
+    parser.add_argument("--batch-size", type=_at_least(1), default=128)
     parser.add_argument("--seed", type=int, default=0)
     _input_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
-    parser.set_defaults(run=run_attack)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")  # refused below, in the same words: argparse would name this function instead
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
-    return value
+    parser.set_defaults(run=run_attack, input_size=32)
 
 
 def _add_subset(commands: argparse._SubParsersAction) -> None:
@@ -195,7 +240,7 @@ def _add_subset(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("archive", type=Path)
     parser.add_argument("--fraction", type=_fraction, required=True, help="share of each class to keep, e.g. 0.05")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--input-size", type=int, default=32)
+    parser.add_argument("--input-size", type=_at_least(1), default=32)
     parser.add_argument("--out", type=Path, required=True, help="the .npz to write (x uint8 NHWC, y, classes)")
     parser.set_defaults(run=run_subset)
 
@@ -206,30 +251,66 @@ def _params(args: argparse.Namespace) -> SanitizeParams:
     return SanitizeParams.model_validate(given)
 
 
-class ProgressBar:
-    """A tqdm bar in percent of the whole job, its label the current stage and epoch."""
+def _flag(field: str) -> str:
+    """The command-line flag of a parameter, as the user typed it."""
+    return "--" + field.replace("_", "-")
 
-    def __init__(self) -> None:
-        from tqdm import tqdm
 
-        self.bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}]{postfix}",
-                        file=sys.stderr)
+def validation_message(error: ValidationError, name: Callable[[str], str] = _flag) -> str:
+    """Pydantic's errors on one line, each under the name the user set it by (`name`: a flag, an environment
+    variable): pydantic's own text takes three lines a field, with its field names and a link."""
+    parts = []
+    for detail in error.errors():
+        message = detail["msg"].removeprefix("Value error, ")  # a validator's own words need no prefix
+        loc = [str(part) for part in detail["loc"]]
+        parts.append(f"{'.'.join([name(loc[0]), *loc[1:]])}: {message}" if loc else message)
+    return "; ".join(parts)
+
+
+def terminal_bar(show: bool = True, **options: Any) -> tqdm:
+    """A tqdm bar on stderr, drawn only where stderr is a terminal: in a log its redraws pile up on one line, a
+    megabyte over a job of hours. `show` False hides it on a terminal too."""
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, disable=None if show else True, **options)
+
+
+class StageBar:
+    """A bar in percent of a whole job, labelled with its stage and epoch. Where stderr is no terminal, so that the
+    bar is not drawn, a log still sees the job move: each new label is a line of its own, with the percent."""
+
+    def __init__(self, bar_format: str, show: bool = True) -> None:
+        self.bar = terminal_bar(show, total=100, unit="%", bar_format=bar_format)
+        self.lines = show and self.bar.disable
         self.label = ""
 
-    def __call__(self, event) -> None:
-        label = event.stage + (f" {event.epoch}/{event.epochs}" if event.epoch else "")
+    def show(self, label: str, percent: float) -> None:
+        """Move to `percent` under `label`."""
         relabelled, self.label = label != self.label, label
+        if relabelled and self.lines:
+            print(f"{label} ({percent:.0f}%)", file=sys.stderr, flush=True)
         self.bar.set_description(label, refresh=False)
-        if event.loss is not None:
-            self.bar.set_postfix(loss=f"{event.loss:.3f}", lr=event.lr, refresh=False)
-        elif relabelled:  # an epoch's loss and lr come at its end: not beside the next epoch's label
-            self.bar.set_postfix_str("", refresh=False)
-        self.bar.update(100 * event.progress - self.bar.n)
+        self.bar.update(percent - self.bar.n)
         if relabelled:  # an epoch may start without the percentage moving (sau's unplanned retry)
             self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
+
+
+class ProgressBar(StageBar):
+    """The engine's events on a StageBar, an epoch's loss and lr beside it."""
+
+    def __init__(self) -> None:
+        super().__init__("{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}]{postfix}")
+
+    def __call__(self, event: Event) -> None:
+        label = event.stage + (f" {event.epoch}/{event.epochs}" if event.epoch else "")
+        if event.loss is not None:
+            self.bar.set_postfix(loss=f"{event.loss:.3f}", lr=event.lr, refresh=False)
+        elif label != self.label:  # an epoch's loss and lr come at its end: not beside the next epoch's label
+            self.bar.set_postfix_str("", refresh=False)
+        self.show(label, 100 * event.progress)
 
 
 def _fmt(value: float | None) -> str:
@@ -247,7 +328,8 @@ def table(before: dict[str, Any], after: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
+    """Say why a command stops, on one line, and return its exit status: every `nad` command ends so."""
     print(f"nad: error: {message}", file=sys.stderr)
     return 2
 
@@ -261,20 +343,48 @@ def missing_input(*paths: Path | None) -> str | None:
     return None
 
 
-def prepare_outputs(*paths: Path | None) -> str | None:
-    """Make the folders the given output files go in, before any work starts: a job of minutes must not end
-    in a traceback, its report lost, for want of a folder. Why one of them cannot be written there, or None.
-    `nad submit` calls it too, before it uploads."""
-    for path in paths:
-        if path is None:
-            continue
+def prepare_outputs(*paths: Path | None, inputs: tuple[Path | None, ...] = ()) -> str | None:
+    """Check the given output files can be written, making their folders, before any work starts: a job of
+    minutes must not end in a traceback, its report lost. Why one of them cannot be written there, or would
+    overwrite one of `inputs` or another output; or None. `nad submit` calls it too, before it uploads."""
+    outputs = [path for path in paths if path is not None]
+    if problem := _same_files(outputs, [path for path in inputs if path is not None]):
+        return problem
+    for path in outputs:
         if path.is_dir():
             return f"{path} is a folder; name the file to write"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             return f"cannot make the folder for {path}: {error.strerror}"
+        try:  # a folder that exists may still refuse files: read-only, another user's, a full disk
+            tempfile.NamedTemporaryFile(dir=path.parent).close()
+        except OSError as error:
+            return f"cannot write files in {path.parent}, for {path}: {error.strerror}"
     return None
+
+
+def _same_files(outputs: list[Path], inputs: list[Path]) -> str | None:
+    """An output that names an input or an earlier output (through a symlink or `..` too), or None: the one
+    written last would replace the other, a checkpoint by its report or the user's data by a result."""
+    seen = {path.resolve(): "is an input, which writing it would destroy" for path in inputs}
+    for path in outputs:
+        if clash := seen.get(resolved := path.resolve()):
+            return f"{path} {clash}; name another file"
+        seen[resolved] = "is named for two outputs, one would overwrite the other"
+    return None
+
+
+def save_report(path: Path | None, data: dict[str, Any]) -> int:
+    """Write a JSON report, if asked for, once its results are printed; the exit status. A disk that filled up
+    meanwhile loses no result that way, and is said in one line rather than a traceback."""
+    if path is None:
+        return 0
+    try:
+        path.write_text(json.dumps(data, indent=2))
+    except OSError as error:
+        return fail(f"cannot write {path}: {error.strerror}")
+    return 0
 
 
 def run_sanitize(args: argparse.Namespace) -> int:
@@ -284,21 +394,17 @@ def run_sanitize(args: argparse.Namespace) -> int:
     try:
         params = _params(args)
     except ValidationError as error:
-        return _fail(str(error))
+        return fail(validation_message(error))
     inputs = (args.checkpoint, args.clean_data, args.test_data, args.poison_data, args.teacher)
-    if problem := missing_input(*inputs) or prepare_outputs(args.out, args.report):
-        return _fail(problem)
+    if problem := missing_input(*inputs) or prepare_outputs(args.out, args.report, inputs=inputs):
+        return fail(problem)
     files = JobFiles(checkpoint=args.checkpoint, clean_data=args.clean_data, out=args.out, test_data=args.test_data,
                      poison_data=args.poison_data, teacher=args.teacher)
-    bar = ProgressBar()
     try:
-        report = sanitize(files, params, on_event=bar)
+        with closing(ProgressBar()) as bar:  # closed before an error is said: not on the bar's line, nor redrawn
+            report = sanitize(files, params, on_event=bar)
     except InputError as error:
-        return _fail(str(error))
-    finally:
-        bar.close()
-    if args.report:
-        args.report.write_text(json.dumps(report, indent=2))
+        return fail(str(error))
     print(report["evaluation"]["note"])
     if report["auto"]:
         print(f"auto kept {report['auto']['chosen']}: {report['auto']['reason']}")
@@ -308,26 +414,35 @@ def run_sanitize(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     print(table(report["before"], report["after"]))
     print(f"cleansed checkpoint: {args.out}")
-    return 0
+    return save_report(args.report, report)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from core.engine.errors import InputError
     from core.engine.sanitize import evaluate_checkpoint
 
-    if problem := missing_input(args.checkpoint, args.test_data, args.poison_data) or prepare_outputs(args.report):
-        return _fail(problem)
     try:
-        metrics, evaluation = evaluate_checkpoint(args.checkpoint, args.test_data, _params(args), args.poison_data)
-    except (InputError, ValidationError) as error:
-        return _fail(str(error))
-    if args.report:
-        args.report.write_text(json.dumps(metrics, indent=2))
+        params = _params(args)
+    except ValidationError as error:
+        return fail(validation_message(error))
+    inputs = (args.checkpoint, args.test_data, args.poison_data)
+    if problem := missing_input(*inputs) or prepare_outputs(args.report, inputs=inputs):
+        return fail(problem)
+    try:
+        metrics, evaluation = evaluate_checkpoint(args.checkpoint, args.test_data, params, args.poison_data)
+    except InputError as error:
+        return fail(str(error))
     print(f"ACC {_fmt(metrics['acc'])}  ACC* {_fmt(metrics.get('acc_non_target'))}  ASR {_fmt(metrics['asr'])}"
           f"  ({evaluation.note}; ACC* leaves out the target class)")
     for name, value in metrics["per_class_acc"].items():
         print(f"  {name:>16} {value:6.2f}")
-    return 0
+    return save_report(args.report, metrics)
+
+
+def attack_milestones(epochs: int) -> tuple[int, ...]:
+    """The epochs (0-based) where `nad attack`'s lr drops tenfold: at half and three quarters of the run, but never
+    at its first epoch, where a 1-epoch run would have trained at a hundredth of the lr it was given."""
+    return tuple(sorted({epoch for epoch in (epochs // 2, epochs * 3 // 4) if epoch > 0}))
 
 
 def run_attack(args: argparse.Namespace) -> int:
@@ -338,22 +453,21 @@ def run_attack(args: argparse.Namespace) -> int:
     from core.engine.sanitize import device
     from core.engine.training import Normalization, Recipe
 
-    if problem := missing_input(args.data) or prepare_outputs(args.out):
-        return _fail(problem)
-    size = args.input_size or 32
+    if problem := missing_input(args.data) or prepare_outputs(args.out, inputs=(args.data,)):
+        return fail(problem)
     try:
-        data = load_images(args.data, size, args.classes)
+        data = load_images(args.data, args.input_size, args.classes)
+        if args.target_label >= len(data.classes):
+            return fail(f"--target-label {args.target_label} is not a class of {args.data}: it has "
+                        f"{len(data.classes)}, 0 to {len(data.classes) - 1}")
         poisoning = Poisoning(args.trigger, args.target_label, args.poison_rate)
         recipe = Recipe(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                        milestones=(args.epochs // 2, args.epochs * 3 // 4), weight_decay=5e-4)
-        bar = ProgressBar()
-        try:
+                        milestones=attack_milestones(args.epochs), weight_decay=5e-4)
+        with closing(ProgressBar()) as bar:
             model = train_backdoored(args.arch, data, poisoning, recipe, Normalization(args.mean, args.std),
                                      device(), on_event=bar)
-        finally:
-            bar.close()
     except InputError as error:
-        return _fail(str(error))
+        return fail(str(error))
     write_checkpoint(model, args.out, {"arch": args.arch, "num_classes": len(data.classes), "classes": data.classes,
                                        "method": "attack", "trigger": args.trigger.model_dump(),
                                        "target_label": args.target_label, "poison_rate": args.poison_rate})
@@ -369,13 +483,13 @@ def run_subset(args: argparse.Namespace) -> int:
 
     # numpy adds the suffix the archive readers go by when the name lacks it: say where the file really is.
     out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
-    if problem := missing_input(args.archive) or prepare_outputs(out):
-        return _fail(problem)
+    if problem := missing_input(args.archive) or prepare_outputs(out, inputs=(args.archive,)):
+        return fail(problem)
     try:
         data = load_images(args.archive, args.input_size)
         _, chosen = stratified_split(data.labels, args.fraction, args.seed)
     except InputError as error:
-        return _fail(str(error))
+        return fail(str(error))
     part = data.subset(np.sort(chosen))
     np.savez(out, x=part.images, y=part.labels, classes=np.array(part.classes))
     print(f"{len(part.labels)} of {len(data.labels)} images ({len(part.classes)} classes) -> {out}")
