@@ -15,7 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
 
 from core import keys
 from core.cli import main as nad
@@ -75,22 +77,42 @@ def service_url() -> str:
     return os.environ.get("NAD_API_URL") or f"http://{settings.api_host}:{settings.api_port}"
 
 
-def api_key() -> str:
+def check_ready(url: str) -> None:
+    """Stop at once, saying what to do, when no service is ready at `url`: not after minutes of training."""
+    try:
+        ready = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        ready = False
+    if not ready:
+        sys.exit(f"no service is ready at {url}: start one with `make up`, or point NAD_API_URL at one")
+
+
+def api_key(url: str) -> str:
+    """NAD_API_KEY, else a new key in the database `make up` uses on this machine."""
     if os.environ.get("NAD_API_KEY"):
         return os.environ["NAD_API_KEY"]
     database = Database(get_settings().database_url)
-    with database.session() as session:
-        _, key = keys.create_key(session, "make demo")
-    database.dispose()
+    try:
+        with database.session() as session:
+            _, key = keys.create_key(session, "make demo")
+    except SQLAlchemyError as error:  # another machine's service, or a database `make up` never migrated
+        reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+        sys.exit(f"cannot make an API key in the database of NAD_DATABASE_URL ({reason}); set NAD_API_KEY to a "
+                 f"key of the service at {url} (`make up` prints one)")
+    finally:
+        database.dispose()
     return key
 
 
 def main() -> int:
+    url = service_url()
+    check_ready(url)
+    key = api_key(url)
     WORK.mkdir(parents=True, exist_ok=True)
     print("case: " + ("the NAD authors' BadNets WRN-16-1 on CIFAR-10" if SHARED.is_dir() else
                       "a WRN-16-1 backdoored on scikit-learn's digits (../shared is absent)"))
     files, params = cifar_case() if SHARED.is_dir() else digits_case()
-    return nad(["submit", *files, "--params", json.dumps(params), "--url", service_url(), "--key", api_key(),
+    return nad(["submit", *files, "--params", json.dumps(params), "--url", url, "--key", key,
                 "--out", str(WORK / "cleansed.safetensors")])
 
 

@@ -1,7 +1,7 @@
-"""`make up` and `make down` (scripts/service.py) with one part killed between two `up`s: the next `up` starts
-that part alone, and `down` then stops everything. The script runs as a copy in a temporary folder, so its var/
-(pid files, logs) is the test's own; the database and the broker are SQLite files there, or a redis-server the
-script starts itself on a free port.
+"""`make demo` without a service; `make up` and `make down` (scripts/service.py) with one part killed between
+two `up`s: the next `up` starts that part alone, and `down` then stops everything. The script runs as a copy in
+a temporary folder, so its var/ (pid files, logs) is the test's own; the database and the broker are SQLite
+files there, or a redis-server the script starts itself on a free port.
 """
 
 from __future__ import annotations
@@ -142,3 +142,12 @@ def test_up_restarts_its_own_redis_server_alone(redis_service: Service) -> None:
 
     service.run("down")
     assert service.live() == []
+
+
+def test_make_demo_stops_at_once_when_no_service_is_ready() -> None:
+    """Not after minutes of training a model, nor on a database `make up` never made: it says what to do."""
+    env = os.environ | {"NAD_API_URL": f"http://127.0.0.1:{free_port()}"}
+    done = subprocess.run([sys.executable, "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "no service is ready at" in done.stderr and "make up" in done.stderr
+    assert "case:" not in done.stdout
