@@ -114,18 +114,23 @@ def _check_epochs(params: SanitizeParams, max_epochs: int) -> None:
 def _check_queue(service: Services, owner: str, idempotency_key: str | None) -> None:
     """Refuse (429) a key that already has NAD_MAX_QUEUED_JOBS jobs waiting or running, so that one client
     cannot fill the queue. One count query, before the body is read: a refused client has not uploaded
-    gigabytes for nothing. A retry of a submission that made its job is let through to get that job back."""
+    gigabytes for nothing. A retry of a submission that made its job is let through to get that job back.
+    Uploads sent at once all pass this count: `_create` counts again once the job is recorded."""
     limit = service.settings.max_queued_jobs
     with service.db.session() as session:
         if idempotency_key and jobs.find_by_idempotency_key(session, owner, idempotency_key) is not None:
             return
         count = jobs.count_unfinished(session, owner)
     if count >= limit:
-        held = "1 job" if count == 1 else f"{count} jobs"
-        raise ProblemError(429, f"this API key already has {held} queued or running, and this service takes "
-                                f"at most {limit} at once per key; wait until one has finished (GET "
-                                "/jobs lists them) or cancel one, then send this job again",
-                           headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
+        raise _queue_full(count, limit)
+
+
+def _queue_full(count: int, limit: int) -> ProblemError:
+    held = "1 job" if count == 1 else f"{count} jobs"
+    return ProblemError(429, f"this API key already has {held} queued or running, and this service takes at "
+                             f"most {limit} at once per key; wait until one has finished (GET /jobs lists them) "
+                             "or cancel one, then send this job again",
+                        headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
 
 
 @router.post(
@@ -180,6 +185,7 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
     except BaseException:
         storage.remove(job_id)
         raise
+    _within_the_cap(service, owner, job_id)
     try:
         send_job(service.queue, job_id, job.dispatch)
     except Exception:
@@ -190,6 +196,20 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
         raise ProblemError(503, "the job queue is unreachable right now, so the job was not kept; send it "
                                 "again in a minute") from None
     return job
+
+
+def _within_the_cap(service: Services, owner: str, job_id: str) -> None:
+    """Count the owner's jobs again, this one recorded: uploads sent at once all passed `_check_queue` before
+    any was recorded. Past the cap this one is withdrawn (429). Two racing for the last place may both be
+    refused, to be sent again; the cap is never passed."""
+    limit = service.settings.max_queued_jobs
+    with service.db.session() as session:
+        count = jobs.count_unfinished(session, owner)
+        if count > limit:
+            jobs.withdraw(session, job_id)
+    if count > limit:
+        service.storage.remove(job_id)
+        raise _queue_full(count - 1, limit)
 
 
 @router.get("/jobs", summary="List your jobs, newest first", responses=responses(401, 422))
@@ -251,12 +271,19 @@ async def get_model(
     if not path.is_file():
         raise _missing_output(job.id)
     etag = f'"{output.sha256}"'
-    if if_none_match and (if_none_match.strip() == "*" or etag in map(str.strip, if_none_match.split(","))):
+    if if_none_match and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
     if range_ is not None:  # an empty Range too: FileResponse would answer it 400 in plain text
         _check_range(range_, output.size)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}.safetensors",
                         headers={"ETag": etag})
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    """If-None-Match's weak comparison (RFC 9110, 13.1.2): `*`, or a listed tag equal to `etag` once a `W/`
+    is dropped, as a proxy that compresses the file adds it."""
+    tags = [tag.strip() for tag in if_none_match.split(",")]
+    return "*" in tags or etag in (tag.removeprefix("W/") for tag in tags)
 
 
 def _missing_output(job_id: str) -> ProblemError:
@@ -280,7 +307,7 @@ def _check_range(header: str, size: int) -> None:
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, summary="Cancel a queued or running job",
-             responses={200: {"description": "the job was queued and is now cancelled"},
+             responses={200: {"description": "the job was queued and is now cancelled", "model": JobResource},
                         **responses(401, 404, 409)})
 def cancel_job(job_id: str, owner: Owner, service: Service, response: Response) -> JobResource:
     """A queued job is cancelled at once (200). A running one becomes `cancelling` (202) and stops at its

@@ -143,9 +143,12 @@ async def receive(request: Request, storage: Storage, job_id: str, limit: int) -
     caller removes the folder on any exception."""
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
-    if kind != b"multipart/form-data" or not boundary:
+    if kind != b"multipart/form-data":
         raise ProblemError(415, "send the job as multipart/form-data (curl: -F model=@model.pt "
                                 "-F clean_data=@clean.zip -F 'params={...}')")
+    if not boundary:  # a Content-Type set by hand: the client's multipart encoder adds the boundary it used
+        raise ProblemError(400, "the Content-Type multipart/form-data names no boundary; do not set the header "
+                                "yourself, let your HTTP client set it with the body (curl -F, requests' files=)")
     receiver = _Receiver(storage, job_id, limit)
     parser = MultipartParser(boundary, receiver.callbacks())
     try:
@@ -158,7 +161,7 @@ async def receive(request: Request, storage: Storage, job_id: str, limit: int) -
     except ClientDisconnect:
         raise ProblemError(400, "the upload stopped before the body was complete; send it again") from None
     except OSError as error:
-        if error.errno != errno.ENOSPC:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or the service's quota on it
             raise
         raise ProblemError(507, "the service ran out of disk space while receiving the upload, so the job was "
                                 "not kept; send it again later, and tell the service's operators if this "

@@ -398,6 +398,9 @@ def test_missing_unknown_repeated_and_empty_parts_are_422(
 
 def test_a_body_that_is_not_multipart_is_415(api: TestClient, auth: dict[str, str]) -> None:
     assert "multipart/form-data" in problem(api.post("/sanitize", headers=auth, json=PARAMS), 415)["detail"]
+    # multipart, but a Content-Type set by hand names no boundary: not told to send what it sent
+    by_hand = api.post("/sanitize", headers=auth | {"Content-Type": "multipart/form-data"}, content=b"--x--")
+    assert "names no boundary" in problem(by_hand, 400)["detail"]
 
 
 def test_an_upload_past_the_size_cap_is_413_and_leaves_nothing(api_settings: Settings) -> None:
@@ -509,6 +512,8 @@ def test_a_succeeded_job_serves_its_metrics_and_its_model_with_etag_and_ranges(
     tail_part = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": "bytes=-10", "If-Range": etag})
     assert tail_part.status_code == 206 and tail_part.content == weights[-10:]
     assert api.get(f"/jobs/{job_id}/model", headers=auth | {"If-None-Match": etag}).status_code == 304
+    # weak comparison: a proxy that compresses the file hands the client W/"..."
+    assert api.get(f"/jobs/{job_id}/model", headers=auth | {"If-None-Match": f'"x", W/{etag}'}).status_code == 304
     unsatisfiable = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": f"bytes={len(weights)}-"})
     assert problem(unsatisfiable, 416) and unsatisfiable.headers["content-range"] == f"bytes */{len(weights)}"
     problem(api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": "pages=1-2"}), 400)

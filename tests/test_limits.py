@@ -108,6 +108,19 @@ def test_a_key_at_its_queue_cap_is_refused_429_before_its_body_is_read(
     assert submit(limited, headers).status_code == 202
 
 
+def test_uploads_sent_at_once_do_not_pass_the_cap_together(
+    limited: TestClient, limited_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each passed the count before its body was read, when none of the others was recorded yet (as if
+    `_check_queue` ran for all of them first): counted again once recorded, the one past the cap is refused."""
+    headers = new_key(limited_settings)
+    monkeypatch.setattr("api.jobs._check_queue", lambda *args: None)
+    answers = [submit(limited, headers) for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [202, 202, 429]
+    assert "2 jobs queued or running" in problem(answers[2], 429)["detail"]
+    assert len(limited.get("/jobs", headers=headers).json()["items"]) == 2 and leftovers(limited_settings) == []
+
+
 def test_a_retried_submission_at_the_cap_gets_its_job_back(
     limited: TestClient, limited_settings: Settings
 ) -> None:
@@ -214,6 +227,9 @@ def test_the_openapi_description_documents_the_new_answers(api: TestClient) -> N
     paths = api.get("/openapi.json").json()["paths"]
     assert {"429", "507"} <= set(paths["/sanitize"]["post"]["responses"])
     assert "500" in paths["/jobs/{job_id}/model"]["get"]["responses"]
+    # a queued job cancelled at once is answered 200 with the job, as a running one's 202 is
+    cancelled = paths["/jobs/{job_id}/cancel"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert cancelled["schema"] == {"$ref": "#/components/schemas/JobResource"}
 
 
 # ---- the cap on a job's images, in the engine -------------------------------------------------------------
