@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -187,7 +188,8 @@ def driver_main(args: argparse.Namespace) -> int:
     queue = f"nad-bench-{uuid.uuid4().hex[:6]}"
     port = args.port
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as cleanup:
+        cleanup.callback(drop)  # the database goes whatever fails after it was made: the API's start too
         folder = Path(tmp)
         env = {"NAD_DATABASE_URL": database_url, "NAD_BROKER_URL": REDIS_URL, "NAD_QUEUE": queue,
                "NAD_STORAGE_DIR": str(folder / "storage"), "NAD_API_PORT": str(port),
@@ -215,7 +217,6 @@ def driver_main(args: argparse.Namespace) -> int:
             client = redis.Redis.from_url(REDIS_URL)
             client.delete(queue)
             client.close()
-            drop()
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     report = {"machine": machine, "api_workers": args.api_workers, "jobs": args.jobs,
               "concurrency": args.concurrency, "seconds": args.seconds, **results}

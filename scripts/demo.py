@@ -104,10 +104,20 @@ def api_key(url: str) -> str:
     return key
 
 
+def check_key(url: str, key: str) -> None:
+    """Stop at once when the service does not take `key`: one made in this machine's database is no key of a
+    service elsewhere (NAD_API_URL, docker compose), and the upload would be refused only after the training."""
+    if httpx.get(f"{url}/jobs", params={"limit": 1}, headers={"Authorization": f"Bearer {key}"},
+                 timeout=5).status_code == 401:
+        sys.exit(f"the service at {url} does not take this API key: set NAD_API_KEY to one of its keys (`make up` "
+                 "prints one; `nad keys create --name me` makes one where the service's database is)")
+
+
 def main() -> int:
     url = service_url()
     check_ready(url)
     key = api_key(url)
+    check_key(url, key)
     WORK.mkdir(parents=True, exist_ok=True)
     print("case: " + ("the NAD authors' BadNets WRN-16-1 on CIFAR-10" if SHARED.is_dir() else
                       "a WRN-16-1 backdoored on scikit-learn's digits (../shared is absent)"))

@@ -37,6 +37,10 @@ def main() -> int:
         print("tests/test_fuzz.py did not run", file=sys.stderr)
         return int(status) or 1
     sent, failures = module.REQUESTS, module.FAILURES
+    if not sent:  # every test skipped: PostgreSQL or Redis unreachable, and pytest calls that a pass
+        print("nothing was fuzzed: are PostgreSQL and Redis reachable (NAD_TEST_POSTGRES_URL, NAD_TEST_REDIS_URL)?",
+              file=sys.stderr)
+        return 1
     print(f"\nfuzzing with {args.examples} random examples per operation:")
     for operation, count in sorted(sent.items()):
         answers = sorted((code, n) for (label, code), n in module.ANSWERS.items() if label == operation)

@@ -32,8 +32,10 @@ for model in ${MODELS:-${!target[@]}}; do
   [ -n "${target[$model]:-}" ] || { echo "unknown model $model: scripts/models.sh lists them" >&2; exit 2; }
   checkpoint="${folder[${model%%-*}]}/$(checkpoint_of "$model")"
   if [ ! -f "$checkpoint" ]; then echo "skipping $model: no $checkpoint" >&2; continue; fi
+  # The dev triggers' pattern files live in ../shared: where SHARED says, inline
+  trigger=$(sed "s#\.\./shared/#${SHARED:-../shared}/#" "scripts/triggers/$model.json")
   common=(--arch "$(arch_of "$model")" --num-classes 10 --test-data "$cifar/test.tar.gz"
-          --target-label "${target[$model]}" --trigger "scripts/triggers/$model.json" --checkpoint "$checkpoint")
+          --target-label "${target[$model]}" --trigger "$trigger" --checkpoint "$checkpoint")
   for method in "${methods[@]}"; do
     name=${method%%:*} flags=""
     [[ $method == *:* ]] && flags=${method#*:}

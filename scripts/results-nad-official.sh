@@ -4,8 +4,9 @@
 # default NAD (sharpness-aware steps after the lr drop, the bias refit) and `auto` the default method.
 # Usage: bash scripts/results-nad-official.sh [OUT_DIR]   (about 15 minutes on 2 idle CPU cores)
 set -euo pipefail
-out=${1:-var/results}
-shared=../shared
+cd "$(dirname "$0")/.."
+out=${1:-var/results-official}
+shared=${SHARED:-../shared}
 cifar=$shared/datasets/cifar10
 official=$shared/models/nad-official
 nad=.venv/bin/nad

@@ -233,6 +233,8 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
     for trigger, said in ((str(none), f"cannot read {none}: No such file or directory"),
                           ("{bad", "not a usable trigger: Expecting property name"),
                           ('{"type": "badnets", "pattern": "missing.png"}', "cannot read missing.png"),
+                          ('{"type": "blend", "alpha": 0.1, "pattern": "gone.npz:noise"}',
+                           "cannot read the pattern file gone.npz: No such file"),
                           ('{"type": "square"}', "not a usable trigger"),
                           (str(padded), f"{padded} is larger than 1,048,576 bytes"),
                           (UNREADABLE, f"cannot read {UNREADABLE}: Input/output error")):

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from service_fixtures import ROOT, free_port
+from service_fixtures import ROOT, free_port, start_api
+
+pytest_plugins = ["service_fixtures"]
 
 
 @dataclass
@@ -151,3 +153,16 @@ def test_make_demo_stops_at_once_when_no_service_is_ready() -> None:
                           timeout=120)
     assert done.returncode == 1 and "no service is ready at" in done.stderr and "make up" in done.stderr
     assert "case:" not in done.stdout
+
+
+def test_make_demo_stops_at_once_when_the_service_does_not_take_its_key(make_settings, tmp_path: Path) -> None:
+    """A key made in this machine's database is no key of a service elsewhere: said before any training."""
+    settings, port = make_settings(), free_port()
+    api = start_api(settings, port, tmp_path / "api.log")
+    try:
+        env = os.environ | {"NAD_API_URL": f"http://127.0.0.1:{port}", "NAD_API_KEY": "nad_not_a_key_of_it"}
+        done = subprocess.run([sys.executable, "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        api.kill()
+    assert done.returncode == 1 and "does not take this API key" in done.stderr and "case:" not in done.stdout

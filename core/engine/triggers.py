@@ -71,9 +71,11 @@ def _array_file(path: Path, key: str | None) -> np.ndarray:
             return loaded[_array_name(loaded.files, key)]
     except InputError:
         raise
+    except OSError as error:  # missing or unreadable: the advice below would not help
+        raise InputError(f"cannot read the pattern file {path}: {error.strerror or error}") from None
     except NPZ_ERRORS as error:
         raise InputError(
-            f"the pattern file could not be read ({error_reason(error)}); save a plain array with np.save"
+            f"the pattern file {path} could not be read ({error_reason(error)}); save a plain array with np.save"
         ) from None
 
 
