@@ -35,6 +35,20 @@ def _tune_sqlite(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _driver_begins_nothing(dbapi_connection, _record) -> None:
+    """Python's sqlite3 begins a transaction of its own only at the first write: `_begin_immediate` begins them."""
+    dbapi_connection.isolation_level = None
+
+
+def _begin_immediate(connection) -> None:
+    """Every transaction takes SQLite's write lock as it begins, as PostgreSQL's SELECT ... FOR UPDATE locks a
+    row: otherwise a worker's read of a queued job and its update could straddle the owner's cancel, which the
+    update then overwrote (the job ran, its owner told it was cancelled), two copies of a message could both
+    start the job, and two processes migrating a new file both made its tables. The busy timeout makes the
+    others wait their turn; with WAL, the API's reads (`make_reader`, no transaction) are never held up."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def make_engine(url: str) -> Engine:
     """An engine for `url`; a SQLite file's folder is created, so `var/nad.db` works on a fresh checkout."""
     parsed = make_url(url)
@@ -44,6 +58,8 @@ def make_engine(url: str) -> Engine:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url)
     event.listen(engine, "connect", _tune_sqlite)
+    event.listen(engine, "connect", _driver_begins_nothing)
+    event.listen(engine, "begin", _begin_immediate)
     return engine
 
 

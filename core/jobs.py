@@ -59,15 +59,16 @@ INTERNAL_ERROR = (
 
 
 class UTCDateTime(TypeDecorator):
-    """Timestamps stored in UTC and always read back timezone-aware (SQLite forgets the zone)."""
+    """Timestamps stored in UTC and always read back in UTC: SQLite forgets the zone, PostgreSQL answers in the
+    session's (a server set to Asia/Kolkata gave +05:30 where SQLite gave Z)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
     def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def now() -> datetime:

@@ -44,8 +44,9 @@ class Settings(BaseSettings):
     )
     auth_enabled: bool = Field(default=True, description="require an API key on every job endpoint")
     key_cache_seconds: float = Field(
-        default=5.0, ge=0, description="seconds an API process trusts a key it has checked without asking the "
-        "database again; a revoked key keeps working that long at most; 0 checks every request"
+        default=5.0, ge=0, allow_inf_nan=False,
+        description="seconds an API process trusts a key it has checked without asking the database again; a "
+                    "revoked key keeps working that long at most; 0 checks every request",
     )
     job_time_limit: int = Field(
         default=6 * 3600, ge=10, description="seconds a job may run before it is stopped and failed; `auto` skips "
@@ -56,8 +57,9 @@ class Settings(BaseSettings):
         default=3, ge=1, description="how often a job is started before a worker that keeps dying fails it"
     )
     sweep_interval: float = Field(
-        default=60.0, gt=0, description="seconds between two looks of a worker for queued jobs whose broker "
-        "message was lost (a Redis restarted without its data); a job must have waited that long to be re-sent"
+        default=60.0, gt=0, allow_inf_nan=False,
+        description="seconds between two looks of a worker for queued jobs whose broker message was lost (a Redis "
+                    "restarted without its data); a job must have waited that long to be re-sent",
     )
     api_host: str = Field(default="127.0.0.1", description="address `python -m api` listens on")
     api_port: int = Field(default=8000, ge=1, le=65535, description="port `python -m api` listens on")

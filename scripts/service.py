@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import redis
+from sqlalchemy.engine import make_url
 
 from core import keys
 from core.database import Database
@@ -87,17 +88,22 @@ def _redis_answers(url: str) -> bool:
         client.close()
 
 
+def _shown(url: str) -> str:
+    """`url` without its password: what `up` prints may end up in a terminal's scrollback or a CI log."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def choose_broker(url: str) -> tuple[str, str]:
     """The broker URL to use and a sentence saying which it is."""
     if not url.startswith("redis://"):
-        return url, f"broker:   {url} (as NAD_BROKER_URL says)"
+        return url, f"broker:   {_shown(url)} (as NAD_BROKER_URL says)"
     parts = urlsplit(url)
     port = str(parts.port or 6379)
     pid = _alive("redis")
     if pid:
         return url, f"broker:   redis-server on port {port} already running (pid {pid}; data in var/redis)"
     if _redis_answers(url):
-        return url, f"broker:   the Redis at {url}"
+        return url, f"broker:   the Redis at {_shown(url)}"
     server = shutil.which("redis-server")
     if server and parts.hostname in ("127.0.0.1", "localhost"):
         pid = _start_redis(server, url, port)
@@ -134,7 +140,7 @@ def up() -> None:
         _, key = keys.create_key(session, "make up")
     database.dispose()
     print(f"URL:      {url}  (docs at {url}/docs; logs in var/log; `make down` stops what `make up` started)")
-    print(f"database: {settings.database_url}")
+    print(f"database: {_shown(settings.database_url)}")
     print(f"API key:  {key}")
     print(f"try:      curl -H 'Authorization: Bearer {key}' {url}/jobs")
     print(f"          export NAD_API_KEY={key}   # for `nad submit` and `make demo`")

@@ -6,15 +6,17 @@ import hashlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from service_fixtures import ROOT
+from sqlalchemy import text
 
 from core import jobs, keys
 from core.database import Base, Database
@@ -170,6 +172,50 @@ def test_a_copy_of_the_message_while_its_run_still_beats_is_not_run_again(databa
     assert start(database, job_id) is not None  # silent since before now: that run is dead
     with database.session() as session:
         assert session.get(jobs.Job, job_id).attempts == 2
+
+
+def test_a_cancel_while_a_worker_starts_the_job_waits_for_it_and_is_not_lost(database: Database) -> None:
+    """The worker's read of the queued job and its update are one transaction that holds the row (PostgreSQL)
+    or the database (SQLite, BEGIN IMMEDIATE): a cancel in between waits, then finds the job running and asks
+    it to stop. On SQLite it was answered 'cancelled' and then overwritten by the start: the job ran."""
+    me, other = owner(), Database(database.url)
+    job_id, answered = new_job(database, me), []
+
+    def cancel() -> None:
+        with other.session() as session:
+            job = jobs.get_job(session, job_id, me)
+            jobs.request_cancel(session, job)
+            answered.append(job.status)
+
+    canceller = threading.Thread(target=cancel)
+    with database.session() as session:
+        assert jobs.start_attempt(session, job_id, 0, 3, jobs.now()) is not None
+        canceller.start()
+        canceller.join(1.0)
+        assert answered == []  # held until the worker's transaction ends
+    canceller.join(30)
+    other.dispose()
+    assert answered == ["cancelling"] and status(database, job_id) == "cancelling"
+
+
+def test_processes_migrating_a_new_sqlite_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """An API and its workers started together: each takes the write lock to migrate, the later ones find the
+    schema made (they tried to make its tables again, and failed)."""
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    code = f"from core.database import Database; Database({url!r}).migrate()"
+    processes = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+    errors = [process.communicate(timeout=120)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0, 0], errors
+
+
+def test_timestamps_read_back_in_utc_whatever_the_servers_zone(database: Database) -> None:
+    job_id = new_job(database, owner())
+    with database.session() as session:
+        if database.engine.dialect.name == "postgresql":
+            session.execute(text("SET LOCAL TIME ZONE 'Asia/Kolkata'"))
+        created = session.get(jobs.Job, job_id).created_at
+    assert created.utcoffset() == timedelta(0) and created.tzinfo == UTC
 
 
 def test_a_job_whose_whole_worker_keeps_dying_fails_too(database: Database) -> None:

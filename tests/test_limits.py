@@ -21,6 +21,7 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydantic import ValidationError
 from service_fixtures import ROOT, new_key
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
@@ -78,6 +79,14 @@ def limited(limited_settings: Settings) -> Iterator[TestClient]:
     """The API with low operator limits; each test takes a new key, so its queue starts empty."""
     with TestClient(create_app(limited_settings)) as client:
         yield client
+
+
+@pytest.mark.parametrize("field", ["sweep_interval", "key_cache_seconds"])
+def test_intervals_must_be_finite(field: str) -> None:
+    """An infinite sweep interval failed every job's start (timedelta overflows) and left it queued for ever;
+    an infinite key cache kept a revoked key working until the API restarted."""
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: float("inf")})
 
 
 # ---- the per-key cap on queued jobs --------------------------------------------------------------------

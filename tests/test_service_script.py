@@ -7,6 +7,7 @@ files there, or a redis-server the script starts itself on a free port.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -166,3 +167,12 @@ def test_make_demo_stops_at_once_when_the_service_does_not_take_its_key(make_set
     finally:
         api.kill()
     assert done.returncode == 1 and "does not take this API key" in done.stderr and "case:" not in done.stdout
+
+
+def test_up_prints_urls_without_their_passwords() -> None:
+    """What `up` prints may land in a CI log or a terminal's scrollback."""
+    spec = importlib.util.spec_from_file_location("service_script", ROOT / "scripts" / "service.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script._shown("postgresql+psycopg://nad:s3cr3t@db:5432/nad") == "postgresql+psycopg://nad:***@db:5432/nad"
+    assert "s3cr3t" not in script._shown("redis://:s3cr3t@127.0.0.1:6379/0")
