@@ -10,8 +10,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from core.params import CAPPED_EPOCHS
 
@@ -27,6 +29,7 @@ class Settings(BaseSettings):
     )
     broker_url: str = Field(default="redis://127.0.0.1:6379/0", description="Celery broker URL")
     queue: str = Field(default="nad", description="the broker queue jobs are sent to and taken from")
+
     storage_dir: Path = Field(
         default=Path("var/storage"), description="folder holding every job's files; shared by API and worker"
     )
@@ -67,6 +70,17 @@ class Settings(BaseSettings):
         default=1, ge=1, le=64, description="API processes `python -m api` serves with; one per core answers the "
         "most status reads (docs/benchmarks.md)"
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _a_database_url(cls, url: str) -> str:
+        """Parsed now, so a typo (a port of letters) is said as this setting's error, not as a traceback from
+        wherever the database is first opened."""
+        try:
+            make_url(url)
+        except (ArgumentError, ValueError) as error:
+            raise ValueError(f"not a database URL ({error})") from None
+        return url
 
     @property
     def visibility_timeout(self) -> int:

@@ -168,6 +168,31 @@ def test_a_report_that_cannot_be_written_in_the_end_is_said_in_one_line_after_th
     assert "after      88.00" in captured.out, "the results are printed all the same"
 
 
+def test_a_checkpoint_or_subset_that_cannot_be_written_in_the_end_is_said_in_one_line(
+        digits_npz, tmp_path, capsys, monkeypatch):
+    """sanitize's checkpoint (written by the engine), attack's and subset's: a disk that filled up during the run
+    ended each in a traceback."""
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    checkpoint, clean = _job_files(tmp_path)
+    out = tmp_path / "clean.safetensors"
+    monkeypatch.setattr("core.engine.sanitize.sanitize", full)
+    assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(checkpoint),
+                 "--clean-data", str(clean), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"nad: error: cannot write {out}: No space left on device\n"
+    monkeypatch.setattr("numpy.savez", full)
+    part = tmp_path / "part.npz"
+    assert main(["subset", str(digits_npz), "--fraction", "0.5", "--out", str(part)]) == 2
+    assert capsys.readouterr().err.endswith(f"nad: error: cannot write {part}: No space left on device\n")
+    monkeypatch.setattr("core.engine.checkpoints.save_file", full)
+    model = tmp_path / "bd.safetensors"
+    assert main(["attack", "--arch", "wrn-16-1", "--data", str(digits_npz), "--trigger", TRIGGER, "--target-label",
+                 "0", "--epochs", "1", "--input-size", "8", "--out", str(model)]) == 2
+    assert capsys.readouterr().err.endswith(f"nad: error: cannot write {model}: No space left on device\n")
+
+
 def test_an_output_that_names_an_input_or_another_output_is_refused(digits_npz, tmp_path, capsys, monkeypatch):
     """One file written over another loses a checkpoint to its report, or the user's data to a result."""
     monkeypatch.setattr("core.engine.sanitize.sanitize", lambda *args, **kwargs: pytest.fail("the job ran"))
@@ -369,12 +394,17 @@ def test_nad_keys_says_which_setting_of_the_environment_is_wrong(tmp_path):
                              "integer\n")
 
 
-@pytest.mark.parametrize("url", ["postgresql+psycopg://nobody@127.0.0.1:1/none", "bogus://x", "not a url"])
-def test_nad_keys_says_when_it_cannot_use_the_database(url):
+@pytest.mark.parametrize(("url", "said"), [
+    ("postgresql+psycopg://nobody@127.0.0.1:1/none", "cannot use the database of NAD_DATABASE_URL: "),
+    ("bogus://x", "cannot use the database of NAD_DATABASE_URL: "),
+    ("not a url", "NAD_DATABASE_URL: not a database URL"),
+    ("postgresql+psycopg://nobody@127.0.0.1:54x2/none", "NAD_DATABASE_URL: not a database URL"),  # was a traceback
+])
+def test_nad_keys_says_when_it_cannot_use_the_database(url, said):
     result = subprocess.run([sys.executable, "-m", "core.cli", "keys", "list"], capture_output=True, text=True,
                             env={"NAD_DATABASE_URL": url, "PATH": "/usr/bin:/bin"}, cwd=Path(__file__).parents[1])
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("nad: error: cannot use the database of NAD_DATABASE_URL: ")
+    assert result.stderr.startswith(f"nad: error: {said}") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
 
 

@@ -383,8 +383,14 @@ def save_report(path: Path | None, data: dict[str, Any]) -> int:
     try:
         path.write_text(json.dumps(data, indent=2))
     except OSError as error:
-        return fail(f"cannot write {path}: {error.strerror}")
+        return write_failed(path, error)
     return 0
+
+
+def write_failed(path: Path, error: OSError) -> int:
+    """An output that could not be written once the work was done (a disk that filled up meanwhile): one line,
+    exit 2, where a traceback ended the command."""
+    return fail(f"cannot write {path}: {error.strerror or error}")
 
 
 def run_sanitize(args: argparse.Namespace) -> int:
@@ -405,6 +411,8 @@ def run_sanitize(args: argparse.Namespace) -> int:
             report = sanitize(files, params, on_event=bar)
     except InputError as error:
         return fail(str(error))
+    except OSError as error:  # the cleansed checkpoint's write, on a disk that filled up during the run
+        return write_failed(Path(error.filename or args.out), error)
     print(report["evaluation"]["note"])
     if report["auto"]:
         print(f"auto kept {report['auto']['chosen']}: {report['auto']['reason']}")
@@ -468,9 +476,13 @@ def run_attack(args: argparse.Namespace) -> int:
                                      device(), on_event=bar)
     except InputError as error:
         return fail(str(error))
-    write_checkpoint(model, args.out, {"arch": args.arch, "num_classes": len(data.classes), "classes": data.classes,
-                                       "method": "attack", "trigger": args.trigger.model_dump(),
-                                       "target_label": args.target_label, "poison_rate": args.poison_rate})
+    try:
+        write_checkpoint(model, args.out, {"arch": args.arch, "num_classes": len(data.classes),
+                                           "classes": data.classes, "method": "attack",
+                                           "trigger": args.trigger.model_dump(), "target_label": args.target_label,
+                                           "poison_rate": args.poison_rate})
+    except OSError as error:
+        return write_failed(args.out, error)
     print(f"backdoored checkpoint: {args.out}")
     return 0
 
@@ -491,6 +503,9 @@ def run_subset(args: argparse.Namespace) -> int:
     except InputError as error:
         return fail(str(error))
     part = data.subset(np.sort(chosen))
-    np.savez(out, x=part.images, y=part.labels, classes=np.array(part.classes))
+    try:
+        np.savez(out, x=part.images, y=part.labels, classes=np.array(part.classes))
+    except OSError as error:
+        return write_failed(out, error)
     print(f"{len(part.labels)} of {len(data.labels)} images ({len(part.classes)} classes) -> {out}")
     return 0
