@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -83,6 +83,31 @@ def make_reader(url: str) -> AsyncEngine:
     return engine
 
 
+@contextmanager
+def migrating(engine: Engine) -> Iterator[Connection]:
+    """A connection in one transaction for Alembic (`Database.migrate`, and the `alembic` command through
+    `migrations/env.py`). PostgreSQL: an advisory lock, so that an API and a worker starting together run a
+    migration once. SQLite: foreign keys off while it runs (SQLite takes that only outside a transaction):
+    batch mode changes a table by copying it and dropping the old one, and with them on, the drop of `jobs`
+    deleted every artifact through ON DELETE CASCADE (downgrading 0002 did). They are checked before the
+    commit, and on again after."""
+    with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        driver = connection.connection.driver_connection  # below SQLAlchemy: no transaction begun for it
+        if sqlite:
+            driver.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+                yield connection
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise RuntimeError("the migration left rows whose foreign keys point nowhere; rolled back")
+        finally:
+            if sqlite:
+                driver.execute("PRAGMA foreign_keys=ON")
+
+
 class Database:
     """An engine and its session factory: what the API keeps in its state and the worker in its process."""
 
@@ -124,9 +149,7 @@ class Database:
 
         config = Config(str(MIGRATIONS / "alembic.ini"))
         config.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        with migrating(self.engine) as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 

@@ -13,13 +13,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from service_fixtures import ROOT
 from sqlalchemy import text
 
 from core import jobs, keys
-from core.database import Base, Database
+from core.database import MIGRATIONS, Base, Database, migrating
 from core.engine.events import Event
 from core.jobs import FileRecord, Status
 from core.storage import LOCK_FILE, Storage, TooLarge
@@ -196,6 +198,25 @@ def test_a_cancel_while_a_worker_starts_the_job_waits_for_it_and_is_not_lost(dat
     canceller.join(30)
     other.dispose()
     assert answered == ["cancelling"] and status(database, job_id) == "cancelling"
+
+
+def test_a_migration_that_rebuilds_the_jobs_table_keeps_their_files(tmp_path: Path) -> None:
+    """Batch mode rebuilds `jobs` on SQLite (downgrading 0002 does): with foreign keys on, dropping the old table
+    deleted every artifact through ON DELETE CASCADE. `migrating` turns them off for the migration."""
+    db = Database(f"sqlite:///{tmp_path / 'nad.db'}")
+    db.migrate()
+    job_id = new_job(db, owner())
+    config = Config(str(MIGRATIONS / "alembic.ini"))
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with migrating(db.engine) as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0001")
+    with db.engine.connect() as connection:
+        files = connection.execute(text("SELECT count(*) FROM artifacts WHERE job_id = :id"), {"id": job_id})
+        assert files.scalar() == len(INPUTS)
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # on again for the service
+    db.migrate()  # and back up
+    db.dispose()
 
 
 def test_processes_migrating_a_new_sqlite_file_at_once_all_succeed(tmp_path: Path) -> None:

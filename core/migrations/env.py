@@ -1,11 +1,11 @@
 """Alembic's entry: migrate the connection `Database.migrate` passes in, or NAD_DATABASE_URL's database when
-a developer runs the `alembic` command."""
+a developer runs the `alembic` command (through `core.database.migrating` either way)."""
 
 from alembic import context
 
 import core.jobs  # noqa: F401  (registers its tables on Base.metadata)
 import core.keys  # noqa: F401
-from core.database import Base, make_engine
+from core.database import Base, make_engine, migrating
 from core.settings import get_settings
 
 
@@ -20,5 +20,5 @@ connection = context.config.attributes.get("connection")
 if connection is not None:
     run(connection)
 else:
-    with make_engine(get_settings().database_url).begin() as own_connection:
+    with migrating(make_engine(get_settings().database_url)) as own_connection:
         run(own_connection)
