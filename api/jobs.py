@@ -104,9 +104,9 @@ def _params(text: str) -> SanitizeParams:
 def _check_epochs(params: SanitizeParams, max_epochs: int) -> None:
     """The operator's cap on training length (NAD_MAX_EPOCHS), tighter than the schema's: a job that could
     not finish within the time limit is refused now rather than failed hours later."""
-    errors = [FieldError(field=f"params.{name}", message=f"{value} is more than this service's limit of "
-                                                          f"{max_epochs} epochs; ask for at most {max_epochs}")
-              for name, value in ((name, getattr(params, name)) for name in CAPPED_EPOCHS) if value > max_epochs]
+    errors = [FieldError(field=f"params.{name}", message=f"{getattr(params, name)} is more than this service's "
+                                                          f"limit of {max_epochs} epochs; ask for at most {max_epochs}")
+              for name in CAPPED_EPOCHS if getattr(params, name) > max_epochs]
     if errors:
         raise invalid(errors)
 

@@ -29,7 +29,6 @@ class Settings(BaseSettings):
     )
     broker_url: str = Field(default="redis://127.0.0.1:6379/0", description="Celery broker URL")
     queue: str = Field(default="nad", description="the broker queue jobs are sent to and taken from")
-
     storage_dir: Path = Field(
         default=Path("var/storage"), description="folder holding every job's files; shared by API and worker"
     )

@@ -393,3 +393,7 @@ def test_an_npz_with_its_own_class_names_is_relabelled_to_the_jobs_class_order(t
     with pytest.raises(InputError, match=r"classes \['horse'\] are not among the classes"):
         np.savez(path, x=x, y=np.array([0, 1, 0]), classes=np.array(["cat", "horse"]))
         load_images(path, 4, ["dog", "cat"], 2)
+    # a file that lies: one name for two labels would merge two classes into one, silently
+    with pytest.raises(InputError, match="names a class more than once"):
+        np.savez(path, x=x, y=np.array([0, 1, 0]), classes=np.array(["cat", "cat"]))
+        load_images(path, 4, ["dog", "cat"], 2)

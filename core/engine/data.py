@@ -468,16 +468,15 @@ def _read_arrays(path: Path, max_images: int | None) -> tuple[np.ndarray, np.nda
     try:
         with np.load(path, allow_pickle=False) as arrays:
             members = [f"{key}.npy" for key in ("x", "y", "classes") if f"{key}.npy" in arrays.zip.namelist()]
-            unpacked, headers = 0, {}
+            unpacked, shapes = 0, {}
             for member in members:
-                size, shape = headers[member] = _npy_bytes(arrays.zip, member, unpacked)
+                size, shapes[member] = _npy_bytes(arrays.zip, member, unpacked)
                 unpacked += size
-                if member == "x.npy" and max_images is not None and shape and shape[0] > max_images:
-                    raise TooManyImages(shape[0], max_images)
-            if headers.get("x.npy", (0, ()))[1] and "y.npy" in headers:  # y's bound, checked before it is unpacked
-                images, labels = headers["x.npy"][1][0], math.prod(headers["y.npy"][1])
-                if labels != images:
-                    raise InputError(f"y has {labels} labels for {images} images; give one label per image")
+            x, y = shapes.get("x.npy"), shapes.get("y.npy")
+            if x and max_images is not None and x[0] > max_images:
+                raise TooManyImages(x[0], max_images)
+            if x and y is not None and math.prod(y) != x[0]:  # y's bound, checked before it is unpacked
+                raise InputError(f"y has {math.prod(y)} labels for {x[0]} images; give one label per image")
             found = {member.removesuffix(".npy"): arrays[member] for member in members}
             keys = sorted(arrays.files)
     except InputError:
@@ -496,7 +495,10 @@ def _read_arrays(path: Path, max_images: int | None) -> tuple[np.ndarray, np.nda
     names = found.get("classes")
     if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
         raise InputError("the npz's `classes` must be a 1-D array of strings, e.g. np.array(['cat', 'dog'])")
-    return found["x"], found["y"], None if names is None else [_composed(name) for name in names.tolist()]
+    classes = None if names is None else [_composed(name) for name in names.tolist()]
+    if classes is not None and len(set(classes)) != len(classes):  # which of two labels would that name be?
+        raise InputError("the npz's `classes` names a class more than once; give each class one name")
+    return found["x"], found["y"], classes
 
 
 def _npy_bytes(archive: zipfile.ZipFile, member: str, unpacked: int) -> tuple[int, tuple[int, ...]]:
