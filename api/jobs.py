@@ -252,6 +252,10 @@ MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+# HEAD too: download managers and `curl -I` ask a file's size and ETag before they fetch it. One route a
+# method, so that each has its own operation id.
+@router.head("/jobs/{job_id}/model", summary="The cleansed checkpoint's headers (size, ETag), without the file",
+             response_class=FileResponse, responses=MODEL_RESPONSES)
 @router.get("/jobs/{job_id}/model", summary="Download the cleansed checkpoint", response_class=FileResponse,
             responses=MODEL_RESPONSES)
 async def get_model(
@@ -260,9 +264,12 @@ async def get_model(
     service: Service,
     session: Reading,
     range_: Annotated[str | None, Header(alias="range", description="e.g. `bytes=0-1048575`")] = None,
+    if_range: Annotated[str | None, Header(description="the ETag of the copy whose download `Range` resumes: "
+                                                       "another answers the whole file (200)")] = None,
     if_none_match: Annotated[str | None, Header(description="an ETag you have")] = None,
 ) -> Response:
-    """The safetensors file, with its sha256 as `ETag`; `Range` resumes a download (206)."""
+    """The safetensors file, with its sha256 as `ETag`; `Range` resumes a download (206). `HEAD` answers the
+    headers alone."""
     job = await session.run_sync(_owned, job_id, owner)
     output = job.artifact(OUTPUT)
     if job.status != Status.SUCCEEDED or output is None:
@@ -273,7 +280,9 @@ async def get_model(
     etag = f'"{output.sha256}"'
     if if_none_match and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
-    if range_ is not None:  # an empty Range too: FileResponse would answer it 400 in plain text
+    # An empty Range too: FileResponse would answer it 400 in plain text. An If-Range that names another copy
+    # asks for the whole file, so its Range is not checked against this one's size (RFC 9110, 13.1.5).
+    if range_ is not None and (if_range is None or if_range == etag):
         _check_range(range_, output.size)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}.safetensors",
                         headers={"ETag": etag})

@@ -517,6 +517,14 @@ def test_a_succeeded_job_serves_its_metrics_and_its_model_with_etag_and_ranges(
     unsatisfiable = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": f"bytes={len(weights)}-"})
     assert problem(unsatisfiable, 416) and unsatisfiable.headers["content-range"] == f"bytes */{len(weights)}"
     problem(api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": "pages=1-2"}), 400)
+    # a resume of another copy (a job's file of before, longer) gets the whole of this one, not a 416
+    stale = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": f"bytes={len(weights)}-", "If-Range": '"x"'})
+    assert stale.status_code == 200 and stale.content == weights
+    headers_only = api.head(f"/jobs/{job_id}/model", headers=auth)
+    assert headers_only.status_code == 200 and headers_only.content == b""
+    assert headers_only.headers["etag"] == etag and headers_only.headers["content-length"] == str(len(weights))
+    assert api.head(f"/jobs/{job_id}/model", headers=auth | {"If-None-Match": etag}).status_code == 304
+    assert api.head(f"/jobs/{job_id}/model").status_code == 401
 
 
 def test_unknown_routes_wrong_methods_and_unexpected_errors_are_problems(
