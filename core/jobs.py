@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -75,6 +75,17 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def clock(session: Session) -> datetime:
+    """Now by the database's clock, for every time a job records or compares. The API, the workers and
+    their sweepers may run on several hosts: a worker's heartbeat stamped by its host's clock and read by a
+    sweeper's that runs a grace behind would have the live job run a second time. PostgreSQL's server gives
+    them one clock (`clock_timestamp()`: the time of the call, not of the transaction's start, which may have
+    waited for a row). A SQLite file lives on one host, whose clock every process that opens it shares."""
+    if session.get_bind().dialect.name == "sqlite":
+        return now()
+    return session.scalar(select(func.clock_timestamp())).astimezone(UTC)
+
+
 _last_id = (0, 0)
 _id_lock = threading.Lock()
 
@@ -121,7 +132,7 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str | None] = mapped_column(Text)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -129,7 +140,7 @@ class Job(Base):
         UTCDateTime, doc="last sign of life of the process running the job: the sweeper requeues a job whose "
                          "process has been silent too long (its whole worker died)"
     )
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin",
@@ -207,8 +218,9 @@ def create_job(
 ) -> Job:
     """Record a queued job, bound for `queue`, and its uploaded files. Raises DuplicateRequest when
     `idempotency_key` was used by the same owner in the meantime (the caller then answers with that job)."""
+    stamp = clock(session)
     job = Job(id=job_id, owner=owner, queue=queue, params=params, idempotency_key=idempotency_key,
-              artifacts=[_artifact(record) for record in inputs])
+              created_at=stamp, updated_at=stamp, artifacts=[_artifact(record) for record in inputs])
     session.add(job)
     try:
         session.flush()
@@ -262,14 +274,14 @@ def _transition(session: Session, job_id: str, allowed: tuple[Status, ...], disp
     query = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
     if dispatch is not None:
         query = query.where(Job.dispatch == dispatch)
-    result = session.execute(query.values(updated_at=now(), **values).execution_options(synchronize_session=False))
-    return result.rowcount == 1
+    query = query.values(updated_at=clock(session), **values).execution_options(synchronize_session=False)
+    return session.execute(query).rowcount == 1
 
 
 def request_cancel(session: Session, job: Job) -> None:
     """A queued job is cancelled at once; a running one is asked to stop (the worker checks between epochs).
     Asking again is harmless. Raises InvalidTransition for a job that already succeeded or failed."""
-    stamp = now()
+    stamp = clock(session)
     cancelled = _transition(session, job.id, (Status.QUEUED,), status=Status.CANCELLED,
                             cancel_requested_at=stamp, finished_at=stamp)
     if not cancelled:
@@ -301,7 +313,7 @@ def redispatch(session: Session, job_id: str, dispatch: int) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == Status.QUEUED, Job.dispatch == dispatch)
-        .values(dispatch=dispatch + 1, updated_at=now())
+        .values(dispatch=dispatch + 1, updated_at=clock(session))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
@@ -326,10 +338,10 @@ class Assignment:
 
 
 def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: int,
-                  alive_since: datetime) -> Assignment | None:
+                  grace: float) -> Assignment | None:
     """Count one more start of the job and mark it running; None when there is nothing to run.
 
-    A job whose process has given a sign of life since `alive_since` (the sweeper's grace) runs elsewhere
+    A job whose process has given a sign of life within the last `grace` seconds (the sweeper's) runs elsewhere
     now: this message is a copy (a broker gives a worker's unacknowledged message to another when their
     connection drops), and two runs at once would overwrite each other's progress and checkpoint. If that
     process is in fact dead, the sweeper queues the job again once it has been silent for the grace.
@@ -343,20 +355,22 @@ def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: in
     job = session.get(Job, job_id, with_for_update=True)
     if job is None or job.status in FINISHED or job.dispatch != dispatch:
         return None
-    if job.status != Status.QUEUED and job.heartbeat_at is not None and job.heartbeat_at >= alive_since:
+    stamp = clock(session)  # read once the row is ours
+    beating = job.heartbeat_at is not None and job.heartbeat_at >= stamp - timedelta(seconds=grace)
+    if job.status != Status.QUEUED and beating:
         return None
     if job.status == Status.CANCELLING:
         finish_cancelled(session, job_id, dispatch)
         return None
     if job.attempts >= max_attempts:  # from queued too: fail() would leave a recovered job queued for ever
         _transition(session, job_id, (Status.QUEUED, Status.RUNNING), dispatch, status=Status.FAILED,
-                    finished_at=now(), error=f"the job was started {job.attempts} times and its worker stopped each "
+                    finished_at=stamp, error=f"the job was started {job.attempts} times and its worker stopped each "
                     "time before it finished (out of memory, or the machine restarted); try smaller batch_size or "
                     "fewer images, or ask the operators")
         return None
     job.attempts += 1
     job.status = Status.RUNNING
-    job.started_at = job.updated_at = job.heartbeat_at = now()
+    job.started_at = job.updated_at = job.heartbeat_at = stamp
     job.stage, job.epoch, job.epochs, job.progress = None, None, None, 0.0
     return Assignment(job.id, dispatch, job.params, {a.role: a.path for a in job.artifacts})
 
@@ -365,7 +379,7 @@ def record_progress(session: Session, job_id: str, dispatch: int, stage: str, pr
                     epochs: int | None) -> None:
     """Where a running job is; ignored once the job has left running/cancelling."""
     _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, stage=stage, progress=progress,
-                epoch=epoch, epochs=epochs, heartbeat_at=now())
+                epoch=epoch, epochs=epochs, heartbeat_at=clock(session))
 
 
 def heartbeat(session: Session, job_id: str, dispatch: int) -> bool:
@@ -374,7 +388,7 @@ def heartbeat(session: Session, job_id: str, dispatch: int) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_((Status.RUNNING, Status.CANCELLING)), Job.dispatch == dispatch)
-        .values(heartbeat_at=now())
+        .values(heartbeat_at=clock(session))
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
@@ -391,7 +405,7 @@ def succeed(session: Session, job_id: str, dispatch: int, report: dict[str, Any]
     """Store the report and register the cleansed checkpoint; False when the job was cancelled (or taken
     from this worker) meanwhile: the caller then discards the output and calls finish_cancelled."""
     done = _transition(session, job_id, (Status.RUNNING,), dispatch, status=Status.SUCCEEDED, report=report,
-                       progress=1.0, stage="done", finished_at=now())
+                       progress=1.0, stage="done", finished_at=clock(session))
     if done:
         artifact = _artifact(output)
         artifact.job_id = job_id
@@ -402,12 +416,12 @@ def succeed(session: Session, job_id: str, dispatch: int, report: dict[str, Any]
 def fail(session: Session, job_id: str, dispatch: int, error: str) -> None:
     """Mark the job failed with a message its owner can act on."""
     _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, status=Status.FAILED,
-                error=error, finished_at=now())
+                error=error, finished_at=clock(session))
 
 
 def finish_cancelled(session: Session, job_id: str, dispatch: int) -> None:
     _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, status=Status.CANCELLED,
-                finished_at=now())
+                finished_at=clock(session))
 
 
 # ---- the sweeper's side ---------------------------------------------------------------------------------
@@ -427,7 +441,7 @@ def recover(session: Session, job_id: str, dispatch: int, since: datetime) -> bo
     queued under a new dispatch, and True says a message must be sent for it. The conditions are checked
     again in the UPDATE, so a job that spoke up or was recovered by another sweeper meanwhile is left alone."""
     silent_since = (Job.id == job_id, Job.dispatch == dispatch, Job.heartbeat_at < since)
-    stamp = now()
+    stamp = clock(session)
     session.execute(
         update(Job).where(*silent_since, Job.status == Status.CANCELLING)
         .values(status=Status.CANCELLED, finished_at=stamp, updated_at=stamp)

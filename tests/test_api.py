@@ -109,7 +109,7 @@ def finish(settings: Settings, job_id: str, checkpoint: bytes) -> None:
     path.write_bytes(checkpoint)
     db = Database(settings.database_url)
     with db.session() as session:
-        jobs.start_attempt(session, job_id, dispatch=0, max_attempts=3, alive_since=jobs.now())
+        jobs.start_attempt(session, job_id, dispatch=0, max_attempts=3, grace=0)
         jobs.succeed(
             session,
             job_id,

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
@@ -56,11 +56,10 @@ def status(db: Database, job_id: str) -> str | None:
 
 
 def start(db: Database, job_id: str, max_attempts: int = 3, dispatch: int = 0,
-          alive_since: datetime | None = None) -> jobs.Assignment | None:
+          grace: float = -1) -> jobs.Assignment | None:
     """Start the job's `dispatch`; by default every earlier run of it counts as dead (silent since before now)."""
     with db.session() as session:
-        return jobs.start_attempt(session, job_id, dispatch, max_attempts,
-                                  alive_since or jobs.now() + timedelta(seconds=1))
+        return jobs.start_attempt(session, job_id, dispatch, max_attempts, grace)
 
 
 def test_migrations_build_exactly_the_models(database: Database) -> None:
@@ -166,8 +165,7 @@ def test_a_copy_of_the_message_while_its_run_still_beats_is_not_run_again(databa
     first run's heartbeat is fresh the copy runs nothing and counts no attempt; once silent, it runs."""
     job_id = new_job(database, owner())
     start(database, job_id)
-    grace = jobs.now() - timedelta(seconds=60)
-    assert start(database, job_id, alive_since=grace) is None
+    assert start(database, job_id, grace=60) is None
     with database.session() as session:
         job = session.get(jobs.Job, job_id)
         assert (job.status, job.attempts) == ("running", 1)
@@ -191,7 +189,7 @@ def test_a_cancel_while_a_worker_starts_the_job_waits_for_it_and_is_not_lost(dat
 
     canceller = threading.Thread(target=cancel)
     with database.session() as session:
-        assert jobs.start_attempt(session, job_id, 0, 3, jobs.now()) is not None
+        assert jobs.start_attempt(session, job_id, 0, 3, 0) is not None
         canceller.start()
         canceller.join(1.0)
         assert answered == []  # held until the worker's transaction ends
@@ -237,6 +235,31 @@ def test_timestamps_read_back_in_utc_whatever_the_servers_zone(database: Databas
             session.execute(text("SET LOCAL TIME ZONE 'Asia/Kolkata'"))
         created = session.get(jobs.Job, job_id).created_at
     assert created.utcoffset() == timedelta(0) and created.tzinfo == UTC
+
+
+def test_hosts_whose_clocks_disagree_keep_time_by_the_database(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API, a worker and its sweeper may run on three hosts. Stamped by their own clocks, a worker an
+    hour behind beat an hour late by the sweeper's, which ran its live job a second time; an API an hour ahead
+    recorded its jobs an hour ahead, and a lost message of theirs was not sent again for that hour."""
+    db, me, on_time = Database(postgres_url), owner(), jobs.now
+    try:
+        db.migrate()
+        monkeypatch.setattr(jobs, "now", lambda: on_time() + timedelta(hours=1))  # the API's host
+        queued, running = new_job(db, me), new_job(db, me)
+        monkeypatch.setattr(jobs, "now", lambda: on_time() - timedelta(hours=1))  # the worker's host
+        start(db, running, grace=60)
+        with db.session() as session:
+            assert jobs.heartbeat(session, running, 0)
+        monkeypatch.undo()
+        with db.session() as session:  # the sweeper's host
+            since = jobs.clock(session) - timedelta(seconds=60)
+            assert running not in dict(jobs.silent(session, QUEUE, since))
+            assert queued in dict(jobs.waiting(session, QUEUE, jobs.clock(session) + timedelta(seconds=1)))
+            assert abs(session.get(jobs.Job, running).heartbeat_at - on_time()) < timedelta(minutes=1)
+    finally:
+        db.dispose()
 
 
 def test_a_job_whose_whole_worker_keeps_dying_fails_too(database: Database) -> None:

@@ -61,7 +61,8 @@ def broker_task_ids(app: Celery, queue: str) -> set[str]:
 def sweep(app: Celery, db: Database, queue: str, grace: float) -> list[str]:
     """One round over the jobs of `queue` (several queues may share a database; each has its workers): the
     jobs of dead workers, then the jobs whose message is lost, each sent again; returns their ids."""
-    since = jobs.now() - timedelta(seconds=grace)
+    with db.session() as session:
+        since = jobs.clock(session) - timedelta(seconds=grace)
     return _requeue_silent(app, db, queue, since) + _resend_lost(app, db, queue, since)
 
 

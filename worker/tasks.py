@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from functools import cache
 from pathlib import Path
 from typing import TypeVar
@@ -155,8 +154,7 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
     settings = get_settings()
     db = database()
     with db.session() as session:
-        assignment = jobs.start_attempt(session, job_id, dispatch, settings.max_attempts,
-                                        alive_since=jobs.now() - timedelta(seconds=settings.sweep_interval))
+        assignment = jobs.start_attempt(session, job_id, dispatch, settings.max_attempts, settings.sweep_interval)
     if assignment is None:
         log.info("job %s: nothing to run (cancelled, deleted, finished, running elsewhere, out of attempts or sent "
                  "again)", job_id)
