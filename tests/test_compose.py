@@ -44,6 +44,20 @@ def test_the_worker_reserves_a_gpu() -> None:
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == 1
 
 
+RESET = object()  # what a `!reset` tag reads as
+
+
+def test_the_cpu_override_drops_the_gpu_reservation_and_nothing_else() -> None:
+    """`docker/cpu.yml` is merged over the base file; its `!reset` removes what it names (the compose spec's
+    merge rules), here the worker's `deploy` and with it the GPU a host without one cannot give."""
+    loader = type("ComposeLoader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!reset", lambda _loader, _node: RESET)
+    override = yaml.load((ROOT / "docker" / "cpu.yml").read_text(), Loader=loader)
+    assert override == {"services": {"worker": {"deploy": RESET}}}
+    assert "deploy" in SERVICES["worker"]
+    assert "docker compose -f docker-compose.yml -f docker/cpu.yml up --build" in (ROOT / "README.md").read_text()
+
+
 def test_redis_keeps_the_queue_and_never_evicts_it() -> None:
     command = " ".join(SERVICES["redis"]["command"])
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
