@@ -223,6 +223,8 @@ async def list_jobs(
                                         description="`next_cursor` of the previous page")] = None,
     status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
 ) -> JobPage:
+    """Newest first by when each upload began (a job's id is made then, and pages by it stay stable while jobs
+    are added): a slow upload lists below one begun after it, though that one was recorded first."""
     page, next_cursor = await session.run_sync(jobs.list_jobs, owner, limit, cursor, status)
     return JobPage(items=[JobResource.of(job) for job in page], next_cursor=next_cursor)
 
