@@ -41,14 +41,18 @@ def test_the_default_layers_record_three_distinct_maps_and_an_overwritten_layer_
     ("googlenet", "googlenet answers a GoogLeNetOutputs in training mode, not 10 class scores an image"),
 ])
 def test_a_model_that_cannot_classify_the_images_as_training_needs_is_refused_before_any_work(arch, said):
-    """They failed mid-job as the generic internal error; the check runs a copy, the model is left as it was."""
+    """They failed mid-job as the generic internal error. The check leaves the model as it was: its training-mode
+    pass would move BatchNorm's statistics."""
     model = build_model(arch, 10)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(InputError) as refused:
         check_runs(model, arch, 32, 10)
     assert str(refused.value).startswith(said)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
-    check_runs(build_model("wrn-16-1", 10), "wrn-16-1", 32, 10)
+    fits = build_model("wrn-16-1", 10).eval()
+    before = {k: v.clone() for k, v in fits.state_dict().items()}
+    check_runs(fits, "wrn-16-1", 32, 10)
+    assert all(torch.equal(before[k], v) for k, v in fits.state_dict().items()) and not fits.training
 
 
 def test_wrn_has_the_wideresnet_pytorch_parameter_layout():

@@ -8,7 +8,6 @@ torchvision by its name.
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 from itertools import pairwise
@@ -184,20 +183,33 @@ def check_runs(model: nn.Module, arch: str, input_size: int, num_classes: int) -
     """Refuse, before any work, a model that cannot classify `input_size` images as training needs: some
     torchvision models take only their own size (a ViT's 224), some need more pixels than a CIFAR image has
     (Inception), some answer in training mode with more than class scores (GoogLeNet's auxiliary outputs).
-    They failed mid-job as an internal error. A copy runs: a training-mode pass moves BatchNorm's statistics."""
-    probe = copy.deepcopy(model)
-    images = torch.zeros(2, 3, input_size, input_size, device=next(probe.parameters()).device)
-    for training in (False, True):
-        probe.train(training)
-        try:
-            with torch.no_grad():
-                scores = probe(images)
-        except Exception as error:  # the model's own assertion or shape error says what does not fit
-            raise InputError(f"{arch} cannot classify {input_size}x{input_size} images ({error_reason(error)}); "
-                             "set input_size to the size it takes, or choose another arch") from None
-        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (2, num_classes):
-            raise InputError(f"{arch} answers a {type(scores).__name__} in {'training' if training else 'evaluation'} "
-                             f"mode, not {num_classes} class scores an image; choose another arch")
+    They failed mid-job as an internal error. A training-mode pass moves BatchNorm's statistics: the buffers are
+    put back after it (a copy of the whole model would double a large one's memory for the check)."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    was_training = model.training
+    images = torch.zeros(2, 3, input_size, input_size, device=next(model.parameters()).device)
+    try:
+        for training in (False, True):
+            _check_answers(model, training, images, arch, num_classes)
+    finally:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        model.train(was_training)
+
+
+def _check_answers(model: nn.Module, training: bool, images: torch.Tensor, arch: str, num_classes: int) -> None:
+    model.train(training)
+    try:
+        with torch.no_grad():
+            scores = model(images)
+    except Exception as error:  # the model's own assertion or shape error says what does not fit
+        size = images.shape[-1]
+        raise InputError(f"{arch} cannot classify {size}x{size} images ({error_reason(error)}); "
+                         "set input_size to the size it takes, or choose another arch") from None
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (2, num_classes):
+        raise InputError(f"{arch} answers a {type(scores).__name__} in {'training' if training else 'evaluation'} "
+                         f"mode, not {num_classes} class scores an image; choose another arch")
 
 
 def overwritten(model: nn.Module) -> set[str]:
