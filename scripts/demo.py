@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from service import ready  # scripts/service.py: Python puts this script's folder on the path
 from sqlalchemy.exc import SQLAlchemyError
 
 from core import keys
@@ -79,11 +80,7 @@ def service_url() -> str:
 
 def check_ready(url: str) -> None:
     """Stop at once, saying what to do, when no service is ready at `url`: not after minutes of training."""
-    try:
-        ready = httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        ready = False
-    if not ready:
+    if not ready(url):
         sys.exit(f"no service is ready at {url}: start one with `make up`, or point NAD_API_URL at one")
 
 

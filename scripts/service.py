@@ -69,9 +69,9 @@ def _start(name: str, command: list[str], env: dict[str, str]) -> subprocess.Pop
     return process
 
 
-def _wait(what: str, ready, process: subprocess.Popen, log: str, timeout: float = 120) -> None:
+def _wait(what: str, started: Callable[[], bool], process: subprocess.Popen, log: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not ready():
+    while not started():
         if process.poll() is not None or time.monotonic() > deadline:
             tail = "\n".join((LOG / log).read_text(errors="replace").splitlines()[-30:])
             sys.exit(f"{what} did not start; the end of var/log/{log}:\n{tail}")
@@ -168,11 +168,12 @@ def _start_worker(env: dict[str, str]) -> subprocess.Popen:
 def _start_api(env: dict[str, str], url: str) -> subprocess.Popen:
     """The API, once it answers /readyz."""
     api = _start("api", [sys.executable, "-m", "api"], env)
-    _wait("the API", lambda: _ready(url), api, "api.log")
+    _wait("the API", lambda: ready(url), api, "api.log")
     return api
 
 
-def _ready(url: str) -> bool:
+def ready(url: str) -> bool:
+    """Whether an API at `url` answers /readyz with 200 (`make demo` asks it too)."""
     try:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
     except httpx.TransportError:
