@@ -1,9 +1,11 @@
 """The `nad` command on real files: attack, evaluate, subset and sanitize, with their reports."""
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +301,47 @@ def test_a_service_that_stays_unreachable_is_given_up_on_saying_how_to_follow_th
             client.wait("abc", interval=0.01, show_progress=False, patience=0.1)
     finally:
         client.close()
+
+
+class ScriptedService(http.server.BaseHTTPRequestHandler):
+    """Answers each GET with the next (status, body) of `script`, a real HTTP exchange for the client."""
+
+    script: list[tuple[int, dict]] = []
+    asked: list[str] = []
+
+    def do_GET(self) -> None:
+        self.asked.append(self.path)
+        status, body = self.script.pop(0)
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json" if status < 400 else "application/problem+json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_service_answering_502_503_or_504_is_asked_again_any_other_error_is_said(monkeypatch):
+    """A proxy in front of a restarting API answers 502 or 503, a gateway out of patience 504: asked again. A
+    404 (the job deleted meanwhile) is said at once, with the problem's detail."""
+    job = {"id": "abc", "status": "succeeded", "progress": {"percent": 100, "stage": "done"}}
+    problem = {"type": "about:blank", "title": "Not Found", "status": 404, "detail": "no job abc"}
+    monkeypatch.setattr(ScriptedService, "asked", [])
+    monkeypatch.setattr(ScriptedService, "script", [(502, {}), (503, {}), (504, {}), (200, job), (404, problem)])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedService)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = Client(f"http://127.0.0.1:{server.server_port}", "key")
+    try:
+        assert client.wait("abc", interval=0.01, show_progress=False, patience=60) == job
+        with pytest.raises(ServiceError, match="no job abc"):
+            client.wait("abc", interval=0.01, show_progress=False, patience=60)
+        assert ScriptedService.asked == ["/jobs/abc"] * 5
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
 
 
 def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):
