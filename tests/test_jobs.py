@@ -82,13 +82,18 @@ def test_a_job_is_recorded_with_its_inputs_and_visible_to_its_owner_only(databas
 
 
 def test_an_idempotency_key_names_one_job_per_owner(database: Database) -> None:
-    me, key = owner(), "retry-1"
+    me = owner()
+    key = f"retry-{me}"  # of this test alone: the session's PostgreSQL database holds other tests' keys
     first = new_job(database, me, key)
     with pytest.raises(jobs.DuplicateRequest):
         new_job(database, me, key)
     with database.session() as session:
         assert jobs.find_by_idempotency_key(session, me, key).id == first
-    assert new_job(database, owner(), key) != first  # the same key of another owner is another request
+    other = owner()
+    second = new_job(database, other, key)  # the same key of another owner is another request
+    with database.session() as session:
+        assert second != first and jobs.find_by_idempotency_key(session, other, key).id == second
+        assert jobs.find_by_idempotency_key(session, me, key).id == first
 
 
 def test_job_ids_made_in_one_millisecond_still_sort_in_the_order_they_were_made() -> None:
@@ -127,6 +132,7 @@ def test_cancel_stops_a_queued_job_at_once_and_asks_a_running_one(database: Data
     assert (status(database, queued), status(database, running)) == ("cancelled", "cancelling")
     with database.session() as session:
         assert jobs.stop_requested(session, running, 0)
+        assert jobs.count_unfinished(session, me) == 1  # a cancelling job holds its worker: it counts to the cap
         job = jobs.get_job(session, running, me)
         assert job.cancel_requested_at is not None and job.finished_at is None
 
@@ -165,11 +171,18 @@ def test_a_copy_of_the_message_while_its_run_still_beats_is_not_run_again(databa
     first run's heartbeat is fresh the copy runs nothing and counts no attempt; once silent, it runs."""
     job_id = new_job(database, owner())
     start(database, job_id)
+
+    def beat(seconds_ago: float) -> None:
+        with database.session() as session:
+            session.get(jobs.Job, job_id).heartbeat_at = jobs.clock(session) - timedelta(seconds=seconds_ago)
+
+    beat(5)
     assert start(database, job_id, grace=60) is None
     with database.session() as session:
         job = session.get(jobs.Job, job_id)
         assert (job.status, job.attempts) == ("running", 1)
-    assert start(database, job_id) is not None  # silent since before now: that run is dead
+    beat(61)
+    assert start(database, job_id, grace=60) is not None  # silent for longer than the grace: that run is dead
     with database.session() as session:
         assert session.get(jobs.Job, job_id).attempts == 2
 
