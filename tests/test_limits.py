@@ -456,6 +456,27 @@ def test_a_failed_job_leaves_no_partial_checkpoint_and_says_why(
     assert _outputs(worker_job) == []
 
 
+def test_a_cancel_after_the_last_epoch_ends_the_job_cancelled_without_its_checkpoint(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner cancels while the engine writes its checkpoint: the job ends cancelled, as asked, and the file
+    it would have served is removed, not left in storage with no job to name it."""
+    import worker.tasks
+
+    def sanitize(files, params, on_event, should_stop, **kwargs) -> dict:
+        files.out.parent.mkdir(parents=True, exist_ok=True)
+        files.out.write_bytes(b"a whole checkpoint")
+        with worker_job.db.session() as session:
+            jobs.request_cancel(session, jobs.get_job(session, worker_job.id, "owner"))
+        return {"after": {}}
+
+    monkeypatch.setattr(worker.tasks, "sanitize", sanitize)
+    _run(worker_job)
+    job = worker_job.row()
+    assert job.status == jobs.Status.CANCELLED and job.artifact(jobs.OUTPUT) is None
+    assert _outputs(worker_job) == []
+
+
 def _refused(*args, **kwargs) -> None:
     raise OperationalError("UPDATE jobs ...", {}, Exception("the database system is starting up"))
 
