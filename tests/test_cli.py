@@ -1,11 +1,13 @@
 """The `nad` command on real files: attack, evaluate, subset and sanitize, with their reports."""
 
+import hashlib
 import http.server
 import json
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from test_hostile_files import _png, _zip
 
 from conftest import DIGITS_TRIGGER, digits_arrays
 from core.cli import main
-from core.client import Client, ServiceError
+from core.client import UPLOAD_TRIES, Client, ServiceError
 from core.engine.commands import ProgressBar, attack_milestones, parse_trigger, terminal_bar
 from core.engine.errors import InputError
 from core.engine.events import Event
@@ -304,18 +306,32 @@ def test_a_service_that_stays_unreachable_is_given_up_on_saying_how_to_follow_th
 
 
 class ScriptedService(http.server.BaseHTTPRequestHandler):
-    """Answers each GET with the next (status, body) of `script`, a real HTTP exchange for the client."""
+    """Answers each request with the next of `script`: (status, JSON body), (status, bytes, headers), or None
+    to close the connection unanswered; a real HTTP exchange for the client. `asked` records each request's
+    method, path and Idempotency-Key."""
 
-    script: list[tuple[int, dict]] = []
-    asked: list[str] = []
+    script: list = []
+    asked: list = []
 
     def do_GET(self) -> None:
-        self.asked.append(self.path)
-        status, body = self.script.pop(0)
-        payload = json.dumps(body).encode()
+        self._answer()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer()
+
+    def _answer(self) -> None:
+        self.asked.append((self.command, self.path, self.headers.get("Idempotency-Key")))
+        answer = self.script.pop(0)
+        if answer is None:
+            self.close_connection = True
+            return
+        status, body, headers = answer if len(answer) == 3 else (*answer, {})
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json" if status < 400 else "application/problem+json")
-        self.send_header("Content-Length", str(len(payload)))
+        for name, value in {"Content-Type": "application/json" if status < 400 else "application/problem+json",
+                            **headers, "Content-Length": str(len(payload))}.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
 
@@ -323,25 +339,60 @@ class ScriptedService(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_service_answering_502_503_or_504_is_asked_again_any_other_error_is_said(monkeypatch):
+@pytest.fixture
+def scripted(monkeypatch) -> Iterator[Client]:
+    """A client of a ScriptedService; the test fills `ScriptedService.script`."""
+    monkeypatch.setattr(ScriptedService, "asked", [])
+    monkeypatch.setattr(ScriptedService, "script", [])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedService)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = Client(f"http://127.0.0.1:{server.server_port}", "key")
+    yield client
+    client.close()
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_service_answering_502_503_or_504_is_asked_again_any_other_error_is_said(scripted):
     """A proxy in front of a restarting API answers 502 or 503, a gateway out of patience 504: asked again. A
     404 (the job deleted meanwhile) is said at once, with the problem's detail."""
     job = {"id": "abc", "status": "succeeded", "progress": {"percent": 100, "stage": "done"}}
     problem = {"type": "about:blank", "title": "Not Found", "status": 404, "detail": "no job abc"}
-    monkeypatch.setattr(ScriptedService, "asked", [])
-    monkeypatch.setattr(ScriptedService, "script", [(502, {}), (503, {}), (504, {}), (200, job), (404, problem)])
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedService)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = Client(f"http://127.0.0.1:{server.server_port}", "key")
-    try:
-        assert client.wait("abc", interval=0.01, show_progress=False, patience=60) == job
-        with pytest.raises(ServiceError, match="no job abc"):
-            client.wait("abc", interval=0.01, show_progress=False, patience=60)
-        assert ScriptedService.asked == ["/jobs/abc"] * 5
-    finally:
-        client.close()
-        server.shutdown()
-        server.server_close()
+    ScriptedService.script.extend([(502, {}), (503, {}), (504, {}), (200, job), (404, problem)])
+    assert scripted.wait("abc", interval=0.01, show_progress=False, patience=60) == job
+    with pytest.raises(ServiceError, match="no job abc"):
+        scripted.wait("abc", interval=0.01, show_progress=False, patience=60)
+    assert [path for _, path, _ in ScriptedService.asked] == ["/jobs/abc"] * 5
+
+
+def test_an_upload_cut_off_before_its_answer_is_sent_again_under_the_same_idempotency_key(
+    scripted, digits_npz, monkeypatch
+):
+    """The key lets the service answer a repeated upload with the job the first one made, never a second job;
+    a connection that keeps failing is given up on after UPLOAD_TRIES, and an answer, even an error, is final."""
+    monkeypatch.setattr("core.client.time.sleep", lambda seconds: None)
+    files = {"model": digits_npz, "clean_data": digits_npz}
+    ScriptedService.script.extend([None, (202, {"id": "abc"})])
+    assert scripted.submit(files, {}, show_progress=False) == {"id": "abc"}
+    (_, path, key), again = ScriptedService.asked
+    assert path == "/sanitize" and key and again == ("POST", "/sanitize", key)
+
+    ScriptedService.script.extend([None] * UPLOAD_TRIES)
+    with pytest.raises(ServiceError, match="could not reach"):
+        scripted.submit(files, {}, show_progress=False)
+    ScriptedService.script.append((500, {"title": "Internal Server Error", "status": 500, "detail": "a bug"}))
+    with pytest.raises(ServiceError, match="a bug"):
+        scripted.submit(files, {}, show_progress=False)
+    assert len(ScriptedService.asked) == 2 + UPLOAD_TRIES + 1 and not ScriptedService.script
+
+
+def test_a_download_that_does_not_match_its_etag_is_refused_and_leaves_nothing(scripted, tmp_path):
+    etag = f'"{hashlib.sha256(b"the checkpoint").hexdigest()}"'
+    ScriptedService.script.append((200, b"the checkpoint, damaged", {"ETag": etag}))
+    destination = tmp_path / "cleansed.safetensors"
+    with pytest.raises(ServiceError, match="arrived damaged"):
+        scripted.download("abc", destination, show_progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_user_errors_exit_2_with_a_message(digits_npz, tmp_path, capsys):
