@@ -211,6 +211,14 @@ def test_an_output_that_names_an_input_or_another_output_is_refused(digits_npz, 
                            (("--out", tmp_path / "sub" / ".." / checkpoint.name), "is an input")):
         assert main([*job, *map(str, outputs)]) == 2
         assert capsys.readouterr().err.startswith(f"nad: error: {outputs[-1]} {clash}"), outputs
+    # the input named indirectly: relative to the working folder, or through the symlink
+    monkeypatch.chdir(tmp_path)
+    through_link = str(tmp_path / "link" / checkpoint.name)
+    for flag, indirect, output in (("--clean-data", clean.name, ["--out", str(both), "--report", str(clean)]),
+                                   ("--checkpoint", through_link, ["--out", str(checkpoint)])):
+        named = [indirect if previous == flag else value for previous, value in zip(["", *job], job, strict=False)]
+        assert main([*named, *output]) == 2
+        assert capsys.readouterr().err.startswith(f"nad: error: {output[-1]} is an input")
     assert not both.exists() and checkpoint.read_text() == "weights" and clean.read_text() == "data"
     copy = tmp_path / "digits.npz"
     copy.write_bytes(digits_npz.read_bytes())
