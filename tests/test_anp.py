@@ -20,6 +20,7 @@ from core.engine.anp import (
     mask_step,
     optimize_masks,
     perturbable,
+    prune,
 )
 from core.engine.checkpoints import read_metadata, write_checkpoint
 from core.engine.errors import Cancelled, InputError
@@ -102,6 +103,31 @@ def test_the_perturbation_leaves_the_model_as_it_was_but_for_pruned_weights(arch
     assert all(not state[key].any() for key in pruned)
     assert all(torch.equal(state[key], original[key]) for key in original if key not in pruned)
     assert report["pruned"] == report["neurons"] == sum(layer.num_features for layer in layers.values())
+
+
+def test_pruning_zeroes_the_weight_of_each_pruned_neuron_and_keeps_its_bias():
+    """As the authors' `prune_neuron_cifar.py`: a pruned neuron emits a constant, its bias, rather than nothing.
+    A fresh model's biases are all zero, so they are made non-zero here first; masks at or below the threshold
+    (the authors' `<=`) prune, the others keep their neuron as it was."""
+    model = _model()
+    layers = batch_norms(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.weight.uniform_(0.5, 1.5, generator=generator)
+            layer.bias.uniform_(-1.0, 1.0, generator=generator)
+    weights = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    biases = {name: layer.bias.detach().clone() for name, layer in layers.items()}
+    assert all(bias.all() for bias in biases.values())
+    masks = [torch.tensor([0.1, 0.2, 0.7, 1.0]).repeat(layer.num_features)[:layer.num_features]
+             for layer in layers.values()]
+    report = prune(layers, masks, threshold=0.2)
+    assert report["pruned"] == sum(int((mask <= 0.2).sum()) for mask in masks) > 0
+    for (name, layer), mask in zip(layers.items(), masks, strict=True):
+        pruned = mask <= 0.2
+        assert not layer.weight[pruned].any()
+        assert torch.equal(layer.weight[~pruned], weights[name][~pruned])
+        assert torch.equal(layer.bias, biases[name])
 
 
 def test_inside_the_block_the_layers_are_perturbed_and_only_the_mask_learns():

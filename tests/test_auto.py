@@ -281,6 +281,21 @@ def test_a_candidate_before_the_kept_one_that_missed_the_budget_by_no_more_than_
     assert close_misses(edge, kept=1, suspect_acc=88.0, budget=2.0) == [0]  # out by exactly the error
 
 
+def test_a_close_miss_after_the_kept_candidate_gets_no_second_look_and_cannot_displace_it():
+    """The order is the preference: a candidate after the kept one would not be kept over it even within the
+    budget, so a close miss there is not trained again (that would cost a run for nothing), and a second look
+    that came back within the budget must not put it before the first. Here nad is 2 points over the suspect,
+    within the budget and kept; sau, after it, is out by 1.0, no more than its error (1.5)."""
+    rows = [{"method": "nad", "selection_acc": 90.0, "selection_gap_se": 1.2},
+            {"method": "sau", "selection_acc": 85.0, "selection_gap_se": 1.5}]
+    assert pick(rows, suspect_acc=88.0, budget=2.0)[0] == 0
+    assert close_misses(rows, kept=0, suspect_acc=88.0, budget=2.0) == []
+    looked = []
+    index, reason = decide(rows, suspect_acc=88.0, budget=2.0, look=lambda i: looked.append(i) or _look(True))
+    assert looked == [] and index == 0 and reason.startswith("nad is the first candidate")
+    assert all("second_look" not in row for row in rows)
+
+
 def test_the_budgets_edge_is_within_it_whatever_the_float_error():
     """Measured in float32, 97 of 100 read 97.0000029 points, which put a candidate at 95.0 (to the hundredth,
     as rows give it) out of a 2-point budget: accuracies are compared as the report gives them."""

@@ -47,6 +47,27 @@ def test_the_head_is_reinitialised_and_keeps_its_norm():
     assert cosine < 0.5  # a new head, not the suspect's
 
 
+def test_the_new_head_is_pushed_away_from_the_suspects():
+    """The penalty is +alpha * <W, W_suspect>, so descending it lowers the inner product: the new head moves away
+    from the compromised one (with the sign flipped it would be pulled back towards it). The head as training
+    starts is the one its first forward pass sees, re-initialised and rescaled to the suspect's norm."""
+    torch.manual_seed(0)
+    model = build_model("wrn-16-1", 10)
+    head = classifier_head(model)
+    suspect = head.weight.detach().clone()
+    starts = []
+    head.register_forward_pre_hook(lambda module, _: starts.append(module.weight.detach().clone()))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(16) % 10
+    recipe = Recipe(epochs=1, lr=0.05, batch_size=8, augment=False)
+    feature_shift_tuning(model, images, labels, recipe, 0.1, Normalization(), Watch("fst", lambda e: None,
+                         lambda: False), Execution())
+    assert len(starts) == 2  # two steps
+    assert torch.isclose(starts[0].norm(), suspect.norm())
+    assert (head.weight.detach() * suspect).sum() < (starts[0] * suspect).sum()
+
+
 def test_a_model_without_a_linear_head_is_refused():
     with pytest.raises(InputError, match="no linear classifier"):
         classifier_head(nn.Sequential(nn.Conv2d(3, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
