@@ -343,7 +343,8 @@ def delete_job(job_id: str, owner: Owner, service: Service) -> Response:
         try:
             jobs.delete_job(session, job)
         except jobs.InvalidTransition as error:
-            raise ProblemError(409, f"job {job_id} is {error.status}; cancel it first (POST "
-                                    f"/jobs/{job_id}/cancel), then delete it once it is cancelled") from None
+            first = "" if error.status == Status.CANCELLING else f"cancel it first (POST /jobs/{job_id}/cancel), then "
+            raise ProblemError(409, f"job {job_id} is {error.status}; {first}delete it once GET /jobs/{job_id} "
+                                    "shows it cancelled") from None
     service.storage.remove(job_id)
     return Response(status_code=204)

@@ -487,6 +487,19 @@ def test_cancel_a_queued_job_then_delete_it_with_its_files(
     problem(api.get(f"/jobs/{job_id}", headers=auth), 404)
 
 
+def test_deleting_a_job_being_cancelled_says_to_wait_not_to_cancel_it(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    job_id = submit(api, auth).json()["id"]
+    db = Database(api_settings.database_url)
+    with db.session() as session:
+        jobs.start_attempt(session, job_id, dispatch=0, max_attempts=3, grace=0)
+    db.dispose()
+    assert api.post(f"/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
+    detail = problem(api.delete(f"/jobs/{job_id}", headers=auth), 409)["detail"]
+    assert f"is cancelling; delete it once GET /jobs/{job_id} shows it cancelled" in detail
+
+
 def test_a_succeeded_job_serves_its_metrics_and_its_model_with_etag_and_ranges(
     api: TestClient, api_settings: Settings, auth: dict[str, str]
 ) -> None:
