@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its refusals on one line as every other `nad` refusal is: its usage block, thirty lines
+    for `nad sanitize`, buried the reason. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nad", description="Remove backdoors from image classifiers.")
+    parser = Parser(prog="nad", description="Remove backdoors from image classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_engine_commands(commands)
     _add_keys_command(commands)

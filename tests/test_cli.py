@@ -273,12 +273,16 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
                           ('{"type": "blend", "alpha": 0.1, "pattern": "gone.npz:noise"}',
                            "cannot read the pattern file gone.npz: No such file"),
                           ('{"type": "square"}', "not a usable trigger"),
+                          ('{"type": "badnets"}',
+                           "not a usable trigger: badnets.pattern: Field required; badnets.position: Field required"),
                           (str(padded), f"{padded} is larger than 1,048,576 bytes"),
                           (UNREADABLE, f"cannot read {UNREADABLE}: Input/output error")):
         with pytest.raises(SystemExit) as refused:
             main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(digits_npz),
                   "--test-data", str(digits_npz), "--trigger", trigger, "--target-label", "0"])
-        assert refused.value.code == 2 and said in capsys.readouterr().err, trigger
+        err = capsys.readouterr().err  # one line: not argparse's usage block, nor pydantic's three lines a field
+        assert refused.value.code == 2 and said in err and err.count("\n") == 1, (trigger, err)
+        assert err.startswith("nad evaluate: error: argument --trigger: ") and "nad evaluate --help" in err
 
 
 def _pipe(text: str) -> str:

@@ -50,6 +50,8 @@ def parse_trigger(text: str) -> TriggerSpec:
         return TypeAdapter(TriggerSpec).validate_python(raw)
     except OSError as error:  # argparse shows its own errors only for ValueError and TypeError
         raise argparse.ArgumentTypeError(cannot_read(error)) from None
+    except ValidationError as error:  # a ValueError too, but of many lines
+        raise argparse.ArgumentTypeError(f"not a usable trigger: {validation_message(error, str)}") from None
     except ValueError as error:  # not JSON, not a trigger, or a pattern file that cannot be used
         raise argparse.ArgumentTypeError(f"not a usable trigger: {error}") from None
 
