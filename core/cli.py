@@ -47,17 +47,28 @@ def _add_keys_command(commands: argparse._SubParsersAction) -> None:
         from pydantic import ValidationError
         from sqlalchemy.exc import SQLAlchemyError
 
-        from core.engine.commands import fail, validation_message
+        from core.engine.commands import fail
 
         try:
             return _keys(args)
-        except ValidationError as error:  # a setting of the environment, NAD_API_PORT=abc say: which, and why
-            return fail(validation_message(error, lambda field: f"NAD_{field.upper()}"))
-        except SQLAlchemyError as error:  # an operator's typo or a server down: said, not a traceback
-            reason = str(getattr(error, "orig", None) or error).splitlines()[0]
-            return fail(f"cannot use the database of NAD_DATABASE_URL: {reason}")
+        except (ValidationError, SQLAlchemyError) as error:
+            return fail(setup_refused(error))
 
     parser.set_defaults(run=run)
+
+
+def setup_refused(error: Exception) -> str:
+    """One line for what an operator must fix, said instead of a traceback (`nad keys`, `make up`): a NAD_
+    setting pydantic refused (NAD_API_PORT=abc), named as the variable rather than pydantic's field, or the
+    database NAD_DATABASE_URL names that cannot be used (a typo, a server down)."""
+    from pydantic import ValidationError
+
+    from core.engine.commands import validation_message
+
+    if isinstance(error, ValidationError):
+        return validation_message(error, lambda field: f"NAD_{field.upper()}")
+    reason = str(getattr(error, "orig", None) or error).splitlines()[0]
+    return f"cannot use the database of NAD_DATABASE_URL: {reason}"
 
 
 def _keys(args: argparse.Namespace) -> int:

@@ -21,9 +21,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import redis
+from pydantic import ValidationError
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from core import keys
+from core.cli import setup_refused
 from core.database import Database
 from core.settings import get_settings
 
@@ -199,4 +202,7 @@ def down() -> None:
 
 
 if __name__ == "__main__":
-    {"up": up, "down": down}[sys.argv[1]]()
+    try:
+        {"up": up, "down": down}[sys.argv[1]]()
+    except (ValidationError, SQLAlchemyError) as error:
+        sys.exit(f"make {sys.argv[1]}: {setup_refused(error)}")
