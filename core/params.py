@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 # The most bytes of params JSON anyone takes: the API for the `params` form field, the command line for a JSON
 # file it is given (a trigger, `nad submit --params @file`). A bigger one is no small JSON object, and reading it
@@ -18,8 +18,19 @@ PARAMS_LIMIT = 1 << 20
 CAPPED_EPOCHS = ("epochs", "teacher_epochs", "fst_epochs", "ibau_rounds", "sau_epochs")
 
 Pixel = Annotated[int, Field(ge=0, le=255)]
+
+
+def _pixels(value: object) -> object:
+    """A pattern's file name is read into pixels by the engine's commands before they validate: one that
+    reaches validation came to the service, which reads no file of its host."""
+    if isinstance(value, str):
+        raise ValueError("a pattern file is read by nad sanitize, evaluate and attack only; send the service "
+                         "the pattern's pixels, as rows of values")
+    return value
+
+
 # A pattern is rows of pixels: each pixel one grey value (all channels alike) or one value per channel.
-Pattern = list[list[Pixel]] | list[list[list[Pixel]]]
+Pattern = Annotated[list[list[Pixel]] | list[list[list[Pixel]]], BeforeValidator(_pixels)]
 
 
 class _Spec(BaseModel):

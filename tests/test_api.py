@@ -367,6 +367,9 @@ def test_a_retried_submit_with_the_same_idempotency_key_returns_the_same_job(
         # a method runs once: its progress share and report row are named by it
         ({"arch": "wrn-16-1", "num_classes": 10, "auto_candidates": ["fst", "sau", "fst"]}, "params.auto_candidates"),
         ({"arch": "wrn-16-1", "num_classes": 2, "classes": ["cat", "cat"]}, "params.classes"),
+        # a pattern file's name, as the command line takes it: the service says it wants the pixels
+        ({"arch": "wrn-16-1", "num_classes": 10, "target_label": 1,
+          "trigger": {"type": "blend", "pattern": "noise.npz:blend", "alpha": 0.15}}, "params.trigger.blend.pattern"),
         ("{not json", "params"),
         (json.dumps(PARAMS) + " " * PARAMS_LIMIT, "params"),  # JSON, but past the cap `nad` reads files to too
     ],
