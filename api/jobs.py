@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any
 
@@ -93,22 +94,37 @@ def _accepted(response: Response, job: Job) -> JobResource:
     return JobResource.of(job)
 
 
-def _params(text: str) -> SanitizeParams:
+def _params(text: str, max_epochs: int) -> SanitizeParams:
+    """The job's parameters, or a 422 listing every field to fix: the schema's errors and the operator's
+    epoch cap's together, so that a client does not fix one to be told of the other."""
     try:
-        return SanitizeParams.model_validate_json(text)
+        params = SanitizeParams.model_validate_json(text)
     except ValidationError as error:
-        raise invalid([FieldError(field=field_name(("params", *e["loc"])), message=e["msg"])
-                       for e in error.errors()]) from None
+        errors = [FieldError(field=field_name(("params", *e["loc"])), message=e["msg"]) for e in error.errors()]
+        refused = {each.field for each in errors}
+        over = [each for each in _over_the_cap(_fields(text), max_epochs) if each.field not in refused]
+        raise invalid(errors + over) from None
+    if over := _over_the_cap(params.model_dump(), max_epochs):
+        raise invalid(over)
+    return params
 
 
-def _check_epochs(params: SanitizeParams, max_epochs: int) -> None:
+def _fields(text: str) -> dict[str, Any]:
+    """The fields of params that did not validate, as sent: {} when they are no JSON object."""
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def _over_the_cap(fields: dict[str, Any], max_epochs: int) -> list[FieldError]:
     """The operator's cap on training length (NAD_MAX_EPOCHS), tighter than the schema's: a job that could
     not finish within the time limit is refused now rather than failed hours later."""
-    errors = [FieldError(field=f"params.{name}", message=f"{getattr(params, name)} is more than this service's "
-                                                          f"limit of {max_epochs} epochs; ask for at most {max_epochs}")
-              for name in CAPPED_EPOCHS if getattr(params, name) > max_epochs]
-    if errors:
-        raise invalid(errors)
+    return [FieldError(field=f"params.{name}", message=f"{value} is more than this service's limit of "
+                                                       f"{max_epochs} epochs; ask for at most {max_epochs}")
+            for name in CAPPED_EPOCHS
+            if isinstance(value := fields.get(name), int) and not isinstance(value, bool) and value > max_epochs]
 
 
 def _check_queue(service: Services, owner: str, idempotency_key: str | None) -> None:
@@ -159,8 +175,7 @@ async def submit(request: Request, response: Response, owner: Owner, service: Se
     job_id = jobs.new_job_id()
     try:
         upload = await uploads.receive(request, service.storage, job_id, service.settings.max_upload_bytes)
-        params = _params(upload.params)
-        _check_epochs(params, service.settings.max_epochs)
+        params = _params(upload.params, service.settings.max_epochs)
         await run_in_threadpool(service.storage.adopt, job_id)  # a move that fails leaves the upload to discard
     except BaseException:
         service.storage.discard_incoming(job_id)

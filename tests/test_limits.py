@@ -153,6 +153,9 @@ def test_a_retried_submission_at_the_cap_gets_its_job_back(
         ({"method": "fst", "fst_epochs": 51}, ["params.fst_epochs"]),
         ({"method": "ibau", "ibau_rounds": 51}, ["params.ibau_rounds"]),
         ({"method": "sau", "sau_epochs": 51}, ["params.sau_epochs"]),
+        # with another field wrong too, both are named at once: fixing one would only have shown the other
+        ({"epochs": 51, "bogus": 1}, ["params.bogus", "params.epochs"]),
+        ({"epochs": 51, "teacher_epochs": 0}, ["params.teacher_epochs", "params.epochs"]),
     ],
 )
 def test_epochs_past_the_operators_cap_are_422_naming_the_field(
@@ -161,7 +164,7 @@ def test_epochs_past_the_operators_cap_are_422_naming_the_field(
     headers = new_key(limited_settings)
     body = problem(submit(limited, headers, params=PARAMS | extra), 422)
     assert [error["field"] for error in body["errors"]] == fields
-    assert body["detail"].startswith(fields[0]) and "limit of 50 epochs" in body["detail"]
+    assert body["detail"].startswith(fields[0]) and "is more than this service's limit of 50 epochs" in body["detail"]
     assert leftovers(limited_settings) == []
     at_the_cap = submit(limited, headers, params=PARAMS | {"epochs": 50, "teacher_epochs": 50})
     assert at_the_cap.status_code == 202
