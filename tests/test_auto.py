@@ -171,7 +171,9 @@ def test_anp_as_a_candidate_prunes_its_own_copy_and_leaves_the_suspect_whole_for
     anp, finetune = auto["candidates"]
     assert (anp["method"], finetune["method"], auto["chosen"]) == ("anp", "finetune", "finetune")
     assert anp["selection_acc"] < auto["suspect_selection_acc"] - 50  # nothing left of its copy
-    assert finetune["selection_acc"] >= auto["suspect_selection_acc"] - 3.0
+    # from the suspect, whole: 2 to 4 points under it, by the machine (its 50 selection images are 2 points
+    # each); from the suspect with every neuron pruned it reads 12.0, chance
+    assert finetune["selection_acc"] >= auto["suspect_selection_acc"] - 10.0
 
 
 @pytest.mark.parametrize(("method", "candidates", "words"), [
