@@ -148,7 +148,8 @@ def test_up_restarts_its_own_redis_server_alone(redis_service: Service) -> None:
 
 
 def test_up_says_a_setting_or_database_it_cannot_use_in_one_line(sqlite_service: Service, tmp_path: Path) -> None:
-    """As `nad keys` does: the variable to fix and why, not a traceback that names pydantic's field. Nothing starts."""
+    """As `nad keys` does: the variable to fix and why, not a traceback that names pydantic's field. Nothing starts;
+    the API and the worker, started by hand, say it so too."""
     script = sqlite_service.root / "scripts" / "service.py"
     missing = f"sqlite:///{tmp_path}"  # a folder: no database file can be opened there
     for variable, value, said in (("NAD_API_PORT", "abc", "make up: NAD_API_PORT: Input should be a valid integer"),
@@ -158,10 +159,12 @@ def test_up_says_a_setting_or_database_it_cannot_use_in_one_line(sqlite_service:
                               env=sqlite_service.env | {variable: value}, text=True, timeout=120)
         assert done.returncode == 1 and done.stderr.startswith(said) and done.stderr.count("\n") == 1, done.stderr
     assert sqlite_service.live() == []
-    api = subprocess.run([sys.executable, "-m", "api"], cwd=sqlite_service.root, capture_output=True, text=True,
-                         env=sqlite_service.env | {"NAD_API_PORT": "abc"}, timeout=120)
-    assert api.returncode == 1 and api.stderr == "python -m api: NAD_API_PORT: Input should be a valid integer, " \
-                                                 "unable to parse string as an integer\n", api.stderr
+    for command, name in (([sys.executable, "-m", "api"], "python -m api"),
+                          ([sys.executable, "-m", "celery", "-A", "worker.app", "worker"], "worker")):
+        done = subprocess.run(command, cwd=sqlite_service.root, capture_output=True, text=True,
+                              env=sqlite_service.env | {"NAD_API_PORT": "abc"}, timeout=120)
+        assert done.returncode == 1 and done.stderr == f"{name}: NAD_API_PORT: Input should be a valid integer, " \
+                                                       "unable to parse string as an integer\n", done.stderr
 
 
 def test_make_demo_stops_at_once_when_no_service_is_ready() -> None:

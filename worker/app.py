@@ -7,10 +7,13 @@ code (`worker.tasks` is loaded by the worker only), so the API can send jobs thr
 from __future__ import annotations
 
 import os
+import sys
 
 from celery import Celery
 from celery.signals import worker_init
+from pydantic import ValidationError
 
+from core.cli import setup_refused
 from core.database import Database
 from core.settings import Settings, get_settings
 from worker.dispatch import SANITIZE, Sweeper
@@ -63,7 +66,16 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-app = make_celery(get_settings())
+def _settings() -> Settings:
+    """The environment's settings. One the worker cannot use stops it in one line naming the variable, as `make
+    up` and `python -m api` do, rather than a traceback naming pydantic's field."""
+    try:
+        return get_settings()
+    except ValidationError as error:
+        sys.exit(f"worker: {setup_refused(error)}")
+
+
+app = make_celery(_settings())
 
 
 @worker_init.connect
