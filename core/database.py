@@ -45,8 +45,10 @@ def _begin_immediate(connection) -> None:
     row: otherwise a worker's read of a queued job and its update could straddle the owner's cancel, which the
     update then overwrote (the job ran, its owner told it was cancelled), two copies of a message could both
     start the job, and two processes migrating a new file both made its tables. The busy timeout makes the
-    others wait their turn; with WAL, the API's reads (`make_reader`, no transaction) are never held up."""
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    others wait their turn. A connection without a transaction (AUTOCOMMIT: the API's reads through
+    `make_reader`, `Database.ping`) takes no lock, and with WAL is never held up by a writer."""
+    if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
@@ -93,8 +95,8 @@ def migrating(engine: Engine) -> Iterator[Connection]:
     commit, and on again after."""
     with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
-        driver = connection.connection.driver_connection  # below SQLAlchemy: no transaction begun for it
         if sqlite:
+            driver = connection.connection.driver_connection  # below SQLAlchemy: no transaction begun for it
             driver.execute("PRAGMA foreign_keys=OFF")
         try:
             with connection.begin():
@@ -138,8 +140,9 @@ class Database:
             yield session
 
     def ping(self) -> None:
-        """Raise unless the database answers a query."""
-        with self.engine.connect() as connection:
+        """Raise unless the database answers a query. Outside a transaction: on SQLite one would wait for the
+        write lock, and /readyz would call the database down while a migration or a worker's write held it."""
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.execute(text("SELECT 1"))
 
     def migrate(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -239,6 +240,23 @@ def test_processes_migrating_a_new_sqlite_file_at_once_all_succeed(tmp_path: Pat
                  for _ in range(4)]
     errors = [process.communicate(timeout=120)[1] for process in processes]
     assert [process.returncode for process in processes] == [0, 0, 0, 0], errors
+
+
+def test_the_readiness_ping_is_not_held_by_a_writer_on_sqlite(tmp_path: Path) -> None:
+    """Every SQLite transaction takes the write lock as it begins; the ping takes none, or /readyz called the
+    database down (after the 10 s busy timeout) whenever a migration or a worker's write held the lock."""
+    db = Database(f"sqlite:///{tmp_path / 'nad.db'}")
+    db.migrate()
+    writer = sqlite3.connect(tmp_path / "nad.db", isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        db.ping()
+        assert time.monotonic() - started < 5
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        db.dispose()
 
 
 def test_timestamps_read_back_in_utc_whatever_the_servers_zone(database: Database) -> None:
