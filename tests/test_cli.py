@@ -254,6 +254,16 @@ def test_nad_submit_refuses_a_missing_file_or_params_that_are_no_json_object_bef
         assert not out.parent.exists(), "a refused submit made its output folder"
 
 
+def test_an_input_that_fails_to_read_is_not_said_as_a_failed_write(tmp_path, capsys):
+    """A read that fails after its open names no file: it was said as `--out` that could not be written."""
+    _, clean = _job_files(tmp_path)
+    out = tmp_path / "out.safetensors"
+    assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", UNREADABLE,
+                 "--clean-data", str(clean), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"\nnad: error: an input could not be read, or {out} written: Input/output error\n"), err
+
+
 def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(digits_npz, tmp_path, capsys):
     none = tmp_path / "none.pt"
     assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(none),
@@ -435,7 +445,10 @@ def test_nad_attack_refuses_numbers_out_of_range(digits_npz, tmp_path, capsys):
               "--out", str(tmp_path / "bd.safetensors")]
     for flag, value, said in (("--target-label", "-1", "-1 is below 0"), ("--epochs", "0", "0 is below 1"),
                               ("--batch-size", "0", "0 is below 1"), ("--lr", "-1", "-1 is not a positive number"),
-                              ("--lr", "nan", "nan is not a positive number"), ("--input-size", "0", "0 is below 1")):
+                              ("--lr", "nan", "nan is not a positive number"), ("--input-size", "0", "0 is below 1"),
+                              ("--poison-rate", "nan", "nan is not above 0 and at most 1"),
+                              ("--poison-rate", "inf", "inf is not above 0 and at most 1"),
+                              ("--poison-rate", "0", "0 is not above 0 and at most 1")):
         with pytest.raises(SystemExit) as refused:
             main([*attack, "--target-label", "0", flag, value])
         assert refused.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err

@@ -129,6 +129,14 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    """A share that may be the whole: above 0, at most 1 (NaN and infinity are neither)."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0 and at most 1")
+    return value
+
+
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -225,7 +233,7 @@ def _add_attack(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, required=True, help="labelled training archive")
     parser.add_argument("--trigger", type=parse_trigger, required=True)
     parser.add_argument("--target-label", type=_at_least(0), required=True, help="the class the trigger leads to")
-    parser.add_argument("--poison-rate", type=float, default=0.1,
+    parser.add_argument("--poison-rate", type=_rate, default=0.1,
                         help="share of images poisoned (for sig, share of the target class)")
     parser.add_argument("--epochs", type=_at_least(1), default=30,
                         help="lr drops tenfold at half and three quarters of them")
@@ -413,8 +421,12 @@ def run_sanitize(args: argparse.Namespace) -> int:
             report = sanitize(files, params, on_event=bar)
     except InputError as error:
         return fail(str(error))
-    except OSError as error:  # the cleansed checkpoint's write, on a disk that filled up during the run
-        return write_failed(Path(error.filename or args.out), error)
+    except OSError as error:  # an input it may not read, or the checkpoint's write on a disk that filled up
+        if error.filename is None:  # a failed read names no file (EIO); the checkpoint's writes name theirs
+            return fail(f"an input could not be read, or {args.out} written: {error.strerror}")
+        if Path(error.filename) in inputs:
+            return fail(cannot_read(error))
+        return write_failed(Path(error.filename), error)
     print(report["evaluation"]["note"])
     if report["auto"]:
         print(f"auto kept {report['auto']['chosen']}: {report['auto']['reason']}")
