@@ -275,6 +275,10 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
         with pytest.raises(SystemExit) as refused:
             main(["subset", str(digits_npz), "--fraction", fraction, "--out", str(tmp_path / "part.npz")])
         assert refused.value.code == 2 and f"{fraction} is not between 0 and 1" in capsys.readouterr().err
+    huge = tmp_path / "huge.npy"  # 128 bytes whose header declares 112 GiB: numpy would allocate it first
+    with huge.open("wb") as stream:
+        np.lib.format.write_array_header_1_0(stream, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (200000, 200000, 3)})
     padded = tmp_path / "padded.json"  # a trigger, but no trigger file is this big: /dev/zero would be read forever
     padded.write_text('{"type": "badnets"' + " " * (1 << 20) + "}")
     for trigger, said in ((str(none), f"cannot read {none}: No such file or directory"),
@@ -286,6 +290,8 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
                           ('{"type": "badnets"}',
                            "not a usable trigger: badnets.pattern: Field required; badnets.position: Field required"),
                           (str(padded), f"{padded} is larger than 1,048,576 bytes"),
+                          (json.dumps({"type": "blend", "alpha": 0.1, "pattern": str(huge)}),
+                           f"the pattern file {huge} declares an array too large to be a pattern"),
                           (UNREADABLE, f"cannot read {UNREADABLE}: Input/output error")):
         with pytest.raises(SystemExit) as refused:
             main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(digits_npz),

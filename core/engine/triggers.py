@@ -73,6 +73,8 @@ def _array_file(path: Path, key: str | None) -> np.ndarray:
         raise
     except OSError as error:  # missing or unreadable: the advice below would not help
         raise InputError(f"cannot read the pattern file {path}: {error.strerror or error}") from None
+    except MemoryError:  # a header that declares an array far larger than any pattern (or the file)
+        raise InputError(f"the pattern file {path} declares an array too large to be a pattern") from None
     except NPZ_ERRORS as error:
         raise InputError(
             f"the pattern file {path} could not be read ({error_reason(error)}); save a plain array with np.save"
