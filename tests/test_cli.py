@@ -182,7 +182,11 @@ def test_a_checkpoint_or_subset_that_cannot_be_written_in_the_end_is_said_in_one
 
     checkpoint, clean = _job_files(tmp_path)
     out = tmp_path / "clean.safetensors"
-    monkeypatch.setattr("core.engine.sanitize.sanitize", full)
+
+    def full_at_out(*args, **kwargs):  # as write_checkpoint raises it, naming the file (checkpoints.py)
+        raise OSError(28, "No space left on device", str(out))
+
+    monkeypatch.setattr("core.engine.sanitize.sanitize", full_at_out)
     assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(checkpoint),
                  "--clean-data", str(clean), "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"nad: error: cannot write {out}: No space left on device\n"
