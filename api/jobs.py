@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from email.utils import formatdate
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -281,8 +282,9 @@ async def get_model(
     service: Service,
     session: Reading,
     range_: Annotated[str | None, Header(alias="range", description="e.g. `bytes=0-1048575`")] = None,
-    if_range: Annotated[str | None, Header(description="the ETag of the copy whose download `Range` resumes: "
-                                                       "another answers the whole file (200)")] = None,
+    if_range: Annotated[str | None, Header(description="the ETag (or Last-Modified date) of the copy whose "
+                                                       "download `Range` resumes: another answers the whole "
+                                                       "file (200)")] = None,
     if_none_match: Annotated[str | None, Header(description="an ETag you have")] = None,
 ) -> Response:
     """The safetensors file, with its sha256 as `ETag`; `Range` resumes a download (206). `HEAD` answers the
@@ -298,8 +300,9 @@ async def get_model(
     if if_none_match and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
     # An empty Range too: FileResponse would answer it 400 in plain text. An If-Range that names another copy
-    # asks for the whole file, so its Range is not checked against this one's size (RFC 9110, 13.1.5).
-    if range_ is not None and (if_range is None or if_range == etag):
+    # asks for the whole file, so its Range is not checked against this one's size (RFC 9110, 13.1.5); one
+    # that names this copy, by ETag or by the Last-Modified date FileResponse sends, resumes it.
+    if range_ is not None and if_range in (None, etag, formatdate(path.stat().st_mtime, usegmt=True)):
         _check_range(range_, output.size)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}.safetensors",
                         headers={"ETag": etag})

@@ -536,6 +536,10 @@ def test_a_succeeded_job_serves_its_metrics_and_its_model_with_etag_and_ranges(
     # a resume of another copy (a job's file of before, longer) gets the whole of this one, not a 416
     stale = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": f"bytes={len(weights)}-", "If-Range": '"x"'})
     assert stale.status_code == 200 and stale.content == weights
+    # If-Range may name the copy by its Last-Modified date instead: then its Range is checked, as a problem
+    dated = {"If-Range": whole.headers["last-modified"]}
+    assert api.get(f"/jobs/{job_id}/model", headers=auth | dated | {"Range": "bytes=-10"}).content == weights[-10:]
+    problem(api.get(f"/jobs/{job_id}/model", headers=auth | dated | {"Range": "bytes=9-1"}), 400)
     headers_only = api.head(f"/jobs/{job_id}/model", headers=auth)
     assert headers_only.status_code == 200 and headers_only.content == b""
     assert headers_only.headers["etag"] == etag and headers_only.headers["content-length"] == str(len(weights))
