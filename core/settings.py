@@ -73,12 +73,15 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _a_database_url(cls, url: str) -> str:
-        """Parsed now, so a typo (a port of letters) is said as this setting's error, not as a traceback from
-        wherever the database is first opened."""
+        """Parsed, and its dialect and driver loaded, now: a typo (a port of letters, an unknown dialect) or a
+        driver not installed (`mysql://` without mysqlclient) is said as this setting's error, not as a
+        traceback from wherever the database is first opened."""
         try:
-            make_url(url)
+            make_url(url).get_dialect().import_dbapi()
         except (ArgumentError, ValueError) as error:
             raise ValueError(f"not a database URL ({error})") from None
+        except ImportError as error:
+            raise ValueError(f"its database driver is not installed ({error})") from None
         return url
 
     @property
