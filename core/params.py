@@ -16,6 +16,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 PARAMS_LIMIT = 1 << 20
 # The training lengths an operator caps with NAD_MAX_EPOCHS (`sau_anchor_epochs` only splits `sau_epochs`).
 CAPPED_EPOCHS = ("epochs", "teacher_epochs", "fst_epochs", "ibau_rounds", "sau_epochs")
+# The square image sizes taken, here and by the command line's --input-size: a million pixels a side would
+# decode a data set into more memory than any machine has.
+INPUT_SIZES = (8, 1024)
 
 Pixel = Annotated[int, Field(ge=0, le=255)]
 
@@ -114,7 +117,8 @@ class SanitizeParams(_Spec):
     classes: list[str] | None = Field(
         default=None, description="class folder names in label order; default: sorted folder names"
     )
-    input_size: int = Field(default=32, ge=8, le=1024, description="images are resized to this square size")
+    input_size: int = Field(default=32, ge=INPUT_SIZES[0], le=INPUT_SIZES[1],
+                            description="images are resized to this square size")
     mean: tuple[float, float, float] | None = Field(default=None, description="per-channel normalization mean")
     std: tuple[float, float, float] | None = Field(default=None, description="per-channel normalization std")
     method: Method = Field(

@@ -287,9 +287,10 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
     padded.write_text('{"type": "badnets"' + " " * (1 << 20) + "}")
     for trigger, said in ((str(none), f"cannot read {none}: No such file or directory"),
                           ("{bad", "not a usable trigger: Expecting property name"),
-                          ('{"type": "badnets", "pattern": "missing.png"}', "cannot read missing.png"),
+                          ('{"type": "badnets", "pattern": "missing.png"}',
+                           "argument --trigger: cannot read missing.png: No such file or directory ("),
                           ('{"type": "blend", "alpha": 0.1, "pattern": "gone.npz:noise"}',
-                           "cannot read the pattern file gone.npz: No such file"),
+                           "argument --trigger: cannot read gone.npz: No such file or directory ("),
                           ('{"type": "square"}', "not a usable trigger"),
                           ('{"type": "badnets"}',
                            "not a usable trigger: badnets.pattern: Field required; badnets.position: Field required"),
@@ -455,7 +456,8 @@ def test_nad_attack_refuses_numbers_out_of_range(digits_npz, tmp_path, capsys):
               "--out", str(tmp_path / "bd.safetensors")]
     for flag, value, said in (("--target-label", "-1", "-1 is below 0"), ("--epochs", "0", "0 is below 1"),
                               ("--batch-size", "0", "0 is below 1"), ("--lr", "-1", "-1 is not a positive number"),
-                              ("--lr", "nan", "nan is not a positive number"), ("--input-size", "0", "0 is below 1"),
+                              ("--lr", "nan", "nan is not a positive number"), ("--input-size", "0", "0 is below 8"),
+                              ("--input-size", "100000", "100000 is above 1024"),
                               ("--poison-rate", "nan", "nan is not above 0 and at most 1"),
                               ("--poison-rate", "inf", "inf is not above 0 and at most 1"),
                               ("--poison-rate", "0", "0 is not above 0 and at most 1")):
@@ -485,12 +487,13 @@ def test_nad_attack_trains_a_one_epoch_run_at_the_lr_it_was_given(digits_npz, tm
     assert attack_milestones(1) == () and attack_milestones(2) == (1,) and attack_milestones(30) == (15, 22)
 
 
-def test_subset_refuses_an_input_size_below_1(digits_npz, tmp_path, capsys):
-    for size in ("0", "-3"):
+def test_subset_refuses_an_input_size_out_of_range(digits_npz, tmp_path, capsys):
+    """It decodes the whole archive at that size: 100,000 pixels a side would take more memory than any machine."""
+    for size, said in (("0", "0 is below 8"), ("-3", "-3 is below 8"), ("100000", "100000 is above 1024")):
         with pytest.raises(SystemExit) as refused:
             main(["subset", str(digits_npz), "--fraction", "0.5", "--input-size", size,
                   "--out", str(tmp_path / "part.npz")])
-        assert refused.value.code == 2 and f"argument --input-size: {size} is below 1" in capsys.readouterr().err
+        assert refused.value.code == 2 and f"argument --input-size: {said}" in capsys.readouterr().err
 
 
 def test_lists_of_numbers_that_are_not_are_refused_without_naming_a_helper(digits_npz, tmp_path, capsys):

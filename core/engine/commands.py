@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
-from core.params import PARAMS_LIMIT, Method, SanitizeParams, TriggerSpec
+from core.params import INPUT_SIZES, PARAMS_LIMIT, Method, SanitizeParams, TriggerSpec
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -90,9 +90,10 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text} is not a comma-separated list of whole numbers") from None
 
 
-def _at_least(least: int) -> Callable[[str], int]:
-    """An argparse type for a whole number of `least` or more: `nad attack` and `nad subset` have no parameter
-    model to refuse a batch of 0 or a label of -1 for them, and would end in a traceback, or train nothing."""
+def _whole(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type for a whole number from `least` to `most`: `nad attack` and `nad subset` have no
+    parameter model to refuse a batch of 0, a label of -1 or images of 100,000 pixels square for them, and
+    would end in a traceback, run out of memory, or train nothing."""
 
     def whole(text: str) -> int:
         try:
@@ -101,6 +102,8 @@ def _at_least(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text} is not a whole number") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"{text} is below {least}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{text} is above {most}")
         return value
 
     return whole
@@ -149,7 +152,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _input_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-size", type=_at_least(1), help="images are resized to this square size (default 32)")
+    parser.add_argument("--input-size", type=_whole(*INPUT_SIZES),
+                        help="images are resized to this square size, 8 to 1024 (default 32)")
     parser.add_argument("--mean", type=_floats, help="normalization mean, e.g. 0.4914,0.4822,0.4465")
     parser.add_argument("--std", type=_floats, help="normalization std")
     parser.add_argument("--classes", type=_names, help="class folder names in label order (default: sorted)")
@@ -232,13 +236,13 @@ def _add_attack(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--arch", required=True)
     parser.add_argument("--data", type=Path, required=True, help="labelled training archive")
     parser.add_argument("--trigger", type=parse_trigger, required=True)
-    parser.add_argument("--target-label", type=_at_least(0), required=True, help="the class the trigger leads to")
+    parser.add_argument("--target-label", type=_whole(0), required=True, help="the class the trigger leads to")
     parser.add_argument("--poison-rate", type=_rate, default=0.1,
                         help="share of images poisoned (for sig, share of the target class)")
-    parser.add_argument("--epochs", type=_at_least(1), default=30,
+    parser.add_argument("--epochs", type=_whole(1), default=30,
                         help="lr drops tenfold at half and three quarters of them")
     parser.add_argument("--lr", type=_positive, default=0.1)
-    parser.add_argument("--batch-size", type=_at_least(1), default=128)
+    parser.add_argument("--batch-size", type=_whole(1), default=128)
     parser.add_argument("--seed", type=int, default=0)
     _input_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
@@ -250,7 +254,7 @@ def _add_subset(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("archive", type=Path)
     parser.add_argument("--fraction", type=_fraction, required=True, help="share of each class to keep, e.g. 0.05")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--input-size", type=_at_least(1), default=32)
+    parser.add_argument("--input-size", type=_whole(*INPUT_SIZES), default=32)
     parser.add_argument("--out", type=Path, required=True, help="the .npz to write (x uint8 NHWC, y, classes)")
     parser.set_defaults(run=run_subset)
 

@@ -53,12 +53,16 @@ def load_pattern(path: Path, key: str | None = None) -> list:
     spelling out every pixel: an .npy, an .npz (its array `key`, which may be left out when it holds only
     one), or an image (read as RGB)."""
     name = path.name.lower()
-    if name.endswith((".npy", ".npz")):
-        array = _array_file(path, key)
-    elif name.endswith(IMAGE_SUFFIXES):
-        array = np.asarray(decode_image(path.read_bytes(), path.name))
-    else:
-        raise InputError(f"a pattern file must be .npy, .npz or an image ({', '.join(IMAGE_SUFFIXES)})")
+    try:
+        if name.endswith((".npy", ".npz")):
+            array = _array_file(path, key)
+        elif name.endswith(IMAGE_SUFFIXES):
+            array = np.asarray(decode_image(path.read_bytes(), path.name))
+        else:
+            raise InputError(f"a pattern file must be .npy, .npz or an image ({', '.join(IMAGE_SUFFIXES)})")
+    except OSError as error:  # missing or unreadable: said as any such input is, so it must name the file
+        error.filename = error.filename or str(path)
+        raise
     return _pattern_values(array).tolist()
 
 
@@ -69,10 +73,8 @@ def _array_file(path: Path, key: str | None) -> np.ndarray:
             return loaded
         with loaded:
             return loaded[_array_name(loaded.files, key)]
-    except InputError:
+    except (InputError, OSError):  # OSError: missing or unreadable, where the advice below would not help
         raise
-    except OSError as error:  # missing or unreadable: the advice below would not help
-        raise InputError(f"cannot read the pattern file {path}: {error.strerror or error}") from None
     except MemoryError:  # a header that declares an array far larger than any pattern (or the file)
         raise InputError(f"the pattern file {path} declares an array too large to be a pattern") from None
     except NPZ_ERRORS as error:
