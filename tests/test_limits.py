@@ -346,15 +346,18 @@ def test_sanitize_fails_a_job_whose_archives_pass_the_image_cap_naming_the_archi
 
 def test_a_refused_archive_is_named_by_its_role(small_checkpoint: Path, tmp_path: Path) -> None:
     """A job has up to three archives: the message says which one is wrong."""
-    from core.engine.sanitize import JobFiles, sanitize
+    from core.engine.sanitize import JobFiles, evaluate_checkpoint, sanitize
     from core.params import SanitizeParams
 
     unreadable = tmp_path / "test.npz"
     unreadable.write_bytes(b"no archive at all")
     files = JobFiles(checkpoint=small_checkpoint, clean_data=_npz(tmp_path / "clean.npz", 30), test_data=unreadable,
                      out=tmp_path / "out" / "model.safetensors")
+    params = SanitizeParams(arch="wrn-16-1", num_classes=2, input_size=16)
     with pytest.raises(InputError, match="^test_data: the data file is not in a format we read"):
-        sanitize(files, SanitizeParams(arch="wrn-16-1", num_classes=2, input_size=16))
+        sanitize(files, params)
+    with pytest.raises(InputError, match="^test_data: the data file is not in a format we read"):  # nad evaluate
+        evaluate_checkpoint(small_checkpoint, unreadable, params)
 
 
 # ---- the worker: failures leave no checkpoint, and say what happened ------------------------------------

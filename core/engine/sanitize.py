@@ -155,9 +155,11 @@ def evaluate_checkpoint(checkpoint: Path, test_data: Path, params: SanitizeParam
     dev = device()
     execution = Execution.for_mode(params.mode, dev)
     model = execution.prepare(load_model(params, checkpoint).to(dev))
-    test = _every_class(load_images(test_data, params.input_size, params.classes, params.num_classes), params,
-                        "test data")
-    evaluation = Evaluation(test, poisoned_set(poison_data, params, test), params.target_label, "test_data",
+    # Through ImageBudget, unlimited, for its messages: they start with the archive's role, as poison_data's do.
+    budget = ImageBudget()
+    test = _every_class(budget.load("test_data", test_data, params.input_size, params.classes, params.num_classes),
+                        params, "test data")
+    evaluation = Evaluation(test, poisoned_set(poison_data, params, test, budget), params.target_label, "test_data",
                             f"{len(test.labels)} test images")
     return measure(model, evaluation, Normalization(params.mean, params.std), dev, execution), evaluation
 
