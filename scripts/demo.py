@@ -17,11 +17,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from pydantic import ValidationError
 from service import ready  # scripts/service.py: Python puts this script's folder on the path
 from sqlalchemy.exc import SQLAlchemyError
 
 from core import keys
 from core.cli import main as nad
+from core.cli import setup_refused
 from core.database import Database
 from core.settings import get_settings
 
@@ -88,16 +90,16 @@ def api_key(url: str) -> str:
     """NAD_API_KEY, else a new key in the database `make up` uses on this machine."""
     if os.environ.get("NAD_API_KEY"):
         return os.environ["NAD_API_KEY"]
-    database = Database(get_settings().database_url)
     try:
-        with database.session() as session:
-            _, key = keys.create_key(session, "make demo")
+        database = Database(get_settings().database_url)  # a URL SQLAlchemy cannot read fails here
+        try:
+            with database.session() as session:
+                _, key = keys.create_key(session, "make demo")
+        finally:
+            database.dispose()
     except SQLAlchemyError as error:  # another machine's service, or a database `make up` never migrated
-        reason = str(getattr(error, "orig", None) or error).splitlines()[0]
-        sys.exit(f"cannot make an API key in the database of NAD_DATABASE_URL ({reason}); set NAD_API_KEY to a "
-                 f"key of the service at {url} (`make up` prints one)")
-    finally:
-        database.dispose()
+        sys.exit(f"make demo: {setup_refused(error)}; set NAD_API_KEY to a key of the service at {url} (`make up` "
+                 "prints one)")
     return key
 
 
@@ -124,4 +126,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValidationError as error:  # a NAD_ setting pydantic refuses, said as `make up` says it
+        sys.exit(f"make demo: {setup_refused(error)}")

@@ -10,6 +10,7 @@ down: stops what up started, by the process ids it recorded.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,6 @@ from urllib.parse import urlsplit
 import httpx
 import redis
 from pydantic import ValidationError
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from core import keys
@@ -92,8 +92,10 @@ def _redis_answers(url: str) -> bool:
 
 
 def _shown(url: str) -> str:
-    """`url` without its password: what `up` prints may end up in a terminal's scrollback or a CI log."""
-    return make_url(url).render_as_string(hide_password=True)
+    """`url` without its passwords: what `up` prints may end up in a terminal's scrollback or a CI log. A
+    pattern, not a URL parser, since a broker URL may list several hosts (`sentinel://a;sentinel://b`), which
+    no parser takes."""
+    return re.sub(r"(://[^:/@;]*:)[^@/;]*@", r"\1***@", url)
 
 
 def choose_broker(url: str) -> tuple[str, str]:

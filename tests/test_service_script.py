@@ -184,9 +184,16 @@ def test_make_demo_stops_at_once_when_the_service_does_not_take_its_key(make_set
         env = os.environ | {"NAD_API_URL": f"http://127.0.0.1:{port}", "NAD_API_KEY": "nad_not_a_key_of_it"}
         done = subprocess.run([sys.executable, "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
+        # without NAD_API_KEY it makes one in NAD_DATABASE_URL's database: one never migrated is said in one line
+        env = os.environ | {"NAD_API_URL": f"http://127.0.0.1:{port}", "NAD_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}
+        unusable = subprocess.run([sys.executable, "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=120)
     finally:
         api.kill()
     assert done.returncode == 1 and "does not take this API key" in done.stderr and "case:" not in done.stdout
+    assert unusable.returncode == 1 and unusable.stderr.count("\n") == 1, unusable.stderr
+    assert unusable.stderr.startswith("make demo: cannot use the database of NAD_DATABASE_URL: ")
+    assert "set NAD_API_KEY" in unusable.stderr
 
 
 def test_up_prints_urls_without_their_passwords() -> None:
@@ -195,4 +202,7 @@ def test_up_prints_urls_without_their_passwords() -> None:
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     assert script._shown("postgresql+psycopg://nad:s3cr3t@db:5432/nad") == "postgresql+psycopg://nad:***@db:5432/nad"
-    assert "s3cr3t" not in script._shown("redis://:s3cr3t@127.0.0.1:6379/0")
+    assert script._shown("redis://:s3cr3t@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert script._shown("sentinel://:s3:cr3t@a:26379;sentinel://u:pw@b/0") == (
+        "sentinel://:***@a:26379;sentinel://u:***@b/0")
+    assert script._shown("sqlite:///var/nad.db") == "sqlite:///var/nad.db"
