@@ -6,7 +6,7 @@
 # data is read from $SHARED (default ../shared).
 # Usage: scripts/attack-own.sh [DIR] [NAME ...], NAME warp, blend, badnets, sig, patch (WRN-16-1; the default is
 # these five) or preact-badnets (PreAct-ResNet18, 6.7 hours on 2 CPU cores: train it on a GPU): the own-* models
-# of scripts/models.sh.
+# of scripts/models.sh. It runs from the repository root: a relative DIR or SHARED is taken from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-var/own}

@@ -13,7 +13,7 @@
 #   flags: "auto:--auto-candidates=nad,ibau --ibau-lr=0.0003"); its report is named by the method alone.
 # On 2 idle CPU cores, per model: finetune 1 minute, nad 3, fst 1, anp about 11, ibau about 7, sau about 5 (9 on
 # one thread), auto (nad, sau, fst) about 9. A report already in OUT_DIR is kept, so an interrupted run goes on
-# where it stopped. Then:
+# where it stopped. It runs from the repository root: a relative OUT_DIR, SHARED or OWN is taken from there. Then:
 # .venv/bin/python scripts/results-table.py
 set -euo pipefail
 cd "$(dirname "$0")/.."

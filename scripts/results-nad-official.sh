@@ -3,6 +3,7 @@
 # `nad-own-teacher` and `nad-authors-teacher` are the authors' NAD (plain SGD, no bias refit); `nad` is the engine's
 # default NAD (sharpness-aware steps after the lr drop, the bias refit) and `auto` the default method.
 # Usage: bash scripts/results-nad-official.sh [OUT_DIR]   (about 15 minutes on 2 idle CPU cores)
+# It runs from the repository root: a relative OUT_DIR (default var/results-official) or SHARED is taken from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-var/results-official}
