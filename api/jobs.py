@@ -302,10 +302,12 @@ async def get_model(
     # An empty Range too: FileResponse would answer it 400 in plain text. An If-Range that names another copy
     # asks for the whole file, so its Range is not checked against this one's size (RFC 9110, 13.1.5); one
     # that names this copy, by ETag or by the Last-Modified date FileResponse sends, resumes it.
-    if range_ is not None and if_range in (None, etag, formatdate(path.stat().st_mtime, usegmt=True)):
+    # One stat for both, so that they compare the same date.
+    stat = path.stat()
+    if range_ is not None and if_range in (None, etag, formatdate(stat.st_mtime, usegmt=True)):
         _check_range(range_, output.size)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}.safetensors",
-                        headers={"ETag": etag})
+                        headers={"ETag": etag}, stat_result=stat)
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
