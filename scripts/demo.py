@@ -91,7 +91,7 @@ def api_key(url: str) -> str:
     if os.environ.get("NAD_API_KEY"):
         return os.environ["NAD_API_KEY"]
     try:
-        database = Database(get_settings().database_url)  # a URL SQLAlchemy cannot read fails here
+        database = Database(get_settings().database_url)
         try:
             with database.session() as session:
                 _, key = keys.create_key(session, "make demo")

@@ -95,7 +95,8 @@ def _shown(url: str) -> str:
     """`url` without its passwords: what `up` prints may end up in a terminal's scrollback or a CI log. A
     pattern, not a URL parser, since a broker URL may list several hosts (`sentinel://a;sentinel://b`), which
     no parser takes."""
-    return re.sub(r"(://[^:/@;]*:)[^@/;]*@", r"\1***@", url)
+    url = re.sub(r"(://[^:/@;]*:)[^/;]*@", r"\1***@", url)  # to a host's last @: a password may hold one
+    return re.sub(r"([?&]password=)[^&;]*", r"\1***", url)  # redis-py takes one in the query too
 
 
 def choose_broker(url: str) -> tuple[str, str]:

@@ -206,3 +206,6 @@ def test_up_prints_urls_without_their_passwords() -> None:
     assert script._shown("sentinel://:s3:cr3t@a:26379;sentinel://u:pw@b/0") == (
         "sentinel://:***@a:26379;sentinel://u:***@b/0")
     assert script._shown("sqlite:///var/nad.db") == "sqlite:///var/nad.db"
+    assert script._shown("redis://u:pa@ss@h:6379/0") == "redis://u:***@h:6379/0"
+    assert script._shown("redis://h/0?db=1&password=s3cr3t") == "redis://h/0?db=1&password=***"
+    assert script._shown("redis://user@h:6379/0") == "redis://user@h:6379/0"
