@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine
 from sqlalchemy.exc import ArgumentError
 
 from core.params import CAPPED_EPOCHS
@@ -77,11 +77,11 @@ class Settings(BaseSettings):
         driver not installed (`mysql://` without mysqlclient) is said as this setting's error, not as a
         traceback from wherever the database is first opened."""
         try:
-            make_url(url).get_dialect().import_dbapi()
+            create_engine(url).dispose()  # connects to nothing: it loads the dialect and driver, as opening does
         except (ArgumentError, ValueError) as error:
             raise ValueError(f"not a database URL ({error})") from None
-        except ImportError as error:
-            raise ValueError(f"its database driver is not installed ({error})") from None
+        except ImportError as error:  # its message may run over lines (psycopg's when libpq is missing)
+            raise ValueError(f"its database driver is not installed ({' '.join(str(error).split())})") from None
         return url
 
     @property

@@ -91,9 +91,9 @@ def _ints(text: str) -> list[int]:
 
 
 def _whole(least: int, most: int | None = None) -> Callable[[str], int]:
-    """An argparse type for a whole number from `least` to `most`: `nad attack` and `nad subset` have no
-    parameter model to refuse a batch of 0, a label of -1 or images of 100,000 pixels square for them, and
-    would end in a traceback, run out of memory, or train nothing."""
+    """An argparse type for a whole number from `least` to `most`, said as argparse says a flag's error:
+    `nad attack` and `nad subset` have no parameter model to refuse a batch of 0, a label of -1 or images of
+    100,000 pixels square for them, and would end in a traceback, run out of memory, or train nothing."""
 
     def whole(text: str) -> int:
         try:
