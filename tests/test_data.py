@@ -35,9 +35,11 @@ def _zip(path: Path, members: dict[str, bytes], method: int = zipfile.ZIP_STORED
 
 
 def _tar(path: Path, members: dict[str, bytes], mode: str = "w") -> Path:
+    """A name ending in / is a folder (zipfile makes one of such a name too)."""
     with tarfile.open(path, mode) as archive:
         for name, content in members.items():
-            info = tarfile.TarInfo(name)
+            info = tarfile.TarInfo(name.rstrip("/"))
+            info.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
             info.size = len(content)
             archive.addfile(info, io.BytesIO(content))
     return path
@@ -57,6 +59,9 @@ TREE = {
     "train/cat/3.png": _encode(_pixels(3)),
 }
 
+# The folders' own members, which `zip -r` and `tar -c` list ahead of their files.
+FOLDERS = {"train/": b"", "train/cat/": b"", "train/dog/": b""}
+
 
 @pytest.mark.parametrize(
     "make",
@@ -65,10 +70,13 @@ TREE = {
         lambda tmp: _tar(tmp / "data.tar", TREE),
         lambda tmp: _tar(tmp / "data.tar.gz", TREE, "w:gz"),
         lambda tmp: _tar(tmp / "data.tgz", TREE, "w:gz"),
+        lambda tmp: _zip(tmp / "data.zip", FOLDERS | TREE),
+        lambda tmp: _tar(tmp / "data.tar", FOLDERS | TREE),
     ],
-    ids=["zip", "tar", "tar.gz", "tgz"],
+    ids=["zip", "tar", "tar.gz", "tgz", "zip-with-folders", "tar-with-folders"],
 )
 def test_folder_archives_load_with_sorted_class_indices(tmp_path, make):
+    """`zip -r` and `tar -c` of a folder list each folder as a member of its own too."""
     loaded = load_images(make(tmp_path), 32)
     assert loaded.classes == ["cat", "dog"]
     assert loaded.labels.dtype == np.int64 and loaded.labels.tolist() == [1, 0, 1, 0]
