@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from core.engine.metrics import attack_success_rate, clean_metrics
 
@@ -21,3 +22,33 @@ def test_clean_metrics_overall_per_class_and_non_target():
     assert clean_metrics(predictions, labels, ["a", "b", "c"], target_label=1)["asr_without_trigger"] == 25.0
     unknown = clean_metrics(predictions, labels, ["a", "b", "c"], target_label=None)
     assert "acc_non_target" not in unknown and "asr_without_trigger" not in unknown
+
+
+def test_a_poison_archive_measures_the_asr_the_trigger_spec_measures(digits_backdoor, tmp_path):
+    """A user who has triggered images but cannot describe the trigger sends them as poison_data, with their
+    true labels: the target class's images among them are left out, as from the trigger's own ASR set, and
+    the ASR is the one the spec gives. A job reads the archive the same way."""
+    from core.engine.errors import InputError
+    from core.engine.sanitize import ImageBudget, JobFiles, evaluate_checkpoint, load_clean, prepare_evaluation
+    from core.engine.triggers import apply_trigger
+    from core.params import SanitizeParams
+
+    params = SanitizeParams(**digits_backdoor.params)
+    test = np.load(digits_backdoor.test)
+    poison = tmp_path / "poison.npz"
+    np.savez(poison, x=apply_trigger(test["x"], params.trigger), y=test["y"])  # every class, the target's too
+    by_spec, _ = evaluate_checkpoint(digits_backdoor.checkpoint, digits_backdoor.test, params)
+    unknown = params.model_copy(update={"trigger": None})
+    by_archive, evaluation = evaluate_checkpoint(digits_backdoor.checkpoint, digits_backdoor.test, unknown, poison)
+    kept = int((test["y"] != params.target_label).sum())
+    assert len(evaluation.poisoned.labels) == kept < len(test["y"])
+    assert params.target_label not in evaluation.poisoned.labels
+    assert by_archive["asr"] == by_spec["asr"] > 50
+    files = JobFiles(digits_backdoor.checkpoint, digits_backdoor.clean, tmp_path / "out.safetensors",
+                     digits_backdoor.test, poison)
+    budget = ImageBudget()
+    _, job = prepare_evaluation(files, unknown, load_clean(files.clean_data, unknown, budget), budget)
+    assert len(job.poisoned.labels) == kept and budget.loaded["poison_data"] == len(test["y"])
+    with pytest.raises(InputError, match="poison_data needs target_label"):
+        evaluate_checkpoint(digits_backdoor.checkpoint, digits_backdoor.test,
+                            unknown.model_copy(update={"target_label": None}), poison)
