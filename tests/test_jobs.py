@@ -463,6 +463,20 @@ def test_a_received_upload_becomes_the_job_folder_and_paths_stay_inside_it(tmp_p
     assert not storage.job_dir(job_id).exists()
 
 
+def test_every_file_the_api_takes_reaches_the_engine_by_its_role(tmp_path: Path) -> None:
+    """The API stores each upload under its field's name and the worker maps the names to the engine's
+    files: a name the two spelt differently would be stored and never read."""
+    from api.uploads import FILE_FIELDS
+    from worker.tasks import job_files
+
+    storage, job_id = Storage(tmp_path), jobs.new_job_id()
+    inputs = {role: f"inputs/{role}" for role in FILE_FIELDS}
+    files = job_files(storage, jobs.Assignment(job_id, 0, {}, inputs))
+    assert (files.checkpoint, files.clean_data, files.test_data, files.poison_data, files.teacher) == tuple(
+        storage.path(job_id, inputs[role]) for role in ("model", "clean_data", "test_data", "poison_data", "teacher"))
+    assert len(FILE_FIELDS) == 5 and files.out == storage.output_path(job_id, 0)
+
+
 # A process that dies, as under kill -9, while it receives an upload.
 DIES_MID_UPLOAD = """
 import os, signal, sys
