@@ -170,6 +170,24 @@ def test_epochs_past_the_operators_cap_are_422_naming_the_field(
     assert at_the_cap.status_code == 202
 
 
+# ---- parameters that contradict each other --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    ({"mean": [0.5, 0.5, 0.5]}, "give both mean and std, or neither"),
+    ({"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.0, 0.2]}, "std must be positive"),  # it divides
+    ({"classes": ["a", "b"]}, "classes lists 2 names but num_classes is 10"),
+    ({"layers": ["block1"], "betas": [1.0, 2.0]}, "2 betas for 1 layers: give one beta per layer"),
+    ({"target_label": 10}, "target_label 10 is not below num_classes 10"),  # its ASR would read 0, not wrong
+    ({"trigger": {"type": "badnets", "pattern": [[255]], "position": [0, 0]}}, "a trigger needs target_label"),
+])
+def test_parameters_that_contradict_each_other_are_refused(extra: dict, said: str) -> None:
+    from core.params import SanitizeParams
+
+    with pytest.raises(ValidationError, match=said):
+        SanitizeParams(arch="wrn-16-1", num_classes=10, **extra)
+
+
 # ---- a full disk and a vanished file in the API -----------------------------------------------------------
 
 
