@@ -89,3 +89,13 @@ def test_custom_layers_need_matching_betas():
     assert choose_distillation("wrn-16-1", model, ["block3"], [2000.0]).betas == (2000.0,)
     with pytest.raises(InputError, match="one beta per layer"):
         choose_distillation("wrn-16-1", model, ["block2", "block3"], None)
+    with pytest.raises(InputError, match="2 betas for 3 layers: give one beta per layer"):  # the default layers
+        choose_distillation("wrn-16-1", model, None, [500.0, 1000.0])
+
+
+def test_a_model_without_residual_groups_or_features_needs_its_layers_named():
+    """No layers can be guessed for it; a job that names them runs."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(3600, 10))
+    with pytest.raises(InputError, match="no default distillation layers for 'mine': choose them with `layers`"):
+        choose_distillation("mine", model, None, None)
+    assert choose_distillation("mine", model, ["0"], [1.0]).layers == ("0",)
