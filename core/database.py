@@ -19,6 +19,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # Any fixed number: the PostgreSQL advisory lock that keeps an API and a worker starting together from
 # running the same migration twice.
 MIGRATION_LOCK = 0x6E6164
+# The databases the service runs on, each with the asyncio driver the API reads it through.
+ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "psycopg"}
 
 
 class Base(DeclarativeBase):
@@ -69,10 +71,7 @@ def async_url(url: str) -> URL:
     """The same database through an asyncio driver: aiosqlite for SQLite, psycopg (which speaks both) for
     PostgreSQL."""
     parsed = make_url(url)
-    driver = {"sqlite": "aiosqlite", "postgresql": "psycopg"}.get(parsed.get_backend_name())
-    if driver is None:
-        raise ValueError(f"no asyncio driver is known for {parsed.get_backend_name()}; use SQLite or PostgreSQL")
-    return parsed.set(drivername=f"{parsed.get_backend_name()}+{driver}")
+    return parsed.set(drivername=f"{parsed.get_backend_name()}+{ASYNC_DRIVERS[parsed.get_backend_name()]}")
 
 
 def make_reader(url: str) -> AsyncEngine:

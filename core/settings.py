@@ -13,8 +13,10 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from core.database import ASYNC_DRIVERS
 from core.params import CAPPED_EPOCHS
 
 
@@ -73,12 +75,19 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _a_database_url(cls, url: str) -> str:
-        """Parsed, and its dialect and driver loaded, now: a typo (a port of letters, an unknown dialect) or a
-        driver not installed (`mysql://` without mysqlclient) is said as this setting's error, not as a
-        traceback from wherever the database is first opened."""
+        """Parsed, and its dialect and driver loaded, now: a typo (a port of letters, an unknown dialect), a
+        database the service does not run on (the API reads through an asyncio driver it knows for SQLite and
+        PostgreSQL alone) or a driver not installed is said as this setting's error, not as a traceback or a
+        500 from wherever the database is first opened."""
+        try:
+            backend = make_url(url).get_backend_name()
+        except (ArgumentError, ValueError) as error:
+            raise ValueError(f"not a database URL ({error})") from None
+        if backend not in ASYNC_DRIVERS:
+            raise ValueError(f"the service keeps its jobs in SQLite or PostgreSQL, not {backend}")
         try:
             create_engine(url).dispose()  # connects to nothing: it loads the dialect and driver, as opening does
-        except (ArgumentError, ValueError) as error:
+        except ArgumentError as error:  # a driver SQLAlchemy does not know (sqlite+nodriver)
             raise ValueError(f"not a database URL ({error})") from None
         except ImportError as error:  # its message may run over lines (psycopg's when libpq is missing)
             raise ValueError(f"its database driver is not installed ({' '.join(str(error).split())})") from None

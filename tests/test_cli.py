@@ -528,8 +528,13 @@ def test_nad_keys_says_which_setting_of_the_environment_is_wrong(tmp_path):
 
 @pytest.mark.parametrize(("url", "said"), [
     ("postgresql+psycopg://nobody@127.0.0.1:1/none", "cannot use the database of NAD_DATABASE_URL: "),
-    ("bogus://x", "NAD_DATABASE_URL: not a database URL (Can't load plugin: sqlalchemy.dialects:bogus)"),
-    ("mysql://nobody@127.0.0.1/none", "NAD_DATABASE_URL: its database driver is not installed"),  # a traceback
+    ("bogus://x", "NAD_DATABASE_URL: the service keeps its jobs in SQLite or PostgreSQL, not bogus"),
+    ("mysql://nobody@127.0.0.1/none", "NAD_DATABASE_URL: the service keeps its jobs in SQLite or PostgreSQL, "
+                                      "not mysql"),  # the API's first read failed
+    ("sqlite+nodriver:///x.db", "NAD_DATABASE_URL: not a database URL (Can't load plugin: "
+                                "sqlalchemy.dialects:sqlite.nodriver)"),
+    ("postgresql+pg8000://nobody@127.0.0.1/none", "NAD_DATABASE_URL: its database driver is not installed "
+                                                  "(No module named 'pg8000')"),  # was a traceback
     ("not a url", "NAD_DATABASE_URL: not a database URL"),
     ("postgresql+psycopg://nobody@127.0.0.1:54x2/none", "NAD_DATABASE_URL: not a database URL"),  # was a traceback
 ])
