@@ -268,24 +268,25 @@ def list_jobs(
 
 
 def _transition(session: Session, job_id: str, allowed: tuple[Status, ...], dispatch: int | None = None,
-                **values: Any) -> bool:
-    """Set `values` if the job is in one of the `allowed` statuses (and, given `dispatch`, still run by that
-    sending: a worker whose job was taken from it changes nothing); False if not (or the job is gone)."""
+                stamped: tuple[str, ...] = (), **values: Any) -> bool:
+    """Set `values`, and `updated_at` and the columns named in `stamped` to now (one read of the database's
+    clock), if the job is in one of the `allowed` statuses (and, given `dispatch`, still run by that sending:
+    a worker whose job was taken from it changes nothing); False if not (or the job is gone)."""
     query = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
     if dispatch is not None:
         query = query.where(Job.dispatch == dispatch)
-    query = query.values(updated_at=clock(session), **values).execution_options(synchronize_session=False)
-    return session.execute(query).rowcount == 1
+    now = clock(session)
+    query = query.values(updated_at=now, **dict.fromkeys(stamped, now), **values)
+    return session.execute(query.execution_options(synchronize_session=False)).rowcount == 1
 
 
 def request_cancel(session: Session, job: Job) -> None:
     """A queued job is cancelled at once; a running one is asked to stop (the worker checks between epochs).
     Asking again is harmless. Raises InvalidTransition for a job that already succeeded or failed."""
-    stamp = clock(session)
     cancelled = _transition(session, job.id, (Status.QUEUED,), status=Status.CANCELLED,
-                            cancel_requested_at=stamp, finished_at=stamp)
+                            stamped=("cancel_requested_at", "finished_at"))
     if not cancelled:
-        _transition(session, job.id, (Status.RUNNING,), status=Status.CANCELLING, cancel_requested_at=stamp)
+        _transition(session, job.id, (Status.RUNNING,), status=Status.CANCELLING, stamped=("cancel_requested_at",))
     session.refresh(job)
     if job.status not in (Status.CANCELLING, Status.CANCELLED):
         raise InvalidTransition(job.status)
@@ -379,7 +380,7 @@ def record_progress(session: Session, job_id: str, dispatch: int, stage: str, pr
                     epochs: int | None) -> None:
     """Where a running job is; ignored once the job has left running/cancelling."""
     _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, stage=stage, progress=progress,
-                epoch=epoch, epochs=epochs, heartbeat_at=clock(session))
+                epoch=epoch, epochs=epochs, stamped=("heartbeat_at",))
 
 
 def heartbeat(session: Session, job_id: str, dispatch: int) -> bool:
@@ -405,7 +406,7 @@ def succeed(session: Session, job_id: str, dispatch: int, report: dict[str, Any]
     """Store the report and register the cleansed checkpoint; False when the job was cancelled (or taken
     from this worker) meanwhile: the caller then discards the output and calls finish_cancelled."""
     done = _transition(session, job_id, (Status.RUNNING,), dispatch, status=Status.SUCCEEDED, report=report,
-                       progress=1.0, stage="done", finished_at=clock(session))
+                       progress=1.0, stage="done", stamped=("finished_at",))
     if done:
         artifact = _artifact(output)
         artifact.job_id = job_id
@@ -416,12 +417,12 @@ def succeed(session: Session, job_id: str, dispatch: int, report: dict[str, Any]
 def fail(session: Session, job_id: str, dispatch: int, error: str) -> None:
     """Mark the job failed with a message its owner can act on."""
     _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, status=Status.FAILED,
-                error=error, finished_at=clock(session))
+                error=error, stamped=("finished_at",))
 
 
 def finish_cancelled(session: Session, job_id: str, dispatch: int) -> None:
     _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, status=Status.CANCELLED,
-                finished_at=clock(session))
+                stamped=("finished_at",))
 
 
 # ---- the sweeper's side ---------------------------------------------------------------------------------

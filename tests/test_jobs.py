@@ -19,7 +19,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from service_fixtures import ROOT
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from core import jobs, keys
 from core.database import MIGRATIONS, Base, Database, migrating
@@ -291,6 +291,28 @@ def test_hosts_whose_clocks_disagree_keep_time_by_the_database(
             assert abs(session.get(jobs.Job, running).heartbeat_at - on_time()) < timedelta(minutes=1)
     finally:
         db.dispose()
+
+
+def test_a_job_write_reads_the_database_clock_once(postgres_url: str) -> None:
+    """A running job writes its progress up to once a second: the clock's read and the update, no more (its
+    stamps were two reads, a round trip each)."""
+    db, statements = Database(postgres_url), []
+    try:
+        db.migrate()
+        job_id = new_job(db, owner())
+        start(db, job_id)
+        event.listen(db.engine, "before_cursor_execute",
+                     lambda _connection, _cursor, statement, *_: statements.append(statement.split()[0]))
+        with db.session() as session:
+            jobs.record_progress(session, job_id, 0, "teacher", 0.1, 1, 5)
+        with db.session() as session:
+            jobs.fail(session, job_id, 0, "it broke")
+        with db.session() as session:
+            job = session.get(jobs.Job, job_id)
+    finally:
+        db.dispose()
+    assert statements[:4] == ["SELECT", "UPDATE", "SELECT", "UPDATE"]
+    assert job.status == "failed" and job.finished_at == job.updated_at and job.heartbeat_at < job.finished_at
 
 
 def test_a_job_whose_whole_worker_keeps_dying_fails_too(database: Database) -> None:
