@@ -153,6 +153,18 @@ def test_folder_names_match_in_composed_and_decomposed_unicode(tmp_path):
     assert loaded.classes == [composed, "tea"] and loaded.labels.tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "cp437"], ids=["zip-r", "windows"])
+def test_zip_names_are_read_as_their_archiver_wrote_them(tmp_path, encoding):
+    """Python's zipfile marks a name UTF-8; Info-ZIP's `zip -r` writes UTF-8 without the mark, and a zip of
+    an older Windows writes cp437, the format's own. Either way the folder is zéro, not z├⌐ro."""
+    raw = "zéro".encode(encoding)
+    stand_in = b"z" + b"_" * (len(raw) - 3) + b"ro"  # ASCII, so zipfile sets no flag; then the real bytes
+    path = _zip(tmp_path / "d.zip", {f"{stand_in.decode()}/0.png": TREE["train/dog/0.png"],
+                                     "un/1.png": TREE["train/cat/1.png"]})
+    path.write_bytes(path.read_bytes().replace(stand_in, raw))
+    assert load_images(path, 32).classes == ["un", "zéro"]
+
+
 def test_clutter_is_skipped(tmp_path):
     members = {
         "train/cat/0.png": _encode(_pixels(0)),

@@ -219,7 +219,7 @@ def _zip_members(path: Path) -> Iterator[tuple[str, bytes | None]]:
             _check_count(len(infos))
             unpacked = 0
             for info in infos:
-                name = _member_name(info.filename)
+                name = _member_name(_zip_name(info))
                 if stat.S_ISLNK(info.external_attr >> 16):
                     raise _not_a_file(name, "a symbolic link")
                 if info.is_dir():
@@ -323,6 +323,19 @@ def _check_inflation(total: int, size: int, packed: int, what: str) -> None:
             f"{what} unpacks to more than {MAX_RATIO} times its compressed size, as a compression bomb does; "
             "send real images (PNG or JPEG files, or uint8 arrays), not padding"
         )
+
+
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    """The member's name as its archiver meant it. A name without the zip format's UTF-8 flag is cp437 by the
+    format, and Python reads it so; but Info-ZIP's `zip -r` (Linux, macOS) writes UTF-8 names without the
+    flag, so a class folder `zéro` read as `z├⌐ro`, and its label could shift. A name whose bytes are UTF-8 is
+    read as UTF-8 (cp437 text that happens to be valid UTF-8 beyond ASCII is all but unknown)."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except UnicodeError:
+        return info.filename
 
 
 def _member_name(name: str) -> str:
