@@ -122,8 +122,9 @@ class Metrics(BaseModel):
                                       "data gave them", examples=[["airplane", "automobile"]])
     input_sha256: str = Field(description="sha256 of the uploaded checkpoint")
     teacher: str | None = Field(
-        default=None, description="methods nad and finetune: where the teacher came from (supplied, or fine-tuned "
-        "for how many epochs); null for the other methods", examples=["fine-tuned 10 epochs"])
+        default=None, description="methods nad and finetune, and auto with either as a candidate: where the "
+        "teacher came from (supplied, or fine-tuned for how many epochs); null for the other methods",
+        examples=["fine-tuned 10 epochs"])
     layers: list[str] = Field(default_factory=list, description="method nad: the layers whose attention was "
                               "distilled; empty for the other methods", examples=[["block1", "block2", "block3"]])
     betas: list[float] = Field(default_factory=list, description="method nad: the attention loss's weight for "

@@ -158,6 +158,7 @@ def test_a_candidate_that_cannot_clean_the_model_is_left_out_and_said(squeezenet
     assert fst["method"] == "fst" and "linear classifier layer" in fst["reason"]
     assert anp["method"] == "anp" and "no BatchNorm layer" in anp["reason"]
     assert {row["stage"] for row in report["history"]} == {"finetune/teacher"}
+    assert report["teacher"] == "fine-tuned 1 epochs"  # finetune's, a candidate
 
 
 def test_anp_as_a_candidate_prunes_its_own_copy_and_leaves_the_suspect_whole_for_the_next(digits_backdoor, tmp_path):

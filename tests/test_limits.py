@@ -11,7 +11,7 @@ import json
 import tarfile
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 
@@ -363,7 +363,9 @@ def test_sanitize_fails_a_job_whose_archives_pass_the_image_cap_naming_the_archi
 
 
 def test_a_refused_archive_is_named_by_its_role(small_checkpoint: Path, tmp_path: Path) -> None:
-    """A job has up to three archives: the message says which one is wrong."""
+    """A job has up to three archives, and may have a teacher: the message says which one is wrong."""
+    from core.engine.checkpoints import write_checkpoint
+    from core.engine.models import build_model
     from core.engine.sanitize import JobFiles, evaluate_checkpoint, sanitize
     from core.params import SanitizeParams
 
@@ -376,6 +378,11 @@ def test_a_refused_archive_is_named_by_its_role(small_checkpoint: Path, tmp_path
         sanitize(files, params)
     with pytest.raises(InputError, match="^test_data: the data file is not in a format we read"):  # nad evaluate
         evaluate_checkpoint(small_checkpoint, unreadable, params)
+    # A teacher that does not fit is the teacher's fault, not the suspect's ("the checkpoint" alone).
+    three = tmp_path / "three-classes.safetensors"
+    write_checkpoint(build_model("wrn-16-1", 3), three, {"arch": "wrn-16-1"})
+    with pytest.raises(InputError, match="^teacher: the checkpoint does not fit wrn-16-1 with this class count"):
+        sanitize(replace(files, test_data=None, teacher=three), params)
 
 
 # ---- the worker: failures leave no checkpoint, and say what happened ------------------------------------

@@ -130,6 +130,15 @@ def measure(model: nn.Module, evaluation: Evaluation, normalize: Normalization, 
     return result
 
 
+def _load_teacher(params: SanitizeParams, path: Path) -> nn.Module:
+    """The user's teacher, whose faults are said as the teacher's: "the checkpoint does not fit" alone sent
+    its owner to the suspect model, which was fine."""
+    try:
+        return load_model(params, path)
+    except InputError as error:
+        raise InputError(f"teacher: {error}") from None
+
+
 def load_clean(path: Path, params: SanitizeParams, budget: ImageBudget | None = None) -> ImageSet:
     """The clean training archive. It fixes the class order for every other archive, so a clean set with
     fewer class folders than the model has classes is refused: sorted folder names would shift the labels."""
@@ -220,7 +229,10 @@ def runnable(params: SanitizeParams, model: nn.Module) -> list[str]:
 
 
 def _teacher_note(params: SanitizeParams, files: JobFiles) -> str | None:
-    if params.method not in ("nad", "finetune"):
+    """Where the teacher of nad and finetune came from; `auto`'s too when either is a candidate, since a
+    supplied teacher serves them there as well."""
+    methods = params.auto_candidates if params.method == "auto" else [params.method]
+    if not {"nad", "finetune"} & set(methods):
         return None
     return "supplied" if files.teacher else f"fine-tuned {params.teacher_epochs} epochs"
 
@@ -254,8 +266,7 @@ def sanitize(
         budget = ImageBudget(max_images)
         clean = load_clean(files.clean_data, params, budget)
         train_set, evaluation = prepare_evaluation(files, params, clean, budget)
-        teacher = (execution.prepare(load_model(params, files.teacher).to(dev))
-                   if files.teacher else None)
+        teacher = execution.prepare(_load_teacher(params, files.teacher).to(dev)) if files.teacher else None
         images, labels = to_tensor(train_set.images, dev), torch.from_numpy(train_set.labels).to(dev)
     on_event(Event("evaluate_before", LOAD_SHARE))
     with clock.time("evaluate_before"):
