@@ -166,8 +166,8 @@ async def submit(request: Request, response: Response, owner: Owner, service: Se
     checkpoint or archive the engine cannot use fails the job with a message saying why.
 
     A key that already has `NAD_MAX_QUEUED_JOBS` jobs queued or running is answered 429 (with `Retry-After`)
-    before its body is read; an epoch count past `NAD_MAX_EPOCHS` is a 422 naming the field; a server whose
-    disk is full answers 507.
+    before its body is read; an epoch count past `NAD_MAX_EPOCHS`, or a `teacher` for a method that uses none,
+    is a 422 naming the field; a server whose disk is full answers 507.
 
     A retry with an `Idempotency-Key` already used is received like any upload (so the client is never cut
     off mid-body), then discarded, and answered with the first job.
@@ -177,6 +177,8 @@ async def submit(request: Request, response: Response, owner: Owner, service: Se
     try:
         upload = await uploads.receive(request, service.storage, job_id, service.settings.max_upload_bytes)
         params = _params(upload.params, service.settings.max_epochs)
+        if "teacher" in upload.files and params.teacher_unused:
+            raise invalid([FieldError(field="teacher", message=params.teacher_unused)])
         await run_in_threadpool(service.storage.adopt, job_id)  # a move that fails leaves the upload to discard
     except BaseException:
         service.storage.discard_incoming(job_id)

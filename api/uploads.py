@@ -26,7 +26,8 @@ FILE_FIELDS = {
     "clean_data": "clean labelled images: a zip/tar(.gz) of <class>/<image> folders, or an npz with x and y",
     "test_data": "optional labelled test images (same formats); default: a hold-out of clean_data",
     "poison_data": "optional triggered images with their true labels, for ASR (same formats)",
-    "teacher": "optional ready teacher checkpoint instead of fine-tuning one",
+    "teacher": "optional ready teacher checkpoint instead of fine-tuning one (methods nad and finetune, and auto "
+               "with either as a candidate)",
 }
 PARAMS = "params"
 REQUIRED = ("model", "clean_data", PARAMS)

@@ -230,6 +230,17 @@ class SanitizeParams(_Spec):
             raise ValueError(f"{', '.join(repeated)} named more than once")
         return names
 
+    @property
+    def teacher_unused(self) -> str | None:
+        """Why a supplied teacher would go unused, or None where it is used: nad distils from a teacher and
+        finetune is one (each fine-tunes its own unless given one), and auto runs them as candidates. A
+        teacher sent to another method was loaded and ignored without a word."""
+        methods = self.auto_candidates if self.method == "auto" else [self.method]
+        if {"nad", "finetune"} & set(methods):
+            return None
+        return (f"method {self.method} uses no teacher (nad and finetune do, and auto with either as a "
+                "candidate); leave the teacher out, or choose one of those")
+
     @model_validator(mode="after")
     def _consistent(self) -> SanitizeParams:
         if (self.mean is None) != (self.std is None):

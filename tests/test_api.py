@@ -382,6 +382,19 @@ def test_invalid_params_are_422_naming_the_field(
     assert job_ids(api, auth) == [] and leftovers(api_settings) == []
 
 
+def test_a_teacher_for_a_method_that_uses_none_is_422(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    """It was stored, loaded by the worker and ignored without a word."""
+    files = {"model": ("m.pt", b"m"), "clean_data": ("c.zip", b"c"), "teacher": ("t.pt", b"t")}
+    for method in ({"method": "fst"}, {"method": "auto", "auto_candidates": ["sau", "fst"]}):
+        body = problem(submit(api, auth, params=PARAMS | method, files=files), 422)
+        assert [error["field"] for error in body["errors"]] == ["teacher"]
+        assert body["detail"].startswith(f"teacher: method {method['method']} uses no teacher")
+    assert job_ids(api, auth) == [] and leftovers(api_settings) == []
+    assert submit(api, auth, params=PARAMS | {"method": "nad"}, files=files).status_code == 202
+
+
 def test_missing_unknown_repeated_and_empty_parts_are_422(
     api: TestClient, api_settings: Settings, auth: dict[str, str]
 ) -> None:

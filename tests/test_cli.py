@@ -442,6 +442,8 @@ def test_invalid_parameters_are_said_in_one_line_by_their_flags(tmp_path, capsys
     for command, said in (([*sanitize, "--batch-size", "0", "--epochs", "-1"],
                            ("--epochs: Input should be greater than or equal to 1",
                             "--batch-size: Input should be greater than or equal to 1")),
+                          ([*sanitize, "--method", "fst", "--teacher", str(checkpoint)],
+                           ("--teacher: method fst uses no teacher",)),
                           ([*sanitize, "--trigger", "nad-grid"], ("a trigger needs target_label",)),
                           ([*evaluate, "--trigger", "nad-grid"], ("a trigger needs target_label",))):
         assert main(command) == 2

@@ -415,6 +415,8 @@ def run_sanitize(args: argparse.Namespace) -> int:
         params = _params(args)
     except ValidationError as error:
         return fail(validation_message(error))
+    if args.teacher and params.teacher_unused:
+        return fail(f"--teacher: {params.teacher_unused}")
     inputs = (args.checkpoint, args.clean_data, args.test_data, args.poison_data, args.teacher)
     if problem := missing_input(*inputs) or prepare_outputs(args.out, args.report, inputs=inputs):
         return fail(problem)

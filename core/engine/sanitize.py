@@ -231,8 +231,7 @@ def runnable(params: SanitizeParams, model: nn.Module) -> list[str]:
 def _teacher_note(params: SanitizeParams, files: JobFiles) -> str | None:
     """Where the teacher of nad and finetune came from; `auto`'s too when either is a candidate, since a
     supplied teacher serves them there as well."""
-    methods = params.auto_candidates if params.method == "auto" else [params.method]
-    if not {"nad", "finetune"} & set(methods):
+    if params.teacher_unused:
         return None
     return "supplied" if files.teacher else f"fine-tuned {params.teacher_epochs} epochs"
 
