@@ -64,7 +64,7 @@ IdempotencyKey = Annotated[
     str | None,
     Header(min_length=1, max_length=255,
            description="any unique string; a retried POST with the same key (and API key) returns the job the "
-                       "first one created instead of a second job"),
+                       "first one created instead of a second job; the key with other params or files is a 422"),
 ]
 
 
@@ -170,7 +170,8 @@ async def submit(request: Request, response: Response, owner: Owner, service: Se
     is a 422 naming the field; a server whose disk is full answers 507.
 
     A retry with an `Idempotency-Key` already used is received like any upload (so the client is never cut
-    off mid-body), then discarded, and answered with the first job.
+    off mid-body), then discarded, and answered with the first job; one whose params or files differ from
+    the first's is another request under a used key, answered 422.
     """
     await run_in_threadpool(_check_queue, service, owner, idempotency_key)
     job_id = jobs.new_job_id()
@@ -199,7 +200,11 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
     except jobs.DuplicateRequest:
         storage.remove(job_id)
         with service.db.session() as session:
-            return jobs.find_by_idempotency_key(session, owner, idempotency_key)
+            first = jobs.find_by_idempotency_key(session, owner, idempotency_key)
+        if not _same_request(first, params, upload):
+            raise ProblemError(422, f"the Idempotency-Key {idempotency_key!r} was used for job {first.id}, which "
+                                    "was sent with other parameters or files; send a new job under a new key") from None
+        return first
     except BaseException:
         storage.remove(job_id)
         raise
@@ -214,6 +219,15 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
         raise ProblemError(503, "the job queue is unreachable right now, so the job was not kept; send it "
                                 "again in a minute") from None
     return job
+
+
+def _same_request(job: Job, params: SanitizeParams, upload: uploads.Upload) -> bool:
+    """Whether a retry under `job`'s Idempotency-Key asks for that job: the same parameters and the same files
+    by their sha256. A key used again for another request is refused (the IETF's idempotency-key draft), not
+    answered with a job whose work is not what was sent."""
+    inputs = {artifact.role: artifact.sha256 for artifact in job.artifacts if artifact.role != OUTPUT}
+    sent = {role: record.sha256 for role, record in upload.files.items()}
+    return job.params == params.model_dump(mode="json") and inputs == sent
 
 
 def _within_the_cap(service: Services, owner: str, job_id: str) -> None:

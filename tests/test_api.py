@@ -342,6 +342,12 @@ def test_a_retried_submit_with_the_same_idempotency_key_returns_the_same_job(
     assert first.json()["id"] == again.json()["id"] and again.headers["location"] == first.headers["location"]
     assert job_ids(api, auth) == [first.json()["id"]] and queue_length(api_settings) == queued_before + 1
     assert leftovers(api_settings) == []  # the retried upload was discarded
+    # The key again with other parameters or another file is another request: refused, not given the first job.
+    for changed in ({"params": PARAMS | {"epochs": 2}},
+                    {"files": {"model": ("model.pt", b"other bytes"), "clean_data": ("clean.zip", b"archive bytes")}}):
+        detail = problem(submit(api, auth, **changed, **{"Idempotency-Key": "upload-7"}), 422)["detail"]
+        assert f"was used for job {first.json()['id']}, which was sent with other parameters or files" in detail
+    assert job_ids(api, auth) == [first.json()["id"]] and leftovers(api_settings) == []
     other = new_key(api_settings)
     assert submit(api, other, **{"Idempotency-Key": "upload-7"}).json()["id"] != first.json()["id"]
     # An empty key (a template's unset variable) names no upload: refused, not taken for another's first job.
