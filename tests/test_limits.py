@@ -385,6 +385,20 @@ def test_a_refused_archive_is_named_by_its_role(small_checkpoint: Path, tmp_path
         sanitize(replace(files, test_data=None, teacher=three), params)
 
 
+def test_layers_that_give_no_feature_map_are_refused_before_any_training(small_checkpoint: Path,
+                                                                       tmp_path: Path) -> None:
+    from core.engine.sanitize import JobFiles, sanitize
+    from core.params import SanitizeParams
+
+    files = JobFiles(checkpoint=small_checkpoint, clean_data=_npz(tmp_path / "clean.npz", 30),
+                     out=tmp_path / "out" / "model.safetensors")
+    events = []
+    params = SanitizeParams(arch="wrn-16-1", num_classes=2, input_size=16, method="nad", layers=["fc"], betas=[1])
+    with pytest.raises(InputError, match="^'fc' gives no feature map"):
+        sanitize(files, params, on_event=events.append)
+    assert [event.stage for event in events] == ["load"] and not files.out.exists()
+
+
 # ---- the worker: failures leave no checkpoint, and say what happened ------------------------------------
 
 

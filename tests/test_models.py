@@ -3,7 +3,7 @@ import torch
 
 from core.engine.attention import tap
 from core.engine.errors import InputError
-from core.engine.models import build_model, check_runs, choose_distillation
+from core.engine.models import build_model, check_maps, check_runs, choose_distillation
 
 
 @pytest.mark.parametrize(
@@ -91,6 +91,17 @@ def test_custom_layers_need_matching_betas():
         choose_distillation("wrn-16-1", model, ["block2", "block3"], None)
     with pytest.raises(InputError, match="2 betas for 3 layers: give one beta per layer"):  # the default layers
         choose_distillation("wrn-16-1", model, None, [500.0, 1000.0])
+
+
+def test_a_layer_whose_output_is_no_feature_map_is_refused():
+    """NAD cannot make an attention map of a linear layer's output, nor of the whole model's: the job failed at
+    its first step as an internal error."""
+    model = build_model("wrn-16-1", 10)
+    check_maps(model, ("block1", "block3"), 32)
+    for layers in (("block3", "fc"), ("",)):
+        with pytest.raises(InputError, match=f"^{layers[-1]!r} gives no feature map"):
+            check_maps(model, layers, 32)
+    assert model.training  # as it was
 
 
 def test_a_model_without_residual_groups_or_features_needs_its_layers_named():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from core.engine.attention import tap
 from core.engine.data import error_reason
 from core.engine.errors import InputError
 
@@ -266,6 +267,24 @@ def choose_distillation(
     if len(weights) != len(chosen):
         raise InputError(f"{len(weights)} betas for {len(chosen)} layers: give one beta per layer")
     return Distillation(chosen, weights)
+
+
+def check_maps(model: nn.Module, layers: tuple[str, ...], input_size: int) -> None:
+    """Refuse, before any work, a layer whose output is no feature map (images x channels x height x width):
+    a linear layer's, or the whole model's (`""`). NAD cannot make an attention map of it, and the job failed
+    at its first distillation step as an internal error. One pass of two blank images in evaluation mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with tap(model, layers) as outputs, torch.no_grad():
+            model(torch.zeros(2, 3, input_size, input_size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+    flat = [name for name, output in zip(layers, outputs, strict=True)
+            if not (isinstance(output, torch.Tensor) and output.dim() == 4)]
+    if flat:
+        raise InputError(f"{', '.join(map(repr, flat))} gives no feature map (channels x height x width) whose "
+                         "attention could be distilled: choose convolutional layers with `layers`")
 
 
 def classifier_head(model: nn.Module) -> nn.Linear:

@@ -20,7 +20,7 @@ from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event, EventSink, ignore
 from core.engine.methods import Run, defend, sau_recipe, stages, unsuitable
 from core.engine.metrics import attack_success_rate, clean_metrics, predict
-from core.engine.models import build_model, check_runs, choose_distillation
+from core.engine.models import build_model, check_maps, check_runs, choose_distillation
 from core.engine.resampling import resampling_sign
 from core.engine.training import Execution, Normalization, Watch, to_tensor
 from core.engine.triggers import poison
@@ -262,6 +262,8 @@ def sanitize(
         methods = runnable(params, model)
         distillation = (choose_distillation(params.arch, model, params.layers, params.betas)
                         if "nad" in methods else None)
+        if distillation is not None:
+            check_maps(model, distillation.layers, params.input_size)
         budget = ImageBudget(max_images)
         clean = load_clean(files.clean_data, params, budget)
         train_set, evaluation = prepare_evaluation(files, params, clean, budget)
