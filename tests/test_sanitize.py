@@ -109,6 +109,17 @@ def test_cancel_stops_between_epochs(digits_backdoor, tmp_path):
     assert not (tmp_path / "clean.safetensors").exists()
 
 
+def test_cancel_is_honoured_between_the_stages_before_training(digits_backdoor, tmp_path):
+    """Loading and measuring a large data set take minutes of their own: a cancel waits for neither's end."""
+    params = SanitizeParams.model_validate(digits_backdoor.params)
+    for asks, stage in ((1, "the first evaluation"), (2, "the resampling sign"), (3, "training")):
+        stages, answers = [], iter([False] * (asks - 1) + [True])
+        with pytest.raises(Cancelled, match=f"^cancelled before {stage}$"):
+            sanitize(_files(digits_backdoor, tmp_path), params, on_event=lambda event, seen=stages: seen.append(
+                event.stage), should_stop=lambda said=answers: next(said))
+        assert "teacher" not in stages and not (tmp_path / "clean.safetensors").exists()
+
+
 def test_wrong_class_count_is_an_input_error_naming_keys(digits_backdoor, tmp_path):
     params = SanitizeParams.model_validate({**digits_backdoor.params, "num_classes": 12, "target_label": 0})
     with pytest.raises(InputError, match="fc.weight"):

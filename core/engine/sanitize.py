@@ -228,6 +228,13 @@ def runnable(params: SanitizeParams, model: nn.Module) -> list[str]:
     return kept
 
 
+def _stop_if_asked(should_stop: Callable[[], bool], stage: str) -> None:
+    """A cancel is honoured between stages as between epochs: loading and measuring a large data set take
+    minutes of their own."""
+    if should_stop():
+        raise Cancelled(f"cancelled before {stage}")
+
+
 def _teacher_note(params: SanitizeParams, files: JobFiles) -> str | None:
     """Where the teacher of nad and finetune came from; `auto`'s too when either is a candidate, since a
     supplied teacher serves them there as well."""
@@ -248,7 +255,7 @@ def sanitize(
 
     Raises InputError for files or parameters that cannot be used, an archive that takes the job's images
     past `max_images` included (the caller's cap on clean, test and poison images together), Cancelled when
-    `should_stop()` turned true (checked between epochs, and every few dozen iterations of anp).
+    `should_stop()` turned true (checked between stages and epochs, and every few dozen iterations of anp).
     `time_limit`, the seconds the caller gives the job from now, is what `auto` runs its candidates within; a
     single method is never stopped for it (the caller enforces its own limit).
     """
@@ -269,6 +276,7 @@ def sanitize(
         train_set, evaluation = prepare_evaluation(files, params, clean, budget)
         teacher = execution.prepare(_load_teacher(params, files.teacher).to(dev)) if files.teacher else None
         images, labels = to_tensor(train_set.images, dev), torch.from_numpy(train_set.labels).to(dev)
+    _stop_if_asked(should_stop, "the first evaluation")
     on_event(Event("evaluate_before", LOAD_SHARE))
     with clock.time("evaluate_before"):
         before = measure(model, evaluation, normalize, dev, execution)
@@ -283,8 +291,10 @@ def sanitize(
         span = (1.0 - EVALUATE_SHARE,) * 2 if f"/{SECOND_LOOK}/" in stage else spans[stage]
         return Watch(stage, on_event, should_stop, *span, history)
 
+    _stop_if_asked(should_stop, "the resampling sign")
     with clock.time("resampling_sign"):
         resampling = resampling_sign(model, images, normalize, execution)
+    _stop_if_asked(should_stop, "training")
     run = Run(params, teacher, distillation, resampling, normalize, execution, watch, clock,
               deadline=deadline)
     if params.method == "auto":
@@ -296,8 +306,7 @@ def sanitize(
         defended = defend(params.method, model, images, labels, run)
         auto = after = None
     result, pruning, warning = defended.model, defended.pruning, defended.warning
-    if should_stop():
-        raise Cancelled("cancelled before the final evaluation")
+    _stop_if_asked(should_stop, "the final evaluation")
 
     on_event(Event("evaluate_after", 1.0 - EVALUATE_SHARE))
     if after is None:
