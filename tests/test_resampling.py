@@ -112,7 +112,7 @@ def test_the_sign_stays_quiet_on_the_shared_models_whose_triggers_are_no_warps()
     """On the 2,500 clean training images of docs/results.md: the dev models 5.4 to 6.1 %, the NAD authors'
     backdoored and erased models 8.9 and 13.9 %, always into cat; here on 1,000 test images."""
     images = load_images(CIFAR10_TEST, 32).images[:1000]
-    execution = Execution.for_mode("fast", torch.device("cpu"))
+    execution = Execution.for_mode("fast", torch.device("cpu"), 32)
     for path in MODELS + OFFICIAL:
         model = execution.prepare(load_model(WRN, path))
         sign = resampling_sign(model, to_tensor(images, torch.device("cpu")), Normalization(), execution)

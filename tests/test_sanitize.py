@@ -159,7 +159,7 @@ def test_fast_and_reference_modes_compute_the_same_thing():
     labels = torch.arange(8) % 10
     results = []
     for mode in ("reference", "fast"):
-        execution = Execution.for_mode(mode, torch.device("cpu"))
+        execution = Execution.for_mode(mode, torch.device("cpu"), 32)
         torch.manual_seed(1)
         model = execution.prepare(build_model("wrn-16-1", 10))
         train(model, images, labels, cross_entropy(model), Recipe(epochs=1, lr=0.1, batch_size=8), Normalization(),
@@ -168,9 +168,20 @@ def test_fast_and_reference_modes_compute_the_same_thing():
         with torch.no_grad():
             results.append((model(execution.inputs(images.float() / 255)), model.state_dict()))
     (ref_logits, ref_state), (fast_logits, fast_state) = results
-    assert Execution.for_mode("fast", torch.device("cpu")).channels_last
+    assert Execution.for_mode("fast", torch.device("cpu"), 32).channels_last
     assert torch.allclose(ref_logits, fast_logits, atol=1e-4)
     assert all(torch.allclose(ref_state[k].float(), fast_state[k].float(), atol=2e-4) for k in ref_state)
+
+
+def test_evaluation_batches_of_larger_images_hold_as_many_pixels():
+    """A batch of 256 images of 1024 x 1024 held 17 GB in WRN-16-1's first layer alone."""
+    from core.engine.training import Execution
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    sizes = (16, 32, 64, 224, 1024)
+    assert [Execution.for_mode("fast", cpu, size).eval_batch for size in sizes] == [256, 256, 64, 5, 1]
+    assert Execution.for_mode("fast", gpu, 128).eval_batch == 64
+    assert Execution.for_mode("reference", cpu, 64).eval_batch == 16
 
 
 def test_nad_sam_rho_makes_the_students_steps_after_its_milestone_sharpness_aware():

@@ -53,7 +53,7 @@ def train_backdoored(arch: str, data: ImageSet, poisoning: Poisoning, recipe: Re
     """A model of `arch` trained from scratch on `data` with `poisoning` applied."""
     poisoned, _ = poison_training_set(data, poisoning, recipe.seed)
     torch.manual_seed(recipe.seed)
-    execution = Execution.for_mode("fast", device)
+    execution = Execution.for_mode("fast", device, data.images.shape[1])
     model = build_model(arch, len(data.classes))
     check_runs(model, arch, data.images.shape[1], len(data.classes))
     model = execution.prepare(model.to(device))

@@ -162,7 +162,7 @@ def evaluate_checkpoint(checkpoint: Path, test_data: Path, params: SanitizeParam
                         poison_data: Path | None = None) -> tuple[dict[str, Any], Evaluation]:
     """The metrics of one checkpoint on a test archive (ASR from `poison_data` or `params.trigger`)."""
     dev = device()
-    execution = Execution.for_mode(params.mode, dev)
+    execution = Execution.for_mode(params.mode, dev, params.input_size)
     model = execution.prepare(load_model(params, checkpoint).to(dev))
     # Through ImageBudget, unlimited, for its messages: they start with the archive's role, as poison_data's do.
     budget = ImageBudget()
@@ -262,7 +262,7 @@ def sanitize(
     deadline = None if time_limit is None else time.monotonic() + time_limit
     clock, dev = Clock(), device()
     normalize = Normalization(params.mean, params.std)
-    execution = Execution.for_mode(params.mode, dev)
+    execution = Execution.for_mode(params.mode, dev, params.input_size)
     on_event(Event("load", 0.0))
     with clock.time("load"):
         model = execution.prepare(load_model(params, files.checkpoint).to(dev))

@@ -78,10 +78,12 @@ class Execution:
 
     `fast` keeps activations in channels_last (about 1.2x faster convolutions on this project's CPUs, more
     on GPUs), autocasts to bf16 on a GPU only (on CPUs bf16 is many times slower), evaluates in large batches
-    (256 images on a CPU, where larger ones fall out of its caches and run slower; 1024 on a GPU), and trains
+    (256 images of 32 x 32 on a CPU, where larger ones fall out of its caches and run slower; 1024 on a GPU;
+    fewer of larger images), and trains
     on full batches only (the last, partial batch of an epoch is dropped: one shape throughout, so no kernel
     is planned or compiled twice). docs/benchmarks.md has the measurements.
-    `reference` is the authors' execution: eager fp32 in NCHW, evaluation batch 64, every image every epoch.
+    `reference` is the authors' execution: eager fp32 in NCHW, evaluation batch 64 (of 32 x 32 images), every
+    image every epoch.
     """
 
     channels_last: bool = False
@@ -90,11 +92,14 @@ class Execution:
     static_shapes: bool = False
 
     @classmethod
-    def for_mode(cls, mode: str, device: torch.device) -> Execution:
+    def for_mode(cls, mode: str, device: torch.device, input_size: int) -> Execution:
+        """Evaluation batches of larger images hold fewer of them, as many pixels as the batch of 32 x 32
+        images: a batch of 256 at 1024 x 1024 held 17 GB in WRN-16-1's first layer alone."""
         if mode == "reference":
-            return cls()
+            return cls(eval_batch=_scaled(64, input_size))
         gpu = device.type == "cuda"
-        return cls(channels_last=True, bf16=gpu, eval_batch=1024 if gpu else 256, static_shapes=True)
+        return cls(channels_last=True, bf16=gpu, eval_batch=_scaled(1024 if gpu else 256, input_size),
+                   static_shapes=True)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
@@ -104,6 +109,11 @@ class Execution:
 
     def autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def _scaled(batch: int, input_size: int) -> int:
+    """`batch` images of 32 x 32 (or smaller), as a count of `input_size` images of as many pixels."""
+    return batch if input_size <= 32 else max(1, batch * 32 * 32 // input_size**2)
 
 
 @dataclass
