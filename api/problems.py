@@ -7,6 +7,7 @@ are logged here and answered with a generic 500.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
@@ -78,11 +79,24 @@ async def _on_http_error(request: Request, error: StarletteHTTPException) -> JSO
     if error.status_code == 404:
         detail = f"there is nothing at {request.url.path}; the API is described at /docs"
     elif error.status_code == 405:
-        allowed = {k.lower(): v for k, v in (error.headers or {}).items()}.get("allow", "")
+        said = {k.lower(): v for k, v in (error.headers or {}).items()}.get("allow", "")
+        allowed = _allowed(request) or ", ".join(sorted(method.strip() for method in said.split(",")))
         detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}"
+        return problem_response(request, 405, detail, {"Allow": allowed})
     else:
         detail = str(error.detail)
     return problem_response(request, error.status_code, detail, error.headers)
+
+
+def _allowed(request: Request) -> str:
+    """The methods of every operation at the request's path, by the OpenAPI description: Starlette's 405
+    names those of the first route it matched alone (GET of /jobs/{id}, whose DELETE is another route)."""
+    methods = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        pattern = "/".join("[^/]+" if part.startswith("{") else re.escape(part) for part in template.split("/"))
+        if re.fullmatch(pattern, request.url.path):
+            methods.update(method.upper() for method in operations)
+    return ", ".join(sorted(methods))
 
 
 async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -137,8 +137,13 @@ def new_key(settings: Settings, name: str = "test") -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def api_settings(make_settings) -> Settings:
-    """The API tests' settings: their queue has no worker, so the jobs they submit stay queued."""
-    return make_settings()
+    """The API tests' settings: their queue has no worker, so the jobs they submit stay queued. Their database
+    is migrated here, not by the first `api` to start: a test that makes its own app needs its keys first."""
+    settings = make_settings()
+    db = Database(settings.database_url)
+    db.migrate()
+    db.dispose()
+    return settings
 
 
 @pytest.fixture(scope="session")

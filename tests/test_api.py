@@ -579,6 +579,11 @@ def test_unknown_routes_wrong_methods_and_unexpected_errors_are_problems(
         assert "/docs" in problem(client.get("/nowhere"), 404)["detail"]
         wrong = client.put("/sanitize", headers=auth)
         assert "POST" in problem(wrong, 405)["detail"] and wrong.headers["allow"] == "POST"
+        # every method of the path, where Starlette named those of its first route alone (GET)
+        job = "/jobs/0123456789abcdef0123456789abcdef"
+        for path, allowed in ((job, "DELETE, GET"), (f"{job}/model", "GET, HEAD"), ("/docs", "GET, HEAD")):
+            wrong = client.put(path, headers=auth)
+            assert problem(wrong, 405)["detail"].endswith(f"allowed: {allowed}") and wrong.headers["allow"] == allowed
         problem(client.get("/jobs/0123456789abcdef0123456789abcdef", headers=auth), 404)
         crashed = problem(client.get("/boom"), 500)
         assert "secret" not in crashed["detail"] and "internal error" in crashed["detail"]
