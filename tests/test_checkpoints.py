@@ -195,7 +195,7 @@ def test_nan_weights_are_refused(model, value):
 def test_damaged_safetensors_is_an_input_error(tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes((100).to_bytes(8, "little") + b'{"a": 1')
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="damaged or invalid: .*; save it again: save the weights alone, e.g. "):
         read_state_dict(path)
 
 

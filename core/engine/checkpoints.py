@@ -67,7 +67,7 @@ def _is_zip(path: Path) -> bool:
 
 
 def _damaged_safetensors(problem: str) -> InputError:
-    return InputError(f"the safetensors file is damaged or invalid: {problem}; save it again with {SAVE_HINT}")
+    return InputError(f"the safetensors file is damaged or invalid: {problem}; save it again: {SAVE_HINT}")
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
