@@ -16,7 +16,7 @@ from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from api import uploads
 from api.auth import Owner
-from api.problems import FieldError, ProblemError, field_name, invalid, responses
+from api.problems import FieldError, ProblemError, field_errors, invalid, responses
 from api.schemas import JobPage, JobResource, Metrics
 from api.services import Reading, Service, Services
 from core import jobs
@@ -101,7 +101,7 @@ def _params(text: str, max_epochs: int) -> SanitizeParams:
     try:
         params = SanitizeParams.model_validate_json(text)
     except ValidationError as error:
-        errors = [FieldError(field=field_name(("params", *e["loc"])), message=e["msg"]) for e in error.errors()]
+        errors = field_errors(error.errors(), "params")
         refused = {each.field for each in errors}
         over = [each for each in _over_the_cap(_fields(text), max_epochs) if each.field not in refused]
         raise invalid(errors + over) from None

@@ -65,6 +65,13 @@ def field_name(location: Sequence[Any]) -> str:
     return ".".join(parts) or "request"
 
 
+def field_errors(errors: Sequence[Any], *within: str) -> list[FieldError]:
+    """Pydantic's errors, each named by its field (under `within`, the form field they came in), a
+    validator's own words without pydantic's "Value error, " before them."""
+    return [FieldError(field=field_name((*within, *error["loc"])), message=error["msg"].removeprefix("Value error, "))
+            for error in errors]
+
+
 def invalid(errors: list[FieldError]) -> ProblemError:
     """A 422 whose detail names every invalid field."""
     return ProblemError(422, "; ".join(f"{error.field}: {error.message}" for error in errors), errors=errors)
@@ -100,8 +107,7 @@ def _allowed(request: Request) -> str:
 
 
 async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    errors = [FieldError(field=field_name(e["loc"]), message=e["msg"]) for e in error.errors()]
-    return await _on_problem(request, invalid(errors))
+    return await _on_problem(request, invalid(field_errors(error.errors())))
 
 
 async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
