@@ -12,7 +12,9 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 
 from api import uploads
 from api.auth import Owner
@@ -315,15 +317,29 @@ async def get_model(
     etag = f'"{output.sha256}"'
     if if_none_match and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
-    # An empty Range too: FileResponse would answer it 400 in plain text. An If-Range that names another copy
-    # asks for the whole file, so its Range is not checked against this one's size (RFC 9110, 13.1.5); one
-    # that names this copy, by ETag or by the Last-Modified date FileResponse sends, resumes it.
-    # One stat for both, so that they compare the same date.
+    # A malformed byte range is a problem here: FileResponse would answer it 400 in plain text. An If-Range that
+    # names another copy asks for the whole file, so its Range is not checked against this one's size (RFC
+    # 9110, 13.1.5); one that names this copy, by ETag or by the Last-Modified date FileResponse sends, resumes
+    # it. One stat for both, so that they compare the same date.
     stat = path.stat()
-    if range_ is not None and if_range in (None, etag, formatdate(stat.st_mtime, usegmt=True)):
+    if _in_bytes(range_) and if_range in (None, etag, formatdate(stat.st_mtime, usegmt=True)):
         _check_range(range_, output.size)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job.id}.safetensors",
-                        headers={"ETag": etag}, stat_result=stat)
+    return _Download(path, media_type="application/octet-stream", filename=f"{job.id}.safetensors",
+                     headers={"ETag": etag}, stat_result=stat)
+
+
+def _in_bytes(range_: str | None) -> bool:
+    return range_ is not None and range_.partition("=")[0].strip().lower() == "bytes"
+
+
+class _Download(FileResponse):
+    """A FileResponse that ignores a Range in a unit other than bytes, as a server must (RFC 9110, 14.2):
+    Starlette's answers it 400."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not _in_bytes(Headers(scope=scope).get("range")):
+            scope = {**scope, "headers": [(name, value) for name, value in scope["headers"] if name != b"range"]}
+        await super().__call__(scope, receive, send)
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
