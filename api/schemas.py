@@ -49,8 +49,10 @@ class JobResource(BaseModel):
     inputs: dict[str, StoredFile] = Field(description="the uploaded files by field name")
     output: StoredFile | None = Field(description="the cleansed checkpoint, once the job succeeded")
     links: dict[str, str] = Field(
+        description="the job's own URL (self) and what can be done with it now: cancel while it is unfinished, "
+                    "metrics and model once it succeeded",
         examples=[{"self": f"/jobs/{JOB_ID_EXAMPLE}", "metrics": f"/jobs/{JOB_ID_EXAMPLE}/metrics",
-                   "model": f"/jobs/{JOB_ID_EXAMPLE}/model", "cancel": f"/jobs/{JOB_ID_EXAMPLE}/cancel"}]
+                   "model": f"/jobs/{JOB_ID_EXAMPLE}/model"}]
     )
 
     @classmethod
@@ -62,7 +64,13 @@ class JobResource(BaseModel):
             timestamps[job.status] = job.finished_at
         files = {a.role: StoredFile(filename=a.filename, size=a.size, sha256=a.sha256) for a in job.artifacts}
         output = files.pop(OUTPUT, None)
+        if output is not None:  # the name the download gives it
+            output = output.model_copy(update={"filename": f"{job.id}.safetensors"})
         base = f"/jobs/{job.id}"
+        if job.status == Status.SUCCEEDED:
+            links = {"self": base, "metrics": f"{base}/metrics", "model": f"{base}/model"}
+        else:
+            links = {"self": base} if job.status in FINISHED else {"self": base, "cancel": f"{base}/cancel"}
         return cls(
             id=job.id,
             status=job.status,
@@ -75,8 +83,7 @@ class JobResource(BaseModel):
             params=job.params,
             inputs=files,
             output=output,
-            links={"self": base, "metrics": f"{base}/metrics", "model": f"{base}/model",
-                   "cancel": f"{base}/cancel"},
+            links=links,
         )
 
 

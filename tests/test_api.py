@@ -255,6 +255,7 @@ def test_submit_stores_the_upload_records_the_job_and_sends_its_id(
     assert response.status_code == 202
     job = response.json()
     assert response.headers["location"] == f"/jobs/{job['id']}" == job["links"]["self"]
+    assert job["links"]["cancel"] == f"/jobs/{job['id']}/cancel" and "model" not in job["links"]
     assert job["status"] == "queued" and job["attempts"] == 0 and set(job["timestamps"]) == {"queued"}
     assert job["params"]["epochs"] == 3 and job["params"]["lr"] == 0.1  # validated, defaults filled in
     assert job["inputs"]["model"] == {
@@ -500,7 +501,8 @@ def test_cancel_a_queued_job_then_delete_it_with_its_files(
     assert "cancel it first" in problem(api.delete(f"/jobs/{job_id}", headers=auth), 409)["detail"]
     cancelled = api.post(f"/jobs/{job_id}/cancel", headers=auth)
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
-    assert set(cancelled.json()["timestamps"]) == {"queued", "cancelled"}
+    assert set(cancelled.json()["timestamps"]) == {"queued", "cancelled"} and cancelled.json()["links"] == {
+        "self": f"/jobs/{job_id}"}
     assert api.post(f"/jobs/{job_id}/cancel", headers=auth).status_code == 200  # cancelling twice is harmless
     assert "cancelled" in problem(api.get(f"/jobs/{job_id}/metrics", headers=auth), 409)["detail"]
     problem(api.get(f"/jobs/{job_id}/model", headers=auth), 409)
@@ -536,6 +538,8 @@ def test_a_succeeded_job_serves_its_metrics_and_its_model_with_etag_and_ranges(
     assert (
         job["output"]["sha256"] == hashlib.sha256(weights).hexdigest() and job["progress"]["percent"] == 100
     )
+    # the name the download gives it, and what can be done now: no cancel, the metrics and the model
+    assert job["output"]["filename"] == f"{job_id}.safetensors" and set(job["links"]) == {"self", "metrics", "model"}
 
     whole = api.get(f"/jobs/{job_id}/model", headers=auth)
     etag = f'"{hashlib.sha256(weights).hexdigest()}"'
