@@ -255,7 +255,8 @@ async def list_jobs(
     # PostgreSQL may answer with an error (a NUL byte).
     cursor: Annotated[str | None, Query(pattern=f"^{JOB_ID.pattern}$",
                                         description="`next_cursor` of the previous page")] = None,
-    status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
+    status: Annotated[list[Status], Query(description="only jobs in this status; repeated, in any of them "
+                                                       "(`?status=queued&status=running`)")] = (),
 ) -> JobPage:
     """Newest first by when each upload began (a job's id is made then, and pages by it stay stable while jobs
     are added): a slow upload lists below one begun after it, though that one was recorded first."""

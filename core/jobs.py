@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -252,16 +253,17 @@ def count_unfinished(session: Session, owner: str) -> int:
 
 
 def list_jobs(
-    session: Session, owner: str, limit: int, cursor: str | None = None, status: Status | None = None
+    session: Session, owner: str, limit: int, cursor: str | None = None, statuses: Sequence[Status] = ()
 ) -> tuple[list[Job], str | None]:
-    """A page of the owner's jobs, newest first, and the cursor of the next page (None on the last). The
-    cursor is the last id shown: ids sort by creation time, so a page is stable while jobs are added."""
+    """A page of the owner's jobs (in one of `statuses`, when some are given), newest first, and the cursor of
+    the next page (None on the last). The cursor is the last id shown: ids sort by creation time, so a page is
+    stable while jobs are added."""
     query = (select(Job).options(selectinload(Job.artifacts)).where(Job.owner == owner).order_by(Job.id.desc())
              .limit(limit + 1))
     if cursor is not None:
         query = query.where(Job.id < cursor)
-    if status is not None:
-        query = query.where(Job.status == status)
+    if statuses:
+        query = query.where(Job.status.in_(statuses))
     found = list(session.scalars(query))
     page = found[:limit]
     return page, page[-1].id if len(found) > limit else None

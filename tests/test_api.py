@@ -486,10 +486,11 @@ def test_listing_is_paginated_newest_first_and_filtered_by_status(
     assert [job["id"] for job in second["items"]] == [created[0]] and second["next_cursor"] is None
     assert job_ids(api, auth, status="cancelled") == [created[0]]
     assert job_ids(api, auth, status="queued") == created[:0:-1]
+    assert job_ids(api, auth, status=["cancelled", "queued"]) == created[::-1]  # it took the last one alone
     assert problem(api.get("/jobs", headers=auth, params={"limit": 0}), 422)["errors"][0]["field"] == "limit"
     assert (
         problem(api.get("/jobs", headers=auth, params={"status": "done"}), 422)["errors"][0]["field"]
-        == "status"
+        == "status.0"  # the first of the statuses asked for
     )
 
 

@@ -118,7 +118,7 @@ def test_listing_is_newest_first_with_a_cursor_and_a_status_filter(database: Dat
         seen += [job.id for job in page]
     assert cursor is None and seen == created[::-1]
     with database.session() as session:
-        cancelled, _ = jobs.list_jobs(session, me, 10, status=Status.CANCELLED)
+        cancelled, _ = jobs.list_jobs(session, me, 10, statuses=[Status.CANCELLED])
     assert [job.id for job in cancelled] == [created[1]]
 
 
