@@ -211,7 +211,7 @@ class Metrics(BaseModel):
         default_factory=list,
         description="what clean-data signals say about the cleansed model, when they say the backdoor may have "
                     "survived (sau: its last run's shared loss ended saturated, or was for most of its epochs; any "
-                    "method: it still shows the suspect's resampling sign)",
+                    "method: it still shows the suspect's resampling sign), and clean data that left classes out",
         examples=[[]],
     )
     device: str | None = Field(default=None, description="the device the job ran on", examples=["cuda:0"])

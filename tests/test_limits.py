@@ -385,6 +385,21 @@ def test_a_refused_archive_is_named_by_its_role(small_checkpoint: Path, tmp_path
         sanitize(replace(files, test_data=None, teacher=three), params)
 
 
+def test_clean_data_that_leaves_classes_out_is_warned_of(small_checkpoint: Path, tmp_path: Path) -> None:
+    """An npz's labels may leave classes out (folders are refused for it): a model fine-tuned without a
+    class's images may forget it, and the job said nothing."""
+    from core.engine.sanitize import JobFiles, sanitize
+    from core.params import SanitizeParams
+
+    clean = tmp_path / "clean.npz"
+    np.savez(clean, x=np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), y=np.zeros(40, int))
+    files = JobFiles(checkpoint=small_checkpoint, clean_data=clean, out=tmp_path / "out.safetensors")
+    report = sanitize(files, SanitizeParams(arch="wrn-16-1", num_classes=2, input_size=16, method="finetune",
+                                            teacher_epochs=1))
+    said = "clean_data holds no image of 1 of the model's 2 classes (1): the model was fine-tuned without them"
+    assert [warning[:len(said)] for warning in report["warnings"]] == [said]
+
+
 def test_layers_that_give_no_feature_map_are_refused_before_any_training(small_checkpoint: Path,
                                                                        tmp_path: Path) -> None:
     from core.engine.sanitize import JobFiles, sanitize

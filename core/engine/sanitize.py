@@ -228,6 +228,18 @@ def runnable(params: SanitizeParams, model: nn.Module) -> list[str]:
     return kept
 
 
+def _missing_classes(clean: ImageSet, num_classes: int) -> list[str]:
+    """A warning when the clean images leave classes out (an npz's labels may; folders are refused for it):
+    every method fine-tunes on them, and a model fine-tuned without a class's images may forget that class."""
+    missing = sorted(set(range(num_classes)) - set(np.unique(clean.labels).tolist()))
+    if not missing:
+        return []
+    named = ", ".join(clean.classes[label] if label < len(clean.classes) else str(label) for label in missing[:10])
+    return [f"clean_data holds no image of {len(missing)} of the model's {num_classes} classes ({named}"
+            f"{', ...' if len(missing) > 10 else ''}): the model was fine-tuned without them and may have "
+            "forgotten them; send some images of every class"]
+
+
 def _stop_if_asked(should_stop: Callable[[], bool], stage: str) -> None:
     """A cancel is honoured between stages as between epochs: loading and measuring a large data set take
     minutes of their own."""
@@ -327,7 +339,7 @@ def sanitize(
         "auto": auto,
         "resampling": {**resampling.report(),
                        "sau_warp": sau_recipe(params, resampling).warp if "sau" in methods else None},
-        "warnings": [warning] if warning else [],
+        "warnings": [*_missing_classes(clean, params.num_classes), *([warning] if warning else [])],
         "evaluation": {"test_source": evaluation.source, "note": evaluation.note,
                        "n_train": len(train_set.labels), "n_clean": len(evaluation.clean.labels),
                        "n_poison": None if evaluation.poisoned is None else len(evaluation.poisoned.labels),
