@@ -285,7 +285,7 @@ MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
           "content": {media_type: {"schema": {"type": "string", "format": "binary"}}
                       for media_type in ("application/octet-stream", "multipart/byteranges")}},
     304: {"description": "`If-None-Match` holds the checkpoint's ETag: the copy you have is current"},
-    **responses(400, 401, 404, 409, 416, 500),
+    **responses(400, 401, 404, 409, 412, 416, 500),
 }
 
 
@@ -305,6 +305,7 @@ async def get_model(
                                                        "download `Range` resumes: another answers the whole "
                                                        "file (200)")] = None,
     if_none_match: Annotated[str | None, Header(description="an ETag you have")] = None,
+    if_match: Annotated[str | None, Header(description="the ETag the file must have: another answers 412")] = None,
 ) -> Response:
     """The safetensors file, with its sha256 as `ETag`; `Range` resumes a download (206). `HEAD` answers the
     headers alone."""
@@ -316,6 +317,8 @@ async def get_model(
     if not path.is_file():
         raise _missing_output(job.id)
     etag = f'"{output.sha256}"'
+    if if_match is not None and not _strongly_matches(if_match, etag):
+        raise ProblemError(412, f"the checkpoint's ETag is {etag}, not one If-Match names")
     if if_none_match and _matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
     # A malformed byte range is a problem here: FileResponse would answer it 400 in plain text. An If-Range that
@@ -348,6 +351,12 @@ def _matches(if_none_match: str, etag: str) -> bool:
     is dropped, as a proxy that compresses the file adds it."""
     tags = [tag.strip() for tag in if_none_match.split(",")]
     return "*" in tags or etag in (tag.removeprefix("W/") for tag in tags)
+
+
+def _strongly_matches(if_match: str, etag: str) -> bool:
+    """If-Match's strong comparison (RFC 9110, 13.1.1): `*`, or a listed tag equal to `etag` as it is."""
+    tags = [tag.strip() for tag in if_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 def _missing_output(job_id: str) -> ProblemError:

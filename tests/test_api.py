@@ -553,6 +553,11 @@ def test_a_succeeded_job_serves_its_metrics_and_its_model_with_etag_and_ranges(
     tail_part = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": "bytes=-10", "If-Range": etag})
     assert tail_part.status_code == 206 and tail_part.content == weights[-10:]
     assert api.get(f"/jobs/{job_id}/model", headers=auth | {"If-None-Match": etag}).status_code == 304
+    # If-Match: only a strong match (or *) is served; another copy's ETag, or a weak one, is a 412
+    assert api.get(f"/jobs/{job_id}/model", headers=auth | {"If-Match": f'"x", {etag}'}).content == weights
+    assert api.get(f"/jobs/{job_id}/model", headers=auth | {"If-Match": "*"}).status_code == 200
+    for other in ('"x"', f"W/{etag}"):
+        assert etag in problem(api.get(f"/jobs/{job_id}/model", headers=auth | {"If-Match": other}), 412)["detail"]
     # weak comparison: a proxy that compresses the file hands the client W/"..."
     assert api.get(f"/jobs/{job_id}/model", headers=auth | {"If-None-Match": f'"x", W/{etag}'}).status_code == 304
     unsatisfiable = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": f"bytes={len(weights)}-"})
