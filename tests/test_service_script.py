@@ -152,9 +152,13 @@ def test_up_says_a_setting_or_database_it_cannot_use_in_one_line(sqlite_service:
     the API and the worker, started by hand, say it so too."""
     script = sqlite_service.root / "scripts" / "service.py"
     missing = f"sqlite:///{tmp_path}"  # a folder: no database file can be opened there
+    (tmp_path / "file").touch()
+    under_a_file = f"sqlite:///{tmp_path}/file/nad.db"  # its folder cannot be made
     for variable, value, said in (("NAD_API_PORT", "abc", "make up: NAD_API_PORT: Input should be a valid integer"),
                                   ("NAD_DATABASE_URL", missing, "make up: cannot use the database of NAD_DATABASE_URL: "
-                                                                "unable to open database file")):
+                                                                "unable to open database file"),
+                                  ("NAD_DATABASE_URL", under_a_file, "make up: cannot use the database of "
+                                   f"NAD_DATABASE_URL: cannot make the SQLite file's folder {tmp_path}/file: ")):
         done = subprocess.run([sys.executable, str(script), "up"], cwd=sqlite_service.root, capture_output=True,
                               env=sqlite_service.env | {variable: value}, text=True, timeout=120)
         assert done.returncode == 1 and done.stderr.startswith(said) and done.stderr.count("\n") == 1, done.stderr
@@ -165,6 +169,12 @@ def test_up_says_a_setting_or_database_it_cannot_use_in_one_line(sqlite_service:
                               env=sqlite_service.env | {"NAD_API_PORT": "abc"}, timeout=120)
         assert done.returncode == 1 and done.stderr == f"{name}: NAD_API_PORT: Input should be a valid integer, " \
                                                        "unable to parse string as an integer\n", done.stderr
+        # a database it cannot use: the worker said it was ready, its migration's failure logged by Celery
+        done = subprocess.run(command, cwd=sqlite_service.root, capture_output=True, text=True,
+                              env=sqlite_service.env | {"NAD_DATABASE_URL": missing}, timeout=120)
+        last = done.stderr.splitlines()[-1]
+        assert done.returncode == 1 and last == f"{name}: cannot use the database of NAD_DATABASE_URL: unable to " \
+                                                "open database file", done.stderr
 
 
 def test_make_demo_stops_at_once_when_no_service_is_ready() -> None:

@@ -12,6 +12,7 @@ import sys
 from celery import Celery
 from celery.signals import worker_init
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from core.cli import setup_refused
 from core.database import Database
@@ -80,7 +81,14 @@ app = make_celery(_settings())
 
 @worker_init.connect
 def _migrate(**_kwargs) -> None:
-    """A worker brings the schema up to date before it takes a job, as the API does when it starts."""
-    database = Database(get_settings().database_url)
-    database.migrate()
-    database.dispose()
+    """A worker brings the schema up to date before it takes a job, as the API does when it starts. One whose
+    database cannot be used stops in one line, as `python -m api` does: Celery logs a signal handler's error
+    and goes on, and the worker said it was ready to take jobs it could never record."""
+    try:
+        database = Database(get_settings().database_url)
+        try:
+            database.migrate()
+        finally:
+            database.dispose()
+    except SQLAlchemyError as error:
+        sys.exit(f"worker: {setup_refused(error)}")
