@@ -16,11 +16,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/problem+json"
+# Seconds a client is told to wait when the job database is unreachable: a restart takes about that long.
+DATABASE_RETRY_AFTER = 30
 
 
 class FieldError(BaseModel):
@@ -110,6 +113,14 @@ async def _on_validation_error(request: Request, error: RequestValidationError) 
     return await _on_problem(request, invalid(field_errors(error.errors())))
 
 
+async def _on_database_down(request: Request, error: Exception) -> JSONResponse:
+    """The job database unreachable (a restart, a network fault): the service's passing state, said as a 503
+    a client waits out, where a 500 told it to report a bug. `nad submit` retries a 503."""
+    log.error("%s %s: the job database failed", request.method, request.url.path, exc_info=error)
+    return problem_response(request, 503, "the job database is unreachable right now; try again in a minute",
+                            {"Retry-After": str(DATABASE_RETRY_AFTER)})
+
+
 async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
     log.error("%s %s failed", request.method, request.url.path, exc_info=error)
     return problem_response(request, 500, "the server hit an internal error; try again, and if it persists "
@@ -121,6 +132,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    for down in (OperationalError, InterfaceError):  # the driver's errors of a connection, not of a query
+        app.add_exception_handler(down, _on_database_down)
     app.add_exception_handler(Exception, _on_unexpected)
 
 
