@@ -29,8 +29,10 @@ class Settings(BaseSettings):
         default="sqlite:///var/nad.db",
         description="SQLAlchemy URL of the job database, e.g. postgresql+psycopg://user:pw@host/db",
     )
-    broker_url: str = Field(default="redis://127.0.0.1:6379/0", description="Celery broker URL")
-    queue: str = Field(default="nad", description="the broker queue jobs are sent to and taken from")
+    # Not empty, either: Celery takes an empty broker URL for RabbitMQ on localhost, and an empty queue is one no
+    # worker listens to, so every job would stay queued.
+    broker_url: str = Field(default="redis://127.0.0.1:6379/0", min_length=1, description="Celery broker URL")
+    queue: str = Field(default="nad", min_length=1, description="the broker queue jobs are sent to and taken from")
     storage_dir: Path = Field(
         default=Path("var/storage"), description="folder holding every job's files; shared by API and worker"
     )
@@ -71,6 +73,14 @@ class Settings(BaseSettings):
         default=1, ge=1, le=64, description="API processes `python -m api` serves with; one per core answers the "
         "most status reads (docs/benchmarks.md)"
     )
+
+    @field_validator("storage_dir", mode="before")
+    @classmethod
+    def _a_folder(cls, value: object) -> object:
+        """An empty NAD_STORAGE_DIR would be the current folder: jobs' files among whatever is there."""
+        if value == "":
+            raise ValueError("an empty path; name the folder for the jobs' files")
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -519,13 +519,18 @@ def test_nad_submit_refuses_a_service_url_it_cannot_use(digits_npz, url, capsys,
     assert err.startswith(f"nad: error: the service URL {url} is not usable: ") and err.count("\n") == 1
 
 
-def test_nad_keys_says_which_setting_of_the_environment_is_wrong(tmp_path):
+@pytest.mark.parametrize(("variable", "value", "said"), [
+    ("NAD_API_PORT", "abc", "NAD_API_PORT: Input should be a valid integer, unable to parse string as an integer"),
+    # empty: RabbitMQ on localhost to Celery, a queue no worker listens to, the current folder
+    ("NAD_BROKER_URL", "", "NAD_BROKER_URL: String should have at least 1 character"),
+    ("NAD_QUEUE", "", "NAD_QUEUE: String should have at least 1 character"),
+    ("NAD_STORAGE_DIR", "", "NAD_STORAGE_DIR: an empty path; name the folder for the jobs' files"),
+])
+def test_nad_keys_says_which_setting_of_the_environment_is_wrong(tmp_path, variable, value, said):
     result = subprocess.run([sys.executable, "-m", "core.cli", "keys", "list"], capture_output=True, text=True,
-                            env={"NAD_API_PORT": "abc", "NAD_DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}",
+                            env={variable: value, "NAD_DATABASE_URL": f"sqlite:///{tmp_path / 'k.db'}",
                                  "PATH": "/usr/bin:/bin"}, cwd=Path(__file__).parents[1])
-    assert result.returncode == 2
-    assert result.stderr == ("nad: error: NAD_API_PORT: Input should be a valid integer, unable to parse string as an "
-                             "integer\n")
+    assert result.returncode == 2 and result.stderr == f"nad: error: {said}\n"
 
 
 @pytest.mark.parametrize(("url", "said"), [
