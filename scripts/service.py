@@ -9,10 +9,12 @@ down: stops what up started, by the process ids it recorded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -72,13 +74,20 @@ def _start(name: str, command: list[str], env: dict[str, str]) -> subprocess.Pop
     return process
 
 
-def _wait(what: str, started: Callable[[], bool], process: subprocess.Popen, log: str, timeout: float = 120) -> None:
+def _wait(name: str, what: str, started: Callable[[], bool], process: subprocess.Popen, timeout: float = 120) -> None:
+    """Return once `started()` says so while `process` runs. Else stop it, so that the next `up` does not take
+    it for a running part by its pid file, and exit with the end of its log."""
     deadline = time.monotonic() + timeout
-    while not started():
-        if process.poll() is not None or time.monotonic() > deadline:
-            tail = "\n".join((LOG / log).read_text(errors="replace").splitlines()[-30:])
-            sys.exit(f"{what} did not start; the end of var/log/{log}:\n{tail}")
+    while process.poll() is None and time.monotonic() < deadline:
+        if started():
+            return
         time.sleep(0.3)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    (RUN / f"{name}.pid").unlink(missing_ok=True)
+    tail = "\n".join((LOG / f"{name}.log").read_text(errors="replace").splitlines()[-30:])
+    sys.exit(f"{what} did not start; the end of var/log/{name}.log:\n{tail}")
 
 
 def _redis_answers(url: str) -> bool:
@@ -123,7 +132,7 @@ def _start_redis(server: str, url: str, port: str) -> int:
     (VAR / "redis").mkdir(exist_ok=True)
     process = _start("redis", [server, "--bind", "127.0.0.1", "--port", port, "--dir", str(VAR / "redis"),
                                "--appendonly", "yes", "--maxmemory-policy", "noeviction"], {})
-    _wait("redis-server", lambda: _redis_answers(url), process, "redis.log", timeout=30)
+    _wait("redis", "redis-server", lambda: _redis_answers(url), process, timeout=30)
     return process.pid
 
 
@@ -142,6 +151,10 @@ def up() -> None:
     env = {"NAD_BROKER_URL": broker}
     _ensure("worker", "worker", lambda: _start_worker(env))
     _ensure("api", "API", lambda: _start_api(env, url))
+    if not ready(url):  # one of an earlier `up` that runs on, but not here, or not well
+        sys.exit(f"make up: the API running since an earlier `make up` does not answer at {url}: it was started "
+                 "with other settings, or cannot reach its database or storage (var/log/api.log); `make down`, "
+                 "then `make up`")
     with database.session() as session:
         _, key = keys.create_key(session, "make up")
     database.dispose()
@@ -167,14 +180,19 @@ def _start_worker(env: dict[str, str]) -> subprocess.Popen:
     start = log.stat().st_size if log.exists() else 0
     worker = _start("worker", [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "INFO",
                                "--without-mingle", "--without-gossip"], env)
-    _wait("the worker", lambda: b" ready." in log.read_bytes()[start:], worker, "worker.log")
+    _wait("worker", "the worker", lambda: b" ready." in log.read_bytes()[start:], worker)
     return worker
 
 
 def _start_api(env: dict[str, str], url: str) -> subprocess.Popen:
-    """The API, once it answers /readyz."""
+    """The API, once it answers /readyz. Not on a port another program holds: its /readyz would pass for
+    this API's, which had died on the port."""
+    parts = urlsplit(url)
+    with contextlib.suppress(OSError), socket.create_connection((parts.hostname, parts.port), timeout=2):
+        sys.exit(f"make up: something else listens on {parts.hostname}:{parts.port} (another API?); stop it, or "
+                 "set NAD_API_PORT to a free port")
     api = _start("api", [sys.executable, "-m", "api"], env)
-    _wait("the API", lambda: ready(url), api, "api.log")
+    _wait("api", "the API", lambda: ready(url), api)
     return api
 
 

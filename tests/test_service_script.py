@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,6 +146,21 @@ def test_up_restarts_its_own_redis_server_alone(redis_service: Service) -> None:
 
     service.run("down")
     assert service.live() == []
+
+
+def test_up_neither_takes_another_programs_port_nor_trusts_an_api_that_does_not_answer(sqlite_service: Service) -> None:
+    """Another program on the API's port answered /readyz for an API that had died on the port, and `up` said it
+    started; an API left by an earlier `up` that does not answer here (other settings, no storage) was trusted."""
+    service, port = sqlite_service, int(sqlite_service.env["NAD_API_PORT"])
+    script = [sys.executable, str(service.root / "scripts" / "service.py"), "up"]
+    with socket.create_server(("127.0.0.1", port)):
+        done = subprocess.run(script, cwd=service.root, env=service.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and f"something else listens on 127.0.0.1:{port}" in done.stderr, done.stderr
+    assert not (service.root / "var" / "run" / "api.pid").exists()
+    service.run("up")  # the port is free now
+    elsewhere = service.env | {"NAD_API_PORT": str(free_port())}
+    done = subprocess.run(script, cwd=service.root, env=elsewhere, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "the API running since an earlier `make up` does not answer at" in done.stderr
 
 
 def test_up_says_a_setting_or_database_it_cannot_use_in_one_line(sqlite_service: Service, tmp_path: Path) -> None:
