@@ -38,7 +38,7 @@ def _add_keys_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("keys", help="create, list and revoke API keys (in NAD_DATABASE_URL)")
     actions = parser.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="make a key; the key itself is printed once, on the last line")
-    create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument("--name", required=True, type=_key_name, help="who or what the key is for")
     revoke = actions.add_parser("revoke", help="stop a key from working; its jobs stay, out of reach")
     revoke.add_argument("key_id", help="the key's id, as `nad keys list` shows it")
     actions.add_parser("list", help="every key: id, name, created, revoked")
@@ -55,6 +55,13 @@ def _add_keys_command(commands: argparse._SubParsersAction) -> None:
             return fail(setup_refused(error))
 
     parser.set_defaults(run=run)
+
+
+def _key_name(text: str) -> str:
+    """1 to 100 printable characters (the database keeps 100): `nad keys list` shows each key on one line."""
+    if not 0 < len(text) <= 100 or not text.isprintable():
+        raise argparse.ArgumentTypeError("a key's name is 1 to 100 printable characters, on one line")
+    return text
 
 
 def setup_refused(error: Exception) -> str:

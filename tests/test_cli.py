@@ -533,6 +533,15 @@ def test_nad_keys_says_which_setting_of_the_environment_is_wrong(tmp_path, varia
     assert result.returncode == 2 and result.stderr == f"nad: error: {said}\n"
 
 
+def test_a_key_name_is_one_printable_line_the_database_can_keep(capsys):
+    """An empty name, one over the 100 characters kept (PostgreSQL refused it as a database it could not use)
+    or one that breaks `nad keys list`'s line a key."""
+    for name in ("", "x" * 101, "two\nlines"):
+        with pytest.raises(SystemExit) as refused:
+            main(["keys", "create", "--name", name])
+        assert refused.value.code == 2 and "a key's name is 1 to 100 printable characters" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("url", "said"), [
     ("postgresql+psycopg://nobody@127.0.0.1:1/none", "cannot use the database of NAD_DATABASE_URL: "),
     ("bogus://x", "NAD_DATABASE_URL: the service keeps its jobs in SQLite or PostgreSQL, not bogus"),
