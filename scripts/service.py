@@ -207,6 +207,8 @@ def ready(url: str) -> bool:
 def down() -> None:
     """SIGTERM lets the worker finish its job; a job still running after a grace period is stopped with
     SIGQUIT, which gives its message back to the broker (it runs again on the next `make up`)."""
+    if not any(_alive(name) for name in SERVICES):
+        print("nothing `make up` started is running")
     for name in SERVICES:
         pid = _alive(name)
         if pid is None:

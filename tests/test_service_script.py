@@ -146,6 +146,7 @@ def test_up_restarts_its_own_redis_server_alone(redis_service: Service) -> None:
 
     service.run("down")
     assert service.live() == []
+    assert service.run("down") == "nothing `make up` started is running\n"  # it said nothing at all
 
 
 def test_up_neither_takes_another_programs_port_nor_trusts_an_api_that_does_not_answer(sqlite_service: Service) -> None:
