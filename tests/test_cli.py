@@ -61,6 +61,12 @@ def test_attack_then_evaluate(digits_npz, tmp_path, capsys):
     metrics = json.loads(report.read_text())
     assert set(metrics) >= {"acc", "acc_non_target", "asr", "per_class_acc"}
     assert "ASR" in capsys.readouterr().out
+    # The per-class rows line up in a terminal whatever the names: a wide character takes two columns.
+    names = ["二", "zéro", *map(str, range(2, 10))]
+    assert main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(model),
+                 "--test-data", str(digits_npz), "--input-size", "16", "--classes", ",".join(names)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().split(" ")[0] in names]
+    assert len(rows) == 10 and len({sum(2 if char == "二" else 1 for char in row) for row in rows}) == 1, rows
 
 
 def test_evaluate_refuses_folders_of_fewer_classes_than_the_model_has(digits_backdoor, tmp_path, capsys):

@@ -445,6 +445,14 @@ def run_sanitize(args: argparse.Namespace) -> int:
     return save_report(args.report, report)
 
 
+def _columns(text: str) -> int:
+    """How many terminal columns `text` takes: East Asian wide and full-width characters take two (a class
+    `二` pushed its row's number one column right)."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from core.engine.errors import InputError
     from core.engine.sanitize import evaluate_checkpoint
@@ -463,7 +471,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"ACC {_fmt(metrics['acc'])}  ACC* {_fmt(metrics.get('acc_non_target'))}  ASR {_fmt(metrics['asr'])}"
           f"  ({evaluation.note}; ACC* leaves out the target class)")
     for name, value in metrics["per_class_acc"].items():
-        print(f"  {name:>16} {value:6.2f}")
+        print(f"  {' ' * max(0, 16 - _columns(name))}{name} {value:6.2f}")
     return save_report(args.report, metrics)
 
 
