@@ -94,7 +94,8 @@ class Execution:
     @classmethod
     def for_mode(cls, mode: str, device: torch.device, input_size: int) -> Execution:
         """Evaluation batches of larger images hold fewer of them, as many pixels as the batch of 32 x 32
-        images: a batch of 256 at 1024 x 1024 held 17 GB in WRN-16-1's first layer alone."""
+        images: a batch of 256 at 1024 x 1024 is 17 GB in WRN-16-1's first layer alone (256 x 16 x 1024^2 x 4
+        bytes), and such a job ran a machine out of memory measuring its images."""
         if mode == "reference":
             return cls(eval_batch=_scaled(64, input_size))
         gpu = device.type == "cuda"
