@@ -18,9 +18,8 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from service_fixtures import ROOT, free_port, new_key
+from service_fixtures import ROOT, free_port, fresh_postgres, new_key
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
 
 from api.app import create_app
 from core import jobs, keys
@@ -603,17 +602,18 @@ def test_unknown_routes_wrong_methods_and_unexpected_errors_are_problems(
         assert "secret" not in crashed["detail"] and "internal error" in crashed["detail"]
 
 
-def test_a_database_outage_is_a_503_a_client_waits_out(
-    api: TestClient, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Not a 500 that asks for a bug report: `nad submit` retries a 503. The outage is faked at the one read
-    (the shared PostgreSQL cannot be stopped for a test); the driver raises this when its server is gone."""
-    def gone(*_args: object) -> None:
-        raise OperationalError("SELECT jobs ...", {}, Exception("connection refused"))
-
-    monkeypatch.setattr("core.jobs.list_jobs", gone)
-    down = api.get("/jobs", headers=auth)
-    assert "database is unreachable right now" in problem(down, 503)["detail"] and down.headers["retry-after"] == "30"
+def test_a_database_outage_is_a_503_a_client_waits_out(make_settings) -> None:
+    """Not a 500 that asks for a bug report: `nad submit` retries a 503. The API's own database is dropped
+    under it, its connections with it (the shared PostgreSQL server cannot be stopped for a test)."""
+    database = fresh_postgres()
+    settings = make_settings(database_url=next(database))
+    with TestClient(create_app(settings)) as client:
+        headers = new_key(settings)
+        assert client.get("/jobs", headers=headers).status_code == 200
+        next(database, None)  # DROP DATABASE ... WITH (FORCE)
+        for down in (client.get("/jobs", headers=headers), submit(client, headers)):
+            assert "database is unreachable right now" in problem(down, 503)["detail"]
+            assert down.headers["retry-after"] == "30"
 
 
 def test_the_openapi_description_documents_the_upload_and_the_problems(api: TestClient) -> None:
