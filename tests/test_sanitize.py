@@ -175,7 +175,7 @@ def test_fast_and_reference_modes_compute_the_same_thing():
 
 def test_evaluation_batches_of_larger_images_hold_as_many_pixels():
     """A batch of 256 images of 1024 x 1024 is 17 GB in WRN-16-1's first layer alone (256 x 16 channels x 1024^2
-    x 4 bytes); a job of such images grew to 13 GB measuring them before it was killed."""
+    x 4 bytes)."""
     from core.engine.training import Execution
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")

@@ -229,7 +229,8 @@ def runnable(params: SanitizeParams, model: nn.Module) -> list[str]:
 
 
 def _missing_classes(clean: ImageSet, num_classes: int) -> list[str]:
-    """A warning when the clean images leave classes out (an npz's labels may; folders are refused for it):
+    """A warning when the clean images leave classes out (an npz's labels may, and folders may where `classes`
+    names every class; without it, fewer folders than classes are refused):
     every method fine-tunes on them, and a model fine-tuned without a class's images may forget that class."""
     missing = sorted(set(range(num_classes)) - set(np.unique(clean.labels).tolist()))
     if not missing:
