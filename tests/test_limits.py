@@ -386,8 +386,8 @@ def test_a_refused_archive_is_named_by_its_role(small_checkpoint: Path, tmp_path
 
 
 def test_clean_data_that_leaves_classes_out_is_warned_of(small_checkpoint: Path, tmp_path: Path) -> None:
-    """An npz's labels may leave classes out (folders are refused for it): a model fine-tuned without a
-    class's images may forget it, and the job said nothing."""
+    """An npz's labels may leave classes out, and so may folders where `classes` names every class: a model
+    fine-tuned without a class's images may forget it, and the job said nothing."""
     from core.engine.sanitize import JobFiles, sanitize
     from core.params import SanitizeParams
 
@@ -398,6 +398,15 @@ def test_clean_data_that_leaves_classes_out_is_warned_of(small_checkpoint: Path,
                                             teacher_epochs=1))
     said = "clean_data holds no image of 1 of the model's 2 classes (1): the model was fine-tuned without them"
     assert [warning[:len(said)] for warning in report["warnings"]] == [said]
+    folders = tmp_path / "clean.zip"
+    with zipfile.ZipFile(folders, "w") as archive:
+        for index in range(20):
+            image = io.BytesIO()
+            Image.fromarray(np.full((16, 16, 3), index, np.uint8)).save(image, format="PNG")
+            archive.writestr(f"cat/{index}.png", image.getvalue())
+    report = sanitize(replace(files, clean_data=folders), SanitizeParams(
+        arch="wrn-16-1", num_classes=2, classes=["cat", "dog"], input_size=16, method="finetune", teacher_epochs=1))
+    assert [warning[:75] for warning in report["warnings"]] == [said.replace("(1)", "(dog)")[:75]]
 
 
 def test_layers_that_give_no_feature_map_are_refused_before_any_training(small_checkpoint: Path,
