@@ -246,7 +246,7 @@ def _within_the_cap(service: Services, owner: str, job_id: str) -> None:
         raise _queue_full(count - 1, limit)
 
 
-@router.get("/jobs", summary="List your jobs, newest first", responses=responses(401, 422))
+@router.get("/jobs", summary="List your jobs, newest first", responses=responses(401, 422, 503))
 async def list_jobs(
     owner: Owner,
     session: Reading,
@@ -264,13 +264,13 @@ async def list_jobs(
     return JobPage(items=[JobResource.of(job) for job in page], next_cursor=next_cursor)
 
 
-@router.get("/jobs/{job_id}", summary="A job's status and progress", responses=responses(401, 404))
+@router.get("/jobs/{job_id}", summary="A job's status and progress", responses=responses(401, 404, 503))
 async def get_job(job_id: str, owner: Owner, session: Reading) -> JobResource:
     return JobResource.of(await session.run_sync(_owned, job_id, owner))
 
 
 @router.get("/jobs/{job_id}/metrics", summary="Before/after ACC and ASR of a succeeded job",
-            responses=responses(401, 404, 409), response_model_exclude_unset=True)
+            responses=responses(401, 404, 409, 503), response_model_exclude_unset=True)
 async def get_metrics(job_id: str, owner: Owner, session: Reading) -> Metrics:
     job = await session.run_sync(_owned, job_id, owner)
     if job.status != Status.SUCCEEDED:
@@ -285,7 +285,7 @@ MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
           "content": {media_type: {"schema": {"type": "string", "format": "binary"}}
                       for media_type in ("application/octet-stream", "multipart/byteranges")}},
     304: {"description": "`If-None-Match` holds the checkpoint's ETag: the copy you have is current"},
-    **responses(400, 401, 404, 409, 412, 416, 500),
+    **responses(400, 401, 404, 409, 412, 416, 500, 503),
 }
 
 
@@ -381,7 +381,7 @@ def _check_range(header: str, size: int) -> None:
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, summary="Cancel a queued or running job",
              responses={200: {"description": "the job was queued and is now cancelled", "model": JobResource},
-                        **responses(401, 404, 409)})
+                        **responses(401, 404, 409, 503)})
 def cancel_job(job_id: str, owner: Owner, service: Service, response: Response) -> JobResource:
     """A queued job is cancelled at once (200). A running one becomes `cancelling` (202) and stops at its
     next epoch boundary, then turns `cancelled`."""
@@ -397,7 +397,7 @@ def cancel_job(job_id: str, owner: Owner, service: Service, response: Response) 
 
 
 @router.delete("/jobs/{job_id}", status_code=204, summary="Delete a finished job and its files",
-               responses=responses(401, 404, 409))
+               responses=responses(401, 404, 409, 503))
 def delete_job(job_id: str, owner: Owner, service: Service) -> Response:
     """Only a succeeded, failed or cancelled job can be deleted: cancel a queued or running one first."""
     with service.db.session() as session:

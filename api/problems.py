@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,26 @@ async def _on_validation_error(request: Request, error: RequestValidationError) 
     return await _on_problem(request, invalid(field_errors(error.errors())))
 
 
-async def _on_database_down(request: Request, error: Exception) -> JSONResponse:
+def _database_down(error: DBAPIError) -> bool:
+    """Whether the database failed to answer, rather than refused a statement (a missing table, a timeout, a
+    deadlock: the driver calls those operational too). PostgreSQL: no answer at all (psycopg gives no
+    SQLSTATE when it cannot connect), a connection exception (class 08) or a server shutting down or starting
+    (57P01-57P03). SQLite: a file that is busy, locked or cannot be opened."""
+    if error.connection_invalidated:
+        return True
+    name = getattr(error.orig, "sqlite_errorname", None)
+    if name is not None:
+        return name in ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN")
+    state = getattr(error.orig, "sqlstate", None)
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+
+
+async def _on_database_down(request: Request, error: DBAPIError) -> JSONResponse:
     """The job database unreachable (a restart, a network fault): the service's passing state, said as a 503
-    a client waits out, where a 500 told it to report a bug. `nad submit` retries a 503."""
+    a client waits out, where a 500 told it to report a bug. `nad submit` retries a 503. Any other error of
+    the database is the service's fault, a 500."""
+    if not _database_down(error):
+        return await _on_unexpected(request, error)
     log.error("%s %s: the job database failed", request.method, request.url.path, exc_info=error)
     return problem_response(request, 503, "the job database is unreachable right now; try again in a minute",
                             {"Retry-After": str(DATABASE_RETRY_AFTER)})

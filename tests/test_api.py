@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -614,6 +615,18 @@ def test_a_database_outage_is_a_503_a_client_waits_out(make_settings) -> None:
         for down in (client.get("/jobs", headers=headers), submit(client, headers)):
             assert "database is unreachable right now" in problem(down, 503)["detail"]
             assert down.headers["retry-after"] == "30"
+
+
+def test_a_statement_the_database_refuses_is_a_500_not_an_outage(make_settings, tmp_path: Path) -> None:
+    """SQLite calls a missing table operational too: retrying would not help, so no 503 says it would."""
+    path = tmp_path / "nad.db"
+    settings = make_settings(database_url=f"sqlite:///{path}")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        headers = new_key(settings)
+        with sqlite3.connect(path) as connection:
+            connection.execute("DROP TABLE artifacts")
+            connection.execute("DROP TABLE jobs")
+        assert "internal error" in problem(client.get("/jobs", headers=headers), 500)["detail"]
 
 
 def test_the_openapi_description_documents_the_upload_and_the_problems(api: TestClient) -> None:
