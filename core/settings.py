@@ -90,12 +90,15 @@ class Settings(BaseSettings):
         PostgreSQL alone) or a driver not installed is said as this setting's error, not as a traceback or a
         500 from wherever the database is first opened."""
         try:
-            backend = make_url(url).get_backend_name()
+            parsed = make_url(url)
         except (ArgumentError, ValueError) as error:
             raise ValueError(f"not a database URL ({error})") from None
-        if backend not in ASYNC_DRIVERS:
-            raise ValueError(f"the service keeps its jobs in SQLite or PostgreSQL, not {backend}")
+        if parsed.get_backend_name() not in ASYNC_DRIVERS:
+            raise ValueError(f"the service keeps its jobs in SQLite or PostgreSQL, not {parsed.get_backend_name()}")
         try:
+            if parsed.get_dialect().is_async:  # the workers and migrations need a blocking driver
+                raise ValueError(f"{parsed.drivername} is an asyncio driver; name a blocking one, e.g. "
+                                 "postgresql+psycopg or sqlite (the API reads through its own asyncio driver)")
             create_engine(url).dispose()  # connects to nothing: it loads the dialect and driver, as opening does
         except ArgumentError as error:  # a driver SQLAlchemy does not know (sqlite+nodriver)
             raise ValueError(f"not a database URL ({error})") from None

@@ -553,6 +553,8 @@ def test_a_key_name_is_one_printable_line_the_database_can_keep(capsys):
     ("bogus://x", "NAD_DATABASE_URL: the service keeps its jobs in SQLite or PostgreSQL, not bogus"),
     ("mysql://nobody@127.0.0.1/none", "NAD_DATABASE_URL: the service keeps its jobs in SQLite or PostgreSQL, "
                                       "not mysql"),  # the API's first read failed
+    ("postgresql+psycopg_async://nobody@127.0.0.1/none", "NAD_DATABASE_URL: postgresql+psycopg_async is an asyncio "
+                                                          "driver; name a blocking one"),  # failed at migration
     ("sqlite+nodriver:///x.db", "NAD_DATABASE_URL: not a database URL (Can't load plugin: "
                                 "sqlalchemy.dialects:sqlite.nodriver)"),
     ("postgresql+pg8000://nobody@127.0.0.1/none", "NAD_DATABASE_URL: its database driver is not installed "
