@@ -82,9 +82,9 @@ def _wait(name: str, what: str, started: Callable[[], bool], process: subprocess
         if started():
             return
         time.sleep(0.3)
-    if process.poll() is None:
+    with contextlib.suppress(ProcessLookupError):  # its children too, where it died and left them
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    process.wait()
     (RUN / f"{name}.pid").unlink(missing_ok=True)
     tail = "\n".join((LOG / f"{name}.log").read_text(errors="replace").splitlines()[-30:])
     sys.exit(f"{what} did not start; the end of var/log/{name}.log:\n{tail}")
@@ -151,7 +151,7 @@ def up() -> None:
     env = {"NAD_BROKER_URL": broker}
     _ensure("worker", "worker", lambda: _start_worker(env))
     _ensure("api", "API", lambda: _start_api(env, url))
-    if not ready(url):  # one of an earlier `up` that runs on, but not here, or not well
+    if not _ready_within(url, 10):  # one of an earlier `up` that runs on, but not here, or not well
         sys.exit(f"make up: the API running since an earlier `make up` does not answer at {url}: it was started "
                  "with other settings, or cannot reach its database or storage (var/log/api.log); `make down`, "
                  "then `make up`")
@@ -194,6 +194,16 @@ def _start_api(env: dict[str, str], url: str) -> subprocess.Popen:
     api = _start("api", [sys.executable, "-m", "api"], env)
     _wait("api", "the API", lambda: ready(url), api)
     return api
+
+
+def _ready_within(url: str, seconds: float) -> bool:
+    """Whether the API at `url` answers /readyz within `seconds`: a moment's hiccup of its broker is no fault."""
+    deadline = time.monotonic() + seconds
+    while not ready(url):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def ready(url: str) -> bool:
