@@ -6,6 +6,7 @@ code (`worker.tasks` is loaded by the worker only), so the API can send jobs thr
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -92,3 +93,6 @@ def _migrate(**_kwargs) -> None:
             database.dispose()
     except SQLAlchemyError as error:
         sys.exit(f"worker: {setup_refused(error)}")
+    except Exception as error:  # a migration's own fault: the worker must not go on to say it is ready
+        logging.getLogger(__name__).exception("worker: the database migration failed")
+        sys.exit(f"worker: the database migration failed ({type(error).__name__}: {error}); see the log above")
