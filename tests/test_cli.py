@@ -600,7 +600,7 @@ def test_the_progress_bar_shows_an_epoch_that_starts_without_the_percentage_movi
     _as_terminal(monkeypatch)
     bar = ProgressBar()
     bar(Event("sau", 0.5, epoch=10, epochs=10, loss=12.3, lr=1e-4))
-    bar(Event("sau", 0.5, epoch=1, epochs=10, step=1, steps=9))
+    bar(Event("sau", 0.5, epoch=1, epochs=10, step=1))
     shown = capsys.readouterr().err
     bar.close()
     assert "sau 1/10" in shown and "\r" in shown
@@ -612,7 +612,7 @@ def test_the_progress_bar_shows_an_epochs_loss_and_lr_beside_that_epoch_only(cap
     _as_terminal(monkeypatch)
     bar = ProgressBar()
     bar(Event("student", 0.1, epoch=2, epochs=20, loss=1.5, lr=0.1))
-    bar(Event("student", 0.11, epoch=3, epochs=20, step=1, steps=35))
+    bar(Event("student", 0.11, epoch=3, epochs=20, step=1))
     shown = capsys.readouterr().err.split("\r")
     bar.close()
     assert any("student 2/20" in line and "lr=0.1" in line for line in shown)
@@ -623,7 +623,7 @@ def test_off_a_terminal_progress_is_a_line_per_stage_and_epoch_not_a_bar(capsys)
     """A job of hours logged to a file: each bar redraw would be kept there, a megabyte of them."""
     bar = ProgressBar()
     for step in range(1, 36):
-        bar(Event("student", 0.1 + step / 1000, epoch=3, epochs=20, step=step, steps=35))
+        bar(Event("student", 0.1 + step / 1000, epoch=3, epochs=20, step=step))
     bar(Event("evaluate_after", 0.96))
     bar.close()
     assert capsys.readouterr().err == "student 3/20 (10%)\nevaluate_after (96%)\n"

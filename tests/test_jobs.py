@@ -422,16 +422,16 @@ def test_progress_is_written_at_most_once_a_second_but_always_at_epoch_ends(data
             job = session.get(jobs.Job, job_id)
             return job.stage, job.epoch, job.progress
 
-    record(Event("teacher", 0.10, epoch=1, epochs=5, step=1, steps=10))
+    record(Event("teacher", 0.10, epoch=1, epochs=5, step=1))
     assert progress() == ("teacher", 1, 0.10)
-    record(Event("teacher", 0.11, epoch=1, epochs=5, step=2, steps=10))  # within a second: skipped
+    record(Event("teacher", 0.11, epoch=1, epochs=5, step=2))  # within a second: skipped
     assert progress() == ("teacher", 1, 0.10)
     record(Event("teacher", 0.20, epoch=1, epochs=5, loss=0.5, lr=0.01))  # the epoch's end
     assert progress() == ("teacher", 1, 0.20)
-    record(Event("student", 0.21, epoch=1, epochs=5, step=1, steps=10))  # a new stage
+    record(Event("student", 0.21, epoch=1, epochs=5, step=1))  # a new stage
     assert progress() == ("student", 1, 0.21)
     time.sleep(1.05)
-    record(Event("student", 0.22, epoch=1, epochs=5, step=2, steps=10))
+    record(Event("student", 0.22, epoch=1, epochs=5, step=2))
     assert progress() == ("student", 1, 0.22)
 
 

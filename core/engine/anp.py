@@ -217,8 +217,7 @@ def optimize_masks(model: nn.Module, layers: dict[str, nn.Module], images: torch
                 inputs, target = draw_batch(images, labels, recipe, generator, normalize, execution)
                 parts = mask_step(model, state, optimizer, inputs, target, recipe, generator, execution)
                 sums = {name: sums.get(name, 0) + value for name, value in parts.items()}
-                watch.on_event(Event(watch.stage, watch.at(iteration / recipe.iterations), step=iteration,
-                                     steps=recipe.iterations))
+                watch.on_event(Event(watch.stage, watch.at(iteration / recipe.iterations), step=iteration))
             _record_round(watch, sums, stop - start, stop, recipe)
         return state.masks()
 
@@ -228,9 +227,8 @@ def _record_round(watch: Watch, sums: dict[str, torch.Tensor], count: int, stop:
     row.update(train_acc=100.0 * float(sums["correct"]) / (count * recipe.batch_size), stage=watch.stage, step=stop,
                steps=recipe.iterations, lr=recipe.lr)
     watch.history.append(row)
-    watch.on_event(Event(watch.stage, watch.at(stop / recipe.iterations), step=stop, steps=recipe.iterations,
-                         loss=row["loss"], lr=recipe.lr, metrics={"nat_loss": row["nat_loss"],
-                                                                   "rob_loss": row["rob_loss"]}))
+    watch.on_event(Event(watch.stage, watch.at(stop / recipe.iterations), step=stop, loss=row["loss"],
+                         lr=recipe.lr))
 
 
 def prune(layers: dict[str, nn.Module], masks: list[torch.Tensor], threshold: float) -> dict[str, Any]:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -15,9 +14,10 @@ class Event:
     evaluate_after, done. `progress` is the share of the whole job done, 0 to 1, so a watcher needs no
     knowledge of the stages.
     Epoch-level events carry `epoch` (1-based) of `epochs`, the epoch's mean `loss` and its `lr`;
-    step-level events carry `step` of `steps`; anp, which counts iterations rather than epochs, also sends a
-    step event with the mean `loss` and the `lr` after each round of 50 iterations; ibau counts its rounds as
-    epochs; evaluation events carry `metrics`.
+    step-level events carry their `step` too, which tells the job table to write them at most once a second;
+    anp, which counts iterations rather than epochs, also sends a step event with the mean `loss` and the `lr`
+    after each round of 50 iterations; ibau counts its rounds as epochs. The figures of each epoch go to the
+    report's history, not here: a watcher shows where the job is.
     """
 
     stage: str
@@ -25,13 +25,8 @@ class Event:
     epoch: int | None = None
     epochs: int | None = None
     step: int | None = None
-    steps: int | None = None
     loss: float | None = None
     lr: float | None = None
-    metrics: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 EventSink = Callable[[Event], None]

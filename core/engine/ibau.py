@@ -131,7 +131,7 @@ def unlearn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 watch.on_event(Event(watch.stage, watch.at((number - 1 + step / len(batches)) / recipe.rounds),
-                                     step=step, steps=len(batches), epoch=number, epochs=recipe.rounds))
+                                     step=step, epoch=number, epochs=recipe.rounds))
             rows.append(_record_round(watch, number, recipe, float(total) / len(batches), float(delta.norm())))
     finally:
         model.train(training)
@@ -150,5 +150,5 @@ def _record_round(watch: Watch, number: int, recipe: IbauRecipe, loss: float, no
            "lr": recipe.lr}
     watch.history.append(row)
     watch.on_event(Event(watch.stage, watch.at(number / recipe.rounds), epoch=number, epochs=recipe.rounds,
-                         loss=loss, lr=recipe.lr, metrics={"delta_norm": norm}))
+                         loss=loss, lr=recipe.lr))
     return row

@@ -293,7 +293,7 @@ def sanitize(
     on_event(Event("evaluate_before", LOAD_SHARE))
     with clock.time("evaluate_before"):
         before = measure(model, evaluation, normalize, dev, execution)
-    on_event(Event("evaluate_before", LOAD_SHARE + EVALUATE_SHARE, metrics=before))
+    on_event(Event("evaluate_before", LOAD_SHARE + EVALUATE_SHARE))
 
     spans = _training_spans(stages(params.method, params, trains_teacher=teacher is None))
     history: list[dict[str, Any]] = []
@@ -356,5 +356,5 @@ def sanitize(
     })
     clock.timings["total"] = round(sum(clock.timings.values()), 3)
     report["timings"] = clock.timings
-    on_event(Event("done", 1.0, metrics={"before": before, "after": after}))
+    on_event(Event("done", 1.0))
     return report

@@ -264,7 +264,7 @@ def _unlearn(model: nn.Module, suspect: nn.Module, images: torch.Tensor, labels:
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + value / len(steps)
             watch.on_event(Event(watch.stage, watch.at((epoch + number / len(steps)) / recipe.epochs),
-                                 epoch=epoch + 1, epochs=recipe.epochs, step=number, steps=len(steps)))
+                                 epoch=epoch + 1, epochs=recipe.epochs, step=number))
         rows.append(_record_epoch(watch, epoch + 1, recipe.epochs, lr, sums, anchored, recipe.bound, retry))
         if not retry and _saturated(rows[-1]):
             break
@@ -336,5 +336,5 @@ def _record_epoch(watch: Watch, epoch: int, epochs: int, lr: float, sums: dict[s
            "retry": retry, **sums}
     watch.history.append(row)
     watch.on_event(Event(watch.stage, watch.at(epoch / epochs), epoch=epoch, epochs=epochs, loss=sums["loss"],
-                         lr=lr, metrics={k: v for k, v in sums.items() if k != "loss"}))
+                         lr=lr))
     return row

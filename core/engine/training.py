@@ -224,7 +224,7 @@ def train(
         watch.history.append(rows[-1])
         watch.on_event(
             Event(watch.stage, watch.at((epoch + 1) / recipe.epochs), epoch=epoch + 1, epochs=recipe.epochs,
-                  loss=rows[-1]["loss"], lr=lr, metrics={k: v for k, v in rows[-1].items() if k.endswith("_loss")})
+                  loss=rows[-1]["loss"], lr=lr)
         )
     return rows
 
@@ -266,7 +266,7 @@ def _epoch(model, images, labels, objective, recipe, pipeline, watch, optimizer,
         seen += len(index)
         fraction = (epoch + number / len(steps)) / recipe.epochs
         watch.on_event(Event(watch.stage, watch.at(fraction), epoch=epoch + 1, epochs=recipe.epochs,
-                             step=number, steps=len(steps)))
+                             step=number))
     row = {name: float(total) / seen for name, total in sums.items()}
     row["train_acc"] = 100.0 * float(correct) / seen
     return row
