@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_engine_commands(commands: argparse._SubParsersAction) -> None:
-    """sanitize, evaluate, attack: the engine on local files."""
+    """sanitize, evaluate, attack, subset: the engine on local files."""
     from core.engine.commands import add_commands
 
     add_commands(commands)

@@ -92,7 +92,7 @@ TriggerSpec = Annotated[
 ]
 
 Candidate = Literal["nad", "finetune", "fst", "anp", "ibau", "sau"]
-Method = Literal["nad", "finetune", "fst", "anp", "ibau", "sau", "auto"]
+Method = Literal[Candidate, "auto"]
 Mode = Literal["fast", "reference"]
 
 

@@ -1,4 +1,4 @@
-"""`nad sanitize`, `nad evaluate` and `nad attack`: the engine on local files, with a progress bar."""
+"""`nad sanitize`, `nad evaluate`, `nad attack` and `nad subset`: the engine on local files, with a progress bar."""
 
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import TypeAdapter, ValidationError
 
-from core.params import INPUT_SIZES, PARAMS_LIMIT, Method, SanitizeParams, TriggerSpec
+from core.params import INPUT_SIZES, PARAMS_LIMIT, Method, Mode, SanitizeParams, TriggerSpec
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
     from core.engine.events import Event
-
-PRESETS = {"nad-grid": "the NAD authors' 3x3 grid in the bottom-right corner"}
-
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     _add_sanitize(commands)
@@ -216,7 +213,7 @@ def _add_sanitize(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--layers", type=_names, help="module names, e.g. block1,block2,block3")
     parser.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--mode", choices=["fast", "reference"], help="fast (default) or the authors' execution")
+    parser.add_argument("--mode", choices=get_args(Mode), help="fast (default) or the authors' execution")
     parser.add_argument("--out", type=Path, required=True, help="where to write the cleansed .safetensors")
     parser.add_argument("--report", type=Path, help="where to write the JSON report")
     parser.set_defaults(run=run_sanitize)
