@@ -10,29 +10,30 @@ import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-6
+P = 2.0  # the power of the attention map: the NAD paper's p, the one it uses
 
 
-def attention_map(features: torch.Tensor, p: float = 2.0, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """sum_c |F_c|^p, divided by its L2 norm over the spatial dimensions: N x 1 x H x W.
+def attention_map(features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """sum_c |F_c|^P, divided by its L2 norm over the spatial dimensions: N x 1 x H x W.
 
     `size` pools the map to a smaller spatial size before normalising, so that teacher and student maps of
     different resolutions can still be compared.
     """
-    amap = features.float().abs().pow(p).sum(dim=1, keepdim=True)
+    amap = features.float().abs().pow(P).sum(dim=1, keepdim=True)
     if size is not None and tuple(amap.shape[-2:]) != size:
         amap = F.adaptive_avg_pool2d(amap, size)
     return amap / (amap.norm(dim=(2, 3), keepdim=True) + EPS)
 
 
 def attention_loss(
-    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], betas: Sequence[float], p: float = 2.0
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], betas: Sequence[float]
 ) -> torch.Tensor:
     """sum_i beta_i * MSE(A(student_i), A(teacher_i)). Gradient flows into the student's features only: the
     teacher's are detached here, whatever the caller passes."""
     total = student[0].new_zeros(())
     for s, t, beta in zip(student, teacher, betas, strict=True):
         size = tuple(min(a, b) for a, b in zip(s.shape[-2:], t.shape[-2:], strict=True))
-        total = total + beta * F.mse_loss(attention_map(s, p, size), attention_map(t.detach(), p, size))
+        total = total + beta * F.mse_loss(attention_map(s, size), attention_map(t.detach(), size))
     return total
 
 
