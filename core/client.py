@@ -35,6 +35,8 @@ from core.engine.commands import (
 FINISHED = ("succeeded", "failed", "cancelled")
 # Attempts of the upload when the connection fails before an answer arrives (never when the service answered).
 UPLOAD_TRIES = 3
+# Seconds to connect, and to wait between bytes of an answer (an upload has no write timeout).
+TIMEOUT = 60.0
 # Answers of a service that is restarting or behind a proxy whose backend is: asked again, like no answer.
 UNAVAILABLE = (502, 503, 504)
 # Seconds `wait` keeps asking a service that does not answer before it gives up (the job goes on without it).
@@ -62,10 +64,10 @@ def _checked(response: httpx.Response) -> httpx.Response:
 
 
 class Client:
-    def __init__(self, url: str, key: str | None, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, key: str | None) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         # No write timeout: a large upload on a slow line takes as long as it takes.
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(timeout, write=None))
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(TIMEOUT, write=None))
 
     def close(self) -> None:
         self.http.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,10 @@ def logits_of(model: nn.Module, images: torch.Tensor, normalize: Normalization, 
     return _batched(model, images, normalize, execution, lambda logits: logits.float(), torch.float32)
 
 
-def _batched(model, images, normalize, execution, keep, dtype) -> torch.Tensor:
+def _batched(model: nn.Module, images: torch.Tensor, normalize: Normalization, execution: Execution,
+             keep: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """`keep(logits)` of every evaluation batch, joined; `dtype` types the empty result of no images, which
+    torch.cat cannot make."""
     model.eval()
     kept = []
     for start in range(0, len(images), execution.eval_batch):

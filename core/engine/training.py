@@ -218,7 +218,7 @@ def train(
     rows = []
     for epoch in range(recipe.epochs):
         lr = begin_epoch(epoch, recipe, optimizer, watch)
-        rows.append(_epoch(model, images, labels, objective, recipe, (normalize, execution), watch, optimizer,
+        rows.append(_epoch(model, images, labels, objective, recipe, normalize, execution, watch, optimizer,
                            generator, epoch))
         rows[-1].update(stage=watch.stage, epoch=epoch + 1, epochs=recipe.epochs, lr=lr)
         watch.history.append(rows[-1])
@@ -240,8 +240,10 @@ def begin_epoch(epoch: int, recipe: Recipe, optimizer: torch.optim.Optimizer, wa
     return lr
 
 
-def _epoch(model, images, labels, objective, recipe, pipeline, watch, optimizer, generator, epoch) -> dict:
-    normalize, execution = pipeline
+def _epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, objective: Objective, recipe: Recipe,
+           normalize: Normalization, execution: Execution, watch: Watch, optimizer: torch.optim.Optimizer,
+           generator: torch.Generator, epoch: int) -> dict[str, Any]:
+    """One epoch of `train`; returns its history row: the mean of each loss part and the training accuracy."""
     model.train()
     sharp = recipe.sharpness_aware(epoch)
     steps = plan_epoch(len(images), recipe, generator, images.device, execution.static_shapes)
