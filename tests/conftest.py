@@ -50,6 +50,23 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(large[..., None], 3, axis=3), digits.target.astype(np.int64)
 
 
+def noise_images(n: int, size: int = 16) -> tuple[Any, Any]:
+    """`n` random uint8 NCHW images (seed 0) and labels cycling through 10 classes: input for a defense's own
+    loop, where what it learns does not matter."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    return images, torch.arange(n) % 10
+
+
+def watch_of(stage: str, should_stop=lambda: False, events: list | None = None) -> Any:
+    """A Watch of `stage` that records its events into `events` where given."""
+    from core.engine.training import Watch
+
+    return Watch(stage, events.append if events is not None else lambda event: None, should_stop)
+
+
 def _save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
     np.savez(path, x=x, y=y)
     return path

@@ -8,6 +8,7 @@ failed, when it cannot be reached.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,51 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("NAD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 FINISHED = ("succeeded", "failed", "cancelled")
+# A job's params and its report as the API tests submit and store them, without a real model behind them.
+PARAMS = {"arch": "wrn-16-1", "num_classes": 10}
+REPORT = {
+    "arch": "wrn-16-1",
+    "num_classes": 10,
+    "method": "nad",
+    "params": PARAMS,
+    "input_sha256": "0" * 64,
+    "evaluation": {
+        "test_source": "holdout",
+        "note": "a hold-out of 250 images",
+        "n_clean": 250,
+        "n_poison": 225,
+    },
+    "before": {"acc": 80.0, "asr": 99.0, "per_class_acc": {"cat": 70.0, "dog": 90.0}},
+    "after": {"acc": 78.5, "asr": 2.5, "per_class_acc": {"cat": 69.0, "dog": 88.0}},
+    "history": [{"stage": "student", "epoch": 1, "epochs": 1, "loss": 0.5, "lr": 0.1}],
+    "timings": {"load": 0.1, "total": 9.0},
+}
+
+
+def submit(
+    client: TestClient,
+    headers: dict[str, str],
+    params: object = PARAMS,
+    files: dict | None = None,
+    **extra_headers: str,
+) -> httpx.Response:
+    files = files or {
+        "model": ("model.pt", b"checkpoint bytes"),
+        "clean_data": ("clean.zip", b"archive bytes"),
+    }
+    text = params if isinstance(params, str) else json.dumps(params)
+    return client.post("/sanitize", headers=headers | extra_headers, files=files, data={"params": text})
+
+
+def problem(response: httpx.Response, status: int) -> dict:
+    """The response's RFC 9457 problem, checked for shape and for leaks."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == "about:blank" and body["title"] == HTTPStatus(status).phrase
+    assert body["status"] == status and body["instance"] == response.request.url.path and body["detail"]
+    assert "Traceback" not in response.text and str(ROOT) not in response.text and "/tmp" not in response.text
+    return body
 
 
 def fresh_postgres() -> Iterator[str]:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils import parametrize
 
+from conftest import noise_images, watch_of
 from core.engine.anp import (
     ROUND,
     AnpRecipe,
@@ -27,7 +28,7 @@ from core.engine.errors import Cancelled, InputError
 from core.engine.methods import unsuitable
 from core.engine.models import build_model
 from core.engine.sanitize import JobFiles, load_model, sanitize
-from core.engine.training import Execution, Normalization, Watch
+from core.engine.training import Execution, Normalization
 from core.params import SanitizeParams
 
 CPU = torch.device("cpu")
@@ -44,16 +45,6 @@ DIGITS_ANP = {"method": "anp", "anp_iterations": 70, "anp_batch_size": 64, "anp_
 def _recipe(**changes) -> AnpRecipe:
     defaults = {"eps": 0.4, "steps": 1, "alpha": 0.2, "iterations": 4, "lr": 0.2, "batch_size": 8, "threshold": 0.2}
     return AnpRecipe(**(defaults | changes))
-
-
-def _data(n: int = 32, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
-    return images, torch.arange(n) % 10
-
-
-def _watch(should_stop=lambda: False, events=None) -> Watch:
-    return Watch("anp", (events.append if events is not None else lambda e: None), should_stop)
 
 
 def _model(arch: str = "wrn-16-1") -> nn.Module:
@@ -89,11 +80,11 @@ def test_anp_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp
 def test_the_perturbation_leaves_the_model_as_it_was_but_for_pruned_weights(arch):
     model = _model(arch)
     original = copy.deepcopy(model.state_dict())
-    images, labels = _data(8)
+    images, labels = noise_images(8)
     layers = batch_norms(model)
     # threshold 1 prunes every neuron: each BatchNorm weight zero, everything else as it was.
     report = adversarial_neuron_pruning(model, images, labels, _recipe(iterations=2, batch_size=4, threshold=1.0),
-                                        Normalization(), _watch(), Execution())
+                                        Normalization(), watch_of("anp"), Execution())
     state = model.state_dict()
     assert list(state) == list(original)
     assert all(type(module) in (nn.BatchNorm2d, nn.BatchNorm1d) for module in layers.values())
@@ -162,7 +153,7 @@ def test_masks_only_ever_take_values_in_0_to_1():
     """With a learning rate this large every step would throw masks far out of [0, 1]; after each step they are
     inside, and both bounds are reached."""
     model = _model()
-    images, labels = _data()
+    images, labels = noise_images(32)
     recipe = _recipe(lr=50.0)
     generator = torch.Generator().manual_seed(0)
     with perturbable(model, batch_norms(model)) as state:
@@ -177,7 +168,7 @@ def test_masks_only_ever_take_values_in_0_to_1():
 def test_cancel_stops_between_rounds_and_leaves_the_model_untouched():
     model = _model()
     original = copy.deepcopy(model.state_dict())
-    images, labels = _data()
+    images, labels = noise_images(32)
     events, checks = [], []
 
     def should_stop() -> bool:
@@ -186,7 +177,7 @@ def test_cancel_stops_between_rounds_and_leaves_the_model_untouched():
 
     with pytest.raises(Cancelled, match=f"iteration {ROUND + 1}"):
         optimize_masks(model, batch_norms(model), images, labels, _recipe(iterations=3 * ROUND, batch_size=4),
-                       Normalization(), _watch(should_stop, events), Execution())
+                       Normalization(), watch_of("anp", should_stop, events), Execution())
     assert max(e.step for e in events) == ROUND
     assert [e.step for e in events if e.loss is not None] == [ROUND]
     assert not any(parametrize.is_parametrized(module) for module in model.modules())
@@ -194,10 +185,10 @@ def test_cancel_stops_between_rounds_and_leaves_the_model_untouched():
 
 
 def test_anp_is_deterministic_for_a_seed():
-    images, labels = _data()
+    images, labels = noise_images(32)
 
     def run(seed: int):
-        model, watch = _model(), _watch()
+        model, watch = _model(), watch_of("anp")
         masks = optimize_masks(model, batch_norms(model), images, labels, _recipe(iterations=6, seed=seed),
                                Normalization(), watch, Execution())
         return torch.cat(masks), watch.history

@@ -29,7 +29,7 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import strategies as st
 from schemathesis.errors import FailureGroup
-from service_fixtures import new_key
+from service_fixtures import REPORT, new_key
 
 from api.app import create_app
 from core import jobs
@@ -45,15 +45,6 @@ CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conform
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
 JOB_OPERATIONS = (("GET", "/jobs/{job_id}"), ("GET", "/jobs/{job_id}/metrics"), ("GET", "/jobs/{job_id}/model"),
                   ("POST", "/jobs/{job_id}/cancel"), ("DELETE", "/jobs/{job_id}"))
-REPORT = {
-    "arch": "wrn-16-1", "num_classes": 10, "method": "nad", "params": {"arch": "wrn-16-1", "num_classes": 10},
-    "input_sha256": "0" * 64,
-    "evaluation": {"test_source": "holdout", "note": "a hold-out of 250 images", "n_clean": 250, "n_poison": 225},
-    "before": {"acc": 80.0, "asr": 99.0, "per_class_acc": {"cat": 70.0, "dog": 90.0}},
-    "after": {"acc": 78.5, "asr": 2.5, "per_class_acc": {"cat": 69.0, "dog": 88.0}},
-    "history": [{"stage": "student", "epoch": 1, "epochs": 1, "loss": 0.5, "lr": 0.1}],
-    "timings": {"load": 0.1, "total": 9.0},
-}
 CHECKPOINT = bytes(range(256)) * 8
 
 # What the fuzzing sent and found, for `scripts/fuzz.py`: requests per operation, responses per (operation,

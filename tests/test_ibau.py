@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.func import functional_call, grad, jacrev
 
+from conftest import noise_images, watch_of
 from core.engine.checkpoints import read_metadata
 from core.engine.errors import Cancelled
 from core.engine.ibau import (
@@ -22,25 +23,15 @@ from core.engine.ibau import (
     unlearn,
 )
 from core.engine.models import build_model
-from core.engine.training import Execution, Normalization, Watch
+from core.engine.training import Execution, Normalization
 from core.params import SanitizeParams
 
 RECIPE = IbauRecipe(rounds=2, lr=1e-3, batch_size=8, norm=10.0)
 
 
-def _data(n: int = 24, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
-    return images, torch.arange(n) % 10
-
-
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return build_model("wrn-16-1", 10)
-
-
-def _watch(should_stop=lambda: False, events=None) -> Watch:
-    return Watch("ibau", (events.append if events is not None else lambda e: None), should_stop)
 
 
 def test_ibau_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp_path):
@@ -104,7 +95,7 @@ def test_the_hypergradient_is_the_truncated_implicit_derivative():
 
 def test_the_perturbation_stays_in_its_ball_and_leaves_the_weights_alone():
     model = _model().eval()
-    images, _ = _data()
+    images, _ = noise_images(24)
     batches = list(Normalization()(images).split(8))
     loose = universal_perturbation(model, batches, 1e6, Execution())
     bound = float(loose.norm()) / 2
@@ -119,9 +110,9 @@ def test_unlearning_keeps_batch_norm_statistics_and_the_models_mode():
     model = _model().train()
     running = {name: b.clone() for name, b in model.named_buffers()}
     weights = copy.deepcopy(model.state_dict())
-    images, labels = _data()
+    images, labels = noise_images(24)
     events = []
-    rows = unlearn(model, images, labels, RECIPE, Normalization(), _watch(events=events), Execution())
+    rows = unlearn(model, images, labels, RECIPE, Normalization(), watch_of("ibau", events=events), Execution())
     assert model.training
     for name, buffer in model.named_buffers():
         torch.testing.assert_close(buffer, running[name])
@@ -133,16 +124,16 @@ def test_unlearning_keeps_batch_norm_statistics_and_the_models_mode():
 
 
 def test_the_same_seed_gives_the_same_model_and_cancelling_changes_nothing():
-    images, labels = _data()
+    images, labels = noise_images(24)
     first, second = _model(), _model()
     for model in (first, second):
-        unlearn(model, images, labels, RECIPE, Normalization(), _watch(), Execution())
+        unlearn(model, images, labels, RECIPE, Normalization(), watch_of("ibau"), Execution())
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     model = _model()
     untouched = copy.deepcopy(model.state_dict())
     with pytest.raises(Cancelled, match="round 1"):
-        unlearn(model, images, labels, RECIPE, Normalization(), _watch(should_stop=lambda: True), Execution())
+        unlearn(model, images, labels, RECIPE, Normalization(), watch_of("ibau", should_stop=lambda: True), Execution())
     for name, value in model.state_dict().items():
         assert torch.equal(value, untouched[name])
 

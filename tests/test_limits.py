@@ -7,22 +7,19 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import json
 import tarfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from http import HTTPStatus
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
-from service_fixtures import ROOT, new_key
+from service_fixtures import PARAMS, new_key, problem, submit
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
@@ -38,25 +35,6 @@ from core.settings import Settings
 from core.storage import FileWriter, Storage
 
 pytest_plugins = ["service_fixtures"]
-
-PARAMS = {"arch": "wrn-16-1", "num_classes": 10}
-FILES = {"model": ("model.pt", b"checkpoint bytes"), "clean_data": ("clean.zip", b"archive bytes")}
-
-
-def submit(client: TestClient, headers: dict[str, str], params: dict = PARAMS, files: dict = FILES,
-           **extra_headers: str) -> httpx.Response:
-    return client.post("/sanitize", headers=headers | extra_headers, files=files,
-                       data={"params": json.dumps(params)})
-
-
-def problem(response: httpx.Response, status: int) -> dict:
-    """The response's problem document, checked for shape and for leaks (stack traces, server paths)."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body = response.json()
-    assert body["title"] == HTTPStatus(status).phrase and body["status"] == status and body["detail"]
-    assert "Traceback" not in response.text and str(ROOT) not in response.text and "/tmp" not in response.text
-    return body
 
 
 def leftovers(settings: Settings) -> list[Path]:

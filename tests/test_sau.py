@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from api.schemas import Metrics
+from conftest import noise_images, watch_of
 from core.engine.checkpoints import read_metadata
 from core.engine.errors import Cancelled
 from core.engine.models import build_model
@@ -33,19 +34,9 @@ RECIPE = SauRecipe(epochs=2, lr=1e-3, batch_size=8, bound=0.2)
 EXECUTION = Execution()
 
 
-def _data(n: int = 24, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
-    return images, torch.arange(n) % 10
-
-
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return build_model("wrn-16-1", 10).eval()
-
-
-def _watch(should_stop=lambda: False, events=None) -> Watch:
-    return Watch("sau", (events.append if events is not None else lambda e: None), should_stop)
 
 
 def test_sau_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp_path):
@@ -100,7 +91,7 @@ def test_sau_erases_a_warp_backdoor_by_searching_warps_where_the_clean_data_show
 
 def test_shared_perturbation_stays_within_its_bound_and_gives_no_weight_gradient():
     model, suspect = _model(0), _model(1)
-    images, labels = _data()
+    images, labels = noise_images(24)
     pixels = images.float() / 255
     perturbation = shared_perturbation(model, suspect, pixels, labels, 0.1, Normalization(), EXECUTION)
     assert perturbation.shape == pixels.shape and not perturbation.requires_grad
@@ -210,7 +201,7 @@ def test_with_sau_warp_half_of_each_batch_is_warped_and_half_perturbed():
     images, labels = torch.full((8, 3, 16, 16), 128, dtype=torch.uint8), torch.arange(8) % 10
     seen: list[torch.Tensor] = []
     shared_unlearning(Seeing(_model(), seen), images, labels, dataclasses.replace(RECIPE, epochs=1, warp=1.0),
-                      Normalization(), _watch(), EXECUTION)
+                      Normalization(), watch_of("sau"), EXECUTION)
     pixels = images.float() / 255
     (both,) = [x for x in seen if len(x) == 16]
     clean, additive, warped = both[:8], both[8:12], both[12:]
@@ -257,9 +248,9 @@ def test_only_the_first_anchor_epochs_distil():
     """With `anchor_epochs` 1 of 2, the first epoch's clean loss is the distillation loss (near 0 on the
     suspect's own predictions at the start) and the second's the cross-entropy with labels the random model
     does not fit; the default job anchors 2 epochs."""
-    images, labels = _data()
+    images, labels = noise_images(24)
     rows = shared_unlearning(_model(), images, labels, dataclasses.replace(RECIPE, anchor_epochs=1),
-                             Normalization(), _watch(), EXECUTION)
+                             Normalization(), watch_of("sau"), EXECUTION)
     assert rows[0]["clean_loss"] < 0.5 < rows[1]["clean_loss"]
     assert [row["anchored"] for row in rows] == [True, False]
     assert SanitizeParams(arch="wrn-16-1", num_classes=10).sau_anchor_epochs == 2
@@ -339,7 +330,7 @@ def test_a_retry_that_stays_saturated_runs_to_its_end_and_is_reported_as_a_warni
     saturation, runs all its epochs without giving way to another, and the report warns."""
     model, images, labels = _saturating_model(240)
     rows = shared_unlearning(model, images, labels, SauRecipe(epochs=3, lr=1e-3, batch_size=6, bound=0.8),
-                             Normalization(), _watch(), EXECUTION)
+                             Normalization(), watch_of("sau"), EXECUTION)
     assert [row["bound"] for row in rows] == pytest.approx([0.8] + [0.05] * 3), "one retry, no more"
     assert all(row["shared_loss"] > SATURATED for row in rows)
     assert "backdoor may be intact" in saturation_warning(rows)
@@ -366,15 +357,15 @@ def test_the_openapi_history_text_states_the_retry_rule_the_engine_runs():
 
 
 def test_unlearning_keeps_batchnorm_statistics_and_mode_and_is_deterministic():
-    images, labels = _data()
+    images, labels = noise_images(24)
     model = _model().train()
     statistics = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    rows = shared_unlearning(model, images, labels, RECIPE, Normalization(), _watch(), EXECUTION)
+    rows = shared_unlearning(model, images, labels, RECIPE, Normalization(), watch_of("sau"), EXECUTION)
     assert model.training
     assert all(torch.equal(model.state_dict()[k], v) for k, v in statistics.items())
     assert [row["epoch"] for row in rows] == [1, 2]
     again = _model().train()
-    shared_unlearning(again, images, labels, RECIPE, Normalization(), _watch(), EXECUTION)
+    shared_unlearning(again, images, labels, RECIPE, Normalization(), watch_of("sau"), EXECUTION)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
                                                  strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), _model().state_dict().values(),
@@ -382,11 +373,11 @@ def test_unlearning_keeps_batchnorm_statistics_and_mode_and_is_deterministic():
 
 
 def test_a_cancelled_unlearning_changes_nothing():
-    images, labels = _data()
+    images, labels = noise_images(24)
     model = _model()
     original = copy.deepcopy(model.state_dict())
     with pytest.raises(Cancelled):
-        shared_unlearning(model, images, labels, RECIPE, Normalization(), _watch(should_stop=lambda: True),
+        shared_unlearning(model, images, labels, RECIPE, Normalization(), watch_of("sau", should_stop=lambda: True),
                           EXECUTION)
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
 
