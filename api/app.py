@@ -24,7 +24,9 @@ DESCRIPTION = """
 Removes backdoors from image classifiers. The default method, `auto`, cleans copies of the model with **Neural
 Attention Distillation** (`nad`, Li et al., ICLR 2021), Shared Adversarial Unlearning (`sau`) and Feature Shift
 Tuning (`fst`) and keeps the first whose accuracy on held-out clean images stays within `auto_budget` points of
-the suspect's; `method` may name one defense alone (the `SanitizeParams` schema lists them).
+the suspect's, or the most accurate when none does (one that missed by no more than the measurement's noise is
+first trained and measured again on other held-out images); `method` may name one defense alone (the
+`SanitizeParams` schema lists them).
 
 1. `POST /sanitize` a suspect checkpoint, a small set of clean labelled images and the job's parameters
    (multipart). The answer is `202 Accepted` with `Location: /jobs/{id}`.

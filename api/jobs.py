@@ -380,11 +380,13 @@ def _check_range(header: str, size: int) -> None:
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, summary="Cancel a queued or running job",
-             responses={200: {"description": "the job was queued and is now cancelled", "model": JobResource},
+             responses={200: {"description": "the job is cancelled: it was queued, or was cancelled already",
+                              "model": JobResource},
                         **responses(401, 404, 409, 503)})
 def cancel_job(job_id: str, owner: Owner, service: Service, response: Response) -> JobResource:
     """A queued job is cancelled at once (200). A running one becomes `cancelling` (202) and stops at its
-    next epoch boundary, then turns `cancelled`."""
+    next epoch boundary (`anp`: within 50 iterations; `ibau`: at the end of its round), then turns `cancelled`.
+    Asking again changes nothing and answers as the job stands."""
     with service.db.session() as session:
         job = _owned(session, job_id, owner)
         try:

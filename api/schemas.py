@@ -214,7 +214,7 @@ class Metrics(BaseModel):
                     "method: it still shows the suspect's resampling sign), and clean data that left classes out",
         examples=[[]],
     )
-    device: str | None = Field(default=None, description="the device the job ran on", examples=["cuda:0"])
+    device: str | None = Field(default=None, description="the device the job ran on", examples=["cuda"])
     timings: dict[str, float] = Field(
         description="seconds spent in each stage",
         examples=[{"load": 0.4, "evaluate_before": 3.1, "teacher": 60.2, "student": 121.7,

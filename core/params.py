@@ -130,7 +130,8 @@ class SanitizeParams(_Spec):
         "Adversarial Unlearning (adversarial examples the model shares with the suspect are unlearnt); auto: runs "
         "auto_candidates and keeps the one that clean data favours (docs/engine.md)",
     )
-    epochs: int = Field(default=20, ge=1, le=1000, description="student (or fine-tuning) epochs")
+    epochs: int = Field(default=20, ge=1, le=1000,
+                        description="nad: student epochs (finetune trains for teacher_epochs at teacher_lr)")
     lr: float = Field(default=0.1, gt=0, le=10, description="student learning rate")
     lr_milestones: list[int] = Field(
         default=[2], description="epochs (0-based) from which the student's lr is divided by 10"
@@ -215,8 +216,9 @@ class SanitizeParams(_Spec):
     mode: Mode = Field(
         default="fast",
         description="fast: the same computation laid out for speed (channels_last, bf16 autocast on a GPU, large "
-        "evaluation batches, full training batches only); reference: the authors' execution (eager fp32, "
-        "evaluation batch 64, every image every epoch)",
+        "evaluation batches, full training batches only, but for ibau's rounds); reference: the authors' "
+        "execution (eager fp32, evaluation batch 64, every image every epoch but a last batch of one, which batch "
+        "norm cannot train on)",
     )
     target_label: int | None = Field(default=None, ge=0, description="the attack's target class, for ASR")
     trigger: TriggerSpec | None = Field(default=None, description="a trigger applied to the clean test set for ASR")
