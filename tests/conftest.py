@@ -10,6 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+# The service tests' helpers assert (`problem`); the modules import them before pytest_plugins registers the
+# file, which pytest would then leave unrewritten, with bare failures.
+pytest.register_assert_rewrite("service_fixtures")
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 # A 3x3 checker in the bottom-right corner of the (16x16) digits; class 0 is the attack's target.
