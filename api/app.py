@@ -13,12 +13,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api import health, jobs, problems
 from api.services import Services
+from core.cli import settings_or_exit
 from core.database import Database
 from core.keys import KeyCache
 from core.params import SanitizeParams
-from core.settings import Settings, get_settings
+from core.settings import Settings
 from core.storage import Storage
-from worker.app import make_celery
+from worker.broker import make_celery
 
 DESCRIPTION = """
 Removes backdoors from image classifiers. The default method, `auto`, cleans copies of the model with **Neural
@@ -49,9 +50,10 @@ RFC 9457 problem (`application/problem+json`) whose `detail` says what to do.
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The API for `settings` (default: this process's NAD_ environment). Connects to nothing until it starts;
-    on start it migrates the database and clears uploads a crashed process left behind."""
-    settings = settings or get_settings()
+    """The API for `settings` (default: this process's NAD_ environment, which stops it in one line where it
+    cannot be used). Connects to nothing until it starts; on start it migrates the database and clears uploads
+    a crashed process left behind."""
+    settings = settings or settings_or_exit("api")
     services = Services(settings=settings, db=Database(settings.database_url),
                         storage=Storage(settings.storage_dir), queue=make_celery(settings),
                         keys=KeyCache(settings.key_cache_seconds))

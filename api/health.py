@@ -9,7 +9,7 @@ from fastapi import APIRouter
 
 from api.problems import ProblemError, responses
 from api.services import Service, Services
-from worker.app import BROKER_TIMEOUT
+from worker.broker import BROKER_TIMEOUT
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])

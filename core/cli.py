@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,6 +79,19 @@ def setup_refused(error: Exception) -> str:
         return validation_message(error, lambda field: f"NAD_{field.upper()}")
     reason = str(getattr(error, "orig", None) or error).splitlines()[0]
     return f"cannot use the database of NAD_DATABASE_URL: {reason}"
+
+
+def settings_or_exit(who: str) -> Settings:
+    """The environment's settings for a process that starts from them (the worker, the API under uvicorn): one
+    it cannot use stops it in one line, `who: NAD_...: why`, as `make up` says it."""
+    from pydantic import ValidationError
+
+    from core.settings import get_settings
+
+    try:
+        return get_settings()
+    except ValidationError as error:
+        sys.exit(f"{who}: {setup_refused(error)}")
 
 
 def _keys(args: argparse.Namespace) -> int:

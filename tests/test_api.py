@@ -27,7 +27,7 @@ from core.database import Database
 from core.params import PARAMS_LIMIT
 from core.settings import Settings
 from core.storage import LOCK_FILE, Storage, output_name
-from worker.app import make_celery
+from worker.broker import make_celery
 from worker.dispatch import send_job
 
 pytest_plugins = ["service_fixtures"]

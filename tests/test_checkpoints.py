@@ -164,7 +164,7 @@ def test_the_worker_process_refuses_a_full_unpickle_whatever_the_call_asks(tmp_p
     without it does run the file's code."""
     marker, path = tmp_path / "ran", tmp_path / "evil.pt"
     torch.save(Payload(marker), path)
-    # This process may carry the setting already (any test module importing api.app or worker.app sets it).
+    # This process may carry the setting already (any test module importing worker.app sets it).
     env = {name: value for name, value in os.environ.items() if name != "TORCH_FORCE_WEIGHTS_ONLY_LOAD"}
     done = subprocess.run([sys.executable, "-c", LOAD_IN_FULL.format(preamble=preamble), str(path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)

@@ -16,7 +16,7 @@ from api.app import create_app
 from core import jobs
 from core.database import Database
 from core.settings import Settings
-from worker.app import make_celery
+from worker.broker import make_celery
 from worker.dispatch import broker_task_ids, sweep
 
 pytest_plugins = ["service_fixtures"]

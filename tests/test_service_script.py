@@ -166,7 +166,8 @@ def test_up_neither_takes_another_programs_port_nor_trusts_an_api_that_does_not_
 
 def test_up_says_a_setting_or_database_it_cannot_use_in_one_line(sqlite_service: Service, tmp_path: Path) -> None:
     """As `nad keys` does: the variable to fix and why, not a traceback that names pydantic's field. Nothing starts;
-    the API and the worker, started by hand, say it so too."""
+    the API and the worker, started by hand, say it so too, and the API under uvicorn names itself (it said
+    "worker:", the module it imported to send jobs)."""
     script = sqlite_service.root / "scripts" / "service.py"
     missing = f"sqlite:///{tmp_path}"  # a folder: no database file can be opened there
     (tmp_path / "file").touch()
@@ -192,6 +193,11 @@ def test_up_says_a_setting_or_database_it_cannot_use_in_one_line(sqlite_service:
         last = done.stderr.splitlines()[-1]
         assert done.returncode == 1 and last == f"{name}: cannot use the database of NAD_DATABASE_URL: unable to " \
                                                 "open database file", done.stderr
+    uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--port", str(free_port())]
+    done = subprocess.run(uvicorn, cwd=sqlite_service.root, capture_output=True, text=True,
+                          env=sqlite_service.env | {"NAD_API_PORT": "abc"}, timeout=120)
+    assert done.returncode == 1 and done.stderr == "api: NAD_API_PORT: Input should be a valid integer, unable to " \
+                                                   "parse string as an integer\n", done.stderr
 
 
 def test_make_demo_stops_at_once_when_no_service_is_ready() -> None:

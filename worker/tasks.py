@@ -28,7 +28,8 @@ from core.engine.sanitize import JobFiles, sanitize
 from core.params import SanitizeParams
 from core.settings import get_settings
 from core.storage import Storage, output_name
-from worker.app import SANITIZE, app
+from worker.app import app
+from worker.dispatch import SANITIZE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
