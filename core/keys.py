@@ -35,10 +35,10 @@ class KeyCache:
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._entries: dict[bytes, tuple[str, float]] = {}
+        self._entries: dict[str, tuple[str, float]] = {}
 
     def get(self, presented: str) -> str | None:
-        entry = self._entries.get(self._digest(presented))
+        entry = self._entries.get(_digest(presented))
         return entry[0] if entry is not None and entry[1] > time.monotonic() else None
 
     def put(self, presented: str, key_id: str) -> None:
@@ -46,11 +46,7 @@ class KeyCache:
             return
         if len(self._entries) >= CACHE_SIZE:
             self._entries.clear()
-        self._entries[self._digest(presented)] = (key_id, time.monotonic() + self.seconds)
-
-    @staticmethod
-    def _digest(presented: str) -> bytes:
-        return hashlib.sha256(presented.encode()).digest()
+        self._entries[_digest(presented)] = (key_id, time.monotonic() + self.seconds)
 
 
 class ApiKey(Base):

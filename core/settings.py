@@ -113,6 +113,12 @@ class Settings(BaseSettings):
         delivered twice."""
         return self.job_time_limit + 600
 
+    @property
+    def broker_is_redis(self) -> bool:
+        """Redis takes Celery's transport options and its queue can be read by the sweeper; kombu's SQLAlchemy
+        transport (what `make up` falls back to) does neither."""
+        return self.broker_url.startswith(("redis://", "rediss://"))
+
 
 class ClientSettings(BaseSettings):
     """Defaults of `nad submit`, so a user sets the service's address and their key once."""

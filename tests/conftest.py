@@ -3,6 +3,7 @@ handwritten digits (real data that ships inside a package), for every test that 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,15 @@ class DigitsCase:
         files = JobFiles(checkpoint=self.checkpoint, clean_data=self.clean, test_data=self.test, out=out)
         return sanitize(files, params, on_event=on_event or ignore, should_stop=should_stop or never,
                         time_limit=time_limit)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata block of a safetensors file the engine wrote, read from its header by hand, not by the
+    library that wrote it."""
+    with path.open("rb") as stream:
+        size = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(size))
+    return header.get("__metadata__", {})
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils import parametrize
 
-from conftest import noise_images, watch_of
+from conftest import noise_images, read_metadata, watch_of
 from core.engine.anp import (
     ROUND,
     AnpRecipe,
@@ -23,7 +23,7 @@ from core.engine.anp import (
     perturbable,
     prune,
 )
-from core.engine.checkpoints import read_metadata, write_checkpoint
+from core.engine.checkpoints import write_checkpoint
 from core.engine.errors import Cancelled, InputError
 from core.engine.methods import unsuitable
 from core.engine.models import build_model

@@ -11,7 +11,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from core.engine.checkpoints import load_weights, read_metadata, read_state_dict, sha256_file, write_checkpoint
+from conftest import read_metadata
+from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, write_checkpoint
 from core.engine.errors import InputError
 from core.engine.models import build_model
 

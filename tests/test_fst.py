@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.engine.checkpoints import read_metadata
+from conftest import read_metadata
 from core.engine.defenses import feature_shift_tuning
 from core.engine.errors import InputError
 from core.engine.models import build_model, classifier_head

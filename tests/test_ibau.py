@@ -10,8 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.func import functional_call, grad, jacrev
 
-from conftest import noise_images, watch_of
-from core.engine.checkpoints import read_metadata
+from conftest import noise_images, read_metadata, watch_of
 from core.engine.errors import Cancelled
 from core.engine.ibau import (
     FIXED_POINT_ITERATIONS,

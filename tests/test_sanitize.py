@@ -7,8 +7,9 @@ import torch
 from pydantic import ValidationError
 
 from api.schemas import Metrics
+from conftest import read_metadata
 from core.engine import training
-from core.engine.checkpoints import read_metadata, sha256_file
+from core.engine.checkpoints import sha256_file
 from core.engine.errors import Cancelled, InputError
 from core.engine.methods import recipes, stages
 from core.engine.sanitize import JobFiles, load_model, sanitize

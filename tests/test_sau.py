@@ -13,8 +13,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from api.schemas import Metrics
-from conftest import noise_images, watch_of
-from core.engine.checkpoints import read_metadata
+from conftest import noise_images, read_metadata, watch_of
 from core.engine.errors import Cancelled
 from core.engine.models import build_model
 from core.engine.sau import (

@@ -38,7 +38,7 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
     )
-    if settings.broker_url.startswith(("redis://", "rediss://")):
+    if settings.broker_is_redis:
         # Redis's redelivery clock and socket timeouts; other transports take no such options (SQLAlchemy's
         # refuses them).
         app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout,

@@ -116,7 +116,7 @@ class Sweeper(bootsteps.StartStopStep):
 
     def start(self, worker) -> None:
         settings = get_settings()
-        if not settings.broker_url.startswith(("redis://", "rediss://")):
+        if not settings.broker_is_redis:
             log.info("sweeper off: it reads Redis, and the broker is %s", settings.broker_url.split(":")[0])
             return
         self.timer_ref = worker.timer.call_repeatedly(settings.sweep_interval, self.run, (worker.app,),

@@ -287,11 +287,3 @@ def write_checkpoint(model: nn.Module, path: Path, metadata: Mapping[str, Any]) 
         if code is None:
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from error
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata block of a safetensors file we wrote (its header, not its tensors)."""
-    with path.open("rb") as stream:
-        size = int.from_bytes(stream.read(8), "little")
-        header = json.loads(stream.read(size))
-    return header.get("__metadata__", {})
