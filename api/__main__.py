@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.cli import setup_refused
-from core.database import Database
+from core.database import migrate_database
 from core.settings import Settings, get_settings
 
 
@@ -17,9 +17,7 @@ def prepare() -> Settings:
     find the schema in place. A setting or database that cannot be used stops it in one line (as `make up`)."""
     try:
         settings = get_settings()
-        database = Database(settings.database_url)
-        database.migrate()
-        database.dispose()
+        migrate_database(settings.database_url)
     except (ValidationError, SQLAlchemyError) as error:
         sys.exit(f"python -m api: {setup_refused(error)}")
     return settings

@@ -169,3 +169,13 @@ class Database:
         if self._reader is not None:
             await self._reader.dispose()
             self._reader = None
+
+
+def migrate_database(url: str) -> None:
+    """Bring the database at `url` to the newest schema on a connection of its own, closed after: what a process
+    does once before it serves (`python -m api`, a worker, the tests' fixtures)."""
+    database = Database(url)
+    try:
+        database.migrate()
+    finally:
+        database.dispose()

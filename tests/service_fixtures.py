@@ -32,7 +32,7 @@ from sqlalchemy.exc import OperationalError
 
 from api.app import create_app
 from core import keys
-from core.database import Database
+from core.database import Database, migrate_database
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,9 +187,7 @@ def api_settings(make_settings) -> Settings:
     """The API tests' settings: their queue has no worker, so the jobs they submit stay queued. Their database
     is migrated here, not by the first `api` to start: a test that makes its own app needs its keys first."""
     settings = make_settings()
-    db = Database(settings.database_url)
-    db.migrate()
-    db.dispose()
+    migrate_database(settings.database_url)
     return settings
 
 

@@ -14,7 +14,7 @@ from celery.signals import worker_init
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.cli import settings_or_exit, setup_refused
-from core.database import Database
+from core.database import migrate_database
 from core.settings import get_settings
 from worker.broker import make_celery
 
@@ -35,11 +35,7 @@ def _migrate(**_kwargs) -> None:
     database cannot be used stops in one line, as `python -m api` does: Celery logs a signal handler's error
     and goes on, and the worker said it was ready to take jobs it could never record."""
     try:
-        database = Database(get_settings().database_url)
-        try:
-            database.migrate()
-        finally:
-            database.dispose()
+        migrate_database(get_settings().database_url)
     except SQLAlchemyError as error:
         sys.exit(f"worker: {setup_refused(error)}")
     except Exception as error:  # a migration's own fault: the worker must not go on to say it is ready
