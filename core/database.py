@@ -22,6 +22,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x6E6164
 # The databases the service runs on, each with the asyncio driver the API reads it through.
 ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "psycopg"}
+# Seconds to open a PostgreSQL connection (libpq's connect_timeout, unless the URL sets its own). Without it, a
+# server that accepts connections and never answers (stalled, or a proxy before a dead one) held every request
+# for libpq's two minutes and more, where the API is to answer 503 at once.
+CONNECT_TIMEOUT = 5
 
 
 class Base(DeclarativeBase):
@@ -58,7 +62,7 @@ def make_engine(url: str) -> Engine:
     """An engine for `url`; a SQLite file's folder is created, so `var/nad.db` works on a fresh checkout."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, connect_args=_connect_args(parsed))
     if parsed.database and parsed.database != ":memory:":
         folder = Path(parsed.database).parent
         try:
@@ -72,6 +76,10 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def _connect_args(parsed: URL) -> dict[str, int]:
+    return {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT}
+
+
 def async_url(url: str) -> URL:
     """The same database through an asyncio driver: aiosqlite for SQLite, psycopg (which speaks both) for
     PostgreSQL."""
@@ -83,7 +91,8 @@ def make_reader(url: str) -> AsyncEngine:
     """An asyncio engine for reads without a transaction (autocommit), tuned like `make_engine`'s."""
     parsed = async_url(url)
     sqlite = parsed.get_backend_name() == "sqlite"
-    engine = create_async_engine(parsed, isolation_level="AUTOCOMMIT", pool_pre_ping=not sqlite)
+    engine = create_async_engine(parsed, isolation_level="AUTOCOMMIT", pool_pre_ping=not sqlite,
+                                 connect_args={} if sqlite else _connect_args(parsed))
     if sqlite:
         event.listen(engine.sync_engine, "connect", _tune_sqlite)
     return engine

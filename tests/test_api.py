@@ -3,6 +3,7 @@ submitted jobs stay queued unless a test moves them on through core.jobs, as a w
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,9 +21,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from service_fixtures import PARAMS, REPORT, ROOT, free_port, fresh_postgres, new_key, problem, submit
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 
 from api.app import create_app
+from api.problems import _database_down
 from core import jobs, keys
 from core.database import Database
 from core.params import PARAMS_LIMIT
@@ -569,6 +573,37 @@ def test_a_database_outage_is_a_503_a_client_waits_out(make_settings) -> None:
         for down in (client.get("/jobs", headers=headers), submit(client, headers)):
             assert "database is unreachable right now" in problem(down, 503)["detail"]
             assert down.headers["retry-after"] == "30"
+
+
+def test_a_database_that_accepts_connections_but_never_answers_is_down_within_seconds() -> None:
+    """As for the broker above: a stalled PostgreSQL host, or a proxy before a dead one. Without a connect
+    timeout libpq waited over two minutes for each connection, so every request of the API did; now both of
+    its ways to the database give up after CONNECT_TIMEOUT, with an error the API answers 503 for. The join
+    only keeps a regression from hanging the suite."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        database = Database(f"postgresql+psycopg://nad@127.0.0.1:{silent.getsockname()[1]}/nad")
+        failed: list[Exception] = []
+
+        async def read() -> None:
+            async with database.read() as session:
+                await session.execute(text("SELECT 1"))
+
+        def attempt(call: Callable[[], object]) -> None:
+            try:
+                call()
+            except Exception as error:
+                failed.append(error)
+
+        calls = (database.ping, lambda: asyncio.run(read()))
+        threads = [threading.Thread(target=attempt, args=(call,), daemon=True) for call in calls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(failed) == 2 and all(isinstance(error, DBAPIError) and _database_down(error) for error in failed)
+        database.dispose()
 
 
 def test_a_statement_the_database_refuses_is_a_500_not_an_outage(make_settings, tmp_path: Path) -> None:
