@@ -9,17 +9,18 @@ up after all, is dropped by the worker (`core.jobs.start_attempt`): a job never 
 
 A running job's process writes a heartbeat to its row (`worker.tasks`). When a whole worker dies (the
 machine is lost, or a `kill -9` takes the worker and its pool at once), nothing gives its message back before
-Redis's visibility timeout of hours; the sweeper instead finds the job silent for a sweep interval and queues
-it again under a new dispatch, so the old message, when Redis does give it back, is dropped. A worker's pool
-process that dies alone is replaced by its worker, which gives the message back at once; that copy finds the
-heartbeat still fresh and runs nothing (`core.jobs.start_attempt`), and the sweeper queues the job again
-once it has been silent for the interval.
+Redis's visibility timeout of hours; the sweeper instead finds the job silent for a sweep interval, at two
+rounds in a row, and queues it again under a new dispatch, so the old message, when Redis does give it back,
+is dropped. A worker's pool process that dies alone is replaced by its worker, which gives the message back at
+once; that copy finds the heartbeat still fresh and runs nothing (`core.jobs.start_attempt`), and the sweeper
+queues the job again the same way.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from celery import Celery, bootsteps
@@ -58,28 +59,46 @@ def broker_task_ids(app: Celery, queue: str) -> set[str]:
     return {message.get("headers", {}).get("id") for message in messages}
 
 
-def sweep(app: Celery, db: Database, queue: str, grace: float) -> list[str]:
+@dataclass(frozen=True)
+class Round:
+    """What one sweep did: the jobs it `sent` again, and the running jobs it found `silent` (job id, dispatch),
+    which the next round requeues if they are silent still."""
+
+    sent: list[str]
+    silent: frozenset[tuple[str, int]]
+
+
+def sweep(app: Celery, db: Database, queue: str, grace: float,
+          silent_before: frozenset[tuple[str, int]] = frozenset()) -> Round:
     """One round over the jobs of `queue` (several queues may share a database; each has its workers): the
-    jobs of dead workers, then the jobs whose message is lost, each sent again; returns their ids."""
+    jobs of dead workers, then the jobs whose message is lost, each sent again.
+
+    A running job is requeued only when the previous round (`silent_before`, one interval ago, with the
+    database answering both times) found it silent too. After an outage of the database every heartbeat is
+    old, live jobs' too: their workers write one within a quarter of the interval once it is back, and a round
+    that came first would have run them twice at once."""
     with db.session() as session:
         since = jobs.clock(session) - timedelta(seconds=grace)
-    return _requeue_silent(app, db, queue, since) + _resend_lost(app, db, queue, since)
+    requeued, silent = _requeue_silent(app, db, queue, since, silent_before)
+    return Round(requeued + _resend_lost(app, db, queue, since), silent)
 
 
-def _requeue_silent(app: Celery, db: Database, queue: str, since: datetime) -> list[str]:
-    """Jobs whose process has been silent since before `since` go back to the queue under a new dispatch (a
-    cancelling one just ends cancelled)."""
+def _requeue_silent(app: Celery, db: Database, queue: str, since: datetime,
+                    silent_before: frozenset[tuple[str, int]]) -> tuple[list[str], frozenset[tuple[str, int]]]:
+    """Jobs whose process has been silent since before `since`, and was at the round before, go back to the
+    queue under a new dispatch (a cancelling one just ends cancelled); every job silent now is returned, for
+    the next round."""
     with db.session() as session:
-        candidates = jobs.silent(session, queue, since)
+        silent = frozenset(jobs.silent(session, queue, since))
     requeued = []
-    for job_id, dispatch in candidates:
+    for job_id, dispatch in sorted(silent & silent_before):
         with db.session() as session:
             claimed = jobs.recover(session, job_id, dispatch, since)
         if claimed:
             send_job(app, job_id, dispatch + 1)
             log.warning("job %s: its worker stopped giving signs of life; queued it again", job_id)
             requeued.append(job_id)
-    return requeued
+    return requeued, silent
 
 
 def _resend_lost(app: Celery, db: Database, queue: str, since: datetime) -> list[str]:
@@ -106,13 +125,15 @@ def _resend_lost(app: Celery, db: Database, queue: str, since: datetime) -> list
 class Sweeper(bootsteps.StartStopStep):
     """Runs `sweep` every NAD_SWEEP_INTERVAL seconds in the worker's main process, on its event loop's timer
     (no thread, so the pool processes it forks inherit no lock). Each sweep opens and closes its own database
-    connection: a pool kept open here would be inherited by every job's process."""
+    connection: a pool kept open here would be inherited by every job's process. It keeps the silent jobs of
+    its last round for the next, and forgets them when a round fails: the database may have been out since."""
 
     requires = {"celery.worker.components:Timer"}
 
     def __init__(self, worker, **kwargs) -> None:
         super().__init__(worker, **kwargs)
         self.timer_ref = None
+        self.silent: frozenset[tuple[str, int]] = frozenset()
 
     def start(self, worker) -> None:
         settings = get_settings()
@@ -131,8 +152,9 @@ class Sweeper(bootsteps.StartStopStep):
         settings = get_settings()
         db = Database(settings.database_url)
         try:
-            sweep(app, db, settings.queue, settings.sweep_interval)
+            self.silent = sweep(app, db, settings.queue, settings.sweep_interval, self.silent).silent
         except Exception:
+            self.silent = frozenset()
             log.exception("sweeper: this round failed; the next one tries again")
         finally:
             db.dispose()
