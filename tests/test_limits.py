@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -556,10 +557,37 @@ def test_a_database_outage_mid_job_costs_progress_writes_not_the_run(
         return succeed(*args, **kwargs)
 
     monkeypatch.setattr(worker.tasks, "sanitize", sanitize)
-    monkeypatch.setattr(worker.tasks, "FINAL_WRITE_PAUSES", (0.0, 0.0))
+    monkeypatch.setattr(worker.tasks, "FINAL_WRITE_PAUSE", 0.0)
     monkeypatch.setattr(jobs, "succeed", back_on_the_third_try)
     _run(worker_job)
     assert asked == [False]
+    assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
+
+
+def test_a_database_out_for_minutes_as_a_job_ends_keeps_its_result(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chaos hunt's outage of 17 s while a trained job's result was written failed the job and removed its
+    checkpoint: the write was tried for 15 s. Now for FINAL_WRITE_PATIENCE, on a clock whose sleeps take no
+    time here: the database answers again after five minutes."""
+    import worker.tasks
+
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(worker.tasks, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
+    succeed = jobs.succeed
+
+    def back_after_five_minutes(*args, **kwargs) -> bool:
+        if clock[0] < 300:
+            _refused()
+        return succeed(*args, **kwargs)
+
+    _engine(monkeypatch, None)
+    monkeypatch.setattr(jobs, "succeed", back_after_five_minutes)
+    _run(worker_job)
     assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
 
 

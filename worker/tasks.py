@@ -42,8 +42,11 @@ PROGRESS_INTERVAL = 1.0
 # Seconds for a checkpoint of a few hundred megabytes, capped at a share of a short limit.
 FINISH_RESERVE = 60.0
 FINISH_RESERVE_SHARE = 0.05
-# Seconds between the tries of a job's last write (its result, cancel or failure) while the database is out.
-FINAL_WRITE_PAUSES = (1.0, 2.0, 4.0, 8.0)
+# Seconds a job's last write (its result, cancel or failure) is tried again while the database is out, and the
+# longest pause between two tries. The result's write goes on beating the job's heartbeat, so no sweeper takes
+# a finished job from its worker meanwhile; after 15 s, as it once gave up, a job that had trained failed.
+FINAL_WRITE_PATIENCE = 600.0
+FINAL_WRITE_PAUSE = 15.0
 
 
 @cache
@@ -62,6 +65,7 @@ class ProgressRecorder:
         self.db, self.job_id, self.dispatch = db, job_id, dispatch
         self.stage: str | None = None
         self.written_at = float("-inf")
+        self.failing = False  # a traceback for the first refused write of an outage, not for each
 
     def __call__(self, event: Event) -> None:
         epoch_end = event.epoch is not None and event.step is None
@@ -73,9 +77,11 @@ class ProgressRecorder:
                 jobs.record_progress(session, self.job_id, self.dispatch, event.stage, event.progress, event.epoch,
                                      event.epochs)
         except OperationalError:
-            log.warning("job %s: progress not recorded; the next event tries again", self.job_id, exc_info=True)
+            log.warning("job %s: progress not recorded; the next event tries again", self.job_id,
+                        exc_info=not self.failing)
+            self.failing = True
             return
-        self.stage, self.written_at = event.stage, now
+        self.stage, self.written_at, self.failing = event.stage, now, False
 
 
 @contextmanager
@@ -86,12 +92,15 @@ def heartbeat(db: Database, job_id: str, dispatch: int, interval: float) -> Iter
     stop = threading.Event()
 
     def beat() -> None:
+        failing = False  # a traceback for the first failure of an outage, not for each
         while not stop.wait(interval):
             try:
                 with db.session() as session:
                     jobs.heartbeat(session, job_id, dispatch)
+                failing = False
             except Exception:
-                log.warning("job %s: heartbeat failed; the next one tries again", job_id, exc_info=True)
+                log.warning("job %s: heartbeat failed; the next one tries again", job_id, exc_info=not failing)
+                failing = True
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
     thread.start()
@@ -170,7 +179,7 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
             report = sanitize(files, params, ProgressRecorder(db, job_id, dispatch),
                               lambda: _stop_requested(db, job_id, dispatch), max_images=settings.max_images,
                               time_limit=engine_time(settings.job_time_limit, time.monotonic() - started))
-        _record_success(db, job_id, dispatch, report, files.out)
+            _record_success(db, job_id, dispatch, report, files.out)
     except Cancelled:
         _finally(db, job_id, lambda session: jobs.finish_cancelled(session, job_id, dispatch))
         log.info("job %s: cancelled (or given to another worker)", job_id)
@@ -214,17 +223,19 @@ def _stop_requested(db: Database, job_id: str, dispatch: int) -> bool:
 
 
 def _finally(db: Database, job_id: str, write: Callable[[Session], T]) -> T:
-    """`write` in a session of its own, tried again through a database outage of some seconds: without the
-    job's last word its row stays running, and the sweeper would run the whole job again."""
-    for pause in FINAL_WRITE_PAUSES:
+    """`write` in a session of its own, tried again through a database outage of up to FINAL_WRITE_PATIENCE:
+    without the job's last word its row stays running, and the sweeper would run the whole job again."""
+    deadline, pause = time.monotonic() + FINAL_WRITE_PATIENCE, 1.0
+    while True:
         try:
             with db.session() as session:
                 return write(session)
         except OperationalError:
+            if time.monotonic() + pause > deadline:
+                raise  # the task's error
             log.warning("job %s: the database refused its last write; trying again in %s s", job_id, pause)
             time.sleep(pause)
-    with db.session() as session:  # the last try: its error is the task's
-        return write(session)
+            pause = min(2 * pause, FINAL_WRITE_PAUSE)
 
 
 def _failure(job_id: str, error: Exception, time_limit: int) -> str:
