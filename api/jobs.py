@@ -182,7 +182,6 @@ async def submit(request: Request, response: Response, owner: Owner, service: Se
         params = _params(upload.params, service.settings.max_epochs)
         if "teacher" in upload.files and params.teacher_unused:
             raise invalid([FieldError(field="teacher", message=params.teacher_unused)])
-        await run_in_threadpool(service.storage.adopt, job_id)  # a move that fails leaves the upload to discard
     except BaseException:
         service.storage.discard_incoming(job_id)
         raise
@@ -192,15 +191,17 @@ async def submit(request: Request, response: Response, owner: Owner, service: Se
 
 def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, upload: uploads.Upload,
             idempotency_key: str | None) -> Job:
-    """Record the job whose upload is in place, then send its id to the workers, in that order: a worker
-    never receives an id the database does not know."""
+    """Record the job whose upload was received, move the upload into place, then send its id to the workers,
+    in that order: a worker never receives an id the database does not know, and a process killed before the
+    record leaves its upload in its own incoming/ folder, which the next API to start removes (moved first, a
+    job folder without a job stayed for good: the chaos hunt's kill while the database was slow)."""
     storage = service.storage
     try:
         with service.db.session() as session:
             job = jobs.create_job(session, job_id, owner, service.settings.queue, params.model_dump(mode="json"),
                                   list(upload.files.values()), idempotency_key)
     except jobs.DuplicateRequest:
-        storage.remove(job_id)
+        storage.discard_incoming(job_id)
         with service.db.session() as session:
             first = jobs.find_by_idempotency_key(session, owner, idempotency_key)
         if not _same_request(first, params, upload):
@@ -208,7 +209,14 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
                                     "was sent with other parameters or files; send a new job under a new key") from None
         return first
     except BaseException:
-        storage.remove(job_id)
+        storage.discard_incoming(job_id)
+        raise
+    try:
+        storage.adopt(job_id)
+    except BaseException:
+        storage.discard_incoming(job_id)
+        with service.db.session() as session:
+            jobs.withdraw(session, job_id)
         raise
     _within_the_cap(service, owner, job_id)
     try:

@@ -201,6 +201,25 @@ def test_a_full_disk_while_receiving_an_upload_is_507_and_leaves_nothing(
     assert leftovers(api_settings) == []
 
 
+def test_an_upload_becomes_a_job_folder_only_once_its_job_is_recorded(
+    api: TestClient, api_settings: Settings, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API killed while it records the job (a slow database, say) leaves the upload in its incoming/ folder,
+    which the next API to start removes. Moved into jobs/ first, it stayed there for good with no job (the
+    chaos hunt, with `kill -9`). What a process killed there leaves is what storage holds as the record begins."""
+    create_job, during = jobs.create_job, []
+
+    def recording(*args, **kwargs) -> jobs.Job:
+        during.append(leftovers(api_settings))
+        return create_job(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "create_job", recording)
+    assert submit(api, auth).status_code == 202
+    (uploads_then,) = during
+    assert uploads_then and all("incoming" in path.parts for path in uploads_then)
+    assert leftovers(api_settings) == []  # and once recorded, it is in place
+
+
 def test_an_upload_aborted_on_a_full_disk_keeps_the_error_that_stopped_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
