@@ -13,10 +13,10 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from tqdm.utils import CallbackIOWrapper
@@ -32,8 +32,10 @@ from core.engine.commands import (
     terminal_bar,
 )
 
+T = TypeVar("T")
 FINISHED = ("succeeded", "failed", "cancelled")
-# Attempts of the upload when the connection fails before an answer arrives (never when the service answered).
+# Attempts of the upload when the connection fails before an answer arrives. An answer is final, but for those
+# of a service that is there and unavailable (UNAVAILABLE), which `Client.patiently` waits out.
 UPLOAD_TRIES = 3
 # Seconds to connect, and to wait between bytes of an answer (an upload has no write timeout).
 TIMEOUT = 60.0
@@ -72,10 +74,37 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def submit(self, files: dict[str, Path], params: dict[str, Any], show_progress: bool = True
-               ) -> dict[str, Any]:
-        """Upload a job (files by form field: model, clean_data, ...) and return the job resource."""
+    def patiently(self, call: Callable[[], T], what: str, then: str, interval: float = 2.0,
+                  patience: float = POLL_PATIENCE, on_wait: Callable[[], object] = lambda: None) -> T:
+        """`call()`, asked again while the service does not answer or answers 502, 503 or 504, until that has
+        lasted `patience` seconds: a restart of the service, or its database out, ends; the job goes on
+        meanwhile. Giving up says `what` was asked and `then` what the user can do."""
+        silent_since = None
+        while True:
+            try:
+                return call()
+            except (httpx.TransportError, ServiceError) as error:
+                if isinstance(error, ServiceError) and error.status not in UNAVAILABLE:
+                    raise
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since >= patience:
+                    raise ServiceError(f"no answer about {what} for {patience:.0f} s ({error}); {then}") from None
+                on_wait()
+                time.sleep(interval)
+
+    def submit(self, files: dict[str, Path], params: dict[str, Any], show_progress: bool = True,
+               interval: float = 10.0) -> dict[str, Any]:
+        """Upload a job (files by form field: model, clean_data, ...) and return the job resource. A service
+        that answers it is unavailable (its database or queue out) is sent the upload again under the same
+        Idempotency-Key, every `interval` seconds for up to POLL_PATIENCE."""
         headers = {"Idempotency-Key": uuid.uuid4().hex}
+        return self.patiently(lambda: self._upload(files, params, headers, show_progress), "the upload",
+                              "the job was not kept: send it again later", interval=interval)
+
+    def _upload(self, files: dict[str, Path], params: dict[str, Any], headers: dict[str, str],
+                show_progress: bool) -> dict[str, Any]:
+        """One upload; a connection that fails before an answer is tried UPLOAD_TRIES times, then said as
+        unreachable (not waited out: a wrong URL is said in seconds)."""
         for attempt in range(1, UPLOAD_TRIES + 1):
             try:
                 with self._streams(files, show_progress) as streams:
@@ -110,22 +139,13 @@ class Client:
 
         A job runs for hours and the service may restart meanwhile (the job goes on): no answer, or a 502, 503
         or 504, is asked again until it has lasted `patience` seconds."""
-        silent_since, percent = None, 0.0
+        percent = 0.0
         with closing(StageBar("{l_bar}{bar}| [{elapsed}]", show_progress)) as bar:
             while True:
-                try:
-                    job = self.job(job_id)
-                except (httpx.TransportError, ServiceError) as error:
-                    if isinstance(error, ServiceError) and error.status not in UNAVAILABLE:
-                        raise
-                    silent_since = silent_since or time.monotonic()
-                    if time.monotonic() - silent_since >= patience:
-                        raise ServiceError(f"no answer about job {job_id} for {patience:.0f} s ({error}); it goes "
-                                           f"on at the service: ask again with GET /jobs/{job_id}") from None
-                    bar.show("service unreachable, asking again", percent)
-                    time.sleep(interval)
-                    continue
-                silent_since = None
+                job = self.patiently(
+                    lambda: self.job(job_id), f"job {job_id}",
+                    f"it goes on at the service: ask again with GET /jobs/{job_id}", interval, patience,
+                    on_wait=lambda shown=percent: bar.show("service unreachable, asking again", shown))
                 progress, percent = job["progress"], job["progress"]["percent"]
                 epoch = f" {progress['epoch']}/{progress['epochs']}" if progress.get("epoch") else ""
                 bar.show(f"{job['status']} {progress.get('stage') or ''}{epoch}".strip(), percent)
@@ -134,9 +154,17 @@ class Client:
                 time.sleep(interval)
 
     def metrics(self, job_id: str) -> dict[str, Any]:
-        return _checked(self.http.get(f"/jobs/{job_id}/metrics")).json()
+        """The job's report, waited for through a restart of the service or its database's outage."""
+        return self.patiently(lambda: _checked(self.http.get(f"/jobs/{job_id}/metrics")).json(),
+                              f"job {job_id}'s metrics", f"they stay at the service: GET /jobs/{job_id}/metrics")
 
     def download(self, job_id: str, destination: Path, show_progress: bool = True) -> Path:
+        """The cleansed checkpoint at `destination`, downloaded again from the start where the service stops
+        answering or is unavailable meanwhile (`patiently`)."""
+        return self.patiently(lambda: self._download(job_id, destination, show_progress), f"job {job_id}'s model",
+                              f"it stays at the service: GET /jobs/{job_id}/model")
+
+    def _download(self, job_id: str, destination: Path, show_progress: bool) -> Path:
         """Stream the cleansed checkpoint to `destination`, checking it against its ETag (the sha256)."""
         partial = destination.with_name(destination.name + ".part")
         digest = hashlib.sha256()

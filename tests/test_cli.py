@@ -425,6 +425,26 @@ def test_an_upload_cut_off_before_its_answer_is_sent_again_under_the_same_idempo
     assert len(ScriptedService.asked) == 2 + UPLOAD_TRIES + 1 and not ScriptedService.script
 
 
+def test_an_unavailable_service_is_waited_out_for_the_upload_the_metrics_and_the_model(
+    scripted, digits_npz, tmp_path, monkeypatch
+):
+    """Its database out or its queue, the service answers 503 (README): `nad submit` said so and stopped,
+    before the upload and after a job that had succeeded alike. Now it asks again, the upload under the same
+    Idempotency-Key."""
+    monkeypatch.setattr("core.client.time.sleep", lambda seconds: None)
+    unavailable = (503, {"title": "Service Unavailable", "status": 503, "detail": "the job database is out"})
+    model = b"the checkpoint"
+    ScriptedService.script.extend([unavailable, (202, {"id": "abc"}), unavailable, (200, {"after": {}}),
+                                   (502, {}), (200, model, {"ETag": f'"{hashlib.sha256(model).hexdigest()}"'})])
+    assert scripted.submit({"model": digits_npz}, {}, show_progress=False) == {"id": "abc"}
+    assert scripted.metrics("abc") == {"after": {}}
+    destination = scripted.download("abc", tmp_path / "cleansed.safetensors", show_progress=False)
+    assert destination.read_bytes() == model
+    (_, _, key), again, *rest = ScriptedService.asked
+    assert key and again == ("POST", "/sanitize", key)
+    assert [path for _, path, _ in rest] == ["/jobs/abc/metrics"] * 2 + ["/jobs/abc/model"] * 2
+
+
 def test_a_download_that_does_not_match_its_etag_is_refused_and_leaves_nothing(scripted, tmp_path):
     etag = f'"{hashlib.sha256(b"the checkpoint").hexdigest()}"'
     ScriptedService.script.append((200, b"the checkpoint, damaged", {"ETag": etag}))
