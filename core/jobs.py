@@ -347,7 +347,8 @@ def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: in
     A job whose process has given a sign of life within the last `grace` seconds (the sweeper's) runs elsewhere
     now: this message is a copy (a broker gives a worker's unacknowledged message to another when their
     connection drops), and two runs at once would overwrite each other's progress and checkpoint. If that
-    process is in fact dead, the sweeper queues the job again once it has been silent for the grace.
+    process is in fact dead, the sweeper queues the job again once two of its rounds found it silent for the
+    grace.
 
     A message delivered again after its worker died finds the job still running (or cancelling), and one the
     sweeper sent after the whole worker died finds it queued again: either counts as another attempt, and past

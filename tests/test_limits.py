@@ -610,6 +610,32 @@ def test_a_database_out_for_minutes_as_a_job_ends_keeps_its_result(
     assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
 
 
+def test_a_result_recorded_by_a_write_whose_answer_was_lost_keeps_its_checkpoint(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database commits the result and the connection drops before it says so: the write is tried again,
+    finds the job succeeded already, and took it for one cancelled meanwhile, removing the checkpoint that the
+    job had recorded (found by the review of the longer retries)."""
+    import worker.tasks
+
+    succeed, answers = jobs.succeed, iter([False])
+
+    def committed_then_lost(session, *args, **kwargs) -> bool:
+        if next(answers, True):
+            return succeed(session, *args, **kwargs)
+        with worker_job.db.session() as own:
+            succeed(own, *args, **kwargs)
+        _refused()
+
+    _engine(monkeypatch, None)
+    monkeypatch.setattr(worker.tasks, "FINAL_WRITE_PAUSE", 0.0)
+    monkeypatch.setattr(jobs, "succeed", committed_then_lost)
+    _run(worker_job)
+    job = worker_job.row()
+    assert job.status == jobs.Status.SUCCEEDED and job.artifact(jobs.OUTPUT) is not None
+    assert len(_outputs(worker_job)) == 1
+
+
 def test_a_job_killed_at_the_hard_time_limit_leaves_no_partial_checkpoint(worker_job: WorkerJob) -> None:
     from worker.tasks import sanitize_job
 

@@ -87,8 +87,8 @@ class ProgressRecorder:
 @contextmanager
 def heartbeat(db: Database, job_id: str, dispatch: int, interval: float) -> Iterator[None]:
     """Tell the database every `interval` seconds that the job's process lives, from a thread: the engine's
-    own events stop for minutes while it loads or evaluates. The sweeper requeues a job silent for longer
-    than its interval (`worker.dispatch`)."""
+    own events stop for minutes while it loads or evaluates. The sweeper requeues a job that two of its rounds
+    in a row find silent for longer than its interval (`worker.dispatch`)."""
     stop = threading.Event()
 
     def beat() -> None:
@@ -202,14 +202,14 @@ def _discard_output(db: Database, storage: Storage, job_id: str, dispatch: int) 
     Unless the job recorded this run's file as its output (it succeeded just before the error that is
     reported now): a job's result is never taken from it."""
     out = storage.output_path(job_id, dispatch)
-
-    def recorded_output(session: Session) -> jobs.Artifact | None:
-        job = session.get(jobs.Job, job_id)
-        return job.artifact(jobs.OUTPUT) if job is not None else None
-
-    recorded = _finally(db, job_id, recorded_output)
+    recorded = _finally(db, job_id, lambda session: _recorded_output(session, job_id))
     if recorded is None or storage.path(job_id, recorded.path) != out:
         shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def _recorded_output(session: Session, job_id: str) -> jobs.Artifact | None:
+    job = session.get(jobs.Job, job_id)
+    return job.artifact(jobs.OUTPUT) if job is not None else None
 
 
 def _stop_requested(db: Database, job_id: str, dispatch: int) -> bool:
@@ -279,10 +279,13 @@ def _record_success(db: Database, job_id: str, dispatch: int, report: dict, out:
     output = jobs.FileRecord(jobs.OUTPUT, output_name(dispatch), out.stat().st_size, sha256_file(out))
 
     def record(session: Session) -> bool:
-        succeeded = jobs.succeed(session, job_id, dispatch, report, output)
-        if not succeeded:
-            jobs.finish_cancelled(session, job_id, dispatch)
-        return succeeded
+        if jobs.succeed(session, job_id, dispatch, report, output):
+            return True
+        recorded = _recorded_output(session, job_id)
+        if recorded is not None and recorded.path == output.path:
+            return True  # an earlier try was committed and its answer lost: the job is this run's already
+        jobs.finish_cancelled(session, job_id, dispatch)
+        return False
 
     succeeded = _finally(db, job_id, record)
     if not succeeded:
