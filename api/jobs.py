@@ -201,12 +201,13 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
             job = jobs.create_job(session, job_id, owner, service.settings.queue, params.model_dump(mode="json"),
                                   list(upload.files.values()), idempotency_key)
     except jobs.DuplicateRequest:
-        storage.discard_incoming(job_id)
         with service.db.session() as session:
             first = jobs.find_by_idempotency_key(session, owner, idempotency_key)
         if not _same_request(first, params, upload):
+            storage.discard_incoming(job_id)
             raise ProblemError(422, f"the Idempotency-Key {idempotency_key!r} was used for job {first.id}, which "
                                     "was sent with other parameters or files; send a new job under a new key") from None
+        _stand_in(service, job_id, first)
         return first
     except BaseException:
         storage.discard_incoming(job_id)
@@ -229,6 +230,22 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
         raise ProblemError(503, "the job queue is unreachable right now, so the job was not kept; send it "
                                 "again in a minute") from None
     return job
+
+
+def _stand_in(service: Services, job_id: str, first: Job) -> None:
+    """A repeated upload takes the place of its first's files where they never reached the job's folder, and
+    the job is sent: the first try's job was recorded, but its answer was lost (a 503 whose commit went
+    through) or its API was killed before the move, and the retry holds the only copy. Else it is discarded.
+    The first's API, should it live and move its own copy after this one, keeps this one (`Storage.adopt`)."""
+    if first.status != Status.QUEUED or service.storage.job_dir(first.id).is_dir():
+        service.storage.discard_incoming(job_id)
+        return
+    if service.storage.adopt(job_id, into=first.id):
+        log.warning("job %s: its files had not reached storage; a repeat of its upload took their place", first.id)
+        try:
+            send_job(service.queue, first.id, first.dispatch)
+        except Exception:  # the sweeper sends it once the broker is back: the job is recorded
+            log.exception("job %s: could not be sent to the broker", first.id)
 
 
 def _same_request(job: Job, params: SanitizeParams, upload: uploads.Upload) -> bool:

@@ -133,11 +133,20 @@ class Storage:
         """A writer for the upload `role` of a job being received; FileExistsError if it was sent before."""
         return FileWriter(self.incoming_dir(job_id), f"inputs/{role}", limit)
 
-    def adopt(self, job_id: str) -> None:
-        """Move a completely received upload into place as the job's folder."""
-        target = self.job_dir(job_id)
+    def adopt(self, job_id: str, into: str | None = None) -> bool:
+        """Move a completely received upload into place as the job's folder, or as the folder of the job `into`
+        (one it repeats). False, the upload discarded, where that folder is there already: a repeat of the
+        same upload took the place first (`api.jobs`)."""
+        target = self.job_dir(into or job_id)
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.incoming_dir(job_id).rename(target)
+        try:
+            self.incoming_dir(job_id).rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            self.discard_incoming(job_id)
+            return False
+        return True
 
     def discard_incoming(self, job_id: str) -> None:
         shutil.rmtree(self.incoming_dir(job_id), ignore_errors=True)

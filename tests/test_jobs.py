@@ -485,6 +485,20 @@ def test_a_received_upload_becomes_the_job_folder_and_paths_stay_inside_it(tmp_p
     assert not storage.job_dir(job_id).exists()
 
 
+def test_a_repeated_upload_takes_the_place_of_a_job_folder_once(tmp_path: Path) -> None:
+    """A retry's upload moved in as the job's folder (`api.jobs._stand_in`) stays when the first upload, late,
+    is moved too: the later one is discarded, not an error that would withdraw the job."""
+    storage, first, retry = Storage(tmp_path), jobs.new_job_id(), jobs.new_job_id()
+    for job_id, content in ((retry, b"retry"), (first, b"first")):
+        writer = storage.input_writer(job_id, "model", limit=10)
+        writer.write(content)
+        writer.close()
+    assert storage.adopt(retry, into=first)
+    assert not storage.adopt(first)
+    assert storage.path(first, "inputs/model").read_bytes() == b"retry"
+    assert not storage.incoming_dir(first).exists() and not storage.job_dir(retry).exists()
+
+
 def test_every_file_the_api_takes_reaches_the_engine_by_its_role(tmp_path: Path) -> None:
     """The API stores each upload under its field's name and the worker maps the names to the engine's
     files: a name the two spelt differently would be stored and never read."""

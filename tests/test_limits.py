@@ -34,6 +34,8 @@ from core.engine.errors import InputError
 from core.engine.events import Event
 from core.settings import Settings
 from core.storage import FileWriter, Storage
+from worker.broker import make_celery
+from worker.dispatch import broker_task_ids
 
 pytest_plugins = ["service_fixtures"]
 
@@ -218,6 +220,35 @@ def test_an_upload_becomes_a_job_folder_only_once_its_job_is_recorded(
     (uploads_then,) = during
     assert uploads_then and all("incoming" in path.parts for path in uploads_then)
     assert leftovers(api_settings) == []  # and once recorded, it is in place
+
+
+def test_a_retry_after_a_record_whose_answer_was_lost_brings_the_files_the_job_lacks(
+    api: TestClient, api_settings: Settings, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database commits the job and the connection drops before it says so: the API answers 503 and
+    discards the upload, and the job is recorded without its files. The client's retry under the same
+    Idempotency-Key got that job back, to fail at the worker for its missing files (found by the review);
+    its upload now takes their place, and the job is sent."""
+    create_job, answers = jobs.create_job, iter([False])
+
+    def committed_then_lost(session, *args, **kwargs) -> jobs.Job:
+        if next(answers, True):
+            return create_job(session, *args, **kwargs)
+        own = Database(api_settings.database_url)
+        with own.session() as elsewhere:
+            create_job(elsewhere, *args, **kwargs)
+        own.dispose()
+        _refused()
+
+    monkeypatch.setattr(jobs, "create_job", committed_then_lost)
+    problem(submit(api, auth, **{"Idempotency-Key": "lost-answer"}), 503)
+    again = submit(api, auth, **{"Idempotency-Key": "lost-answer"})
+    assert again.status_code == 202
+    job_id = again.json()["id"]
+    storage = Storage(api_settings.storage_dir)
+    assert storage.path(job_id, "inputs/model").read_bytes() == b"checkpoint bytes"
+    assert f"{job_id}-0" in broker_task_ids(make_celery(api_settings), api_settings.queue)
+    assert leftovers(api_settings) == []
 
 
 def test_an_upload_aborted_on_a_full_disk_keeps_the_error_that_stopped_it(
