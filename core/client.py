@@ -99,7 +99,7 @@ class Client:
         Idempotency-Key, every `interval` seconds for up to POLL_PATIENCE."""
         headers = {"Idempotency-Key": uuid.uuid4().hex}
         return self.patiently(lambda: self._upload(files, params, headers, show_progress), "the upload",
-                              "the job was not kept: send it again later", interval=interval)
+                              "GET /jobs lists the job if it was kept; else send it again later", interval=interval)
 
     def _upload(self, files: dict[str, Path], params: dict[str, Any], headers: dict[str, str],
                 show_progress: bool) -> dict[str, Any]:
