@@ -14,12 +14,13 @@ from service_fixtures import new_key, start_worker, wait_for
 from sqlalchemy import update
 from test_service_e2e import SHORT, submit, training
 
+import worker.dispatch
 from api.app import create_app
 from core import jobs
 from core.database import Database, migrate_database
 from core.settings import Settings
 from worker.broker import make_celery
-from worker.dispatch import broker_task_ids, sweep
+from worker.dispatch import Round, Sweeper, broker_task_ids, sweep
 
 pytest_plugins = ["service_fixtures"]
 
@@ -113,6 +114,28 @@ def test_a_running_job_goes_back_to_the_queue_only_when_two_rounds_find_it_silen
     assert fourth.sent == [job_id] and dispatch_of(settings, job_id) == 1
     assert broker_task_ids(app, settings.queue) >= {f"{job_id}-1"}
     db.dispose()
+
+
+def test_the_sweeper_keeps_a_round_s_silent_jobs_for_the_next_and_forgets_them_when_a_round_fails(
+    make_settings, monkeypatch
+) -> None:
+    """A failed round may mean the database was out since the last: what that round saw no longer counts."""
+    settings = make_settings()
+    sweeper, rounds = Sweeper.__new__(Sweeper), iter([Round([], frozenset({("abc", 0)})), ConnectionError("out")])
+
+    def sweep_round(app, db, queue, grace, silent_before) -> Round:
+        outcome = next(rounds)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(worker.dispatch, "get_settings", lambda: settings)
+    monkeypatch.setattr(worker.dispatch, "sweep", sweep_round)
+    sweeper.silent = frozenset()
+    sweeper.run(make_celery(settings))
+    assert sweeper.silent == {("abc", 0)}
+    sweeper.run(make_celery(settings))
+    assert sweeper.silent == frozenset()
 
 
 def test_a_job_lost_by_the_broker_runs_once_after_the_sweep(

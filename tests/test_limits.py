@@ -10,6 +10,7 @@ import io
 import tarfile
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -639,6 +640,32 @@ def test_a_database_out_for_minutes_as_a_job_ends_keeps_its_result(
     monkeypatch.setattr(jobs, "succeed", back_after_five_minutes)
     _run(worker_job)
     assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
+
+
+def test_the_job_beats_while_its_result_is_written(worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its result's write may be tried for minutes while the database is out: a silent job would be taken
+    from its worker by the sweeper meanwhile, and run again."""
+    import worker.tasks
+
+    beating, seen = [], []
+
+    @contextmanager
+    def heartbeat(*args):
+        beating.append(True)
+        yield
+        beating.pop()
+
+    succeed = jobs.succeed
+
+    def recording(*args, **kwargs) -> bool:
+        seen.append(bool(beating))
+        return succeed(*args, **kwargs)
+
+    _engine(monkeypatch, None)
+    monkeypatch.setattr(worker.tasks, "heartbeat", heartbeat)
+    monkeypatch.setattr(jobs, "succeed", recording)
+    _run(worker_job)
+    assert seen == [True] and worker_job.row().status == jobs.Status.SUCCEEDED
 
 
 def test_a_result_recorded_by_a_write_whose_answer_was_lost_keeps_its_checkpoint(
