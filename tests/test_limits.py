@@ -31,7 +31,7 @@ from core import jobs
 from core.database import Database
 from core.engine import data
 from core.engine.data import TooManyImages, load_images
-from core.engine.errors import InputError
+from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event
 from core.settings import Settings
 from core.storage import FileWriter, Storage
@@ -642,9 +642,13 @@ def test_a_database_out_for_minutes_as_a_job_ends_keeps_its_result(
     assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
 
 
-def test_the_job_beats_while_its_result_is_written(worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its result's write may be tried for minutes while the database is out: a silent job would be taken
-    from its worker by the sweeper meanwhile, and run again."""
+@pytest.mark.parametrize(("error", "write", "ends"), [(None, "succeed", "succeeded"),
+                                                      (Cancelled("cancelled"), "finish_cancelled", "cancelled"),
+                                                      (InputError("bad"), "fail", "failed")])
+def test_the_job_beats_while_its_last_word_is_written(worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch,
+                                                     error: Exception | None, write: str, ends: str) -> None:
+    """Its result, cancel or failure may be tried for minutes while the database is out: a silent job would
+    be taken from its worker by the sweeper meanwhile, and run again."""
     import worker.tasks
 
     beating, seen = [], []
@@ -652,20 +656,22 @@ def test_the_job_beats_while_its_result_is_written(worker_job: WorkerJob, monkey
     @contextmanager
     def heartbeat(*args):
         beating.append(True)
-        yield
-        beating.pop()
+        try:
+            yield
+        finally:
+            beating.pop()
 
-    succeed = jobs.succeed
+    written = getattr(jobs, write)
 
-    def recording(*args, **kwargs) -> bool:
+    def recording(*args, **kwargs) -> object:
         seen.append(bool(beating))
-        return succeed(*args, **kwargs)
+        return written(*args, **kwargs)
 
-    _engine(monkeypatch, None)
+    _engine(monkeypatch, error)
     monkeypatch.setattr(worker.tasks, "heartbeat", heartbeat)
-    monkeypatch.setattr(jobs, "succeed", recording)
+    monkeypatch.setattr(jobs, write, recording)
     _run(worker_job)
-    assert seen == [True] and worker_job.row().status == jobs.Status.SUCCEEDED
+    assert seen == [True] and worker_job.row().status == ends
 
 
 def test_a_result_recorded_by_a_write_whose_answer_was_lost_keeps_its_checkpoint(

@@ -43,8 +43,8 @@ PROGRESS_INTERVAL = 1.0
 FINISH_RESERVE = 60.0
 FINISH_RESERVE_SHARE = 0.05
 # Seconds a job's last write (its result, cancel or failure) is tried again while the database is out, and the
-# longest pause between two tries. The result's write goes on beating the job's heartbeat, so no sweeper takes
-# a finished job from its worker meanwhile; after 15 s, as it once gave up, a job that had trained failed.
+# longest pause between two tries. The job's heartbeat beats meanwhile, so no sweeper takes a finished job
+# from its worker; after 15 s, as it once gave up, a job that had trained failed.
 FINAL_WRITE_PATIENCE = 600.0
 FINAL_WRITE_PAUSE = 15.0
 
@@ -172,21 +172,23 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
     log.info("job %s: started", job_id)
     storage = Storage(settings.storage_dir)
     files = job_files(storage, assignment)
-    try:
-        _check_inputs(storage, assignment)
-        params = SanitizeParams.model_validate(assignment.params)
-        with heartbeat(db, job_id, dispatch, settings.sweep_interval / 4):
+    # The heartbeat beats through the job's last write too, which may be tried for minutes while the database
+    # is out: a silent job would be taken from its worker meanwhile and run again.
+    with heartbeat(db, job_id, dispatch, settings.sweep_interval / 4):
+        try:
+            _check_inputs(storage, assignment)
+            params = SanitizeParams.model_validate(assignment.params)
             report = sanitize(files, params, ProgressRecorder(db, job_id, dispatch),
                               lambda: _stop_requested(db, job_id, dispatch), max_images=settings.max_images,
                               time_limit=engine_time(settings.job_time_limit, time.monotonic() - started))
             _record_success(db, job_id, dispatch, report, files.out)
-    except Cancelled:
-        _finally(db, job_id, lambda session: jobs.finish_cancelled(session, job_id, dispatch))
-        log.info("job %s: cancelled (or given to another worker)", job_id)
-    except Exception as error:
-        message = _failure(job_id, error, settings.job_time_limit)
-        _finally(db, job_id, lambda session: jobs.fail(session, job_id, dispatch, message))
-        _discard_output(db, storage, job_id, dispatch)
+        except Cancelled:
+            _finally(db, job_id, lambda session: jobs.finish_cancelled(session, job_id, dispatch))
+            log.info("job %s: cancelled (or given to another worker)", job_id)
+        except Exception as error:
+            message = _failure(job_id, error, settings.job_time_limit)
+            _finally(db, job_id, lambda session: jobs.fail(session, job_id, dispatch, message))
+            _discard_output(db, storage, job_id, dispatch)
 
 
 def engine_time(limit: float, elapsed: float) -> float:
