@@ -12,6 +12,7 @@ import time
 import uuid
 from datetime import UTC, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from alembic import command
@@ -20,6 +21,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from service_fixtures import ROOT
 from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 
 from core import jobs, keys
 from core.database import MIGRATIONS, Base, Database, migrating
@@ -433,6 +435,31 @@ def test_progress_is_written_at_most_once_a_second_but_always_at_epoch_ends(data
     time.sleep(1.05)
     record(Event("student", 0.22, epoch=1, epochs=5, step=2))
     assert progress() == ("student", 1, 0.22)
+
+
+def test_a_refused_progress_write_is_not_tried_again_for_a_while(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writes run in the training loop. Where the database hangs each try waits out the connect timeout,
+    and tried at every step (an epoch's end is always written) they held a job to one step in 5 s (the second
+    fault hunt)."""
+    import worker.tasks
+
+    job_id = new_job(database, owner())
+    start(database, job_id)
+    clock, tries = [100.0], []
+    monkeypatch.setattr(worker.tasks, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    record = ProgressRecorder(database, job_id, 0)
+
+    def hanging(*args, **kwargs) -> None:
+        tries.append(clock[0])
+        raise OperationalError("UPDATE jobs ...", {}, Exception("connection timeout expired"))
+
+    monkeypatch.setattr(jobs, "record_progress", hanging)
+    for epoch in range(1, 5):  # epoch ends, 10 s apart
+        record(Event("student", epoch / 10, epoch=epoch, epochs=20, loss=0.5, lr=0.1))
+        clock[0] += 10
+    assert tries == [100.0, 130.0]
 
 
 def test_keys_are_stored_hashed_checked_and_revocable(database: Database) -> None:

@@ -36,6 +36,9 @@ T = TypeVar("T")
 
 # Seconds between two progress writes within one stage; epoch ends and stage changes are always written.
 PROGRESS_INTERVAL = 1.0
+# Seconds no progress is written after a write the database refused. The writes run in the training loop: where
+# the database hangs, each try waited out the connect timeout, and a job trained one step every 5 s.
+PROGRESS_BACKOFF = 30.0
 # What the engine is told it has is the job's time limit less a reserve for what follows its last candidate
 # (writing and hashing the checkpoints, recording the job): `auto` stops candidates so that the last one is
 # measured by its deadline, and a soft limit reached while the result is written would fail the whole job.
@@ -58,18 +61,22 @@ def database() -> Database:
 
 class ProgressRecorder:
     """Writes the engine's events to the job's row, sparingly: a step event every few milliseconds would
-    otherwise mean as many database writes. A write the database refuses (a restart, a failover) is skipped
-    and the next event writes: hours of training are not thrown away for a progress bar."""
+    otherwise mean as many database writes. A write the database refuses (a restart, a failover) is skipped,
+    and none is tried for PROGRESS_BACKOFF: hours of training are not thrown away, nor slowed, for a progress
+    bar."""
 
     def __init__(self, db: Database, job_id: str, dispatch: int) -> None:
         self.db, self.job_id, self.dispatch = db, job_id, dispatch
         self.stage: str | None = None
         self.written_at = float("-inf")
+        self.failed_at = float("-inf")
         self.failing = False  # a traceback for the first refused write of an outage, not for each
 
     def __call__(self, event: Event) -> None:
         epoch_end = event.epoch is not None and event.step is None
         now = time.monotonic()
+        if now - self.failed_at < PROGRESS_BACKOFF:
+            return
         if event.stage == self.stage and not epoch_end and now - self.written_at < PROGRESS_INTERVAL:
             return
         try:
@@ -77,9 +84,9 @@ class ProgressRecorder:
                 jobs.record_progress(session, self.job_id, self.dispatch, event.stage, event.progress, event.epoch,
                                      event.epochs)
         except OperationalError:
-            log.warning("job %s: progress not recorded; the next event tries again", self.job_id,
+            log.warning("job %s: progress not recorded; tried again in %.0f s", self.job_id, PROGRESS_BACKOFF,
                         exc_info=not self.failing)
-            self.failing = True
+            self.failed_at, self.failing = now, True
             return
         self.stage, self.written_at, self.failing = event.stage, now, False
 
