@@ -26,6 +26,12 @@ ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "psycopg"}
 # server that accepts connections and never answers (stalled, or a proxy before a dead one) held every request
 # for libpq's two minutes and more, where the API is to answer 503 at once.
 CONNECT_TIMEOUT = 5
+# A connection whose peer vanished (its host lost, the network cut) fails within about a minute instead of
+# waiting on TCP's retransmissions for a quarter of an hour: a worker's heartbeat and progress writes go on it.
+# libpq's keepalives probe an idle connection, tcp_user_timeout (ms) bounds unacknowledged data. A server that
+# stalls on a live connection is still waited for: only a client-side statement timeout would end that.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+              "tcp_user_timeout": 30_000}
 
 
 class Base(DeclarativeBase):
@@ -77,7 +83,9 @@ def make_engine(url: str) -> Engine:
 
 
 def _connect_args(parsed: URL) -> dict[str, int]:
-    return {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT}
+    """libpq's timeouts above, each unless the URL sets its own."""
+    return {name: value for name, value in {"connect_timeout": CONNECT_TIMEOUT, **KEEPALIVES}.items()
+            if name not in parsed.query}
 
 
 def async_url(url: str) -> URL:

@@ -606,6 +606,18 @@ def test_a_database_that_accepts_connections_but_never_answers_is_down_within_se
         database.dispose()
 
 
+def test_database_connections_carry_libpq_s_timeouts_unless_the_url_sets_its_own(make_settings) -> None:
+    """On a real connection, as libpq reports it: a host lost mid-job fails its connection within a minute."""
+    url = make_settings().database_url
+    for given, idle in ((url, "30"), (f"{url}?keepalives_idle=7", "7")):
+        database = Database(given)
+        with database.engine.connect() as connection:
+            parameters = connection.connection.dbapi_connection.info.get_parameters()
+        assert (parameters["connect_timeout"], parameters["keepalives_idle"]) == ("5", idle)
+        assert parameters["tcp_user_timeout"] == "30000"
+        database.dispose()
+
+
 def test_a_statement_the_database_refuses_is_a_500_not_an_outage(make_settings, tmp_path: Path) -> None:
     """SQLite calls a missing table operational too: retrying would not help, so no 503 says it would."""
     path = tmp_path / "nad.db"
