@@ -75,10 +75,11 @@ class Client:
         self.http.close()
 
     def patiently(self, call: Callable[[], T], what: str, then: str, interval: float = 2.0,
-                  patience: float = POLL_PATIENCE, on_wait: Callable[[], object] = lambda: None) -> T:
+                  patience: float = POLL_PATIENCE, on_wait: Callable[[Exception], object] = lambda error: None) -> T:
         """`call()`, asked again while the service does not answer or answers 502, 503 or 504, until that has
         lasted `patience` seconds: a restart of the service, or its database out, ends; the job goes on
-        meanwhile. Giving up says `what` was asked and `then` what the user can do."""
+        meanwhile. Giving up says `what` was asked and `then` what the user can do; `on_wait(error)` is called
+        before each wait."""
         silent_since = None
         while True:
             try:
@@ -89,7 +90,7 @@ class Client:
                 silent_since = silent_since or time.monotonic()
                 if time.monotonic() - silent_since >= patience:
                     raise ServiceError(f"no answer about {what} for {patience:.0f} s ({error}); {then}") from None
-                on_wait()
+                on_wait(error)
                 time.sleep(interval)
 
     def submit(self, files: dict[str, Path], params: dict[str, Any], show_progress: bool = True,
@@ -99,7 +100,9 @@ class Client:
         Idempotency-Key, every `interval` seconds for up to POLL_PATIENCE."""
         headers = {"Idempotency-Key": uuid.uuid4().hex}
         return self.patiently(lambda: self._upload(files, params, headers, show_progress), "the upload",
-                              "GET /jobs lists the job if it was kept; else send it again later", interval=interval)
+                              "GET /jobs lists the job if it was kept; else send it again later", interval=interval,
+                              on_wait=lambda error: print(f"{error}; sending the upload again in {interval:.0f} s",
+                                                          file=sys.stderr))
 
     def _upload(self, files: dict[str, Path], params: dict[str, Any], headers: dict[str, str],
                 show_progress: bool) -> dict[str, Any]:
@@ -145,7 +148,7 @@ class Client:
                 job = self.patiently(
                     lambda: self.job(job_id), f"job {job_id}",
                     f"it goes on at the service: ask again with GET /jobs/{job_id}", interval, patience,
-                    on_wait=lambda shown=percent: bar.show("service unreachable, asking again", shown))
+                    on_wait=lambda _error, shown=percent: bar.show("service unreachable, asking again", shown))
                 progress, percent = job["progress"], job["progress"]["percent"]
                 epoch = f" {progress['epoch']}/{progress['epochs']}" if progress.get("epoch") else ""
                 bar.show(f"{job['status']} {progress.get('stage') or ''}{epoch}".strip(), percent)

@@ -426,7 +426,7 @@ def test_an_upload_cut_off_before_its_answer_is_sent_again_under_the_same_idempo
 
 
 def test_an_unavailable_service_is_waited_out_for_the_upload_the_metrics_and_the_model(
-    scripted, digits_npz, tmp_path, monkeypatch
+    scripted, digits_npz, tmp_path, monkeypatch, capsys
 ):
     """Its database out or its queue, the service answers 503 (README): `nad submit` said so and stopped,
     before the upload and after a job that had succeeded alike. Now it asks again, the upload under the same
@@ -437,6 +437,8 @@ def test_an_unavailable_service_is_waited_out_for_the_upload_the_metrics_and_the
     ScriptedService.script.extend([unavailable, (202, {"id": "abc"}), unavailable, (200, {"after": {}}),
                                    (502, {}), (200, model, {"ETag": f'"{hashlib.sha256(model).hexdigest()}"'})])
     assert scripted.submit({"model": digits_npz}, {}, show_progress=False) == {"id": "abc"}
+    assert capsys.readouterr().err == ("503 Service Unavailable: the job database is out; sending the upload again "
+                                       "in 10 s\n")  # not silence while it waits
     assert scripted.metrics("abc") == {"after": {}}
     destination = scripted.download("abc", tmp_path / "cleansed.safetensors", show_progress=False)
     assert destination.read_bytes() == model
