@@ -213,7 +213,8 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
         storage.discard_incoming(job_id)
         raise
     try:
-        storage.adopt(job_id)
+        if not storage.adopt(job_id):
+            log.info("job %s: a repeat of its upload was in place first; this copy is discarded", job_id)
     except BaseException:
         storage.discard_incoming(job_id)
         with service.db.session() as session:
@@ -236,16 +237,31 @@ def _stand_in(service: Services, job_id: str, first: Job) -> None:
     """A repeated upload takes the place of its first's files where they never reached the job's folder, and
     the job is sent: the first try's job was recorded, but its answer was lost (a 503 whose commit went
     through) or its API was killed before the move, and the retry holds the only copy. Else it is discarded.
-    The first's API, should it live and move its own copy after this one, keeps this one (`Storage.adopt`)."""
-    if first.status != Status.QUEUED or service.storage.job_dir(first.id).is_dir():
-        service.storage.discard_incoming(job_id)
+    The first's API, should it live and move its own copy after this one, keeps this one (`Storage.adopt`);
+    should it withdraw the job meanwhile (its queue place or its broker refused), the copy goes and the retry
+    is told to send again, under a key that is free again."""
+    storage = service.storage
+    if first.status != Status.QUEUED or storage.job_dir(first.id).is_dir():
+        storage.discard_incoming(job_id)
         return
-    if service.storage.adopt(job_id, into=first.id):
-        log.warning("job %s: its files had not reached storage; a repeat of its upload took their place", first.id)
-        try:
-            send_job(service.queue, first.id, first.dispatch)
-        except Exception:  # the sweeper sends it once the broker is back: the job is recorded
-            log.exception("job %s: could not be sent to the broker", first.id)
+    try:
+        moved = storage.adopt(job_id, into=first.id)
+    except OSError:
+        log.exception("job %s: a repeat of its upload could not take the place of its files", first.id)
+        storage.discard_incoming(job_id)
+        return
+    if not moved:
+        return
+    with service.db.session() as session:
+        withdrawn = session.get(Job, first.id) is None
+    if withdrawn:
+        storage.remove(first.id)
+        raise ProblemError(503, "the first upload under this Idempotency-Key was not kept; send it again")
+    log.warning("job %s: its files had not reached storage; a repeat of its upload took their place", first.id)
+    try:
+        send_job(service.queue, first.id, first.dispatch)
+    except Exception:  # the sweeper sends it once the broker is back: the job is recorded
+        log.exception("job %s: could not be sent to the broker", first.id)
 
 
 def _same_request(job: Job, params: SanitizeParams, upload: uploads.Upload) -> bool:

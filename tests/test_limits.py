@@ -251,6 +251,27 @@ def test_a_retry_after_a_record_whose_answer_was_lost_brings_the_files_the_job_l
     assert f"{job_id}-0" in broker_task_ids(make_celery(api_settings), api_settings.queue)
     assert leftovers(api_settings) == []
 
+    # The first's API, alive, withdraws its job just after the retry looked (its broker refused, say): the
+    # retry's copy went to a folder of no job, for good, and its 202 named a job that was gone (the review).
+    answers, find, found = iter([False]), jobs.find_by_idempotency_key, []
+
+    def then_withdrawn(session, *args) -> jobs.Job | None:
+        first = find(session, *args)
+        found.extend([first] if first else [])
+        if len(found) == 2:  # the retry's second look, the one that stands in (its first checks the queue)
+            own = Database(api_settings.database_url)
+            with own.session() as elsewhere:
+                jobs.withdraw(elsewhere, first.id)
+            own.dispose()
+        return first
+
+    monkeypatch.setattr(jobs, "find_by_idempotency_key", then_withdrawn)
+    problem(submit(api, auth, **{"Idempotency-Key": "withdrawn"}), 503)
+    assert "send it again" in problem(submit(api, auth, **{"Idempotency-Key": "withdrawn"}), 503)["detail"]
+    assert leftovers(api_settings) == []
+    monkeypatch.setattr(jobs, "find_by_idempotency_key", find)
+    assert submit(api, auth, **{"Idempotency-Key": "withdrawn"}).status_code == 202  # the key is free again
+
 
 def test_an_upload_aborted_on_a_full_disk_keeps_the_error_that_stopped_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

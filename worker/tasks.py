@@ -86,7 +86,7 @@ class ProgressRecorder:
         except OperationalError:
             log.warning("job %s: progress not recorded; tried again in %.0f s", self.job_id, PROGRESS_BACKOFF,
                         exc_info=not self.failing)
-            self.failed_at, self.failing = now, True
+            self.failed_at, self.failing = time.monotonic(), True  # after the try, which may have hung
             return
         self.stage, self.written_at, self.failing = event.stage, now, False
 
@@ -291,7 +291,7 @@ def _record_success(db: Database, job_id: str, dispatch: int, report: dict, out:
         if jobs.succeed(session, job_id, dispatch, report, output):
             return True
         recorded = _recorded_output(session, job_id)
-        if recorded is not None and recorded.path == output.path:
+        if recorded is not None and (recorded.path, recorded.sha256) == (output.path, output.sha256):
             return True  # an earlier try was committed and its answer lost: the job is this run's already
         jobs.finish_cancelled(session, job_id, dispatch)
         return False
