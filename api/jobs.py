@@ -62,6 +62,8 @@ UPLOAD_BODY = {
 # Seconds a client refused for a full queue is asked to wait: jobs take minutes, so sooner would mostly be
 # refused again.
 QUEUE_FULL_RETRY_AFTER = 60
+# A retry under an Idempotency-Key whose first job was withdrawn while the retry was received: its key is free.
+FIRST_NOT_KEPT = "the first upload under this Idempotency-Key was not kept; send it again"
 IdempotencyKey = Annotated[
     str | None,
     Header(min_length=1, max_length=255,
@@ -203,6 +205,9 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
     except jobs.DuplicateRequest:
         with service.db.session() as session:
             first = jobs.find_by_idempotency_key(session, owner, idempotency_key)
+        if first is None:  # withdrawn since (its queue place or its broker refused): the key is free again
+            storage.discard_incoming(job_id)
+            raise ProblemError(503, FIRST_NOT_KEPT) from None
         if not _same_request(first, params, upload):
             storage.discard_incoming(job_id)
             raise ProblemError(422, f"the Idempotency-Key {idempotency_key!r} was used for job {first.id}, which "
@@ -256,7 +261,7 @@ def _stand_in(service: Services, job_id: str, first: Job) -> None:
         withdrawn = session.get(Job, first.id) is None
     if withdrawn:
         storage.remove(first.id)
-        raise ProblemError(503, "the first upload under this Idempotency-Key was not kept; send it again")
+        raise ProblemError(503, FIRST_NOT_KEPT)
     log.warning("job %s: its files had not reached storage; a repeat of its upload took their place", first.id)
     try:
         send_job(service.queue, first.id, first.dispatch)

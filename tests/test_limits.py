@@ -271,6 +271,10 @@ def test_a_retry_after_a_record_whose_answer_was_lost_brings_the_files_the_job_l
     assert leftovers(api_settings) == []
     monkeypatch.setattr(jobs, "find_by_idempotency_key", find)
     assert submit(api, auth, **{"Idempotency-Key": "withdrawn"}).status_code == 202  # the key is free again
+    # withdrawn between the retry's record, refused as a duplicate, and its look for the first: a 500 before
+    monkeypatch.setattr(jobs, "find_by_idempotency_key", lambda *args: None)
+    problem(submit(api, auth, **{"Idempotency-Key": "withdrawn"}), 503)
+    assert leftovers(api_settings) == []
 
 
 def test_an_upload_aborted_on_a_full_disk_keeps_the_error_that_stopped_it(
