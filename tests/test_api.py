@@ -609,12 +609,20 @@ def test_a_database_that_accepts_connections_but_never_answers_is_down_within_se
 def test_database_connections_carry_libpq_s_timeouts_unless_the_url_sets_its_own(make_settings) -> None:
     """On a real connection, as libpq reports it: a host lost mid-job fails its connection within a minute."""
     url = make_settings().database_url
+
+    async def read(database: Database) -> dict[str, str]:  # the API's reads go by the asyncio engine
+        async with database.read() as session:
+            connection = await session.connection()
+            raw = await connection.get_raw_connection()
+            return raw.driver_connection.info.get_parameters()
+
     for given, idle in ((url, "30"), (f"{url}?keepalives_idle=7", "7")):
         database = Database(given)
         with database.engine.connect() as connection:
-            parameters = connection.connection.dbapi_connection.info.get_parameters()
-        assert (parameters["connect_timeout"], parameters["keepalives_idle"]) == ("5", idle)
-        assert parameters["tcp_user_timeout"] == "30000"
+            blocking = connection.connection.dbapi_connection.info.get_parameters()
+        for parameters in (blocking, asyncio.run(read(database))):
+            assert (parameters["connect_timeout"], parameters["keepalives_idle"]) == ("5", idle)
+            assert parameters["tcp_user_timeout"] == "30000"
         database.dispose()
 
 
