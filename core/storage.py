@@ -16,6 +16,7 @@ share the root (one volume in compose).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -141,8 +142,8 @@ class Storage:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.incoming_dir(job_id).rename(target)
-        except OSError:
-            if not target.is_dir():
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # anything but a folder there: a fault
                 raise
             self.discard_incoming(job_id)
             return False

@@ -524,6 +524,8 @@ def test_a_repeated_upload_takes_the_place_of_a_job_folder_once(tmp_path: Path) 
     assert not storage.adopt(first)
     assert storage.path(first, "inputs/model").read_bytes() == b"retry"
     assert not storage.incoming_dir(first).exists() and not storage.job_dir(retry).exists()
+    with pytest.raises(FileNotFoundError):  # an upload gone from incoming/ is a fault, folder in place or not
+        storage.adopt(retry, into=first)
 
 
 def test_every_file_the_api_takes_reaches_the_engine_by_its_role(tmp_path: Path) -> None:
