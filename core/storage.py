@@ -164,6 +164,16 @@ class Storage:
         so a worker whose job was taken from it (`worker.dispatch`) never overwrites its successor's."""
         return self.path(job_id, output_name(dispatch))
 
+    def remove_outputs(self, job_id: str, through: int, keep: str | None) -> None:
+        """Remove the output folders of the job's sendings up to `through`, but the one of `keep` (the output
+        the job recorded, relative to its folder): what runs that failed, were cancelled or were killed wrote,
+        a temporary file of safetensors' included. A later sending's folder is left alone: its run may be
+        writing in it."""
+        folder = self.job_dir(job_id) / "output"
+        for child in folder.iterdir() if folder.is_dir() else ():
+            if child.name.isdigit() and int(child.name) <= through and output_name(int(child.name)) != keep:
+                shutil.rmtree(child, ignore_errors=True)
+
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 

@@ -4,6 +4,7 @@ partial checkpoint in the worker), and files gone from storage."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -12,6 +13,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +36,7 @@ from core.engine.data import TooManyImages, load_images
 from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event
 from core.settings import Settings
-from core.storage import FileWriter, Storage
+from core.storage import FileWriter, Storage, output_name
 from worker.broker import make_celery
 from worker.dispatch import broker_task_ids
 
@@ -748,6 +750,82 @@ def test_a_late_failure_report_keeps_the_checkpoint_the_job_recorded(
     assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
     sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
     assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
+
+
+def _sent_again(job: WorkerJob) -> None:
+    """The job's run of sending 0 started and went silent (its worker killed), and the sweeper sent it again."""
+    with job.db.session() as session:
+        jobs.start_attempt(session, job.id, dispatch=0, max_attempts=3, grace=0)
+    with job.db.session() as session:
+        assert jobs.recover(session, job.id, 0, since=jobs.clock(session) + timedelta(seconds=1))
+
+
+def _written(job: WorkerJob, dispatch: int) -> Path:
+    path = job.storage.output_path(job.id, dispatch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"a checkpoint never recorded")
+    return path
+
+
+def test_a_run_that_succeeds_removes_what_a_killed_run_before_it_left(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed while it wrote its checkpoint, or retried recording it, left output/0. The run the sweeper
+    sent next succeeds: the job's folder holds the checkpoint it recorded, not a second one until it is
+    deleted."""
+    from worker.tasks import sanitize_job
+
+    _sent_again(worker_job)
+    _written(worker_job, 0)
+    _engine(monkeypatch, None)
+    sanitize_job(worker_job.id, 1)
+    job = worker_job.row()
+    assert job.status == jobs.Status.SUCCEEDED and job.artifact(jobs.OUTPUT).path == output_name(1)
+    assert _outputs(worker_job) == [worker_job.storage.output_path(worker_job.id, 1)]
+    assert [path.name for path in (worker_job.storage.job_dir(worker_job.id) / "output").iterdir()] == ["1"]
+
+
+def test_a_late_failure_of_a_replaced_run_leaves_its_successors_folder(worker_job: WorkerJob) -> None:
+    """The run of sending 0, cut off from the database and replaced, reaches its hard limit while sending 1's
+    run writes its checkpoint: it removes its own output and leaves the one being written."""
+    from worker.tasks import sanitize_job
+
+    _sent_again(worker_job)
+    with worker_job.db.session() as session:
+        assert jobs.start_attempt(session, worker_job.id, dispatch=1, max_attempts=3, grace=0) is not None
+    _written(worker_job, 0)
+    being_written = _written(worker_job, 1)
+    sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
+    assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
+
+
+@pytest.mark.parametrize("answered", [0, 1], ids=["out-from-the-start", "out-after-the-failure-is-written"])
+def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, answered: int
+) -> None:
+    """It runs in the process that receives the worker's messages: waiting out a database outage there (ten
+    minutes, as a job's own last write does) would stall the whole worker. A job whose failure is not written
+    is silent, and the sweeper's to take."""
+    import worker.tasks
+    from worker.tasks import sanitize_job
+
+    class OutAfter(Database):
+        sessions = 0
+
+        @contextmanager
+        def session(self) -> Iterator:
+            OutAfter.sessions += 1
+            if OutAfter.sessions > answered:
+                _refused()
+            with super().session() as session:
+                yield session
+
+    slept: list[float] = []
+    monkeypatch.setattr(worker.tasks, "time", SimpleNamespace(monotonic=lambda: sum(slept), sleep=slept.append))
+    monkeypatch.setattr(worker.tasks, "Database", OutAfter)
+    with contextlib.suppress(OperationalError):
+        sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
+    assert slept == [] and OutAfter.sessions == 1
 
 
 def test_an_input_removed_from_storage_fails_the_job_naming_it(

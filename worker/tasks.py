@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -152,13 +151,15 @@ class SanitizeTask(Task):
         """What escaped the task: the hard time limit (the pool process was killed mid-job; Celery calls
         this in the main process) or a database that failed as the job ended. The job is failed rather than
         left running forever. A connection of its own: the main process must not open the cached pool its
-        future children would inherit."""
+        future children would inherit. Tried once: this process receives the worker's messages, and a job
+        whose failure a database outage keeps from being written is silent, so the sweeper takes it."""
         job_id, dispatch = args
-        db = Database(get_settings().database_url)
+        settings = get_settings()
+        db = Database(settings.database_url)
         try:
-            with db.session() as session:
-                jobs.fail(session, job_id, dispatch, _failure(job_id, exc, get_settings().job_time_limit))
-            _discard_output(db, Storage(get_settings().storage_dir), job_id, dispatch)
+            message = _failure(job_id, exc, settings.job_time_limit)
+            _end(db, Storage(settings.storage_dir), job_id, dispatch,
+                 lambda session: jobs.fail(session, job_id, dispatch, message), patience=0.0)
         finally:
             db.dispose()
 
@@ -188,14 +189,13 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
             report = sanitize(files, params, ProgressRecorder(db, job_id, dispatch),
                               lambda: _stop_requested(db, job_id, dispatch), max_images=settings.max_images,
                               time_limit=engine_time(settings.job_time_limit, time.monotonic() - started))
-            _record_success(db, job_id, dispatch, report, files.out)
+            _record_success(db, storage, job_id, dispatch, report, files.out)
         except Cancelled:
-            _finally(db, job_id, lambda session: jobs.finish_cancelled(session, job_id, dispatch))
+            _end(db, storage, job_id, dispatch, lambda session: jobs.finish_cancelled(session, job_id, dispatch))
             log.info("job %s: cancelled (or given to another worker)", job_id)
         except Exception as error:
             message = _failure(job_id, error, settings.job_time_limit)
-            _finally(db, job_id, lambda session: jobs.fail(session, job_id, dispatch, message))
-            _discard_output(db, storage, job_id, dispatch)
+            _end(db, storage, job_id, dispatch, lambda session: jobs.fail(session, job_id, dispatch, message))
 
 
 def engine_time(limit: float, elapsed: float) -> float:
@@ -204,16 +204,19 @@ def engine_time(limit: float, elapsed: float) -> float:
     return limit - elapsed - min(FINISH_RESERVE, FINISH_RESERVE_SHARE * limit)
 
 
-def _discard_output(db: Database, storage: Storage, job_id: str, dispatch: int) -> None:
-    """Remove what this run wrote of its checkpoint (cut off by a time limit or a full disk, or whole but
-    never recorded), with the folder it wrote in: safetensors writes a temporary file there and renames it
-    at the end, so a run killed mid-write leaves that file instead. A failed run leaves nothing behind.
-    Unless the job recorded this run's file as its output (it succeeded just before the error that is
-    reported now): a job's result is never taken from it."""
-    out = storage.output_path(job_id, dispatch)
-    recorded = _finally(db, job_id, lambda session: _recorded_output(session, job_id))
-    if recorded is None or storage.path(job_id, recorded.path) != out:
-        shutil.rmtree(out.parent, ignore_errors=True)
+def _end(db: Database, storage: Storage, job_id: str, dispatch: int, write: Callable[[Session], T],
+         patience: float = FINAL_WRITE_PATIENCE) -> T:
+    """Write the job's last word (`_finally`), then remove what this run and the job's earlier ones left in
+    storage but the output the job recorded: a checkpoint cut off by a time limit or a full disk, one whole but
+    never recorded (a cancel came first), one a killed run wrote before its successor took over. The job's
+    recorded result is never taken from it, by this run or by a late one."""
+
+    def last_word(session: Session) -> tuple[T, jobs.Artifact | None]:
+        return write(session), _recorded_output(session, job_id)
+
+    said, recorded = _finally(db, job_id, last_word, patience)
+    storage.remove_outputs(job_id, through=dispatch, keep=recorded.path if recorded else None)
+    return said
 
 
 def _recorded_output(session: Session, job_id: str) -> jobs.Artifact | None:
@@ -231,10 +234,10 @@ def _stop_requested(db: Database, job_id: str, dispatch: int) -> bool:
         return False
 
 
-def _finally(db: Database, job_id: str, write: Callable[[Session], T]) -> T:
-    """`write` in a session of its own, tried again through a database outage of up to FINAL_WRITE_PATIENCE:
+def _finally(db: Database, job_id: str, write: Callable[[Session], T], patience: float) -> T:
+    """`write` in a session of its own, tried again through a database outage of up to `patience` seconds:
     without the job's last word its row stays running, and the sweeper would run the whole job again."""
-    deadline, pause = time.monotonic() + FINAL_WRITE_PATIENCE, 1.0
+    deadline, pause = time.monotonic() + patience, 1.0
     while True:
         try:
             with db.session() as session:
@@ -282,7 +285,7 @@ def _timed_out(error: BaseException | None) -> bool:
     return False
 
 
-def _record_success(db: Database, job_id: str, dispatch: int, report: dict, out: Path) -> None:
+def _record_success(db: Database, storage: Storage, job_id: str, dispatch: int, report: dict, out: Path) -> None:
     """Register the cleansed checkpoint with the report, unless a cancel arrived after the last epoch: a
     cancelled job always ends cancelled, and its output is removed."""
     output = jobs.FileRecord(jobs.OUTPUT, output_name(dispatch), out.stat().st_size, sha256_file(out))
@@ -296,7 +299,5 @@ def _record_success(db: Database, job_id: str, dispatch: int, report: dict, out:
         jobs.finish_cancelled(session, job_id, dispatch)
         return False
 
-    succeeded = _finally(db, job_id, record)
-    if not succeeded:
-        out.unlink(missing_ok=True)
+    succeeded = _end(db, storage, job_id, dispatch, record)
     log.info("job %s: %s", job_id, "succeeded" if succeeded else "cancelled after its last epoch")
