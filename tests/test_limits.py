@@ -9,6 +9,7 @@ import errno
 import hashlib
 import io
 import tarfile
+import threading
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -826,6 +827,31 @@ def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
     with contextlib.suppress(OperationalError):
         sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
     assert slept == [] and OutAfter.sessions == 1
+
+
+def test_a_beat_stuck_on_a_stalled_server_does_not_hold_the_job() -> None:
+    """A server that stops answering on an open connection hangs the beat's query; the job's end must not wait
+    for it (it waited until the hard time limit)."""
+    from worker.tasks import heartbeat
+
+    stuck, release = threading.Event(), threading.Event()
+
+    class Stalled:
+        def session(self) -> None:
+            stuck.set()
+            release.wait()
+            raise OperationalError("UPDATE jobs ...", {}, Exception("server closed the connection"))
+
+    def job() -> None:
+        with heartbeat(Stalled(), jobs.new_job_id(), 0, interval=0.01):
+            assert stuck.wait(10)
+
+    ended = threading.Thread(target=job, daemon=True)
+    ended.start()
+    ended.join(10)
+    held = ended.is_alive()
+    release.set()
+    assert not held
 
 
 def test_an_input_removed_from_storage_fails_the_job_naming_it(

@@ -114,7 +114,9 @@ def heartbeat(db: Database, job_id: str, dispatch: int, interval: float) -> Iter
         yield
     finally:
         stop.set()
-        thread.join()
+        # Not waited for longer than a beat: one stuck on a stalled server would hold the job's process until
+        # the hard time limit. A beat that lands late changes nothing, the job no longer running.
+        thread.join(timeout=interval)
 
 
 class MissingInput(Exception):
