@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -188,35 +187,37 @@ def driver_main(args: argparse.Namespace) -> int:
     queue = f"nad-bench-{uuid.uuid4().hex[:6]}"
     port = args.port
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as cleanup:
-        cleanup.callback(drop)  # the database goes whatever fails after it was made: the API's start too
-        folder = Path(tmp)
-        env = {"NAD_DATABASE_URL": database_url, "NAD_BROKER_URL": REDIS_URL, "NAD_QUEUE": queue,
-               "NAD_STORAGE_DIR": str(folder / "storage"), "NAD_API_PORT": str(port),
-               "NAD_MAX_QUEUED_JOBS": str(args.jobs + 10), "NAD_API_WORKERS": str(args.api_workers)}
-        db = Database(database_url)
-        db.migrate()
-        with db.session() as session:
-            _, key = keys.create_key(session, "bench")
-        db.dispose()
-        api = start_api(env, port, folder / "api.log")
-        try:
-            headers = {"Authorization": f"Bearer {key}"}
-            files = {"model": ("m.pt", b"model"), "clean_data": ("c.npz", b"clean")}
-            with httpx.Client(base_url=url, headers=headers) as client:
-                ids = [client.post("/sanitize", files=files, data={"params": PARAMS}).json()["id"]
-                       for _ in range(args.jobs)]
-            results = {
-                "status_reads": run_load(url, key, [f"/jobs/{job_id}" for job_id in ids], args, folder),
-                "list_reads": run_load(url, key, ["/jobs?limit=20"], args, folder),
-                "upload": upload_memory(url, headers, api.pid, args.upload_mb),
-            }
-        finally:
-            api.terminate()
-            api.wait(timeout=30)
-            client = redis.Redis.from_url(REDIS_URL)
-            client.delete(queue)
-            client.close()
+    try:  # the database goes whatever fails after it was made: the API's start too
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            env = {"NAD_DATABASE_URL": database_url, "NAD_BROKER_URL": REDIS_URL, "NAD_QUEUE": queue,
+                   "NAD_STORAGE_DIR": str(folder / "storage"), "NAD_API_PORT": str(port),
+                   "NAD_MAX_QUEUED_JOBS": str(args.jobs + 10), "NAD_API_WORKERS": str(args.api_workers)}
+            db = Database(database_url)
+            db.migrate()
+            with db.session() as session:
+                _, key = keys.create_key(session, "bench")
+            db.dispose()
+            api = start_api(env, port, folder / "api.log")
+            try:
+                headers = {"Authorization": f"Bearer {key}"}
+                files = {"model": ("m.pt", b"model"), "clean_data": ("c.npz", b"clean")}
+                with httpx.Client(base_url=url, headers=headers) as client:
+                    ids = [client.post("/sanitize", files=files, data={"params": PARAMS}).json()["id"]
+                           for _ in range(args.jobs)]
+                results = {
+                    "status_reads": run_load(url, key, [f"/jobs/{job_id}" for job_id in ids], args, folder),
+                    "list_reads": run_load(url, key, ["/jobs?limit=20"], args, folder),
+                    "upload": upload_memory(url, headers, api.pid, args.upload_mb),
+                }
+            finally:
+                api.terminate()
+                api.wait(timeout=30)
+                client = redis.Redis.from_url(REDIS_URL)
+                client.delete(queue)
+                client.close()
+    finally:
+        drop()
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     report = {"machine": machine, "api_workers": args.api_workers, "jobs": args.jobs,
               "concurrency": args.concurrency, "seconds": args.seconds, **results}
