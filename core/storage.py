@@ -169,8 +169,11 @@ class Storage:
         the job recorded, relative to its folder): what runs that failed, were cancelled or were killed wrote,
         a temporary file of safetensors' included. A later sending's folder is left alone: its run may be
         writing in it."""
-        folder = self.job_dir(job_id) / "output"
-        for child in folder.iterdir() if folder.is_dir() else ():
+        try:
+            children = list((self.job_dir(job_id) / "output").iterdir())
+        except FileNotFoundError:  # nothing written, or the job, finished, was deleted meanwhile
+            return
+        for child in children:
             if child.name.isdigit() and int(child.name) <= through and output_name(int(child.name)) != keep:
                 shutil.rmtree(child, ignore_errors=True)
 

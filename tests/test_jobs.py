@@ -27,7 +27,7 @@ from core import jobs, keys
 from core.database import MIGRATIONS, Base, Database, migrating
 from core.engine.events import Event
 from core.jobs import FileRecord, Status
-from core.storage import LOCK_FILE, Storage, TooLarge
+from core.storage import LOCK_FILE, Storage, TooLarge, output_name
 from worker.tasks import ProgressRecorder
 
 pytest_plugins = ["service_fixtures"]
@@ -526,6 +526,16 @@ def test_a_repeated_upload_takes_the_place_of_a_job_folder_once(tmp_path: Path) 
     assert not storage.incoming_dir(first).exists() and not storage.job_dir(retry).exists()
     with pytest.raises(FileNotFoundError):  # an upload gone from incoming/ is a fault, folder in place or not
         storage.adopt(retry, into=first)
+
+
+def test_a_runs_end_removes_earlier_outputs_but_the_recorded_one_and_never_a_later_one(tmp_path: Path) -> None:
+    storage, job_id = Storage(tmp_path), jobs.new_job_id()
+    storage.remove_outputs(job_id, through=3, keep=None)  # a job with no folder: nothing to do, no error
+    for dispatch in range(5):
+        storage.output_path(job_id, dispatch).parent.mkdir(parents=True)
+        storage.output_path(job_id, dispatch).with_name(".tmpX7q2").write_bytes(b"half")
+    storage.remove_outputs(job_id, through=3, keep=output_name(1))
+    assert sorted(path.name for path in (storage.job_dir(job_id) / "output").iterdir()) == ["1", "4"]
 
 
 def test_every_file_the_api_takes_reaches_the_engine_by_its_role(tmp_path: Path) -> None:
