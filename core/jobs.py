@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -340,37 +340,29 @@ class Assignment:
     inputs: dict[str, str]
 
 
-def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: int,
-                  grace: float) -> Assignment | None:
+def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: int) -> Assignment | None:
     """Count one more start of the job and mark it running; None when there is nothing to run.
 
-    A job whose process has given a sign of life within the last `grace` seconds (the sweeper's) runs elsewhere
-    now: this message is a copy (a broker gives a worker's unacknowledged message to another when their
-    connection drops), and two runs at once would overwrite each other's progress and checkpoint. If that
-    process is in fact dead, the sweeper queues the job again once two of its rounds found it silent for the
-    grace.
+    Only a queued job starts. A message for a job that has started is a copy: a worker gives its message back
+    when its pool process dies, and a broker hands a worker's unacknowledged message to another when their
+    connection drops. The run it copies may still live, and one look cannot tell: after a database outage
+    every heartbeat is old, live ones too. Two runs at once would overwrite each other's progress and
+    checkpoint. A run that is in fact dead is the sweeper's: once two of its rounds found the job silent, it
+    queues it again under a new dispatch (`worker.dispatch`), and that message starts it.
 
-    A message delivered again after its worker died finds the job still running (or cancelling), and one the
-    sweeper sent after the whole worker died finds it queued again: either counts as another attempt, and past
-    `max_attempts` the job fails instead of taking down one more worker.
+    Each start is an attempt: past `max_attempts` the job fails instead of taking down one more worker.
     A job cancelled, deleted or finished in the meantime is not run, nor one whose message the sweeper has
     replaced (`dispatch` is not the job's): the replacement runs it.
     """
-    job = session.get(Job, job_id, with_for_update=True)
-    if job is None or job.status in FINISHED or job.dispatch != dispatch:
+    job = session.get(Job, job_id, with_for_update=True)  # two copies at once: the second finds it running
+    if job is None or job.status != Status.QUEUED or job.dispatch != dispatch:
         return None
     stamp = clock(session)  # read once the row is ours
-    beating = job.heartbeat_at is not None and job.heartbeat_at >= stamp - timedelta(seconds=grace)
-    if job.status != Status.QUEUED and beating:
-        return None
-    if job.status == Status.CANCELLING:
-        finish_cancelled(session, job_id, dispatch)
-        return None
-    if job.attempts >= max_attempts:  # from queued too: fail() would leave a recovered job queued for ever
-        _transition(session, job_id, (Status.QUEUED, Status.RUNNING), dispatch, status=Status.FAILED,
-                    finished_at=stamp, error=f"the job was started {job.attempts} times and its worker stopped each "
-                    "time before it finished (out of memory, or the machine restarted); try smaller batch_size or "
-                    "fewer images, or ask the operators")
+    if job.attempts >= max_attempts:
+        _transition(session, job_id, (Status.QUEUED,), dispatch, status=Status.FAILED, finished_at=stamp,
+                    error=f"the job was started {job.attempts} times and its worker stopped each time before it "
+                    "finished (out of memory, or the machine restarted); try smaller batch_size or fewer images, "
+                    "or ask the operators")
         return None
     job.attempts += 1
     job.status = Status.RUNNING

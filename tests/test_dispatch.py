@@ -99,7 +99,7 @@ def test_a_running_job_goes_back_to_the_queue_only_when_two_rounds_find_it_silen
     with db.session() as session:
         jobs.create_job(session, job_id, "someone", settings.queue, {}, [])
     with db.session() as session:
-        assert jobs.start_attempt(session, job_id, 0, 3, -1) is not None
+        assert jobs.start_attempt(session, job_id, 0, 3) is not None
     silence(db, job_id)  # the database was out
     first = sweep(app, db, settings.queue, grace=60)
     assert first.sent == [] and first.silent == {(job_id, 0)}

@@ -58,11 +58,16 @@ def status(db: Database, job_id: str) -> str | None:
         return None if job is None else job.status
 
 
-def start(db: Database, job_id: str, max_attempts: int = 3, dispatch: int = 0,
-          grace: float = -1) -> jobs.Assignment | None:
-    """Start the job's `dispatch`; by default every earlier run of it counts as dead (silent since before now)."""
+def start(db: Database, job_id: str, max_attempts: int = 3, dispatch: int = 0) -> jobs.Assignment | None:
+    """A message of the job's `dispatch`-th sending, taken by a worker."""
     with db.session() as session:
-        return jobs.start_attempt(session, job_id, dispatch, max_attempts, grace)
+        return jobs.start_attempt(session, job_id, dispatch, max_attempts)
+
+
+def taken_back(db: Database, job_id: str, dispatch: int) -> None:
+    """The sweeper takes the job's silent run of `dispatch` from its dead worker and queues it again."""
+    with db.session() as session:
+        assert jobs.recover(session, job_id, dispatch, jobs.clock(session) + timedelta(seconds=1))
 
 
 def test_migrations_build_exactly_the_models(database: Database) -> None:
@@ -162,30 +167,32 @@ def test_each_start_is_an_attempt_and_a_job_that_keeps_killing_workers_fails(dat
     job_id = new_job(database, owner())
     first = start(database, job_id, max_attempts=2)
     assert first.inputs == {"model": "inputs/model", "clean_data": "inputs/clean_data"}
-    assert start(database, job_id, max_attempts=2) is not None  # redelivered after its worker died
-    assert start(database, job_id, max_attempts=2) is None
+    taken_back(database, job_id, 0)  # its worker died
+    assert start(database, job_id, max_attempts=2, dispatch=1) is not None
+    taken_back(database, job_id, 1)
+    assert start(database, job_id, max_attempts=2, dispatch=2) is None
     with database.session() as session:
         job = session.get(jobs.Job, job_id)
         assert job.status == "failed" and job.attempts == 2 and "started 2 times" in job.error
 
 
-def test_a_copy_of_the_message_while_its_run_still_beats_is_not_run_again(database: Database) -> None:
-    """A broker hands a worker's unacknowledged message to another when their connection drops: while the
-    first run's heartbeat is fresh the copy runs nothing and counts no attempt; once silent, it runs."""
+def test_a_copy_of_a_started_jobs_message_never_runs_it(database: Database) -> None:
+    """A worker gives its message back when its pool process dies, and a broker hands a worker's unacknowledged
+    message to another when their connection drops. The copy runs nothing and counts no attempt, whether the
+    run's heartbeat is fresh or old: after a database outage every heartbeat is old, and a copy that took an
+    old one for a dead run ran the job a second time beside it (the fault review). The sweeper, which looks
+    twice, queues a dead run's job again."""
     job_id = new_job(database, owner())
     start(database, job_id)
-
-    def beat(seconds_ago: float) -> None:
+    for seconds_ago in (5, 3600):
         with database.session() as session:
             session.get(jobs.Job, job_id).heartbeat_at = jobs.clock(session) - timedelta(seconds=seconds_ago)
-
-    beat(5)
-    assert start(database, job_id, grace=60) is None
-    with database.session() as session:
-        job = session.get(jobs.Job, job_id)
-        assert (job.status, job.attempts) == ("running", 1)
-    beat(61)
-    assert start(database, job_id, grace=60) is not None  # silent for longer than the grace: that run is dead
+        assert start(database, job_id) is None
+        with database.session() as session:
+            job = session.get(jobs.Job, job_id)
+            assert (job.status, job.attempts, job.dispatch) == ("running", 1, 0)
+    taken_back(database, job_id, 0)
+    assert start(database, job_id, dispatch=1) is not None
     with database.session() as session:
         assert session.get(jobs.Job, job_id).attempts == 2
 
@@ -205,7 +212,7 @@ def test_a_cancel_while_a_worker_starts_the_job_waits_for_it_and_is_not_lost(dat
 
     canceller = threading.Thread(target=cancel)
     with database.session() as session:
-        assert jobs.start_attempt(session, job_id, 0, 3, 0) is not None
+        assert jobs.start_attempt(session, job_id, 0, 3) is not None
         canceller.start()
         canceller.join(1.0)
         assert answered == []  # held until the worker's transaction ends
@@ -282,7 +289,7 @@ def test_hosts_whose_clocks_disagree_keep_time_by_the_database(
         monkeypatch.setattr(jobs, "now", lambda: on_time() + timedelta(hours=1))  # the API's host
         queued, running = new_job(db, me), new_job(db, me)
         monkeypatch.setattr(jobs, "now", lambda: on_time() - timedelta(hours=1))  # the worker's host
-        start(db, running, grace=60)
+        start(db, running)
         with db.session() as session:
             assert jobs.heartbeat(session, running, 0)
         monkeypatch.undo()
@@ -322,8 +329,7 @@ def test_a_job_whose_whole_worker_keeps_dying_fails_too(database: Database) -> N
     fails it from there, where it had stayed queued (and been sent again) for ever."""
     job_id = new_job(database, owner())
     start(database, job_id, max_attempts=1)
-    with database.session() as session:
-        assert jobs.recover(session, job_id, 0, jobs.now() + timedelta(seconds=1))
+    taken_back(database, job_id, 0)
     assert status(database, job_id) == "queued"
     assert start(database, job_id, dispatch=1, max_attempts=1) is None
     with database.session() as session:
@@ -383,7 +389,7 @@ def test_a_cancelled_or_finished_job_is_not_run_again(database: Database) -> Non
     with database.session() as session:
         jobs.request_cancel(session, jobs.get_job(session, cancelling, me))
     assert start(database, cancelled) is None and start(database, cancelling) is None
-    assert status(database, cancelling) == "cancelled"  # its worker died while it was being cancelled
+    assert status(database, cancelling) == "cancelling"  # its run stops at its next epoch, or the sweeper ends it
 
 
 def test_success_registers_the_output_unless_a_cancel_came_first(database: Database) -> None:

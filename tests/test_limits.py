@@ -95,7 +95,7 @@ def test_a_key_at_its_queue_cap_is_refused_429_before_its_body_is_read(
 
     db = Database(limited_settings.database_url)
     with db.session() as session:  # a running job still counts
-        assert jobs.start_attempt(session, first, dispatch=0, max_attempts=3, grace=0) is not None
+        assert jobs.start_attempt(session, first, dispatch=0, max_attempts=3) is not None
     db.dispose()
     problem(submit(limited, headers), 429)
     assert limited.post(f"/jobs/{second}/cancel", headers=headers).status_code == 200
@@ -303,7 +303,7 @@ def test_a_succeeded_job_whose_checkpoint_vanished_answers_a_500_problem(
                              hashlib.sha256(checkpoint).hexdigest())
     db = Database(api_settings.database_url)
     with db.session() as session:
-        jobs.start_attempt(session, job_id, dispatch=0, max_attempts=3, grace=0)
+        jobs.start_attempt(session, job_id, dispatch=0, max_attempts=3)
         assert jobs.succeed(session, job_id, 0, {"after": {}}, record)
     db.dispose()
     assert not Storage(api_settings.storage_dir).path(job_id, record.path).exists()
@@ -732,7 +732,7 @@ def test_a_job_killed_at_the_hard_time_limit_leaves_no_partial_checkpoint(worker
     from worker.tasks import sanitize_job
 
     with worker_job.db.session() as session:
-        jobs.start_attempt(session, worker_job.id, dispatch=0, max_attempts=3, grace=0)
+        jobs.start_attempt(session, worker_job.id, dispatch=0, max_attempts=3)
     partial = worker_job.storage.output_path(worker_job.id, 0)
     partial.parent.mkdir(parents=True)
     partial.with_name(".tmpX7q2").write_bytes(b"half a checkpoint")  # safetensors' file before its rename
@@ -756,7 +756,7 @@ def test_a_late_failure_report_keeps_the_checkpoint_the_job_recorded(
 def _sent_again(job: WorkerJob) -> None:
     """The job's run of sending 0 started and went silent (its worker killed), and the sweeper sent it again."""
     with job.db.session() as session:
-        jobs.start_attempt(session, job.id, dispatch=0, max_attempts=3, grace=0)
+        jobs.start_attempt(session, job.id, dispatch=0, max_attempts=3)
     with job.db.session() as session:
         assert jobs.recover(session, job.id, 0, since=jobs.clock(session) + timedelta(seconds=1))
 
@@ -793,7 +793,7 @@ def test_a_late_failure_of_a_replaced_run_leaves_its_successors_folder(worker_jo
 
     _sent_again(worker_job)
     with worker_job.db.session() as session:
-        assert jobs.start_attempt(session, worker_job.id, dispatch=1, max_attempts=3, grace=0) is not None
+        assert jobs.start_attempt(session, worker_job.id, dispatch=1, max_attempts=3) is not None
     _written(worker_job, 0)
     being_written = _written(worker_job, 1)
     sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)

@@ -12,7 +12,7 @@ machine is lost, or a `kill -9` takes the worker and its pool at once), nothing 
 Redis's visibility timeout of hours; the sweeper instead finds the job silent for a sweep interval, at two
 rounds in a row, and queues it again under a new dispatch, so the old message, when Redis does give it back,
 is dropped. A worker's pool process that dies alone is replaced by its worker, which gives the message back at
-once; that copy finds the heartbeat still fresh and runs nothing (`core.jobs.start_attempt`), and the sweeper
+once; that copy finds the job started and runs nothing (`core.jobs.start_attempt`), and the sweeper
 queues the job again the same way.
 """
 

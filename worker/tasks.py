@@ -174,9 +174,9 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
     settings = get_settings()
     db = database()
     with db.session() as session:
-        assignment = jobs.start_attempt(session, job_id, dispatch, settings.max_attempts, settings.sweep_interval)
+        assignment = jobs.start_attempt(session, job_id, dispatch, settings.max_attempts)
     if assignment is None:
-        log.info("job %s: nothing to run (cancelled, deleted, finished, running elsewhere, out of attempts or sent "
+        log.info("job %s: nothing to run (started already, cancelled, deleted, finished, out of attempts or sent "
                  "again)", job_id)
         return
     log.info("job %s: started", job_id)
