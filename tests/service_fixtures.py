@@ -295,8 +295,8 @@ def start_api(settings: Settings, port: int, log: Path) -> ServiceProcess:
 @pytest.fixture(scope="session")
 def stack_settings(make_settings) -> Settings:
     """The settings of the end-to-end tests, whose queue a real worker consumes. A job whose worker process
-    died is run again by the sweeper once silent for `sweep_interval` (the message given back at once is a
-    copy while the heartbeat is fresh): 15 s, not the default minute, keeps that test short."""
+    died is run again by the sweeper once silent for `sweep_interval` (the message given back at once finds the
+    job started and runs nothing): 15 s, not the default minute, keeps that test short."""
     return make_settings(sweep_interval=15)
 
 
