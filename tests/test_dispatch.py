@@ -7,6 +7,7 @@ import json
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import redis
 from fastapi.testclient import TestClient
@@ -123,7 +124,7 @@ def test_the_sweeper_keeps_a_round_s_silent_jobs_for_the_next_and_forgets_them_w
     settings = make_settings()
     sweeper, rounds = Sweeper.__new__(Sweeper), iter([Round([], frozenset({("abc", 0)})), ConnectionError("out")])
 
-    def sweep_round(app, db, queue, grace, silent_before) -> Round:
+    def sweep_round(app, db, queue, grace, silent_before, lost_messages) -> Round:
         outcome = next(rounds)
         if isinstance(outcome, Exception):
             raise outcome
@@ -136,6 +137,35 @@ def test_the_sweeper_keeps_a_round_s_silent_jobs_for_the_next_and_forgets_them_w
     assert sweeper.silent == {("abc", 0)}
     sweeper.run(make_celery(settings))
     assert sweeper.silent == frozenset()
+
+
+def test_with_a_broker_other_than_redis_the_sweeper_still_takes_back_a_dead_workers_job(
+    make_settings, tmp_path: Path, monkeypatch
+) -> None:
+    """`make up` falls back to kombu's SQLAlchemy transport where no Redis is installed. Lost messages are found
+    in Redis's lists only, but the sweeper was off altogether there, and a job whose worker process died stayed
+    running for ever: the message given back at once finds it started, and runs nothing."""
+    settings = make_settings(broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}")
+    db, app = Database(settings.database_url), make_celery(settings)
+    migrate_database(settings.database_url)
+    running, queued = jobs.new_job_id(), jobs.new_job_id()
+    with db.session() as session:
+        for job_id in (running, queued):
+            jobs.create_job(session, job_id, "someone", settings.queue, {}, [])
+    with db.session() as session:
+        session.execute(update(jobs.Job).where(jobs.Job.id == queued)
+                        .values(updated_at=jobs.clock(session) - timedelta(hours=1)))
+        assert jobs.start_attempt(session, running, 0, 3) is not None
+    silence(db, running)
+    monkeypatch.setattr(worker.dispatch, "get_settings", lambda: settings)
+    timer = SimpleNamespace(call_repeatedly=lambda *args, **kwargs: "a timer")
+    sweeper = Sweeper(SimpleNamespace(app=app))
+    sweeper.start(SimpleNamespace(app=app, timer=timer))
+    sweeper.run(app)
+    sweeper.run(app)
+    db.dispose()
+    assert sweeper.timer_ref == "a timer"
+    assert (dispatch_of(settings, running), dispatch_of(settings, queued)) == (1, 0)
 
 
 def test_a_job_lost_by_the_broker_runs_once_after_the_sweep(

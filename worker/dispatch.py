@@ -69,9 +69,10 @@ class Round:
 
 
 def sweep(app: Celery, db: Database, queue: str, grace: float,
-          silent_before: frozenset[tuple[str, int]] = frozenset()) -> Round:
+          silent_before: frozenset[tuple[str, int]] = frozenset(), lost_messages: bool = True) -> Round:
     """One round over the jobs of `queue` (several queues may share a database; each has its workers): the
-    jobs of dead workers, then the jobs whose message is lost, each sent again.
+    jobs of dead workers, then, where `lost_messages` (the broker is Redis, whose lists it reads), the jobs
+    whose message is lost, each sent again.
 
     A running job is requeued only when the previous round (`silent_before`, one interval ago, with the
     database answering both times) found it silent too. After an outage of the database every heartbeat is
@@ -80,7 +81,8 @@ def sweep(app: Celery, db: Database, queue: str, grace: float,
     with db.session() as session:
         since = jobs.clock(session) - timedelta(seconds=grace)
     requeued, silent = _requeue_silent(app, db, queue, since, silent_before)
-    return Round(requeued + _resend_lost(app, db, queue, since), silent)
+    resent = _resend_lost(app, db, queue, since) if lost_messages else []
+    return Round(requeued + resent, silent)
 
 
 def _requeue_silent(app: Celery, db: Database, queue: str, since: datetime,
@@ -138,8 +140,8 @@ class Sweeper(bootsteps.StartStopStep):
     def start(self, worker) -> None:
         settings = get_settings()
         if not settings.broker_is_redis:
-            log.info("sweeper off: it reads Redis, and the broker is %s", settings.broker_url.split(":")[0])
-            return
+            log.info("sweeper: it takes back the jobs of dead workers; lost messages it finds in Redis only, and "
+                     "the broker is %s", settings.broker_url.split(":")[0])
         self.timer_ref = worker.timer.call_repeatedly(settings.sweep_interval, self.run, (worker.app,),
                                                       priority=10)
 
@@ -152,7 +154,8 @@ class Sweeper(bootsteps.StartStopStep):
         settings = get_settings()
         db = Database(settings.database_url)
         try:
-            self.silent = sweep(app, db, settings.queue, settings.sweep_interval, self.silent).silent
+            self.silent = sweep(app, db, settings.queue, settings.sweep_interval, self.silent,
+                                lost_messages=settings.broker_is_redis).silent
         except Exception:
             self.silent = frozenset()
             log.exception("sweeper: this round failed; the next one tries again")
