@@ -4,7 +4,6 @@ partial checkpoint in the worker), and files gone from storage."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -824,9 +823,34 @@ def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
     slept: list[float] = []
     monkeypatch.setattr(worker.tasks, "time", SimpleNamespace(monotonic=lambda: sum(slept), sleep=slept.append))
     monkeypatch.setattr(worker.tasks, "Database", OutAfter)
-    with contextlib.suppress(OperationalError):
-        sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
+    with worker_job.db.session() as session:
+        jobs.start_attempt(session, worker_job.id, dispatch=0, max_attempts=3)
+    # Raised, the error kept Celery from acknowledging the message, and with one message at a time the worker
+    # took no other (the review of these mends).
+    sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
     assert slept == [] and OutAfter.sessions == 1
+    assert worker_job.row().status == (jobs.Status.RUNNING, jobs.Status.FAILED)[answered]
+
+
+def test_a_start_the_database_refuses_puts_the_message_back_and_leaves_the_job_alone(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy of a live run's message whose start the database refused (SQLite busy, an outage) escaped as the
+    task's error: Celery's failure handler then failed the live run's job and removed the checkpoint it was
+    writing (the review of these mends). The start is tried through an outage, as a job's last word is, and
+    then its message goes back to the queue; nothing of the job is touched."""
+    import worker.tasks
+    from worker.tasks import sanitize_job
+
+    with worker_job.db.session() as session:
+        jobs.start_attempt(session, worker_job.id, dispatch=0, max_attempts=3)  # the live run, elsewhere
+    being_written = _written(worker_job, 0)
+    slept: list[float] = []
+    monkeypatch.setattr(worker.tasks, "time", SimpleNamespace(monotonic=lambda: sum(slept), sleep=slept.append))
+    monkeypatch.setattr(jobs, "start_attempt", _refused)
+    result = sanitize_job.apply(args=(worker_job.id, 0))  # Celery's own handling of what the task raises
+    assert result.state == "REJECTED" and sum(slept) >= worker.tasks.FINAL_WRITE_PATIENCE - 15
+    assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
 
 
 def test_a_beat_stuck_on_a_stalled_server_does_not_hold_the_job() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -162,6 +162,8 @@ class SanitizeTask(Task):
             message = _failure(job_id, exc, settings.job_time_limit)
             _end(db, Storage(settings.storage_dir), job_id, dispatch,
                  lambda session: jobs.fail(session, job_id, dispatch, message), patience=0.0)
+        except Exception:  # raised, it would keep Celery from acknowledging the message: the worker took no more
+            log.exception("job %s: its failure could not be recorded; the sweeper takes the job once silent", job_id)
         finally:
             db.dispose()
 
@@ -173,8 +175,15 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
     started = time.monotonic()  # Celery's time limits count from here
     settings = get_settings()
     db = database()
-    with db.session() as session:
-        assignment = jobs.start_attempt(session, job_id, dispatch, settings.max_attempts)
+    try:
+        assignment = _patiently(db, job_id, lambda session: jobs.start_attempt(session, job_id, dispatch,
+                                                                               settings.max_attempts),
+                                FINAL_WRITE_PATIENCE)
+    except OperationalError as error:
+        # Nothing of the job ran here, so nothing of it is failed or removed (`on_failure` would: this message may
+        # copy a live run's). The message goes back to the queue, for when the database answers again.
+        log.warning("job %s: the database refused its start; its message goes back to the queue", job_id)
+        raise Reject(error, requeue=True) from error
     if assignment is None:
         log.info("job %s: nothing to run (started already, cancelled, deleted, finished, out of attempts or sent "
                  "again)", job_id)
@@ -208,7 +217,7 @@ def engine_time(limit: float, elapsed: float) -> float:
 
 def _end(db: Database, storage: Storage, job_id: str, dispatch: int, write: Callable[[Session], T],
          patience: float = FINAL_WRITE_PATIENCE) -> T:
-    """Write the job's last word (`_finally`), then remove what this run and the job's earlier ones left in
+    """Write the job's last word (`_patiently`), then remove what this run and the job's earlier ones left in
     storage but the output the job recorded: a checkpoint cut off by a time limit or a full disk, one whole but
     never recorded (a cancel came first), one a killed run wrote before its successor took over. The job's
     recorded result is never taken from it, by this run or by a late one."""
@@ -216,7 +225,7 @@ def _end(db: Database, storage: Storage, job_id: str, dispatch: int, write: Call
     def last_word(session: Session) -> tuple[T, jobs.Artifact | None]:
         return write(session), _recorded_output(session, job_id)
 
-    said, recorded = _finally(db, job_id, last_word, patience)
+    said, recorded = _patiently(db, job_id, last_word, patience)
     storage.remove_outputs(job_id, through=dispatch, keep=recorded.path if recorded else None)
     return said
 
@@ -236,9 +245,10 @@ def _stop_requested(db: Database, job_id: str, dispatch: int) -> bool:
         return False
 
 
-def _finally(db: Database, job_id: str, write: Callable[[Session], T], patience: float) -> T:
+def _patiently(db: Database, job_id: str, write: Callable[[Session], T], patience: float) -> T:
     """`write` in a session of its own, tried again through a database outage of up to `patience` seconds:
-    without the job's last word its row stays running, and the sweeper would run the whole job again."""
+    without the job's start its message would be lost, and without its last word its row stays running and the
+    sweeper would run the whole job again."""
     deadline, pause = time.monotonic() + patience, 1.0
     while True:
         try:
@@ -247,7 +257,7 @@ def _finally(db: Database, job_id: str, write: Callable[[Session], T], patience:
         except OperationalError:
             if time.monotonic() + pause > deadline:
                 raise  # the task's error
-            log.warning("job %s: the database refused its last write; trying again in %s s", job_id, pause)
+            log.warning("job %s: the database refused a write; trying again in %s s", job_id, pause)
             time.sleep(pause)
             pause = min(2 * pause, FINAL_WRITE_PAUSE)
 
