@@ -123,16 +123,40 @@ def test_a_running_job_stops_at_an_epoch_boundary_when_cancelled(
     assert stack.delete(f"/jobs/{job_id}", headers=headers).status_code == 204
 
 
+def killed_mid_job(client: TestClient, settings: Settings, worker: ServiceProcess, backdoor) -> dict:
+    """A job whose worker's pool process is killed while it trains, as the kernel's OOM killer would, waited
+    for to its end."""
+    headers = new_key(settings)
+    job_id = submit(client, headers, backdoor, **SHORT)
+    wait_for(client, job_id, headers, done=training, log=worker.log)
+    (pool_process,) = worker.children()
+    os.kill(pool_process, signal.SIGKILL)
+    return wait_for(client, job_id, headers, log=worker.log)
+
+
 def test_a_job_whose_worker_process_dies_runs_again_and_counts_the_attempt(
     stack: TestClient, stack_settings: Settings, worker: ServiceProcess, digits_backdoor
 ) -> None:
-    headers = new_key(stack_settings)
-    job_id = submit(stack, headers, digits_backdoor, **SHORT)
-    wait_for(stack, job_id, headers, done=training, log=worker.log)
-    (pool_process,) = worker.children()
-    os.kill(pool_process, signal.SIGKILL)  # as the kernel's OOM killer would
-    job = wait_for(stack, job_id, headers, log=worker.log)
+    job = killed_mid_job(stack, stack_settings, worker, digits_backdoor)
     assert job["status"] == "succeeded" and job["attempts"] == 2
+
+
+def test_with_make_up_s_brokerless_fallback_a_job_whose_worker_process_dies_runs_again(
+    tmp_path: Path, digits_backdoor
+) -> None:
+    """`make up` where no Redis is installed: SQLite and kombu's SQLAlchemy transport, no server at all. The
+    sweeper was off there, and the job stayed running for ever (the message given back finds it started)."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'nad.db'}",
+                        broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}", storage_dir=tmp_path / "storage",
+                        job_time_limit=600, sweep_interval=5)
+    worker = start_worker(settings, tmp_path / "worker.log")
+    try:
+        with TestClient(create_app(settings)) as client:
+            job = killed_mid_job(client, settings, worker, digits_backdoor)
+    finally:
+        worker.kill()
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job["error"]
+    assert f"job {job['id']}: its worker stopped giving signs of life; queued it again" in worker.log.read_text()
 
 
 def test_an_unusable_upload_fails_the_job_with_the_engines_reason(
