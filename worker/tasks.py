@@ -44,9 +44,9 @@ PROGRESS_BACKOFF = 30.0
 # Seconds for a checkpoint of a few hundred megabytes, capped at a share of a short limit.
 FINISH_RESERVE = 60.0
 FINISH_RESERVE_SHARE = 0.05
-# Seconds a job's last write (its result, cancel or failure) is tried again while the database is out, and the
-# longest pause between two tries. The job's heartbeat beats meanwhile, so no sweeper takes a finished job
-# from its worker; after 15 s, as it once gave up, a job that had trained failed.
+# Seconds a job's start and its last write (its result, cancel or failure) are tried again while the database
+# is out, and the longest pause between two tries. The job's heartbeat beats through the last write, so no
+# sweeper takes a finished job from its worker; after 15 s, as it once gave up, a job that had trained failed.
 FINAL_WRITE_PATIENCE = 600.0
 FINAL_WRITE_PAUSE = 15.0
 
