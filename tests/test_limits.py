@@ -832,13 +832,22 @@ def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
     assert worker_job.row().status == (jobs.Status.RUNNING, jobs.Status.FAILED)[answered]
 
 
+def _soft_limit(*args, **kwargs) -> None:
+    raise SoftTimeLimitExceeded()
+
+
+@pytest.mark.parametrize(("refusal", "time_limit", "waited"), [(_refused, 6 * 3600, (585, 600)),
+                                                                (_refused, 20, (1, 10)),
+                                                                (_soft_limit, 6 * 3600, (0, 0))],
+                         ids=["outage", "outage-with-a-short-time-limit", "soft-time-limit"])
 def test_a_start_the_database_refuses_puts_the_message_back_and_leaves_the_job_alone(
-    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, refusal, time_limit: int, waited: tuple[int, int]
 ) -> None:
     """A copy of a live run's message whose start the database refused (SQLite busy, an outage) escaped as the
     task's error: Celery's failure handler then failed the live run's job and removed the checkpoint it was
-    writing (the review of these mends). The start is tried through an outage, as a job's last word is, and
-    then its message goes back to the queue; nothing of the job is touched."""
+    writing (the review of these mends). The start is tried through an outage, as a job's last word is, but for
+    half the time limit at most, lest the soft limit end it the same way (the second review); then its message
+    goes back to the queue, and nothing of the job is touched."""
     import worker.tasks
     from worker.tasks import sanitize_job
 
@@ -846,10 +855,12 @@ def test_a_start_the_database_refuses_puts_the_message_back_and_leaves_the_job_a
         jobs.start_attempt(session, worker_job.id, dispatch=0, max_attempts=3)  # the live run, elsewhere
     being_written = _written(worker_job, 0)
     slept: list[float] = []
+    settings = worker_job.settings.model_copy(update={"job_time_limit": time_limit})
+    monkeypatch.setattr(worker.tasks, "get_settings", lambda: settings)
     monkeypatch.setattr(worker.tasks, "time", SimpleNamespace(monotonic=lambda: sum(slept), sleep=slept.append))
-    monkeypatch.setattr(jobs, "start_attempt", _refused)
+    monkeypatch.setattr(jobs, "start_attempt", refusal)
     result = sanitize_job.apply(args=(worker_job.id, 0))  # Celery's own handling of what the task raises
-    assert result.state == "REJECTED" and sum(slept) >= worker.tasks.FINAL_WRITE_PATIENCE - 15
+    assert result.state == "REJECTED" and waited[0] <= sum(slept) <= waited[1]
     assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
 
 

@@ -175,11 +175,11 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
     started = time.monotonic()  # Celery's time limits count from here
     settings = get_settings()
     db = database()
-    try:
+    try:  # within half the time limit: the soft limit, reached here, would be the task's error
         assignment = _patiently(db, job_id, lambda session: jobs.start_attempt(session, job_id, dispatch,
                                                                                settings.max_attempts),
-                                FINAL_WRITE_PATIENCE)
-    except OperationalError as error:
+                                min(FINAL_WRITE_PATIENCE, settings.job_time_limit / 2))
+    except (OperationalError, SoftTimeLimitExceeded) as error:
         # Nothing of the job ran here, so nothing of it is failed or removed (`on_failure` would: this message may
         # copy a live run's). The message goes back to the queue, for when the database answers again.
         log.warning("job %s: the database refused its start; its message goes back to the queue", job_id)
