@@ -64,8 +64,9 @@ class Settings(BaseSettings):
     )
     sweep_interval: float = Field(
         default=60.0, gt=0, allow_inf_nan=False,
-        description="seconds between two looks of a worker for queued jobs whose broker message was lost (a Redis "
-                    "restarted without its data); a job must have waited that long to be re-sent",
+        description="seconds between two sweeps of a worker: a running job whose heartbeat two sweeps in a row find "
+                    "that old is queued again (its worker died), and, with Redis, a queued job whose broker message "
+                    "was lost (a Redis restarted without its data) is sent again once it has waited that long",
     )
     api_host: str = Field(default="127.0.0.1", description="address `python -m api` listens on")
     api_port: int = Field(default=8000, ge=1, le=65535, description="port `python -m api` listens on")
