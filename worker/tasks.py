@@ -246,9 +246,9 @@ def _stop_requested(db: Database, job_id: str, dispatch: int) -> bool:
 
 
 def _patiently(db: Database, job_id: str, write: Callable[[Session], T], patience: float) -> T:
-    """`write` in a session of its own, tried again through a database outage of up to `patience` seconds:
-    without the job's start its message would be lost, and without its last word its row stays running and the
-    sweeper would run the whole job again."""
+    """`write` in a session of its own, tried again through a database outage of up to `patience` seconds: a
+    job's start, whose message would otherwise go back to the queue and come straight back, and its last word,
+    without which its row stays running and the sweeper would run the whole job again."""
     deadline, pause = time.monotonic() + patience, 1.0
     while True:
         try:
