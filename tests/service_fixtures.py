@@ -18,9 +18,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -31,9 +32,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from api.app import create_app
-from core import keys
+from core import jobs, keys
 from core.database import Database, migrate_database
 from core.settings import Settings
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -75,6 +78,36 @@ def submit(
     }
     text = params if isinstance(params, str) else json.dumps(params)
     return client.post("/sanitize", headers=headers | extra_headers, files=files, data={"params": text})
+
+
+def refused(*args: object, **kwargs: object) -> None:
+    """A database call during an outage (a restart, a failover): what the driver raises."""
+    raise OperationalError("UPDATE jobs ...", {}, Exception("the database system is starting up"))
+
+
+def committed_then_refused(write: Callable[..., T], url: str) -> Callable[..., T]:
+    """`write` whose first call commits (on a connection of its own) and then fails as if the connection
+    dropped before the answer; later calls run `write` as they are."""
+    answers = iter([False])
+
+    def write_once_lost(session: object, *args: object, **kwargs: object) -> T:
+        if next(answers, True):
+            return write(session, *args, **kwargs)
+        own = Database(url)
+        try:
+            with own.session() as elsewhere:
+                write(elsewhere, *args, **kwargs)
+        finally:
+            own.dispose()
+        refused()
+
+    return write_once_lost
+
+
+def taken_back(db: Database, job_id: str, dispatch: int) -> None:
+    """The sweeper takes the job's silent run of `dispatch` from its dead worker and queues it again."""
+    with db.session() as session:
+        assert jobs.recover(session, job_id, dispatch, jobs.clock(session) + timedelta(seconds=1))
 
 
 def problem(response: httpx.Response, status: int) -> dict:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import redis
 from fastapi.testclient import TestClient
-from service_fixtures import new_key, start_worker, wait_for
+from service_fixtures import new_key, refused, start_worker, wait_for
 from sqlalchemy import update
 from test_service_e2e import SHORT, submit, training
 
@@ -21,7 +21,7 @@ from core import jobs
 from core.database import Database, migrate_database
 from core.settings import Settings
 from worker.broker import make_celery
-from worker.dispatch import Round, Sweeper, broker_task_ids, sweep
+from worker.dispatch import Sweeper, broker_task_ids, sweep
 
 pytest_plugins = ["service_fixtures"]
 
@@ -118,25 +118,30 @@ def test_a_running_job_goes_back_to_the_queue_only_when_two_rounds_find_it_silen
 
 
 def test_the_sweeper_keeps_a_round_s_silent_jobs_for_the_next_and_forgets_them_when_a_round_fails(
-    make_settings, monkeypatch
+    make_settings, module_postgres_url: str, monkeypatch
 ) -> None:
-    """A failed round may mean the database was out since the last: what that round saw no longer counts."""
-    settings = make_settings()
-    sweeper, rounds = Sweeper.__new__(Sweeper), iter([Round([], frozenset({("abc", 0)})), ConnectionError("out")])
-
-    def sweep_round(app, db, queue, grace, silent_before, lost_messages) -> Round:
-        outcome = next(rounds)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
+    """A failed round may mean the database was out since the last: what the round before it saw no longer
+    counts, and a job silent at the rounds around the failure is not taken from its worker yet."""
+    settings = make_settings(database_url=module_postgres_url)
+    app, db = make_celery(settings), Database(settings.database_url)
+    migrate_database(settings.database_url)
+    job_id = jobs.new_job_id()
+    with db.session() as session:
+        jobs.create_job(session, job_id, "someone", settings.queue, {}, [])
+    with db.session() as session:
+        assert jobs.start_attempt(session, job_id, 0, 3) is not None
+    silence(db, job_id)
     monkeypatch.setattr(worker.dispatch, "get_settings", lambda: settings)
-    monkeypatch.setattr(worker.dispatch, "sweep", sweep_round)
-    sweeper.silent = frozenset()
-    sweeper.run(make_celery(settings))
-    assert sweeper.silent == {("abc", 0)}
-    sweeper.run(make_celery(settings))
+    sweeper = Sweeper(SimpleNamespace(app=app))
+    sweeper.run(app)
+    assert sweeper.silent == {(job_id, 0)}
+    with monkeypatch.context() as outage:
+        outage.setattr(jobs, "silent", refused)
+        sweeper.run(app)
     assert sweeper.silent == frozenset()
+    sweeper.run(app)
+    db.dispose()
+    assert sweeper.silent == {(job_id, 0)} and dispatch_of(settings, job_id) == 0
 
 
 def test_with_a_broker_other_than_redis_the_sweeper_still_takes_back_a_dead_workers_job(

@@ -19,7 +19,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from service_fixtures import ROOT
+from service_fixtures import ROOT, taken_back
 from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 
@@ -62,12 +62,6 @@ def start(db: Database, job_id: str, max_attempts: int = 3, dispatch: int = 0) -
     """A message of the job's `dispatch`-th sending, taken by a worker."""
     with db.session() as session:
         return jobs.start_attempt(session, job_id, dispatch, max_attempts)
-
-
-def taken_back(db: Database, job_id: str, dispatch: int) -> None:
-    """The sweeper takes the job's silent run of `dispatch` from its dead worker and queues it again."""
-    with db.session() as session:
-        assert jobs.recover(session, job_id, dispatch, jobs.clock(session) + timedelta(seconds=1))
 
 
 def test_migrations_build_exactly_the_models(database: Database) -> None:
@@ -534,9 +528,15 @@ def test_a_repeated_upload_takes_the_place_of_a_job_folder_once(tmp_path: Path) 
         storage.adopt(retry, into=first)
 
 
-def test_a_runs_end_removes_earlier_outputs_but_the_recorded_one_and_never_a_later_one(tmp_path: Path) -> None:
+def test_a_runs_end_removes_earlier_outputs_but_the_recorded_one_and_never_a_later_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     storage, job_id = Storage(tmp_path), jobs.new_job_id()
     storage.remove_outputs(job_id, through=3, keep=None)  # a job with no folder: nothing to do, no error
+    (storage.job_dir(job_id) / "output").mkdir(parents=True)
+    with monkeypatch.context() as deleted:  # the owner deletes the finished job as it is tidied
+        deleted.setattr(Path, "iterdir", lambda folder: (_ for _ in ()).throw(FileNotFoundError(folder)))
+        storage.remove_outputs(job_id, through=3, keep=None)
     for dispatch in range(5):
         storage.output_path(job_id, dispatch).parent.mkdir(parents=True)
         storage.output_path(job_id, dispatch).with_name(".tmpX7q2").write_bytes(b"half")

@@ -13,7 +13,6 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,9 +22,8 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
-from service_fixtures import PARAMS, new_key, problem, submit
+from service_fixtures import PARAMS, committed_then_refused, new_key, problem, refused, submit, taken_back
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
 
 from api import uploads
 from api.app import create_app
@@ -232,18 +230,8 @@ def test_a_retry_after_a_record_whose_answer_was_lost_brings_the_files_the_job_l
     discards the upload, and the job is recorded without its files. The client's retry under the same
     Idempotency-Key got that job back, to fail at the worker for its missing files (found by the review);
     its upload now takes their place, and the job is sent."""
-    create_job, answers = jobs.create_job, iter([False])
-
-    def committed_then_lost(session, *args, **kwargs) -> jobs.Job:
-        if next(answers, True):
-            return create_job(session, *args, **kwargs)
-        own = Database(api_settings.database_url)
-        with own.session() as elsewhere:
-            create_job(elsewhere, *args, **kwargs)
-        own.dispose()
-        _refused()
-
-    monkeypatch.setattr(jobs, "create_job", committed_then_lost)
+    create_job = jobs.create_job
+    monkeypatch.setattr(jobs, "create_job", committed_then_refused(create_job, api_settings.database_url))
     problem(submit(api, auth, **{"Idempotency-Key": "lost-answer"}), 503)
     again = submit(api, auth, **{"Idempotency-Key": "lost-answer"})
     assert again.status_code == 202
@@ -255,7 +243,8 @@ def test_a_retry_after_a_record_whose_answer_was_lost_brings_the_files_the_job_l
 
     # The first's API, alive, withdraws its job just after the retry looked (its broker refused, say): the
     # retry's copy went to a folder of no job, for good, and its 202 named a job that was gone (the review).
-    answers, find, found = iter([False]), jobs.find_by_idempotency_key, []
+    monkeypatch.setattr(jobs, "create_job", committed_then_refused(create_job, api_settings.database_url))
+    find, found = jobs.find_by_idempotency_key, []
 
     def then_withdrawn(session, *args) -> jobs.Job | None:
         first = find(session, *args)
@@ -603,10 +592,6 @@ def test_a_cancel_after_the_last_epoch_ends_the_job_cancelled_without_its_checkp
     assert _outputs(worker_job) == []
 
 
-def _refused(*args, **kwargs) -> None:
-    raise OperationalError("UPDATE jobs ...", {}, Exception("the database system is starting up"))
-
-
 def test_a_database_outage_mid_job_costs_progress_writes_not_the_run(
     worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -619,8 +604,8 @@ def test_a_database_outage_mid_job_costs_progress_writes_not_the_run(
 
     def sanitize(files, params, on_event, should_stop, **kwargs) -> dict:
         with monkeypatch.context() as outage:
-            outage.setattr(jobs, "record_progress", _refused)
-            outage.setattr(jobs, "stop_requested", _refused)
+            outage.setattr(jobs, "record_progress", refused)
+            outage.setattr(jobs, "stop_requested", refused)
             on_event(Event("student", 0.5, epoch=1, epochs=2))
             asked.append(should_stop())
         files.out.parent.mkdir(parents=True, exist_ok=True)
@@ -631,7 +616,7 @@ def test_a_database_outage_mid_job_costs_progress_writes_not_the_run(
 
     def back_on_the_third_try(*args, **kwargs) -> bool:
         if next(refusals, False):
-            _refused()
+            refused()
         return succeed(*args, **kwargs)
 
     monkeypatch.setattr(worker.tasks, "sanitize", sanitize)
@@ -660,7 +645,7 @@ def test_a_database_out_for_minutes_as_a_job_ends_keeps_its_result(
 
     def back_after_five_minutes(*args, **kwargs) -> bool:
         if clock[0] < 300:
-            _refused()
+            refused()
         return succeed(*args, **kwargs)
 
     _engine(monkeypatch, None)
@@ -709,22 +694,15 @@ def test_a_result_recorded_by_a_write_whose_answer_was_lost_keeps_its_checkpoint
     job had recorded (found by the review of the longer retries)."""
     import worker.tasks
 
-    succeed, answers = jobs.succeed, iter([False])
-
-    def committed_then_lost(session, *args, **kwargs) -> bool:
-        if next(answers, True):
-            return succeed(session, *args, **kwargs)
-        with worker_job.db.session() as own:
-            succeed(own, *args, **kwargs)
-        _refused()
-
+    cancelled = []
     _engine(monkeypatch, None)
     monkeypatch.setattr(worker.tasks, "FINAL_WRITE_PAUSE", 0.0)
-    monkeypatch.setattr(jobs, "succeed", committed_then_lost)
+    monkeypatch.setattr(jobs, "succeed", committed_then_refused(jobs.succeed, worker_job.settings.database_url))
+    monkeypatch.setattr(jobs, "finish_cancelled", lambda *args: cancelled.append(args))
     _run(worker_job)
     job = worker_job.row()
     assert job.status == jobs.Status.SUCCEEDED and job.artifact(jobs.OUTPUT) is not None
-    assert len(_outputs(worker_job)) == 1
+    assert len(_outputs(worker_job)) == 1 and cancelled == []  # taken for its own success, not for a cancel
 
 
 def test_a_job_killed_at_the_hard_time_limit_leaves_no_partial_checkpoint(worker_job: WorkerJob) -> None:
@@ -756,8 +734,7 @@ def _sent_again(job: WorkerJob) -> None:
     """The job's run of sending 0 started and went silent (its worker killed), and the sweeper sent it again."""
     with job.db.session() as session:
         jobs.start_attempt(session, job.id, dispatch=0, max_attempts=3)
-    with job.db.session() as session:
-        assert jobs.recover(session, job.id, 0, since=jobs.clock(session) + timedelta(seconds=1))
+    taken_back(job.db, job.id, 0)
 
 
 def _written(job: WorkerJob, dispatch: int) -> Path:
@@ -816,7 +793,7 @@ def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
         def session(self) -> Iterator:
             OutAfter.sessions += 1
             if OutAfter.sessions > answered:
-                _refused()
+                refused()
             with super().session() as session:
                 yield session
 
@@ -836,8 +813,8 @@ def _soft_limit(*args, **kwargs) -> None:
     raise SoftTimeLimitExceeded()
 
 
-@pytest.mark.parametrize(("refusal", "time_limit", "waited"), [(_refused, 6 * 3600, (585, 600)),
-                                                                (_refused, 20, (1, 10)),
+@pytest.mark.parametrize(("refusal", "time_limit", "waited"), [(refused, 6 * 3600, (585, 600)),
+                                                                (refused, 20, (1, 10)),
                                                                 (_soft_limit, 6 * 3600, (0, 0))],
                          ids=["outage", "outage-with-a-short-time-limit", "soft-time-limit"])
 def test_a_start_the_database_refuses_puts_the_message_back_and_leaves_the_job_alone(
@@ -864,23 +841,25 @@ def test_a_start_the_database_refuses_puts_the_message_back_and_leaves_the_job_a
     assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
 
 
-def test_a_beat_stuck_on_a_stalled_server_does_not_hold_the_job() -> None:
+def test_a_beat_stuck_on_a_stalled_server_does_not_hold_the_job(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A server that stops answering on an open connection hangs the beat's query; the job's end must not wait
     for it (it waited until the hard time limit)."""
     from worker.tasks import heartbeat
 
     stuck, release = threading.Event(), threading.Event()
 
-    class Stalled:
-        def session(self) -> None:
-            stuck.set()
-            release.wait()
-            raise OperationalError("UPDATE jobs ...", {}, Exception("server closed the connection"))
+    def stalled(session, job_id: str, dispatch: int) -> bool:  # the query sent, no answer coming
+        stuck.set()
+        release.wait()
+        return False
 
     def job() -> None:
-        with heartbeat(Stalled(), jobs.new_job_id(), 0, interval=0.01):
+        with heartbeat(worker_job.db, worker_job.id, 0, interval=0.01):
             assert stuck.wait(10)
 
+    monkeypatch.setattr(jobs, "heartbeat", stalled)
     ended = threading.Thread(target=job, daemon=True)
     ended.start()
     ended.join(10)

@@ -148,7 +148,7 @@ def test_with_make_up_s_brokerless_fallback_a_job_whose_worker_process_dies_runs
     sweeper was off there, and the job stayed running for ever (the message given back finds it started)."""
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'nad.db'}",
                         broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}", storage_dir=tmp_path / "storage",
-                        job_time_limit=600, sweep_interval=5)
+                        job_time_limit=600, sweep_interval=15)
     worker = start_worker(settings, tmp_path / "worker.log")
     try:
         with TestClient(create_app(settings)) as client:
