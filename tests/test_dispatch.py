@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import redis
+from celery import Celery
 from fastapi.testclient import TestClient
 from service_fixtures import new_key, refused, start_worker, wait_for
 from sqlalchemy import update
@@ -87,13 +88,8 @@ def silence(db: Database, job_id: str) -> None:
                         .values(heartbeat_at=jobs.clock(session) - timedelta(hours=1)))
 
 
-def test_a_running_job_goes_back_to_the_queue_only_when_two_rounds_find_it_silent(
-    make_settings, module_postgres_url: str
-) -> None:
-    """After a database outage every heartbeat is old, live jobs' too. A round that came before the job's next
-    beat queued it again while its worker still trained it, and a second worker ran it beside the first (found
-    by the chaos hunt). Its worker speaks up within a quarter of the interval once the database is back."""
-    settings = make_settings(database_url=module_postgres_url)
+def started_job(settings: Settings) -> tuple[Celery, Database, str]:
+    """The app and the migrated database of `settings`, and a job of its queue that a worker has started."""
     app, db = make_celery(settings), Database(settings.database_url)
     migrate_database(settings.database_url)
     job_id = jobs.new_job_id()
@@ -101,6 +97,17 @@ def test_a_running_job_goes_back_to_the_queue_only_when_two_rounds_find_it_silen
         jobs.create_job(session, job_id, "someone", settings.queue, {}, [])
     with db.session() as session:
         assert jobs.start_attempt(session, job_id, 0, 3) is not None
+    return app, db, job_id
+
+
+def test_a_running_job_goes_back_to_the_queue_only_when_two_rounds_find_it_silent(
+    make_settings, module_postgres_url: str
+) -> None:
+    """After a database outage every heartbeat is old, live jobs' too. A round that came before the job's next
+    beat queued it again while its worker still trained it, and a second worker ran it beside the first (found
+    by the chaos hunt). Its worker speaks up within a quarter of the interval once the database is back."""
+    settings = make_settings(database_url=module_postgres_url)
+    app, db, job_id = started_job(settings)
     silence(db, job_id)  # the database was out
     first = sweep(app, db, settings.queue, grace=60)
     assert first.sent == [] and first.silent == {(job_id, 0)}
@@ -123,13 +130,7 @@ def test_the_sweeper_keeps_a_round_s_silent_jobs_for_the_next_and_forgets_them_w
     """A failed round may mean the database was out since the last: what the round before it saw no longer
     counts, and a job silent at the rounds around the failure is not taken from its worker yet."""
     settings = make_settings(database_url=module_postgres_url)
-    app, db = make_celery(settings), Database(settings.database_url)
-    migrate_database(settings.database_url)
-    job_id = jobs.new_job_id()
-    with db.session() as session:
-        jobs.create_job(session, job_id, "someone", settings.queue, {}, [])
-    with db.session() as session:
-        assert jobs.start_attempt(session, job_id, 0, 3) is not None
+    app, db, job_id = started_job(settings)
     silence(db, job_id)
     monkeypatch.setattr(worker.dispatch, "get_settings", lambda: settings)
     sweeper = Sweeper(SimpleNamespace(app=app))
