@@ -340,33 +340,25 @@ class Assignment:
     inputs: dict[str, str]
 
 
-def start_attempt(session: Session, job_id: str, dispatch: int, max_attempts: int) -> Assignment | None:
+def start_attempt(session: Session, job_id: str, dispatch: int) -> Assignment | None:
     """Count one more start of the job and mark it running; None when there is nothing to run.
 
     Only a queued job starts. A message for a job that has started is a copy: a worker gives its message back
     when its pool process dies, and a broker hands a worker's unacknowledged message to another when their
     connection drops. The run it copies may still live, and one look cannot tell: after a database outage
     every heartbeat is old, live ones too. Two runs at once would overwrite each other's progress and
-    checkpoint. A run that is in fact dead is the sweeper's: once two of its rounds found the job silent, it
-    queues it again under a new dispatch (`worker.dispatch`), and that message starts it.
+    checkpoint. A run that is in fact dead is the sweeper's (`recover`): once two of its rounds found the job
+    silent, it queues it again under a new dispatch (`worker.dispatch`), and that message starts it.
 
-    Each start is an attempt: past `max_attempts` the job fails instead of taking down one more worker.
     A job cancelled, deleted or finished in the meantime is not run, nor one whose message the sweeper has
     replaced (`dispatch` is not the job's): the replacement runs it.
     """
     job = session.get(Job, job_id, with_for_update=True)  # two copies at once: the second finds it running
     if job is None or job.status != Status.QUEUED or job.dispatch != dispatch:
         return None
-    stamp = clock(session)  # read once the row is ours
-    if job.attempts >= max_attempts:
-        _transition(session, job_id, (Status.QUEUED,), dispatch, status=Status.FAILED, finished_at=stamp,
-                    error=f"the job was started {job.attempts} times and its worker stopped each time before it "
-                    "finished (out of memory, or the machine restarted); try smaller batch_size or fewer images, "
-                    "or ask the operators")
-        return None
     job.attempts += 1
     job.status = Status.RUNNING
-    job.started_at = job.updated_at = job.heartbeat_at = stamp
+    job.started_at = job.updated_at = job.heartbeat_at = clock(session)  # read once the row is ours
     job.stage, job.epoch, job.epochs, job.progress = None, None, None, 0.0
     return Assignment(job.id, dispatch, job.params, {a.role: a.path for a in job.artifacts})
 
@@ -432,21 +424,27 @@ def silent(session: Session, queue: str, since: datetime) -> list[tuple[str, int
     return [(job_id, dispatch) for job_id, dispatch in session.execute(query.order_by(Job.id))]
 
 
-def recover(session: Session, job_id: str, dispatch: int, since: datetime) -> bool:
-    """Take a silent job from its dead worker: a cancelling one ends cancelled, a running one goes back to
-    queued under a new dispatch, and True says a message must be sent for it. The conditions are checked
-    again in the UPDATE, so a job that spoke up or was recovered by another sweeper meanwhile is left alone."""
+def recover(session: Session, job_id: str, dispatch: int, since: datetime, max_attempts: int) -> Status | None:
+    """Take a silent job from its dead worker, and say what it became (None: nothing, the job spoke up or
+    another sweeper took it meanwhile; the conditions are checked again in each UPDATE). A cancelling job ends
+    cancelled. A running one goes back to queued under a new dispatch, for which a message must be sent,
+    unless it was started `max_attempts` times already: a job that keeps killing its workers fails instead of
+    taking down one more. Either way its killed runs' files are the caller's to remove."""
     silent_since = (Job.id == job_id, Job.dispatch == dispatch, Job.heartbeat_at < since)
     stamp = clock(session)
-    session.execute(
-        update(Job).where(*silent_since, Job.status == Status.CANCELLING)
-        .values(status=Status.CANCELLED, finished_at=stamp, updated_at=stamp)
-        .execution_options(synchronize_session=False)
+    ends = (
+        (Status.CANCELLED, update(Job).where(*silent_since, Job.status == Status.CANCELLING)
+         .values(status=Status.CANCELLED, finished_at=stamp, updated_at=stamp)),
+        (Status.FAILED, update(Job).where(*silent_since, Job.status == Status.RUNNING, Job.attempts >= max_attempts)
+         .values(status=Status.FAILED, finished_at=stamp, updated_at=stamp,
+                 error=f"the job was started {max_attempts} times and its worker stopped each time before it "
+                 "finished (out of memory, or the machine restarted); try smaller batch_size or fewer images, or "
+                 "ask the operators")),
+        (Status.QUEUED, update(Job).where(*silent_since, Job.status == Status.RUNNING)
+         .values(status=Status.QUEUED, dispatch=dispatch + 1, stage=None, epoch=None, epochs=None, progress=0.0,
+                 updated_at=stamp)),
     )
-    result = session.execute(
-        update(Job).where(*silent_since, Job.status == Status.RUNNING)
-        .values(status=Status.QUEUED, dispatch=dispatch + 1, stage=None, epoch=None, epochs=None, progress=0.0,
-                updated_at=stamp)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
+    for status, query in ends:
+        if session.execute(query.execution_options(synchronize_session=False)).rowcount == 1:
+            return status
+    return None

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         "leaving 5 % of it (at most a minute) to write and record the result"
     )
     max_attempts: int = Field(
-        default=3, ge=1, description="how often a job is started before a worker that keeps dying fails it"
+        default=3, ge=1, description="how often a job is started before the sweeper fails one whose worker keeps dying"
     )
     sweep_interval: float = Field(
         default=60.0, gt=0, allow_inf_nan=False,

@@ -104,10 +104,12 @@ def committed_then_refused(write: Callable[..., T], url: str) -> Callable[..., T
     return write_once_lost
 
 
-def taken_back(db: Database, job_id: str, dispatch: int) -> None:
-    """The sweeper takes the job's silent run of `dispatch` from its dead worker and queues it again."""
+def taken_back(db: Database, job_id: str, dispatch: int, max_attempts: int = 3) -> jobs.Status:
+    """The sweeper takes the job's silent run of `dispatch` from its dead worker; what the job became."""
     with db.session() as session:
-        assert jobs.recover(session, job_id, dispatch, jobs.clock(session) + timedelta(seconds=1))
+        became = jobs.recover(session, job_id, dispatch, jobs.clock(session) + timedelta(seconds=1), max_attempts)
+    assert became is not None
+    return became
 
 
 def problem(response: httpx.Response, status: int) -> dict:

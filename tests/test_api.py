@@ -68,7 +68,7 @@ def finish(settings: Settings, job_id: str, checkpoint: bytes) -> None:
     path.write_bytes(checkpoint)
     db = Database(settings.database_url)
     with db.session() as session:
-        jobs.start_attempt(session, job_id, dispatch=0, max_attempts=3)
+        jobs.start_attempt(session, job_id, dispatch=0)
         jobs.succeed(
             session,
             job_id,
@@ -478,7 +478,7 @@ def test_deleting_a_job_being_cancelled_says_to_wait_not_to_cancel_it(
     job_id = submit(api, auth).json()["id"]
     db = Database(api_settings.database_url)
     with db.session() as session:
-        jobs.start_attempt(session, job_id, dispatch=0, max_attempts=3)
+        jobs.start_attempt(session, job_id, dispatch=0)
     db.dispose()
     assert api.post(f"/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
     detail = problem(api.delete(f"/jobs/{job_id}", headers=auth), 409)["detail"]

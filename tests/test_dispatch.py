@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import redis
 from celery import Celery
 from fastapi.testclient import TestClient
@@ -21,6 +22,7 @@ from api.app import create_app
 from core import jobs
 from core.database import Database, migrate_database
 from core.settings import Settings
+from core.storage import Storage
 from worker.broker import make_celery
 from worker.dispatch import Sweeper, broker_task_ids, sweep
 
@@ -60,21 +62,25 @@ def test_the_sweeper_sends_again_only_jobs_whose_message_is_gone(
     make_settings, module_postgres_url: str, digits_backdoor
 ) -> None:
     settings = make_settings(database_url=module_postgres_url)  # no worker consumes its queue
-    queue, db = make_celery(settings), Database(settings.database_url)
+    queue, db, storage = make_celery(settings), Database(settings.database_url), Storage(settings.storage_dir)
+
+    def sent(grace: float) -> list[str]:
+        return sweep(queue, db, storage, settings.queue, grace, max_attempts=3).sent
+
     with TestClient(create_app(settings)) as client:
         headers = new_key(settings)
         kept, lost = (submit(client, headers, digits_backdoor, **SHORT) for _ in range(2))
         assert broker_task_ids(queue, settings.queue) >= {f"{kept}-0", f"{lost}-0"}
-        assert sweep(queue, db, settings.queue, grace=0).sent == []  # both messages are there
+        assert sent(grace=0) == []  # both messages are there
         elsewhere = jobs.new_job_id()  # a job of another queue sharing the database: not this sweeper's
         with db.session() as session:
             jobs.create_job(session, elsewhere, "someone", "another-queue", {}, [])
 
         (kept_message,) = [m for m in lose_messages(settings) if kept.encode() in m]
         give_back(settings, kept_message)
-        assert sweep(queue, db, settings.queue, grace=3600).sent == []  # not waiting long enough yet
-        assert sweep(queue, db, settings.queue, grace=0).sent == [lost]
-        assert sweep(queue, db, settings.queue, grace=0).sent == []  # sent once
+        assert sent(grace=3600) == []  # not waiting long enough yet
+        assert sent(grace=0) == [lost]
+        assert sent(grace=0) == []  # sent once
         assert broker_task_ids(queue, settings.queue) >= {f"{kept}-0", f"{lost}-1"}
         assert (dispatch_of(settings, kept), dispatch_of(settings, lost), dispatch_of(settings, elsewhere)) == (0, 1, 0)
         assert client.get(f"/jobs/{lost}", headers=headers).json()["status"] == "queued"
@@ -96,7 +102,7 @@ def started_job(settings: Settings) -> tuple[Celery, Database, str]:
     with db.session() as session:
         jobs.create_job(session, job_id, "someone", settings.queue, {}, [])
     with db.session() as session:
-        assert jobs.start_attempt(session, job_id, 0, 3) is not None
+        assert jobs.start_attempt(session, job_id, 0) is not None
     return app, db, job_id
 
 
@@ -108,20 +114,48 @@ def test_a_running_job_goes_back_to_the_queue_only_when_two_rounds_find_it_silen
     by the chaos hunt). Its worker speaks up within a quarter of the interval once the database is back."""
     settings = make_settings(database_url=module_postgres_url)
     app, db, job_id = started_job(settings)
+    storage = Storage(settings.storage_dir)
     silence(db, job_id)  # the database was out
-    first = sweep(app, db, settings.queue, grace=60)
+    first = sweep(app, db, storage, settings.queue, max_attempts=3, grace=60)
     assert first.sent == [] and first.silent == {(job_id, 0)}
     with db.session() as session:
         assert jobs.heartbeat(session, job_id, 0)  # it is back, and the worker beats
-    second = sweep(app, db, settings.queue, grace=60, silent_before=first.silent)
+    second = sweep(app, db, storage, settings.queue, max_attempts=3, grace=60, silent_before=first.silent)
     assert second.sent == [] and second.silent == frozenset() and dispatch_of(settings, job_id) == 0
     silence(db, job_id)  # now the worker dies
-    third = sweep(app, db, settings.queue, grace=60, silent_before=second.silent)
+    third = sweep(app, db, storage, settings.queue, max_attempts=3, grace=60, silent_before=second.silent)
     assert third.sent == [] and third.silent == {(job_id, 0)}
-    fourth = sweep(app, db, settings.queue, grace=60, silent_before=third.silent)
+    fourth = sweep(app, db, storage, settings.queue, max_attempts=3, grace=60, silent_before=third.silent)
     assert fourth.sent == [job_id] and dispatch_of(settings, job_id) == 1
     assert broker_task_ids(app, settings.queue) >= {f"{job_id}-1"}
     db.dispose()
+
+
+@pytest.mark.parametrize("ending", ["failed", "cancelled"])
+def test_a_job_the_sweeper_ends_keeps_none_of_its_killed_runs_files(
+    make_settings, module_postgres_url: str, ending: str
+) -> None:
+    """A job whose worker died out of attempts fails, and a cancelling one ends cancelled, with no run of
+    theirs left to tidy up after the killed ones: what those wrote stayed until the job was deleted."""
+    settings = make_settings(database_url=module_postgres_url)
+    app, db, job_id = started_job(settings)
+    if ending == "cancelled":
+        with db.session() as session:
+            jobs.request_cancel(session, session.get(jobs.Job, job_id))
+    storage = Storage(settings.storage_dir)
+    upload, written = storage.path(job_id, "inputs/model"), storage.output_path(job_id, 0)
+    for path in (upload, written):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"bytes")
+    silence(db, job_id)
+    first = sweep(app, db, storage, settings.queue, 60, max_attempts=1)
+    second = sweep(app, db, storage, settings.queue, 60, max_attempts=1, silent_before=first.silent)
+    with db.session() as session:
+        job = session.get(jobs.Job, job_id)
+        assert (job.status, job.dispatch) == (ending, 0) and (job.error is not None) == (ending == "failed")
+    db.dispose()
+    assert second.sent == [] and f"{job_id}-1" not in broker_task_ids(app, settings.queue)
+    assert not written.parent.exists() and upload.read_bytes() == b"bytes"  # its uploads go when it is deleted
 
 
 def test_the_sweeper_keeps_a_round_s_silent_jobs_for_the_next_and_forgets_them_when_a_round_fails(
@@ -161,7 +195,7 @@ def test_with_a_broker_other_than_redis_the_sweeper_still_takes_back_a_dead_work
     with db.session() as session:
         session.execute(update(jobs.Job).where(jobs.Job.id == queued)
                         .values(updated_at=jobs.clock(session) - timedelta(hours=1)))
-        assert jobs.start_attempt(session, running, 0, 3) is not None
+        assert jobs.start_attempt(session, running, 0) is not None
     silence(db, running)
     monkeypatch.setattr(worker.dispatch, "get_settings", lambda: settings)
     timer = SimpleNamespace(call_repeatedly=lambda *args, **kwargs: "a timer")

@@ -58,10 +58,10 @@ def status(db: Database, job_id: str) -> str | None:
         return None if job is None else job.status
 
 
-def start(db: Database, job_id: str, max_attempts: int = 3, dispatch: int = 0) -> jobs.Assignment | None:
+def start(db: Database, job_id: str, dispatch: int = 0) -> jobs.Assignment | None:
     """A message of the job's `dispatch`-th sending, taken by a worker."""
     with db.session() as session:
-        return jobs.start_attempt(session, job_id, dispatch, max_attempts)
+        return jobs.start_attempt(session, job_id, dispatch)
 
 
 def test_migrations_build_exactly_the_models(database: Database) -> None:
@@ -159,15 +159,16 @@ def test_a_finished_job_cannot_be_cancelled_and_an_unfinished_one_not_deleted(da
 
 def test_each_start_is_an_attempt_and_a_job_that_keeps_killing_workers_fails(database: Database) -> None:
     job_id = new_job(database, owner())
-    first = start(database, job_id, max_attempts=2)
+    first = start(database, job_id)
     assert first.inputs == {"model": "inputs/model", "clean_data": "inputs/clean_data"}
-    taken_back(database, job_id, 0)  # its worker died
-    assert start(database, job_id, max_attempts=2, dispatch=1) is not None
-    taken_back(database, job_id, 1)
-    assert start(database, job_id, max_attempts=2, dispatch=2) is None
+    assert taken_back(database, job_id, 0, max_attempts=2) == "queued"  # its worker died
+    assert start(database, job_id, dispatch=1) is not None
+    assert taken_back(database, job_id, 1, max_attempts=2) == "failed"  # and again: no third worker is taken down
     with database.session() as session:
         job = session.get(jobs.Job, job_id)
-        assert job.status == "failed" and job.attempts == 2 and "started 2 times" in job.error
+        assert (job.status, job.attempts, job.dispatch) == ("failed", 2, 1) and "started 2 times" in job.error
+        assert job.finished_at is not None and jobs.count_unfinished(session, job.owner) == 0
+    assert start(database, job_id, dispatch=2) is None
 
 
 def test_a_copy_of_a_started_jobs_message_never_runs_it(database: Database) -> None:
@@ -206,7 +207,7 @@ def test_a_cancel_while_a_worker_starts_the_job_waits_for_it_and_is_not_lost(dat
 
     canceller = threading.Thread(target=cancel)
     with database.session() as session:
-        assert jobs.start_attempt(session, job_id, 0, 3) is not None
+        assert jobs.start_attempt(session, job_id, 0) is not None
         canceller.start()
         canceller.join(1.0)
         assert answered == []  # held until the worker's transaction ends
@@ -318,20 +319,6 @@ def test_a_job_write_reads_the_database_clock_once(postgres_url: str) -> None:
     assert job.status == "failed" and job.finished_at == job.updated_at and job.heartbeat_at < job.finished_at
 
 
-def test_a_job_whose_whole_worker_keeps_dying_fails_too(database: Database) -> None:
-    """The sweeper puts such a job back in the queue under a new dispatch; its next start past the attempts
-    fails it from there, where it had stayed queued (and been sent again) for ever."""
-    job_id = new_job(database, owner())
-    start(database, job_id, max_attempts=1)
-    taken_back(database, job_id, 0)
-    assert status(database, job_id) == "queued"
-    assert start(database, job_id, dispatch=1, max_attempts=1) is None
-    with database.session() as session:
-        job = session.get(jobs.Job, job_id)
-        assert job.status == "failed" and "started 1 times" in job.error and job.finished_at is not None
-        assert jobs.count_unfinished(session, job.owner) == 0
-
-
 def test_a_redispatch_is_claimed_once_and_retires_the_old_message(database: Database) -> None:
     queued, running = new_job(database, owner()), new_job(database, owner())
     start(database, running)
@@ -360,10 +347,10 @@ def test_a_silent_job_is_taken_from_its_dead_worker_once(database: Database) -> 
         assert {running, cancelling} <= dict(jobs.silent(session, QUEUE, since)).keys()
         assert lively not in dict(jobs.silent(session, QUEUE, since))
         assert jobs.silent(session, "another queue", since) == []
-        assert jobs.recover(session, running, 0, since)
-        assert not jobs.recover(session, running, 0, since)  # another sweeper got there first
-        assert not jobs.recover(session, cancelling, 0, since)  # nothing to send: it ends cancelled
-        assert not jobs.recover(session, lively, 0, since)
+        assert jobs.recover(session, running, 0, since, max_attempts=3) == "queued"
+        assert jobs.recover(session, running, 0, since, max_attempts=3) is None  # another sweeper got there first
+        assert jobs.recover(session, cancelling, 0, since, max_attempts=3) == "cancelled"  # no message to send
+        assert jobs.recover(session, lively, 0, since, max_attempts=3) is None
         assert jobs.stop_requested(session, running, 0)  # the old run, should it be alive, stops
         assert not jobs.heartbeat(session, running, 0)
     assert (status(database, running), status(database, cancelling), status(database, lively)) == (

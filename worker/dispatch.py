@@ -13,7 +13,8 @@ Redis's visibility timeout of hours; the sweeper instead finds the job silent fo
 rounds in a row, and queues it again under a new dispatch, so the old message, when Redis does give it back,
 is dropped. A worker's pool process that dies alone is replaced by its worker, which gives the message back at
 once; that copy finds the job started and runs nothing (`core.jobs.start_attempt`), and the sweeper
-queues the job again the same way.
+queues the job again the same way. A job the sweeper ends instead (cancelled, or out of attempts) has no run
+left to tidy up after its killed ones, so the sweeper removes what they wrote.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from celery import Celery, bootsteps
 from core import jobs
 from core.database import Database
 from core.settings import get_settings
+from core.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,11 @@ class Round:
     silent: frozenset[tuple[str, int]]
 
 
-def sweep(app: Celery, db: Database, queue: str, grace: float,
+def sweep(app: Celery, db: Database, storage: Storage, queue: str, grace: float, max_attempts: int,
           silent_before: frozenset[tuple[str, int]] = frozenset(), lost_messages: bool = True) -> Round:
     """One round over the jobs of `queue` (several queues may share a database; each has its workers): the
-    jobs of dead workers, then, where `lost_messages` (the broker is Redis, whose lists it reads), the jobs
-    whose message is lost, each sent again.
+    jobs of dead workers (each queued again, or ended past `max_attempts`), then, where `lost_messages` (the
+    broker is Redis, whose lists it reads), the jobs whose message is lost, each sent again.
 
     A running job is requeued only when the previous round (`silent_before`, one interval ago, with the
     database answering both times) found it silent too. After an outage of the database every heartbeat is
@@ -80,26 +82,29 @@ def sweep(app: Celery, db: Database, queue: str, grace: float,
     that came first would have run them twice at once."""
     with db.session() as session:
         since = jobs.clock(session) - timedelta(seconds=grace)
-    requeued, silent = _requeue_silent(app, db, queue, since, silent_before)
+    requeued, silent = _requeue_silent(app, db, storage, queue, since, max_attempts, silent_before)
     resent = _resend_lost(app, db, queue, since) if lost_messages else []
     return Round(requeued + resent, silent)
 
 
-def _requeue_silent(app: Celery, db: Database, queue: str, since: datetime,
+def _requeue_silent(app: Celery, db: Database, storage: Storage, queue: str, since: datetime, max_attempts: int,
                     silent_before: frozenset[tuple[str, int]]) -> tuple[list[str], frozenset[tuple[str, int]]]:
     """Jobs whose process has been silent since before `since`, and was at the round before, go back to the
-    queue under a new dispatch (a cancelling one just ends cancelled); every job silent now is returned, for
-    the next round."""
+    queue under a new dispatch, or end (`core.jobs.recover`) with their killed runs' outputs removed; every
+    job silent now is returned, for the next round."""
     with db.session() as session:
         silent = frozenset(jobs.silent(session, queue, since))
     requeued = []
     for job_id, dispatch in sorted(silent & silent_before):
         with db.session() as session:
-            claimed = jobs.recover(session, job_id, dispatch, since)
-        if claimed:
+            became = jobs.recover(session, job_id, dispatch, since, max_attempts)
+        if became == jobs.Status.QUEUED:
             send_job(app, job_id, dispatch + 1)
             log.warning("job %s: its worker stopped giving signs of life; queued it again", job_id)
             requeued.append(job_id)
+        elif became is not None:
+            storage.remove_outputs(job_id, through=dispatch, keep=None)  # no output is recorded: it did not succeed
+            log.warning("job %s: its worker stopped giving signs of life; the job is %s", job_id, became)
     return requeued, silent
 
 
@@ -154,8 +159,8 @@ class Sweeper(bootsteps.StartStopStep):
         settings = get_settings()
         db = Database(settings.database_url)
         try:
-            self.silent = sweep(app, db, settings.queue, settings.sweep_interval, self.silent,
-                                lost_messages=settings.broker_is_redis).silent
+            self.silent = sweep(app, db, Storage(settings.storage_dir), settings.queue, settings.sweep_interval,
+                                settings.max_attempts, self.silent, lost_messages=settings.broker_is_redis).silent
         except Exception:
             self.silent = frozenset()
             log.exception("sweeper: this round failed; the next one tries again")

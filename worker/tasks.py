@@ -176,8 +176,7 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
     settings = get_settings()
     db = database()
     try:  # within half the time limit: the soft limit, reached here, would be the task's error
-        assignment = _patiently(db, job_id, lambda session: jobs.start_attempt(session, job_id, dispatch,
-                                                                               settings.max_attempts),
+        assignment = _patiently(db, job_id, lambda session: jobs.start_attempt(session, job_id, dispatch),
                                 min(FINAL_WRITE_PATIENCE, settings.job_time_limit / 2))
     except (OperationalError, SoftTimeLimitExceeded) as error:
         # Nothing of the job ran here, so nothing of it is failed or removed (`on_failure` would: this message may
@@ -185,8 +184,7 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
         log.warning("job %s: the database refused its start; its message goes back to the queue", job_id)
         raise Reject(error, requeue=True) from error
     if assignment is None:
-        log.info("job %s: nothing to run (started already, cancelled, deleted, finished, out of attempts or sent "
-                 "again)", job_id)
+        log.info("job %s: nothing to run (started already, cancelled, deleted, finished or sent again)", job_id)
         return
     log.info("job %s: started", job_id)
     storage = Storage(settings.storage_dir)
