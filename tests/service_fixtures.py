@@ -112,6 +112,30 @@ def taken_back(db: Database, job_id: str, dispatch: int, max_attempts: int = 3) 
     return became
 
 
+class StoodStill:
+    """A clock that moves only when told to (`now`) and by what is slept on it, so that waits of minutes take
+    no time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def worker_clock(monkeypatch: pytest.MonkeyPatch) -> StoodStill:
+    """`worker.tasks`' clock (its progress throttle, heartbeats aside, and its patient writes), stood still."""
+    import worker.tasks
+
+    clock = StoodStill()
+    monkeypatch.setattr(worker.tasks, "time", clock)
+    return clock
+
+
 def problem(response: httpx.Response, status: int) -> dict:
     """The response's RFC 9457 problem, checked for shape and for leaks."""
     assert response.status_code == status, response.text

@@ -12,16 +12,14 @@ import time
 import uuid
 from datetime import UTC, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from service_fixtures import ROOT, taken_back
+from service_fixtures import ROOT, StoodStill, refused, taken_back
 from sqlalchemy import event, text
-from sqlalchemy.exc import OperationalError
 
 from core import jobs, keys
 from core.database import MIGRATIONS, Base, Database, migrating
@@ -401,7 +399,9 @@ def test_failure_keeps_the_message_for_the_owner(database: Database) -> None:
         assert job.finished_at >= job.started_at
 
 
-def test_progress_is_written_at_most_once_a_second_but_always_at_epoch_ends(database: Database) -> None:
+def test_progress_is_written_at_most_once_a_second_but_always_at_epoch_ends(
+    database: Database, worker_clock: StoodStill
+) -> None:
     job_id = new_job(database, owner())
     start(database, job_id)
     record = ProgressRecorder(database, job_id, 0)
@@ -419,34 +419,30 @@ def test_progress_is_written_at_most_once_a_second_but_always_at_epoch_ends(data
     assert progress() == ("teacher", 1, 0.20)
     record(Event("student", 0.21, epoch=1, epochs=5, step=1))  # a new stage
     assert progress() == ("student", 1, 0.21)
-    time.sleep(1.05)
+    worker_clock.now += 1.0
     record(Event("student", 0.22, epoch=1, epochs=5, step=2))
     assert progress() == ("student", 1, 0.22)
 
 
 def test_a_refused_progress_write_is_not_tried_again_for_a_while(
-    database: Database, monkeypatch: pytest.MonkeyPatch
+    database: Database, monkeypatch: pytest.MonkeyPatch, worker_clock: StoodStill
 ) -> None:
     """The writes run in the training loop. Where the database hangs each try waits out the connect timeout,
     and tried at every step (an epoch's end is always written) they held a job to one step in 5 s (the second
     fault hunt)."""
-    import worker.tasks
-
     job_id = new_job(database, owner())
     start(database, job_id)
-    clock, tries = [100.0], []
-    monkeypatch.setattr(worker.tasks, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    record = ProgressRecorder(database, job_id, 0)
+    record, tries = ProgressRecorder(database, job_id, 0), []
 
     def hanging(*args, **kwargs) -> None:
-        tries.append(clock[0])
-        raise OperationalError("UPDATE jobs ...", {}, Exception("connection timeout expired"))
+        tries.append(worker_clock.now)
+        refused()
 
     monkeypatch.setattr(jobs, "record_progress", hanging)
     for epoch in range(1, 5):  # epoch ends, 10 s apart
         record(Event("student", epoch / 10, epoch=epoch, epochs=20, loss=0.5, lr=0.1))
-        clock[0] += 10
-    assert tries == [100.0, 130.0]
+        worker_clock.now += 10
+    assert tries == [0.0, 30.0]
 
 
 def test_keys_are_stored_hashed_checked_and_revocable(database: Database) -> None:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +21,16 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
-from service_fixtures import PARAMS, committed_then_refused, new_key, problem, refused, submit, taken_back
+from service_fixtures import (
+    PARAMS,
+    StoodStill,
+    committed_then_refused,
+    new_key,
+    problem,
+    refused,
+    submit,
+    taken_back,
+)
 from sqlalchemy import select
 
 from api import uploads
@@ -628,23 +636,15 @@ def test_a_database_outage_mid_job_costs_progress_writes_not_the_run(
 
 
 def test_a_database_out_for_minutes_as_a_job_ends_keeps_its_result(
-    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, worker_clock: StoodStill
 ) -> None:
     """The chaos hunt's outage of 17 s while a trained job's result was written failed the job and removed its
     checkpoint: the write was tried for 15 s. Now for FINAL_WRITE_PATIENCE, on a clock whose sleeps take no
     time here: the database answers again after five minutes."""
-    import worker.tasks
-
-    clock = [0.0]
-
-    def sleep(seconds: float) -> None:
-        clock[0] += seconds
-
-    monkeypatch.setattr(worker.tasks, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
     succeed = jobs.succeed
 
     def back_after_five_minutes(*args, **kwargs) -> bool:
-        if clock[0] < 300:
+        if worker_clock.now < 300:
             refused()
         return succeed(*args, **kwargs)
 
@@ -778,7 +778,7 @@ def test_a_late_failure_of_a_replaced_run_leaves_its_successors_folder(worker_jo
 
 @pytest.mark.parametrize("answered", [0, 1], ids=["out-from-the-start", "out-after-the-failure-is-written"])
 def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
-    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, answered: int
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, worker_clock: StoodStill, answered: int
 ) -> None:
     """It runs in the process that receives the worker's messages: waiting out a database outage there (ten
     minutes, as a job's own last write does) would stall the whole worker. A job whose failure is not written
@@ -797,15 +797,13 @@ def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
             with super().session() as session:
                 yield session
 
-    slept: list[float] = []
-    monkeypatch.setattr(worker.tasks, "time", SimpleNamespace(monotonic=lambda: sum(slept), sleep=slept.append))
     monkeypatch.setattr(worker.tasks, "Database", OutAfter)
     with worker_job.db.session() as session:
         jobs.start_attempt(session, worker_job.id, dispatch=0)
     # Raised, the error kept Celery from acknowledging the message, and with one message at a time the worker
     # took no other (the review of these mends).
     sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
-    assert slept == [] and OutAfter.sessions == 1
+    assert worker_clock.now == 0 and OutAfter.sessions == 1
     assert worker_job.row().status == (jobs.Status.RUNNING, jobs.Status.FAILED)[answered]
 
 
@@ -818,7 +816,8 @@ def _soft_limit(*args, **kwargs) -> None:
                                                                 (_soft_limit, 6 * 3600, (0, 0))],
                          ids=["outage", "outage-with-a-short-time-limit", "soft-time-limit"])
 def test_a_start_the_database_refuses_puts_the_message_back_and_leaves_the_job_alone(
-    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, refusal, time_limit: int, waited: tuple[int, int]
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, worker_clock: StoodStill, refusal, time_limit: int,
+    waited: tuple[int, int]
 ) -> None:
     """A copy of a live run's message whose start the database refused (SQLite busy, an outage) escaped as the
     task's error: Celery's failure handler then failed the live run's job and removed the checkpoint it was
@@ -831,13 +830,11 @@ def test_a_start_the_database_refuses_puts_the_message_back_and_leaves_the_job_a
     with worker_job.db.session() as session:
         jobs.start_attempt(session, worker_job.id, dispatch=0)  # the live run, elsewhere
     being_written = _written(worker_job, 0)
-    slept: list[float] = []
     settings = worker_job.settings.model_copy(update={"job_time_limit": time_limit})
     monkeypatch.setattr(worker.tasks, "get_settings", lambda: settings)
-    monkeypatch.setattr(worker.tasks, "time", SimpleNamespace(monotonic=lambda: sum(slept), sleep=slept.append))
     monkeypatch.setattr(jobs, "start_attempt", refusal)
     result = sanitize_job.apply(args=(worker_job.id, 0))  # Celery's own handling of what the task raises
-    assert result.state == "REJECTED" and waited[0] <= sum(slept) <= waited[1]
+    assert result.state == "REJECTED" and waited[0] <= worker_clock.now <= waited[1]
     assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
 
 
