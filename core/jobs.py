@@ -432,14 +432,14 @@ def recover(session: Session, job_id: str, dispatch: int, since: datetime, max_a
     taking down one more. Either way its killed runs' files are the caller's to remove."""
     silent_since = (Job.id == job_id, Job.dispatch == dispatch, Job.heartbeat_at < since)
     stamp = clock(session)
+    starts = "its one start" if max_attempts == 1 else f"each of its {max_attempts} starts"
     ends = (
         (Status.CANCELLED, update(Job).where(*silent_since, Job.status == Status.CANCELLING)
          .values(status=Status.CANCELLED, finished_at=stamp, updated_at=stamp)),
         (Status.FAILED, update(Job).where(*silent_since, Job.status == Status.RUNNING, Job.attempts >= max_attempts)
          .values(status=Status.FAILED, finished_at=stamp, updated_at=stamp,
-                 error=f"the job was started {max_attempts} times and its worker stopped each time before it "
-                 "finished (out of memory, or the machine restarted); try smaller batch_size or fewer images, or "
-                 "ask the operators")),
+                 error=f"the job's worker stopped before the job finished, at {starts} (out of memory, or the "
+                 "machine restarted); try smaller batch_size or fewer images, or ask the operators")),
         (Status.QUEUED, update(Job).where(*silent_since, Job.status == Status.RUNNING)
          .values(status=Status.QUEUED, dispatch=dispatch + 1, stage=None, epoch=None, epochs=None, progress=0.0,
                  updated_at=stamp)),

@@ -152,7 +152,8 @@ def test_a_job_the_sweeper_ends_keeps_none_of_its_killed_runs_files(
     second = sweep(app, db, storage, settings.queue, 60, max_attempts=1, silent_before=first.silent)
     with db.session() as session:
         job = session.get(jobs.Job, job_id)
-        assert (job.status, job.dispatch) == (ending, 0) and (job.error is not None) == (ending == "failed")
+        assert (job.status, job.dispatch) == (ending, 0)
+        assert job.error is None if ending == "cancelled" else "finished, at its one start (out of" in job.error
     db.dispose()
     assert second.sent == [] and f"{job_id}-1" not in broker_task_ids(app, settings.queue)
     assert not written.parent.exists() and upload.read_bytes() == b"bytes"  # its uploads go when it is deleted
