@@ -439,9 +439,13 @@ def cancel_job(job_id: str, owner: Owner, service: Service, response: Response) 
             jobs.request_cancel(session, job)
         except jobs.InvalidTransition as error:
             raise ProblemError(409, f"job {job_id} already {error.status}: nothing to cancel") from None
-        if job.status == Status.CANCELLED:
-            response.status_code = 200
-        return JobResource.of(job)
+        resource, dispatch = JobResource.of(job), job.dispatch
+    if resource.status == Status.CANCELLED:
+        response.status_code = 200
+        # A job queued again after its worker died ends here with no run of its own to remove what the killed
+        # one wrote (a job that ends with a run has that run remove it: `worker.tasks`).
+        service.storage.remove_outputs(job_id, through=dispatch, keep=None)
+    return resource
 
 
 @router.delete("/jobs/{job_id}", status_code=204, summary="Delete a finished job and its files",

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from service_fixtures import PARAMS, REPORT, ROOT, free_port, fresh_postgres, new_key, problem, submit
+from service_fixtures import PARAMS, REPORT, ROOT, free_port, fresh_postgres, new_key, problem, submit, taken_back
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
@@ -470,6 +470,24 @@ def test_cancel_a_queued_job_then_delete_it_with_its_files(
     assert api.delete(f"/jobs/{job_id}", headers=auth).status_code == 204
     assert not folder.exists()
     problem(api.get(f"/jobs/{job_id}", headers=auth), 404)
+
+
+def test_cancelling_a_job_queued_again_after_its_worker_died_removes_what_the_killed_run_wrote(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    """The job ends with no run of its own, and the killed run's checkpoint stayed until the job was deleted
+    (the review of the sweeper's ends)."""
+    job_id = submit(api, auth).json()["id"]
+    storage, db = Storage(api_settings.storage_dir), Database(api_settings.database_url)
+    with db.session() as session:
+        jobs.start_attempt(session, job_id, dispatch=0)
+    killed = storage.output_path(job_id, 0)
+    killed.parent.mkdir(parents=True)
+    killed.write_bytes(b"half a checkpoint")
+    assert taken_back(db, job_id, 0) == "queued"
+    db.dispose()
+    assert api.post(f"/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelled"
+    assert not killed.parent.exists() and storage.path(job_id, "inputs/model").is_file()
 
 
 def test_deleting_a_job_being_cancelled_says_to_wait_not_to_cancel_it(
