@@ -41,7 +41,7 @@ class JobResource(BaseModel):
     error: str | None = Field(description="why the job failed, and what to do about it")
     timestamps: dict[str, datetime] = Field(
         description="when the job entered each status it went through (queued, running, cancelling, and its "
-                    "final one); after a worker died (`attempts` over 1), running is its latest start",
+                    "final one); after a worker died, running is its latest start",
         examples=[{"queued": "2026-01-05T10:00:00Z", "running": "2026-01-05T10:00:02Z"}],
     )
     updated_at: datetime

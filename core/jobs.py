@@ -429,10 +429,13 @@ def recover(session: Session, job_id: str, dispatch: int, since: datetime, max_a
     another sweeper took it meanwhile; the conditions are checked again in each UPDATE). A cancelling job ends
     cancelled. A running one goes back to queued under a new dispatch, for which a message must be sent,
     unless it was started `max_attempts` times already: a job that keeps killing its workers fails instead of
-    taking down one more. Either way its killed runs' files are the caller's to remove."""
+    taking down one more. A job it ends, cancelled or failed, leaves its killed runs' files to the caller."""
+    attempts = session.execute(select(Job.attempts).where(Job.id == job_id)).scalar_one_or_none()
+    if attempts is None:
+        return None
     silent_since = (Job.id == job_id, Job.dispatch == dispatch, Job.heartbeat_at < since)
     stamp = clock(session)
-    starts = "its one start" if max_attempts == 1 else f"each of its {max_attempts} starts"
+    starts = "its one start" if attempts == 1 else f"each of its {attempts} starts"
     ends = (
         (Status.CANCELLED, update(Job).where(*silent_since, Job.status == Status.CANCELLING)
          .values(status=Status.CANCELLED, finished_at=stamp, updated_at=stamp)),

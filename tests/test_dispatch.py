@@ -133,11 +133,12 @@ def test_a_running_job_goes_back_to_the_queue_only_when_two_rounds_find_it_silen
 
 @pytest.mark.parametrize("ending", ["failed", "cancelled"])
 def test_a_job_the_sweeper_ends_keeps_none_of_its_killed_runs_files(
-    make_settings, module_postgres_url: str, ending: str
+    make_settings, module_postgres_url: str, monkeypatch, ending: str
 ) -> None:
     """A job whose worker died out of attempts fails, and a cancelling one ends cancelled, with no run of
-    theirs left to tidy up after the killed ones: what those wrote stayed until the job was deleted."""
-    settings = make_settings(database_url=module_postgres_url)
+    theirs left to tidy up after the killed ones: what those wrote stayed until the job was deleted. Through
+    the worker's own sweeper step, with its settings' attempts and storage."""
+    settings = make_settings(database_url=module_postgres_url, max_attempts=1)
     app, db, job_id = started_job(settings)
     if ending == "cancelled":
         with db.session() as session:
@@ -148,14 +149,16 @@ def test_a_job_the_sweeper_ends_keeps_none_of_its_killed_runs_files(
         path.parent.mkdir(parents=True)
         path.write_bytes(b"bytes")
     silence(db, job_id)
-    first = sweep(app, db, storage, settings.queue, 60, max_attempts=1)
-    second = sweep(app, db, storage, settings.queue, 60, max_attempts=1, silent_before=first.silent)
+    monkeypatch.setattr(worker.dispatch, "get_settings", lambda: settings)
+    sweeper = Sweeper(SimpleNamespace(app=app))
+    sweeper.run(app)
+    sweeper.run(app)
     with db.session() as session:
         job = session.get(jobs.Job, job_id)
         assert (job.status, job.dispatch) == (ending, 0)
         assert job.error is None if ending == "cancelled" else "finished, at its one start (out of" in job.error
     db.dispose()
-    assert second.sent == [] and f"{job_id}-1" not in broker_task_ids(app, settings.queue)
+    assert f"{job_id}-1" not in broker_task_ids(app, settings.queue)
     assert not written.parent.exists() and upload.read_bytes() == b"bytes"  # its uploads go when it is deleted
 
 

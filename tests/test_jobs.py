@@ -169,6 +169,17 @@ def test_each_start_is_an_attempt_and_a_job_that_keeps_killing_workers_fails(dat
     assert start(database, job_id, dispatch=2) is None
 
 
+def test_the_out_of_attempts_message_counts_the_jobs_starts_not_the_setting(database: Database) -> None:
+    """NAD_MAX_ATTEMPTS lowered while a job was queued again: it failed saying it was started once."""
+    job_id = new_job(database, owner())
+    start(database, job_id)
+    assert taken_back(database, job_id, 0, max_attempts=2) == "queued"
+    start(database, job_id, dispatch=1)
+    assert taken_back(database, job_id, 1, max_attempts=1) == "failed"
+    with database.session() as session:
+        assert "before the job finished, at each of its 2 starts (" in session.get(jobs.Job, job_id).error
+
+
 def test_a_copy_of_a_started_jobs_message_never_runs_it(database: Database) -> None:
     """A worker gives its message back when its pool process dies, and a broker hands a worker's unacknowledged
     message to another when their connection drops. The copy runs nothing and counts no attempt, whether the
