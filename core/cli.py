@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_engine_commands(commands)
     _add_keys_command(commands)
+    _add_tidy_command(commands)
     _add_submit_command(commands)
     args = parser.parse_args(argv)
     return args.run(args)
@@ -45,6 +47,11 @@ def _add_keys_command(commands: argparse._SubParsersAction) -> None:
     revoke = actions.add_parser("revoke", help="stop a key from working; its jobs stay, out of reach")
     revoke.add_argument("key_id", help="the key's id, as `nad keys list` shows it")
     actions.add_parser("list", help="every key: id, name, created, revoked")
+    parser.set_defaults(run=_on_the_database(_keys))
+
+
+def _on_the_database(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`command`, where a NAD_ setting or the database it cannot use is said in one line, not a traceback."""
 
     def run(args: argparse.Namespace) -> int:
         from pydantic import ValidationError
@@ -53,11 +60,68 @@ def _add_keys_command(commands: argparse._SubParsersAction) -> None:
         from core.engine.commands import fail
 
         try:
-            return _keys(args)
+            return command(args)
         except (ValidationError, SQLAlchemyError) as error:
             return fail(setup_refused(error))
 
-    parser.set_defaults(run=run)
+    return run
+
+
+def _add_tidy_command(commands: argparse._SubParsersAction) -> None:
+    """tidy: the job folders in NAD_STORAGE_DIR whose job NAD_DATABASE_URL no longer has."""
+    parser = commands.add_parser(
+        "tidy", help="list (and with --remove, remove) job folders whose job the database no longer has",
+        description="A job is removed from the database before its files (DELETE /jobs/{id}, a submission "
+                    "refused after it was recorded), so a process killed between the two leaves a folder "
+                    "that no job owns, as does a worker's run that outlived its deleted job. This lists "
+                    "them, with their sizes; --remove removes them. Run it with the API's NAD_DATABASE_URL "
+                    "and NAD_STORAGE_DIR: every folder is judged by that database.")
+    parser.add_argument("--remove", action="store_true", help="remove the folders listed")
+    parser.set_defaults(run=_on_the_database(_tidy))
+
+
+def _tidy(args: argparse.Namespace) -> int:
+    """List, or remove, the job folders without a job. Never against a database without the jobs table: it is
+    not the service's (a relative SQLite path read from another folder), and there every folder would be
+    ownerless. So the database is not migrated here, unlike in `nad keys`."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    from core import jobs
+    from core.database import Database
+    from core.engine.commands import fail
+    from core.settings import get_settings
+    from core.storage import Storage
+
+    settings = get_settings()
+    storage = Storage(settings.storage_dir)
+    url = make_url(settings.database_url).render_as_string(hide_password=True)
+    # Listed before the jobs are read: a job's folder is made only once its job is recorded, so a listed folder
+    # whose job is not found has lost it, and is never the folder of a job being submitted.
+    listed = storage.job_ids()
+    database = Database(settings.database_url)
+    try:
+        with database.session() as session:
+            if not inspect(session.connection()).has_table(jobs.Job.__tablename__):
+                return fail(f"{url} has no jobs table: it is not the service's database (NAD_DATABASE_URL "
+                            "must be the API's); nothing was removed")
+            ownerless = jobs.unrecorded(session, listed)
+    finally:
+        database.dispose()
+    sizes = {job_id: storage.size(job_id) for job_id in ownerless}
+    for job_id in ownerless:
+        if args.remove:
+            storage.remove(job_id)
+        print(f"{job_id}  {sizes[job_id]:>15,} bytes")
+    where = f"{len(listed)} job folders in {storage.root / 'jobs'} read against {url}"
+    total = f"{len(ownerless)} folders, {sum(sizes.values()):,} bytes"
+    if args.remove:
+        print(f"removed {total} whose job is gone ({where})")
+    elif ownerless:
+        print(f"{total} whose job is gone ({where}); `nad tidy --remove` removes them")
+    else:
+        print(f"every folder has its job ({where})")
+    return 0
 
 
 def _key_name(text: str) -> str:

@@ -322,6 +322,19 @@ def redispatch(session: Session, job_id: str, dispatch: int) -> bool:
     return result.rowcount == 1
 
 
+# Job ids per statement where a list of them is looked up: SQLite before 3.32 takes at most 999 parameters.
+IDS_PER_QUERY = 500
+
+
+def unrecorded(session: Session, job_ids: Sequence[str]) -> list[str]:
+    """Those of `job_ids` that no job of this database has: the folders of jobs deleted or withdrawn by a
+    process killed before it removed their files (`nad tidy`)."""
+    found: set[str] = set()
+    for start in range(0, len(job_ids), IDS_PER_QUERY):
+        found.update(session.scalars(select(Job.id).where(Job.id.in_(job_ids[start:start + IDS_PER_QUERY]))))
+    return [job_id for job_id in job_ids if job_id not in found]
+
+
 def withdraw(session: Session, job_id: str) -> None:
     """Remove a job whose id never reached the broker, as if it had not been submitted."""
     session.execute(delete(Job).where(Job.id == job_id))

@@ -180,6 +180,23 @@ class Storage:
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
+    def job_ids(self) -> list[str]:
+        """The ids of the job folders under jobs/, sorted; a name that is no job id is not a job's folder."""
+        try:
+            children = list((self.root / "jobs").iterdir())
+        except FileNotFoundError:
+            return []
+        return sorted(child.name for child in children if JOB_ID.fullmatch(child.name) and child.is_dir())
+
+    def size(self, job_id: str) -> int:
+        """Bytes in the job's folder (its files' sizes; a file removed meanwhile counts nothing)."""
+        total = 0
+        for path in self.job_dir(job_id).rglob("*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_file():
+                    total += path.stat().st_size
+        return total
+
     def sweep_incoming(self) -> int:
         """Remove the instance folders under incoming/ whose process is dead (their lock is free), with the
         uploads it was receiving when it died; how many. The lock is held while removing, so a process

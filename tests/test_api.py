@@ -97,16 +97,19 @@ def test_the_api_never_imports_torch(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
 
 
-def test_nad_keys_creates_a_working_key_without_importing_torch(
+def test_nad_keys_creates_a_working_key_and_nad_tidy_runs_without_importing_torch(
     api: TestClient, api_settings: Settings
 ) -> None:
-    create = "from core.cli import main; code = main(['keys', 'create', '--name', 'ci'])"
+    """Both run in the API's image, which has no torch."""
+    create = "from core.cli import main; code = main(['keys', 'create', '--name', 'ci']) or main(['tidy'])"
     code = f"{create}; {CHECK_IMPORTS} exit(code)"
-    env = {"NAD_DATABASE_URL": api_settings.database_url, "PATH": "/usr/bin:/bin"}
+    env = {"NAD_DATABASE_URL": api_settings.database_url, "NAD_STORAGE_DIR": str(api_settings.storage_dir),
+           "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
     )
-    key = done.stdout.strip().splitlines()[-1]
+    key = done.stdout.strip().splitlines()[-2]
+    assert f"job folders in {api_settings.storage_dir / 'jobs'} read against" in done.stdout.splitlines()[-1]
     assert api.get("/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     listed = subprocess.run(
         [sys.executable, "-m", "core.cli", "keys", "list"],

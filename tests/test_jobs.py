@@ -22,9 +22,11 @@ from service_fixtures import ROOT, StoodStill, refused, taken_back
 from sqlalchemy import event, text
 
 from core import jobs, keys
+from core.cli import main
 from core.database import MIGRATIONS, Base, Database, migrating
 from core.engine.events import Event
 from core.jobs import FileRecord, Status
+from core.settings import get_settings
 from core.storage import LOCK_FILE, Storage, TooLarge, output_name
 from worker.tasks import ProgressRecorder
 
@@ -576,3 +578,45 @@ def test_sweeping_removes_only_stale_incoming_uploads(tmp_path: Path) -> None:
     assert Storage(tmp_path).sweep_incoming() == 2
     assert list((tmp_path / "incoming").iterdir()) == [live.inbox()]
     assert (live.inbox() / LOCK_FILE).exists() and receiving.close().size == 1
+
+
+def test_nad_tidy_lists_then_removes_the_folders_whose_job_is_gone_and_no_other(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job is removed from the database before its files: an API killed between the two (a DELETE, a
+    submission withdrawn) left a folder no job owns. More folders than one query looks up, the recorded job's
+    in the last lookup."""
+    storage, who = Storage(tmp_path / "storage"), owner()
+    lost = [jobs.new_job_id() for _ in range(jobs.IDS_PER_QUERY)]  # older ids than the jobs': listed first
+    deleted, withdrawn, kept = new_job(database, who), new_job(database, who), new_job(database, who)
+    for job_id in [*lost, deleted, withdrawn, kept]:
+        storage.path(job_id, "inputs/model").parent.mkdir(parents=True)
+        storage.path(job_id, "inputs/model").write_bytes(b"123")
+    with database.session() as session:
+        jobs.request_cancel(session, session.get(jobs.Job, deleted))
+        jobs.delete_job(session, session.get(jobs.Job, deleted))
+        jobs.withdraw(session, withdrawn)
+    (storage.root / "jobs" / "not-a-job").mkdir()
+    monkeypatch.setenv("NAD_DATABASE_URL", database.engine.url.render_as_string(hide_password=False))
+    monkeypatch.setenv("NAD_STORAGE_DIR", str(storage.root))
+    get_settings.cache_clear()
+    try:
+        assert main(["tidy"]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert [line.split()[0] for line in listed[:-1]] == [*lost, deleted, withdrawn]
+        assert listed[0].endswith(" 3 bytes") and "502 folders, 1,506 bytes whose job is gone" in listed[-1]
+        assert storage.job_ids() == sorted([*lost, deleted, withdrawn, kept])  # listing removes nothing
+        assert main(["tidy", "--remove"]) == 0
+        assert capsys.readouterr().out.splitlines()[-1].startswith("removed 502 folders, 1,506 bytes")
+        assert storage.job_ids() == [kept] and storage.path(kept, "inputs/model").read_bytes() == b"123"
+        assert (storage.root / "jobs" / "not-a-job").is_dir()
+        assert main(["tidy"]) == 0 and capsys.readouterr().out.startswith("every folder has its job (1 job folders")
+        # A database that is not the service's (a relative SQLite path read from another folder) is refused,
+        # not migrated: in a new one every folder would be ownerless.
+        monkeypatch.setenv("NAD_DATABASE_URL", f"sqlite:///{tmp_path / 'other.db'}")
+        get_settings.cache_clear()
+        assert main(["tidy", "--remove"]) == 2 and storage.job_ids() == [kept]
+        assert f"sqlite:///{tmp_path / 'other.db'} has no jobs table: it is not the service's database" in (
+            capsys.readouterr().err)
+    finally:
+        get_settings.cache_clear()
