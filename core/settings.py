@@ -65,8 +65,9 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(
         default=60.0, gt=0, allow_inf_nan=False,
         description="seconds between two sweeps of a worker: a running job whose heartbeat two sweeps in a row find "
-                    "that old is queued again (its worker died), and, with Redis, a queued job whose broker message "
-                    "was lost (a Redis restarted without its data) is sent again once it has waited that long",
+                    "that old is queued again (its worker died), and a queued job whose broker message was lost (a "
+                    "Redis restarted without its data; with kombu's SQLAlchemy transport, a worker killed as it "
+                    "took it) is sent again once it has waited that long",
     )
     api_host: str = Field(default="127.0.0.1", description="address `python -m api` listens on")
     api_port: int = Field(default=8000, ge=1, le=65535, description="port `python -m api` listens on")
@@ -116,8 +117,8 @@ class Settings(BaseSettings):
 
     @property
     def broker_is_redis(self) -> bool:
-        """Redis takes Celery's transport options and its queue can be read by the sweeper; kombu's SQLAlchemy
-        transport (what `make up` falls back to) does neither."""
+        """Redis takes Celery's transport options; kombu's SQLAlchemy transport (what `make up` falls back to)
+        refuses them."""
         return self.broker_url.startswith(("redis://", "rediss://"))
 
 

@@ -4,6 +4,7 @@ and never run twice: on the real Redis and PostgreSQL, and end to end with a rea
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from core.database import Database, migrate_database
 from core.settings import Settings
 from core.storage import Storage
 from worker.broker import make_celery
-from worker.dispatch import Sweeper, broker_task_ids, sweep
+from worker.dispatch import Sweeper, broker_task_ids, send_job, sweep
 
 pytest_plugins = ["service_fixtures"]
 
@@ -186,9 +187,10 @@ def test_the_sweeper_keeps_a_round_s_silent_jobs_for_the_next_and_forgets_them_w
 def test_with_a_broker_other_than_redis_the_sweeper_still_takes_back_a_dead_workers_job(
     make_settings, tmp_path: Path, monkeypatch
 ) -> None:
-    """`make up` falls back to kombu's SQLAlchemy transport where no Redis is installed. Lost messages are found
-    in Redis's lists only, but the sweeper was off altogether there, and a job whose worker process died stayed
-    running for ever: the message given back at once finds it started, and runs nothing."""
+    """`make up` falls back to kombu's SQLAlchemy transport where no Redis is installed. The sweeper was off
+    altogether there, and a job whose worker process died stayed running for ever: the message given back at
+    once finds it started, and runs nothing. A queued job whose message is not in the transport's table is sent
+    again too."""
     settings = make_settings(broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}")
     db, app = Database(settings.database_url), make_celery(settings)
     migrate_database(settings.database_url)
@@ -209,7 +211,40 @@ def test_with_a_broker_other_than_redis_the_sweeper_still_takes_back_a_dead_work
     sweeper.run(app)
     db.dispose()
     assert sweeper.timer_ref == "a timer"
-    assert (dispatch_of(settings, running), dispatch_of(settings, queued)) == (1, 0)
+    assert (dispatch_of(settings, running), dispatch_of(settings, queued)) == (1, 1)
+    assert broker_task_ids(app, settings.queue) == {f"{running}-1", f"{queued}-1"}
+
+
+def test_with_kombus_sqlalchemy_transport_the_sweeper_sends_again_only_jobs_whose_message_is_gone(
+    make_settings, tmp_path: Path
+) -> None:
+    """`make up`'s fallback broker keeps a message a worker has taken in that worker's memory only: a worker
+    killed between taking a job's message and starting the job lost it, and the job stayed queued for ever, as
+    did one whose sending failed after it was queued again."""
+    broker = tmp_path / "broker.sqlite"
+    settings = make_settings(broker_url=f"sqla+sqlite:///{broker}")
+    app, db, storage = make_celery(settings), Database(settings.database_url), Storage(settings.storage_dir)
+    migrate_database(settings.database_url)
+
+    def sent(grace: float) -> list[str]:
+        return sorted(sweep(app, db, storage, settings.queue, grace, max_attempts=3).sent)
+
+    kept, taken, unsent = sorted(jobs.new_job_id() for _ in range(3))
+    with db.session() as session:
+        for job_id in (kept, taken, unsent):
+            jobs.create_job(session, job_id, "someone", settings.queue, {}, [])
+    for job_id in (kept, taken):
+        send_job(app, job_id, 0)
+    assert broker_task_ids(app, settings.queue) == {f"{kept}-0", f"{taken}-0"}
+    with sqlite3.connect(broker) as connection:  # what the transport does as a worker takes a message
+        connection.execute("UPDATE kombu_message SET visible = 0 WHERE payload LIKE ?", (f"%{taken}-0%",))
+    connection.close()
+    assert broker_task_ids(app, settings.queue) == {f"{kept}-0"}
+    assert sent(grace=3600) == []  # not waiting long enough yet
+    assert sent(grace=0) == [taken, unsent]
+    assert sent(grace=0) == []  # sent once
+    assert broker_task_ids(app, settings.queue) == {f"{kept}-0", f"{taken}-1", f"{unsent}-1"}
+    db.dispose()
 
 
 def test_a_job_lost_by_the_broker_runs_once_after_the_sweep(

@@ -4,8 +4,10 @@ A job's message carries its id and which sending it is (`dispatch`), nothing els
 jobs are queued; Redis only carries messages, and a Redis restarted without its data (or flushed) forgets
 them. A sweeper in every worker compares the two now and then: a job queued for a while whose message is in
 neither the queue nor the workers' unacknowledged set is sent again, with `dispatch` counted up first by a
-conditional UPDATE. So however many sweepers race, one new message is sent, and the old one, should it turn
-up after all, is dropped by the worker (`core.jobs.start_attempt`): a job never runs twice at once.
+conditional UPDATE. With kombu's SQLAlchemy transport (`make up`'s fallback) it reads the messages waiting in
+its table: one taken by a worker killed before it started the job is lost there. However many sweepers race,
+one new message is sent, and the old one, should it turn up after all, is dropped by the worker
+(`core.jobs.start_attempt`): a job never runs twice at once.
 
 A running job's process writes a heartbeat to its row (`worker.tasks`). When a whole worker dies (the
 machine is lost, or a `kill -9` takes the worker and its pool at once), nothing gives its message back before
@@ -21,10 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from celery import Celery, bootsteps
+from sqlalchemy import select
 
 from core import jobs
 from core.database import Database
@@ -45,20 +50,49 @@ def send_job(app: Celery, job_id: str, dispatch: int) -> None:
                   retry_policy=SEND_RETRY)
 
 
-def broker_task_ids(app: Celery, queue: str) -> set[str]:
-    """Ids of the messages Redis holds for `queue`, waiting or taken by a worker and not yet acknowledged,
-    read in one transaction so that no message is seen moving from one to the other."""
+def broker_task_ids(app: Celery, queue: str) -> set[str] | None:
+    """Ids of the messages the broker holds for `queue`; None where its queue cannot be read (a transport other
+    than Redis and kombu's SQLAlchemy, which `make up` falls back to)."""
+    read = _message_reader(app)
+    if read is None:
+        return None
     with app.connection_for_write() as connection:
-        channel = connection.default_channel
-        keys = [queue] + [f"{queue}{channel.sep}{step}" for step in channel.priority_steps if step]
-        with channel.client.pipeline(transaction=True) as pipe:
-            for key in keys:
-                pipe.lrange(key, 0, -1)
-            pipe.hvals(channel.unacked_key)
-            *waiting, unacked = pipe.execute()
-    messages = [json.loads(raw) for batch in waiting for raw in batch]
-    messages += [json.loads(raw)[0] for raw in unacked]  # [message, exchange, routing key]
+        messages = read(connection.default_channel, queue)
     return {message.get("headers", {}).get("id") for message in messages}
+
+
+def _message_reader(app: Celery) -> Callable[[Any, str], list[dict]] | None:
+    """The function that reads the app's broker's messages for a queue, by its transport (connecting to
+    nothing); None for a transport whose messages it cannot read."""
+    with app.connection_for_write() as connection:
+        return {"redis": _redis_messages, "sql": _sql_messages}.get(connection.transport.driver_type)
+
+
+def _redis_messages(channel: Any, queue: str) -> list[dict]:
+    """Redis's messages for `queue`, waiting or taken by a worker and not yet acknowledged, read in one
+    transaction so that no message is seen moving from one to the other."""
+    keys = [queue] + [f"{queue}{channel.sep}{step}" for step in channel.priority_steps if step]
+    with channel.client.pipeline(transaction=True) as pipe:
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(channel.unacked_key)
+        *waiting, unacked = pipe.execute()
+    return [json.loads(raw) for batch in waiting for raw in batch] + [json.loads(raw)[0] for raw in unacked]
+
+
+def _sql_messages(channel: Any, queue: str) -> list[dict]:
+    """The messages waiting for `queue` in kombu's SQLAlchemy transport. One a worker has taken is kept in that
+    worker's memory only, and is lost if the worker is killed: a job whose message was taken and that has not
+    started a sweep interval later is sent again, and should the taken message start after all, it finds its
+    dispatch replaced and runs nothing."""
+    message, named = channel.message_cls, channel.queue_cls
+    session = channel.session
+    try:
+        payloads = session.scalars(select(message.payload).join(named, message.queue_id == named.id)
+                                   .where(named.name == queue, message.visible.is_not(False)))
+        return [json.loads(payload) for payload in payloads]
+    finally:
+        session.rollback()
 
 
 @dataclass(frozen=True)
@@ -71,10 +105,10 @@ class Round:
 
 
 def sweep(app: Celery, db: Database, storage: Storage, queue: str, grace: float, max_attempts: int,
-          silent_before: frozenset[tuple[str, int]] = frozenset(), lost_messages: bool = True) -> Round:
+          silent_before: frozenset[tuple[str, int]] = frozenset()) -> Round:
     """One round over the jobs of `queue` (several queues may share a database; each has its workers): the
-    jobs of dead workers (each queued again, or ended past `max_attempts`), then, where `lost_messages` (the
-    broker is Redis, whose lists it reads), the jobs whose message is lost, each sent again.
+    jobs of dead workers (each queued again, or ended past `max_attempts`), then, where the broker's queue can
+    be read (`broker_task_ids`), the jobs whose message is lost, each sent again.
 
     A running job is requeued only when the previous round (`silent_before`, one interval ago, with the
     database answering both times) found it silent too. After an outage of the database every heartbeat is
@@ -83,7 +117,7 @@ def sweep(app: Celery, db: Database, storage: Storage, queue: str, grace: float,
     with db.session() as session:
         since = jobs.clock(session) - timedelta(seconds=grace)
     requeued, silent = _requeue_silent(app, db, storage, queue, since, max_attempts, silent_before)
-    resent = _resend_lost(app, db, queue, since) if lost_messages else []
+    resent = _resend_lost(app, db, queue, since)
     return Round(requeued + resent, silent)
 
 
@@ -116,6 +150,8 @@ def _resend_lost(app: Celery, db: Database, queue: str, since: datetime) -> list
     if not candidates:
         return []
     held = broker_task_ids(app, queue)
+    if held is None:
+        return []
     resent = []
     for job_id, dispatch in candidates:
         if jobs.task_id(job_id, dispatch) in held:
@@ -144,9 +180,9 @@ class Sweeper(bootsteps.StartStopStep):
 
     def start(self, worker) -> None:
         settings = get_settings()
-        if not settings.broker_is_redis:
-            log.info("sweeper: it takes back the jobs of dead workers; lost messages it finds in Redis only, and "
-                     "the broker is %s", settings.broker_url.split(":")[0])
+        if _message_reader(worker.app) is None:
+            log.info("sweeper: it takes back the jobs of dead workers; lost messages it finds in Redis and in "
+                     "kombu's SQLAlchemy transport only, and the broker is %s", settings.broker_url.split(":")[0])
         self.timer_ref = worker.timer.call_repeatedly(settings.sweep_interval, self.run, (worker.app,),
                                                       priority=10)
 
@@ -160,7 +196,7 @@ class Sweeper(bootsteps.StartStopStep):
         db = Database(settings.database_url)
         try:
             self.silent = sweep(app, db, Storage(settings.storage_dir), settings.queue, settings.sweep_interval,
-                                settings.max_attempts, self.silent, lost_messages=settings.broker_is_redis).silent
+                                settings.max_attempts, self.silent).silent
         except Exception:
             self.silent = frozenset()
             log.exception("sweeper: this round failed; the next one tries again")
