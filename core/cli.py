@@ -81,10 +81,13 @@ def _add_tidy_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _tidy(args: argparse.Namespace) -> int:
-    """List, or remove, the job folders without a job. Never against a database without the jobs table: it is
-    not the service's (a relative SQLite path read from another folder), and there every folder would be
-    ownerless. So the database is not migrated here, unlike in `nad keys`."""
-    from sqlalchemy import inspect
+    """List, or remove, the job folders without a job. Never against a database that cannot be the API's, where
+    every folder would be ownerless: a SQLite file that is not there (a relative path read from another folder)
+    is not made, one without the jobs table is not migrated, unlike in `nad keys`, and one without any job is
+    not believed while folders exist."""
+    from pathlib import Path
+
+    from sqlalchemy import func, inspect, select
     from sqlalchemy.engine import make_url
 
     from core import jobs
@@ -94,8 +97,11 @@ def _tidy(args: argparse.Namespace) -> int:
     from core.storage import Storage
 
     settings = get_settings()
-    storage = Storage(settings.storage_dir)
-    url = make_url(settings.database_url).render_as_string(hide_password=True)
+    storage, parsed = Storage(settings.storage_dir), make_url(settings.database_url)
+    url = parsed.render_as_string(hide_password=True)
+    wrong = f"{url} is not the service's database (NAD_DATABASE_URL must be the API's); nothing was removed"
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or ":memory:").is_file():
+        return fail(f"there is no SQLite file at {parsed.database!r}: {wrong}")
     # Listed before the jobs are read: a job's folder is made only once its job is recorded, so a listed folder
     # whose job is not found has lost it, and is never the folder of a job being submitted.
     listed = storage.job_ids()
@@ -103,18 +109,26 @@ def _tidy(args: argparse.Namespace) -> int:
     try:
         with database.session() as session:
             if not inspect(session.connection()).has_table(jobs.Job.__tablename__):
-                return fail(f"{url} has no jobs table: it is not the service's database (NAD_DATABASE_URL "
-                            "must be the API's); nothing was removed")
+                return fail(f"it has no jobs table: {wrong}")
+            if listed and not session.scalar(select(func.count()).select_from(jobs.Job)):
+                return fail(f"it has no job at all, and {len(listed)} job folders are in {storage.root / 'jobs'}: "
+                            f"{wrong}")
             ownerless = jobs.unrecorded(session, listed)
     finally:
         database.dispose()
     sizes = {job_id: storage.size(job_id) for job_id in ownerless}
+    left = []
     for job_id in ownerless:
+        print(f"{job_id}  {sizes[job_id]:>15,} bytes")
         if args.remove:
             storage.remove(job_id)
-        print(f"{job_id}  {sizes[job_id]:>15,} bytes")
+            if storage.job_dir(job_id).exists():
+                left.append(job_id)
     where = f"{len(listed)} job folders in {storage.root / 'jobs'} read against {url}"
     total = f"{len(ownerless)} folders, {sum(sizes.values()):,} bytes"
+    if left:
+        return fail(f"{len(left)} of the {len(ownerless)} folders whose job is gone could not be removed "
+                    f"({left[0]} first): check their owner and permissions ({where})")
     if args.remove:
         print(f"removed {total} whose job is gone ({where})")
     elif ownerless:

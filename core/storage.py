@@ -189,12 +189,13 @@ class Storage:
         return sorted(child.name for child in children if JOB_ID.fullmatch(child.name) and child.is_dir())
 
     def size(self, job_id: str) -> int:
-        """Bytes in the job's folder (its files' sizes; a file removed meanwhile counts nothing)."""
+        """Bytes in the job's folder: its files' sizes. A folder or file removed while it is counted (the API
+        deleting the job meanwhile) counts nothing: os.walk skips a folder it cannot list."""
         total = 0
-        for path in self.job_dir(job_id).rglob("*"):
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_file():
-                    total += path.stat().st_size
+        for folder, _, files in os.walk(self.job_dir(job_id)):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(folder, name)).st_size
         return total
 
     def sweep_incoming(self) -> int:

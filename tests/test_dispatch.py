@@ -235,6 +235,7 @@ def test_with_kombus_sqlalchemy_transport_the_sweeper_sends_again_only_jobs_whos
             jobs.create_job(session, job_id, "someone", settings.queue, {}, [])
     for job_id in (kept, taken):
         send_job(app, job_id, 0)
+    send_job(make_celery(make_settings(broker_url=settings.broker_url)), unsent, 0)  # another queue's
     assert broker_task_ids(app, settings.queue) == {f"{kept}-0", f"{taken}-0"}
     with sqlite3.connect(broker) as connection:  # what the transport does as a worker takes a message
         connection.execute("UPDATE kombu_message SET visible = 0 WHERE payload LIKE ?", (f"%{taken}-0%",))

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, timedelta
 from pathlib import Path
 
@@ -580,43 +581,95 @@ def test_sweeping_removes_only_stale_incoming_uploads(tmp_path: Path) -> None:
     assert (live.inbox() / LOCK_FILE).exists() and receiving.close().size == 1
 
 
+@pytest.fixture
+def tidy(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., tuple]]:
+    """`nad tidy ARGS` against the database at `url` and the storage `root`: its exit code, stdout and stderr."""
+
+    def run(url: str, root: Path, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("NAD_DATABASE_URL", url)
+        monkeypatch.setenv("NAD_STORAGE_DIR", str(root))
+        get_settings.cache_clear()
+        code = main(["tidy", *args])
+        return code, *capsys.readouterr()
+
+    yield run
+    get_settings.cache_clear()
+
+
 def test_nad_tidy_lists_then_removes_the_folders_whose_job_is_gone_and_no_other(
-    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tidy
 ) -> None:
     """A job is removed from the database before its files: an API killed between the two (a DELETE, a
     submission withdrawn) left a folder no job owns. More folders than one query looks up, the recorded job's
-    in the last lookup."""
-    storage, who = Storage(tmp_path / "storage"), owner()
-    lost = [jobs.new_job_id() for _ in range(jobs.IDS_PER_QUERY)]  # older ids than the jobs': listed first
-    deleted, withdrawn, kept = new_job(database, who), new_job(database, who), new_job(database, who)
-    for job_id in [*lost, deleted, withdrawn, kept]:
+    in the last lookup; a job submitted while tidy runs is left alone."""
+    storage, who, url = Storage(tmp_path / "storage"), owner(), database.engine.url.render_as_string(False)
+
+    def stored(job_id: str) -> str:
         storage.path(job_id, "inputs/model").parent.mkdir(parents=True)
         storage.path(job_id, "inputs/model").write_bytes(b"123")
+        return job_id
+
+    lost = [stored(jobs.new_job_id()) for _ in range(jobs.IDS_PER_QUERY)]  # older ids than the jobs': first
+    deleted, withdrawn, kept = (stored(new_job(database, who)) for _ in range(3))
     with database.session() as session:
         jobs.request_cancel(session, session.get(jobs.Job, deleted))
         jobs.delete_job(session, session.get(jobs.Job, deleted))
         jobs.withdraw(session, withdrawn)
     (storage.root / "jobs" / "not-a-job").mkdir()
-    monkeypatch.setenv("NAD_DATABASE_URL", database.engine.url.render_as_string(hide_password=False))
-    monkeypatch.setenv("NAD_STORAGE_DIR", str(storage.root))
-    get_settings.cache_clear()
-    try:
-        assert main(["tidy"]) == 0
-        listed = capsys.readouterr().out.splitlines()
-        assert [line.split()[0] for line in listed[:-1]] == [*lost, deleted, withdrawn]
-        assert listed[0].endswith(" 3 bytes") and "502 folders, 1,506 bytes whose job is gone" in listed[-1]
-        assert storage.job_ids() == sorted([*lost, deleted, withdrawn, kept])  # listing removes nothing
-        assert main(["tidy", "--remove"]) == 0
-        assert capsys.readouterr().out.splitlines()[-1].startswith("removed 502 folders, 1,506 bytes")
-        assert storage.job_ids() == [kept] and storage.path(kept, "inputs/model").read_bytes() == b"123"
-        assert (storage.root / "jobs" / "not-a-job").is_dir()
-        assert main(["tidy"]) == 0 and capsys.readouterr().out.startswith("every folder has its job (1 job folders")
-        # A database that is not the service's (a relative SQLite path read from another folder) is refused,
-        # not migrated: in a new one every folder would be ownerless.
-        monkeypatch.setenv("NAD_DATABASE_URL", f"sqlite:///{tmp_path / 'other.db'}")
-        get_settings.cache_clear()
-        assert main(["tidy", "--remove"]) == 2 and storage.job_ids() == [kept]
-        assert f"sqlite:///{tmp_path / 'other.db'} has no jobs table: it is not the service's database" in (
-            capsys.readouterr().err)
-    finally:
-        get_settings.cache_clear()
+    code, out, _ = tidy(url, storage.root)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[:-1]] == [*lost, deleted, withdrawn]
+    assert out.startswith(f"{lost[0]}  ") and out.splitlines()[0].endswith(" 3 bytes")
+    assert "502 folders, 1,506 bytes whose job is gone (503 job folders in" in out
+    assert storage.job_ids() == sorted([*lost, deleted, withdrawn, kept])  # listing removes nothing
+
+    submitted = []
+    job_ids = Storage.job_ids
+
+    def a_submission_lands_as_it_lists(self: Storage) -> list[str]:  # recorded, then moved in (`api.jobs`)
+        listed = job_ids(self)
+        submitted.append(stored(new_job(database, who)))
+        return listed
+
+    monkeypatch.setattr(Storage, "job_ids", a_submission_lands_as_it_lists)
+    code, out, _ = tidy(url, storage.root, "--remove")
+    assert code == 0 and out.splitlines()[-1].startswith("removed 502 folders, 1,506 bytes")
+    monkeypatch.undo()
+    assert storage.job_ids() == sorted([kept, *submitted]) and (storage.root / "jobs" / "not-a-job").is_dir()
+    assert storage.path(kept, "inputs/model").read_bytes() == b"123"
+    code, out, _ = tidy(url, storage.root)
+    assert code == 0 and out.startswith("every folder has its job (2 job folders")
+
+
+def test_nad_tidy_refuses_a_database_that_cannot_be_the_apis(database: Database, tmp_path: Path, tidy) -> None:
+    """Every folder would be ownerless there: a relative SQLite path read from another folder names a file that
+    is not there (not made), one `nad keys` made holds no job (not believed while folders exist), and a
+    database without the jobs table is not migrated."""
+    storage = Storage(tmp_path / "storage")
+    storage.path(jobs.new_job_id(), "inputs/model").parent.mkdir(parents=True)
+    missing = tmp_path / "elsewhere" / "nad.db"
+    code, _, err = tidy(f"sqlite:///{missing}", storage.root, "--remove")
+    assert code == 2 and f"there is no SQLite file at '{missing}'" in err and not missing.parent.exists()
+    empty = Database(f"sqlite:///{tmp_path / 'keys.db'}")
+    empty.migrate()
+    empty.dispose()
+    code, _, err = tidy(f"sqlite:///{tmp_path / 'keys.db'}", storage.root, "--remove")
+    assert code == 2 and "it has no job at all, and 1 job folders are in" in err
+    sqlite3.connect(tmp_path / "bare.db").close()
+    code, _, err = tidy(f"sqlite:///{tmp_path / 'bare.db'}", storage.root, "--remove")
+    assert code == 2 and "it has no jobs table: " in err and "is not the service's database" in err
+    assert len(storage.job_ids()) == 1
+    code, out, _ = tidy(database.engine.url.render_as_string(False), tmp_path / "no storage yet")
+    assert code == 0 and out.startswith("every folder has its job (0 job folders")
+
+
+def test_nad_tidy_says_which_folders_it_could_not_remove(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tidy
+) -> None:
+    storage = Storage(tmp_path / "storage")
+    stuck = jobs.new_job_id()
+    storage.path(stuck, "inputs/model").parent.mkdir(parents=True)
+    new_job(database, owner())  # the database holds jobs
+    monkeypatch.setattr(Storage, "remove", lambda self, job_id: None)  # as rmtree does where it may not
+    code, out, err = tidy(database.engine.url.render_as_string(False), storage.root, "--remove")
+    assert code == 2 and out.startswith(stuck) and "removed" not in out
+    assert f"1 of the 1 folders whose job is gone could not be removed ({stuck} first)" in err

@@ -82,9 +82,10 @@ def _redis_messages(channel: Any, queue: str) -> list[dict]:
 
 def _sql_messages(channel: Any, queue: str) -> list[dict]:
     """The messages waiting for `queue` in kombu's SQLAlchemy transport. One a worker has taken is kept in that
-    worker's memory only, and is lost if the worker is killed: a job whose message was taken and that has not
-    started a sweep interval later is sent again, and should the taken message start after all, it finds its
-    dispatch replaced and runs nothing."""
+    worker's memory only, and is lost if the worker is killed. So a job queued for a sweep interval whose
+    message was taken and that has not started is sent again: its worker was killed, or (rarely) its start
+    waits out a database outage; should the taken message start after all, it finds its dispatch replaced and
+    runs nothing, and the job runs from the new message, at the back of the queue."""
     message, named = channel.message_cls, channel.queue_cls
     session = channel.session
     try:
