@@ -168,14 +168,18 @@ class Storage:
         """Remove the output folders of the job's sendings up to `through`, but the one of `keep` (the output
         the job recorded, relative to its folder): what runs that failed, were cancelled or were killed wrote,
         a temporary file of safetensors' included. A later sending's folder is left alone: its run may be
-        writing in it."""
+        writing in it. The output folder goes too once empty; a run that makes its own folder in it at that
+        moment makes the output folder again (`Path.mkdir(parents=True)` tries once more)."""
+        outputs = self.job_dir(job_id) / "output"
         try:
-            children = list((self.job_dir(job_id) / "output").iterdir())
+            children = list(outputs.iterdir())
         except FileNotFoundError:  # nothing written, or the job, finished, was deleted meanwhile
             return
         for child in children:
             if child.name.isdigit() and int(child.name) <= through and output_name(int(child.name)) != keep:
                 shutil.rmtree(child, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty: the recorded output, or a later sending's
+            outputs.rmdir()
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

@@ -539,6 +539,8 @@ def test_a_runs_end_removes_earlier_outputs_but_the_recorded_one_and_never_a_lat
         storage.output_path(job_id, dispatch).with_name(".tmpX7q2").write_bytes(b"half")
     storage.remove_outputs(job_id, through=3, keep=output_name(1))
     assert sorted(path.name for path in (storage.job_dir(job_id) / "output").iterdir()) == ["1", "4"]
+    storage.remove_outputs(job_id, through=4, keep=None)  # ended with no output recorded: no empty folder left
+    assert list(storage.job_dir(job_id).iterdir()) == []
 
 
 def test_every_file_the_api_takes_reaches_the_engine_by_its_role(tmp_path: Path) -> None:
