@@ -1,5 +1,5 @@
-"""The whole NAD job in both engine modes, in one process, on the same data: time per stage, images per second,
-peak memory and the resulting ACC/ASR.
+"""The whole NAD job in both engine modes, each in a fresh process, on the same data: time per stage, images per
+second, peak memory and the resulting ACC/ASR.
 
     .venv/bin/python bench/engine.py --out bench/results/engine-cpu.json
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import sys
 import tempfile
@@ -81,6 +82,14 @@ def run_mode(mode: str, files: JobFiles, params: SanitizeParams) -> dict:
     }
 
 
+def run_alone(mode: str, files: JobFiles, params: SanitizeParams) -> dict:
+    """`run_mode` in a fresh interpreter, so that no mode starts warm from another's run and each peak is its
+    own. In one process `reference` took 214.5 s run first and 186.0 s run second (2026-12-06,
+    `docs/benchmarks.md`); alone, 188.8 and 191.6 s."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_mode, (mode, files, params))
+
+
 def table(results: list[dict]) -> str:
     head = f"{'mode':10}{'wall s':>8}{'load':>7}{'teacher':>9}{'distill':>9}{'eval':>7}{'train img/s':>13}" \
            f"{'eval img/s':>12}{'RSS MiB':>9}{'ACC*':>7}{'ASR':>7}"
@@ -110,7 +119,7 @@ def main() -> int:
         # default's sharpness-aware steps cost about 1.6 times the student's time: docs/benchmarks.md).
         params = SanitizeParams(arch=args.arch, num_classes=10, method="nad", trigger=NAD_GRID, target_label=5,
                                 nad_sam_rho=0, nad_refit_bias=False)
-        results = [run_mode(mode, files, params) for mode in args.modes.split(",")]
+        results = [run_alone(mode, files, params) for mode in args.modes.split(",")]
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
