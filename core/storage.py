@@ -185,12 +185,14 @@ class Storage:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def job_ids(self) -> list[str]:
-        """The ids of the job folders under jobs/, sorted; a name that is no job id is not a job's folder."""
+        """The ids of the job folders under jobs/, sorted. A name that is no job id is not a job's folder, nor is
+        a link (this module makes none), which `nad tidy` would otherwise size, and try to remove, through."""
         try:
             children = list((self.root / "jobs").iterdir())
         except FileNotFoundError:
             return []
-        return sorted(child.name for child in children if JOB_ID.fullmatch(child.name) and child.is_dir())
+        return sorted(child.name for child in children
+                      if JOB_ID.fullmatch(child.name) and not child.is_symlink() and child.is_dir())
 
     def size(self, job_id: str) -> int:
         """Bytes in the job's folder: its files' sizes. A folder or file removed while it is counted (the API

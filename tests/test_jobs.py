@@ -618,6 +618,9 @@ def test_nad_tidy_lists_then_removes_the_folders_whose_job_is_gone_and_no_other(
         jobs.delete_job(session, session.get(jobs.Job, deleted))
         jobs.withdraw(session, withdrawn)
     (storage.root / "jobs" / "not-a-job").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "inputs").mkdir(parents=True)
+    (storage.root / "jobs" / jobs.new_job_id()).symlink_to(elsewhere)  # named as a job, made by no job
     code, out, _ = tidy(url, storage.root)
     assert code == 0 and [line.split()[0] for line in out.splitlines()[:-1]] == [*lost, deleted, withdrawn]
     assert out.startswith(f"{lost[0]}  ") and out.splitlines()[0].endswith(" 3 bytes")
@@ -637,7 +640,7 @@ def test_nad_tidy_lists_then_removes_the_folders_whose_job_is_gone_and_no_other(
     assert code == 0 and out.splitlines()[-1].startswith("removed 502 folders, 1,506 bytes")
     monkeypatch.undo()
     assert storage.job_ids() == sorted([kept, *submitted]) and (storage.root / "jobs" / "not-a-job").is_dir()
-    assert storage.path(kept, "inputs/model").read_bytes() == b"123"
+    assert storage.path(kept, "inputs/model").read_bytes() == b"123" and (elsewhere / "inputs").is_dir()
     code, out, _ = tidy(url, storage.root)
     assert code == 0 and out.startswith("every folder has its job (2 job folders")
 
