@@ -115,12 +115,6 @@ class Settings(BaseSettings):
         delivered twice."""
         return self.job_time_limit + 600
 
-    @property
-    def broker_is_redis(self) -> bool:
-        """Redis takes Celery's transport options; kombu's SQLAlchemy transport (what `make up` falls back to)
-        refuses them."""
-        return self.broker_url.startswith(("redis://", "rediss://"))
-
 
 class ClientSettings(BaseSettings):
     """Defaults of `nad submit`, so a user sets the service's address and their key once."""

@@ -24,7 +24,7 @@ from core import jobs
 from core.database import Database, migrate_database
 from core.settings import Settings
 from core.storage import Storage
-from worker.broker import make_celery
+from worker.broker import BROKER_TIMEOUT, make_celery
 from worker.dispatch import Sweeper, broker_task_ids, send_job, sweep
 
 pytest_plugins = ["service_fixtures"]
@@ -213,6 +213,20 @@ def test_with_a_broker_other_than_redis_the_sweeper_still_takes_back_a_dead_work
     assert sweeper.timer_ref == "a timer"
     assert (dispatch_of(settings, running), dispatch_of(settings, queued)) == (1, 1)
     assert broker_task_ids(app, settings.queue) == {f"{running}-1", f"{queued}-1"}
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://redis.example:6380/0",
+                                 "redis+socket:///run/redis.sock", "sqla+sqlite:///var/broker.sqlite"])
+def test_every_url_that_reaches_redis_gets_its_redelivery_clock_and_timeouts(url: str, tmp_path: Path) -> None:
+    """A prefix check took redis:// and rediss:// for Redis, and left a redis+socket:// broker with Redis's
+    one-hour redelivery clock, under the six hours a job may run. kombu's own name for the transport decides,
+    for these options and for the sweeper's look for lost messages alike; connecting to nothing."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'nad.db'}", broker_url=url)
+    app, redis_ = make_celery(settings), url.startswith("redis")
+    assert worker.dispatch.broker_transport(app) == ("redis" if redis_ else "sql")
+    options = app.conf.broker_transport_options
+    assert options.get("visibility_timeout") == (settings.visibility_timeout if redis_ else None)
+    assert options.get("socket_timeout") == (BROKER_TIMEOUT if redis_ else None)
 
 
 def test_with_kombus_sqlalchemy_transport_the_sweeper_sends_again_only_jobs_whose_message_is_gone(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from celery import Celery
 
 from core.settings import Settings
-from worker.dispatch import Sweeper
+from worker.dispatch import Sweeper, broker_transport
 
 # Seconds any one exchange with the broker may take before it counts as down. Redis answers in milliseconds;
 # without a bound, a Redis that accepts connections but never answers (stopped, on a stalled host) would hold
@@ -38,7 +38,7 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
     )
-    if settings.broker_is_redis:
+    if broker_transport(app) == "redis":
         # Redis's redelivery clock and socket timeouts; other transports take no such options (SQLAlchemy's
         # refuses them).
         app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout,

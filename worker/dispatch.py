@@ -61,11 +61,17 @@ def broker_task_ids(app: Celery, queue: str) -> set[str] | None:
     return {message.get("headers", {}).get("id") for message in messages}
 
 
-def _message_reader(app: Celery) -> Callable[[Any, str], list[dict]] | None:
-    """The function that reads the app's broker's messages for a queue, by its transport (connecting to
-    nothing); None for a transport whose messages it cannot read."""
+def broker_transport(app: Celery) -> str:
+    """kombu's name for the transport of the app's broker, read without connecting: "redis" for every URL that
+    reaches Redis (redis://, rediss://, redis+socket://, sentinel://), "sql" for kombu's SQLAlchemy transport."""
     with app.connection_for_write() as connection:
-        return {"redis": _redis_messages, "sql": _sql_messages}.get(connection.transport.driver_type)
+        return connection.transport.driver_type
+
+
+def _message_reader(app: Celery) -> Callable[[Any, str], list[dict]] | None:
+    """The function that reads the app's broker's messages for a queue, by its transport; None for a transport
+    whose messages it cannot read."""
+    return {"redis": _redis_messages, "sql": _sql_messages}.get(broker_transport(app))
 
 
 def _redis_messages(channel: Any, queue: str) -> list[dict]:
