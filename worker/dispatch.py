@@ -63,7 +63,7 @@ def broker_task_ids(app: Celery, queue: str) -> set[str] | None:
 
 def broker_transport(app: Celery) -> str:
     """kombu's name for the transport of the app's broker, read without connecting: "redis" for every URL that
-    reaches Redis (redis://, rediss://, redis+socket://, sentinel://), "sql" for kombu's SQLAlchemy transport."""
+    reaches Redis (redis://, rediss://, redis+socket://), "sql" for kombu's SQLAlchemy transport."""
     with app.connection_for_write() as connection:
         return connection.transport.driver_type
 
