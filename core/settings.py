@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
@@ -108,12 +108,36 @@ class Settings(BaseSettings):
             raise ValueError(f"its database driver is not installed ({' '.join(str(error).split())})") from None
         return url
 
+    @field_validator("broker_url")
+    @classmethod
+    def _a_broker_of_its_own(cls, url: str, info: ValidationInfo) -> str:
+        """kombu's SQLAlchemy transport may not live in the job database's SQLite file: the sweeper sends a
+        message before the claim that names it commits (`worker.dispatch`), and that send would wait on the
+        claim's own lock, so no job the sweeper took back would ever be sent."""
+        database = info.data.get("database_url")  # absent when it was refused itself
+        broker_file = _sqlite_file(url.removeprefix("sqla+")) if url.startswith("sqla+") else None
+        if broker_file is not None and database and broker_file == _sqlite_file(database):
+            raise ValueError("kombu's SQLAlchemy transport cannot share the job database's SQLite file "
+                             "(NAD_DATABASE_URL); give it a file of its own, e.g. sqla+sqlite:///var/broker.sqlite")
+        return url
+
     @property
     def visibility_timeout(self) -> int:
         """Seconds Redis waits before handing an unacknowledged job to another worker. It must exceed the
         longest a job can take (the hard limit is a minute past `job_time_limit`), or a running job would be
         delivered twice."""
         return self.job_time_limit + 600
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names, resolved; None for any other URL, and for SQLite in memory."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).resolve()
 
 
 class ClientSettings(BaseSettings):

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import kombu.exceptions
 import pytest
 import redis
 from celery import Celery
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from service_fixtures import new_key, refused, start_worker, wait_for
 from sqlalchemy import update
 from test_service_e2e import SHORT, submit, training
@@ -86,6 +89,11 @@ def test_the_sweeper_sends_again_only_jobs_whose_message_is_gone(
         assert (dispatch_of(settings, kept), dispatch_of(settings, lost), dispatch_of(settings, elsewhere)) == (0, 1, 0)
         assert client.get(f"/jobs/{lost}", headers=headers).json()["status"] == "queued"
     db.dispose()
+
+
+def broker_refused(*args: object, **kwargs: object) -> None:
+    """A send to a broker that went down: what kombu raises once its retries are spent."""
+    raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
 
 def silence(db: Database, job_id: str) -> None:
@@ -182,6 +190,80 @@ def test_the_sweeper_keeps_a_round_s_silent_jobs_for_the_next_and_forgets_them_w
     sweeper.run(app)
     db.dispose()
     assert sweeper.silent == {(job_id, 0)} and dispatch_of(settings, job_id) == 0
+
+
+@pytest.mark.parametrize("lost", ["worker", "message"])
+def test_a_sending_the_broker_refuses_leaves_the_job_as_it_was_for_the_next_round(
+    make_settings, module_postgres_url: str, monkeypatch, lost: str
+) -> None:
+    """The sweeper committed its claim of a new sending, then sent. A send the broker refused left the job queued
+    under a dispatch no message carries, and with a broker whose queue it cannot read (RabbitMQ) nothing sent it
+    ever after. The claim now commits with its message sent only: a job whose worker died, or whose message was
+    lost, is as it was, and the next round sends it."""
+    settings = make_settings(database_url=module_postgres_url)
+    app, db, job_id = started_job(settings)
+    storage, silent = Storage(settings.storage_dir), frozenset({(job_id, 0)})
+    if lost == "worker":
+        silence(db, job_id)
+        broker = make_celery(settings.model_copy(update={"broker_url": "amqp://guest:guest@127.0.0.1:1//"}))
+    else:  # queued an hour ago, its message never sent; Redis goes down between the sweeper's read and its send
+        with db.session() as session:
+            session.execute(update(jobs.Job).where(jobs.Job.id == job_id).values(
+                status=jobs.Status.QUEUED, updated_at=jobs.clock(session) - timedelta(hours=1)))
+        broker = app
+    with monkeypatch.context() as outage, pytest.raises(kombu.exceptions.OperationalError):
+        if lost == "message":
+            outage.setattr(worker.dispatch, "send_job", broker_refused)
+        sweep(broker, db, storage, settings.queue, grace=60, max_attempts=3, silent_before=silent)
+    with db.session() as session:
+        job = session.get(jobs.Job, job_id)
+        assert (job.status, job.dispatch) == ("running" if lost == "worker" else "queued", 0)
+    again = sweep(app, db, storage, settings.queue, grace=60, max_attempts=3, silent_before=silent)
+    db.dispose()
+    assert again.sent == [job_id] and dispatch_of(settings, job_id) == 1
+    assert f"{job_id}-1" in broker_task_ids(app, settings.queue)
+
+
+def test_a_worker_given_the_new_message_before_its_claim_commits_waits_and_runs_the_job(
+    make_settings, database: Database, monkeypatch
+) -> None:
+    """The sweeper sends before its claim commits. A worker that takes the message meanwhile must not find the
+    job under its old dispatch and drop the message, which would lose the job: its start waits on the claim's
+    lock (the row's on PostgreSQL, the file's on SQLite), and then runs the job."""
+    settings = make_settings(database_url=database.url)
+    app, db, job_id = started_job(settings)
+    silence(db, job_id)
+    starts: list[jobs.Assignment | None] = []
+    worker_db = Database(settings.database_url)
+
+    def start(dispatch: int) -> None:
+        with worker_db.session() as session:
+            starts.append(jobs.start_attempt(session, job_id, dispatch))
+
+    def send_and_take(app: Celery, job: str, dispatch: int) -> None:
+        send_job(app, job, dispatch)
+        taker.append(threading.Thread(target=start, args=(dispatch,)))
+        taker[0].start()
+        taker[0].join(timeout=1.0)
+        assert taker[0].is_alive(), "the start did not wait for the claim"
+
+    taker: list[threading.Thread] = []
+    monkeypatch.setattr(worker.dispatch, "send_job", send_and_take)
+    swept = sweep(app, db, Storage(settings.storage_dir), settings.queue, grace=60, max_attempts=3,
+                  silent_before=frozenset({(job_id, 0)}))
+    taker[0].join(timeout=15)
+    worker_db.dispose()
+    db.dispose()
+    assert swept.sent == [job_id] and [start.dispatch for start in starts] == [1]
+
+
+def test_the_broker_may_not_live_in_the_job_databases_sqlite_file(tmp_path: Path) -> None:
+    """The sweeper's send would wait on the lock its own claim holds (`worker.dispatch`)."""
+    database = f"sqlite:///{tmp_path / 'nad.db'}"
+    with pytest.raises(ValidationError, match="cannot share the job database's SQLite file"):
+        Settings(database_url=database, broker_url=f"sqla+sqlite:///{tmp_path / 'var' / '..' / 'nad.db'}")
+    elsewhere = f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    assert Settings(database_url=database, broker_url=elsewhere).broker_url == elsewhere
 
 
 def test_with_a_broker_other_than_redis_the_sweeper_still_takes_back_a_dead_workers_job(

@@ -17,6 +17,15 @@ is dropped. A worker's pool process that dies alone is replaced by its worker, w
 once; that copy finds the job started and runs nothing (`core.jobs.start_attempt`), and the sweeper
 queues the job again the same way. A job the sweeper ends instead (cancelled, or out of attempts) has no run
 left to tidy up after its killed ones, so the sweeper removes what they wrote.
+
+The sweeper sends a job's new message inside the transaction of the UPDATE that claims it (`dispatch` counted
+up), before the commit. A send that fails rolls the claim back: the job is as it was, and the next round tries
+again, whatever the broker (one whose queue the sweeper cannot read, RabbitMQ say, included). A worker given
+the message before the commit waits for it on the job's row (`start_attempt` locks it; on SQLite, the write
+lock), so it never finds the old dispatch and drops the message. A commit that fails after the send leaves a
+message for a dispatch the job never took: dropped, and the next round sends again. On SQLite every writer
+waits for the send meanwhile (milliseconds; a few seconds while the broker stalls), and the
+broker may not live in the job database's file (`core.settings`): its send would wait on the claim's lock.
 """
 
 from __future__ import annotations
@@ -139,8 +148,9 @@ def _requeue_silent(app: Celery, db: Database, storage: Storage, queue: str, sin
     for job_id, dispatch in sorted(silent & silent_before):
         with db.session() as session:
             became = jobs.recover(session, job_id, dispatch, since, max_attempts)
+            if became == jobs.Status.QUEUED:
+                send_job(app, job_id, dispatch + 1)  # before the claim commits (the module's docstring)
         if became == jobs.Status.QUEUED:
-            send_job(app, job_id, dispatch + 1)
             log.warning("job %s: its worker stopped giving signs of life; queued it again", job_id)
             requeued.append(job_id)
         elif became is not None:
@@ -165,8 +175,9 @@ def _resend_lost(app: Celery, db: Database, queue: str, since: datetime) -> list
             continue
         with db.session() as session:
             claimed = jobs.redispatch(session, job_id, dispatch)
+            if claimed:
+                send_job(app, job_id, dispatch + 1)  # before the claim commits (the module's docstring)
         if claimed:
-            send_job(app, job_id, dispatch + 1)
             log.warning("job %s: the broker had lost its message; sent it again", job_id)
             resent.append(job_id)
     return resent
