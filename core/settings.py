@@ -19,6 +19,9 @@ from sqlalchemy.exc import ArgumentError
 from core.database import ASYNC_DRIVERS
 from core.params import CAPPED_EPOCHS
 
+# kombu's names for its SQLAlchemy transport, as a broker URL's prefix (`sqla+sqlite:///...`).
+SQLALCHEMY_TRANSPORT = ("sqla", "sqlalchemy")
+
 
 class Settings(BaseSettings):
     """Everything the API and the worker need to agree on, with defaults for one machine (`make up`)."""
@@ -115,10 +118,12 @@ class Settings(BaseSettings):
         message before the claim that names it commits (`worker.dispatch`), and that send would wait on the
         claim's own lock, so no job the sweeper took back would ever be sent."""
         database = info.data.get("database_url")  # absent when it was refused itself
-        broker_file = _sqlite_file(url.removeprefix("sqla+")) if url.startswith("sqla+") else None
-        if broker_file is not None and database and broker_file == _sqlite_file(database):
-            raise ValueError("kombu's SQLAlchemy transport cannot share the job database's SQLite file "
-                             "(NAD_DATABASE_URL); give it a file of its own, e.g. sqla+sqlite:///var/broker.sqlite")
+        database_file = _sqlite_file(database) if database else None
+        for broker in url.split(";"):  # Celery takes a list of brokers, each tried when the one before is down
+            transport, _, rest = broker.strip().partition("+")
+            if transport in SQLALCHEMY_TRANSPORT and database_file is not None and _sqlite_file(rest) == database_file:
+                raise ValueError("kombu's SQLAlchemy transport cannot share the job database's SQLite file "
+                                 "(NAD_DATABASE_URL); give it a file of its own, e.g. sqla+sqlite:///var/broker.sqlite")
         return url
 
     @property
@@ -130,14 +135,18 @@ class Settings(BaseSettings):
 
 
 def _sqlite_file(url: str) -> Path | None:
-    """The file a SQLite URL names, resolved; None for any other URL, and for SQLite in memory."""
+    """The file a SQLite URL names, resolved, in its plain form (`sqlite:///var/nad.db`) or its URI form
+    (`sqlite:///file:var/nad.db?uri=true`); None for any other URL, and for SQLite in memory."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
         return None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
-    return Path(parsed.database).resolve()
+    name = parsed.database
+    if parsed.query.get("uri") == "true" and name.startswith("file:"):
+        name = name.removeprefix("file:").partition("?")[0]
+    return Path(name).resolve()
 
 
 class ClientSettings(BaseSettings):

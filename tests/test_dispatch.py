@@ -103,6 +103,13 @@ def silence(db: Database, job_id: str) -> None:
                         .values(heartbeat_at=jobs.clock(session) - timedelta(hours=1)))
 
 
+def queued_long_ago(db: Database, job_id: str) -> None:
+    """The job queued an hour ago, and its message never sent (or lost since)."""
+    with db.session() as session:
+        session.execute(update(jobs.Job).where(jobs.Job.id == job_id).values(
+            status=jobs.Status.QUEUED, updated_at=jobs.clock(session) - timedelta(hours=1)))
+
+
 def started_job(settings: Settings) -> tuple[Celery, Database, str]:
     """The app and the migrated database of `settings`, and a job of its queue that a worker has started."""
     app, db = make_celery(settings), Database(settings.database_url)
@@ -206,10 +213,8 @@ def test_a_sending_the_broker_refuses_leaves_the_job_as_it_was_for_the_next_roun
     if lost == "worker":
         silence(db, job_id)
         broker = make_celery(settings.model_copy(update={"broker_url": "amqp://guest:guest@127.0.0.1:1//"}))
-    else:  # queued an hour ago, its message never sent; Redis goes down between the sweeper's read and its send
-        with db.session() as session:
-            session.execute(update(jobs.Job).where(jobs.Job.id == job_id).values(
-                status=jobs.Status.QUEUED, updated_at=jobs.clock(session) - timedelta(hours=1)))
+    else:  # Redis goes down between the sweeper's read and its send
+        queued_long_ago(db, job_id)
         broker = app
     with monkeypatch.context() as outage, pytest.raises(kombu.exceptions.OperationalError):
         if lost == "message":
@@ -224,15 +229,20 @@ def test_a_sending_the_broker_refuses_leaves_the_job_as_it_was_for_the_next_roun
     assert f"{job_id}-1" in broker_task_ids(app, settings.queue)
 
 
+@pytest.mark.parametrize("lost", ["worker", "message"])
 def test_a_worker_given_the_new_message_before_its_claim_commits_waits_and_runs_the_job(
-    make_settings, database: Database, monkeypatch
+    make_settings, database: Database, monkeypatch, lost: str
 ) -> None:
     """The sweeper sends before its claim commits. A worker that takes the message meanwhile must not find the
     job under its old dispatch and drop the message, which would lose the job: its start waits on the claim's
-    lock (the row's on PostgreSQL, the file's on SQLite), and then runs the job."""
+    lock (the row's on PostgreSQL, the file's on SQLite), and then runs the job. For a job whose worker died,
+    and for one whose message was lost."""
     settings = make_settings(database_url=database.url)
     app, db, job_id = started_job(settings)
-    silence(db, job_id)
+    if lost == "worker":
+        silence(db, job_id)
+    else:
+        queued_long_ago(db, job_id)
     starts: list[jobs.Assignment | None] = []
     worker_db = Database(settings.database_url)
 
@@ -257,11 +267,15 @@ def test_a_worker_given_the_new_message_before_its_claim_commits_waits_and_runs_
     assert swept.sent == [job_id] and [start.dispatch for start in starts] == [1]
 
 
-def test_the_broker_may_not_live_in_the_job_databases_sqlite_file(tmp_path: Path) -> None:
-    """The sweeper's send would wait on the lock its own claim holds (`worker.dispatch`)."""
+@pytest.mark.parametrize("broker", ["sqla+sqlite:///{folder}/var/../nad.db", "sqlalchemy+sqlite:///{folder}/nad.db",
+                                    "sqla+sqlite:///file:{folder}/nad.db?uri=true",
+                                    "redis://127.0.0.1:1/0;sqla+sqlite:///{folder}/nad.db"])
+def test_the_broker_may_not_live_in_the_job_databases_sqlite_file(tmp_path: Path, broker: str) -> None:
+    """The sweeper's send would wait on the lock its own claim holds (`worker.dispatch`): by either of kombu's
+    names for the transport, either form of a SQLite URL, or as the fallback in a list of brokers."""
     database = f"sqlite:///{tmp_path / 'nad.db'}"
     with pytest.raises(ValidationError, match="cannot share the job database's SQLite file"):
-        Settings(database_url=database, broker_url=f"sqla+sqlite:///{tmp_path / 'var' / '..' / 'nad.db'}")
+        Settings(database_url=database, broker_url=broker.format(folder=tmp_path))
     elsewhere = f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
     assert Settings(database_url=database, broker_url=elsewhere).broker_url == elsewhere
 

@@ -24,7 +24,8 @@ again, whatever the broker (one whose queue the sweeper cannot read, RabbitMQ sa
 the message before the commit waits for it on the job's row (`start_attempt` locks it; on SQLite, the write
 lock), so it never finds the old dispatch and drops the message. A commit that fails after the send leaves a
 message for a dispatch the job never took: dropped, and the next round sends again. On SQLite every writer
-waits for the send meanwhile (milliseconds; a few seconds while the broker stalls), and the
+waits for the send meanwhile: milliseconds, 4 s while Redis or RabbitMQ stalls, and 10 s (SQLite's busy
+timeout, so a write begun then is refused) while another process holds the fallback broker's own file. The
 broker may not live in the job database's file (`core.settings`): its send would wait on the claim's lock.
 """
 
@@ -185,9 +186,10 @@ def _resend_lost(app: Celery, db: Database, queue: str, since: datetime) -> list
 
 class Sweeper(bootsteps.StartStopStep):
     """Runs `sweep` every NAD_SWEEP_INTERVAL seconds in the worker's main process, on its event loop's timer
-    (no thread, so the pool processes it forks inherit no lock). Each sweep opens and closes its own database
-    connection: a pool kept open here would be inherited by every job's process. It keeps the silent jobs of
-    its last round for the next, and forgets them when a round fails: the database may have been out since."""
+    (kombu's SQLAlchemy transport has no event loop: there, on Celery's timer thread). Each sweep opens and
+    closes its own database connection: a pool kept open here would be inherited by every job's process. It
+    keeps the silent jobs of its last round for the next, and forgets them when a round fails: the database may
+    have been out since."""
 
     requires = {"celery.worker.components:Timer"}
 
