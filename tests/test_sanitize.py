@@ -181,7 +181,7 @@ def test_evaluation_batches_of_larger_images_hold_as_many_pixels():
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     sizes = (16, 32, 64, 224, 1024)
-    assert [Execution.for_mode("fast", cpu, size).eval_batch for size in sizes] == [256, 256, 64, 5, 1]
+    assert [Execution.for_mode("fast", cpu, size).eval_batch for size in sizes] == [64, 64, 64, 5, 1]
     assert Execution.for_mode("fast", gpu, 128).eval_batch == 64
     assert Execution.for_mode("reference", cpu, 64).eval_batch == 16
 

@@ -77,11 +77,11 @@ class Execution:
     """How the arithmetic is laid out, never what it computes: the `mode` parameter.
 
     `fast` keeps activations in channels_last (about 1.2x faster convolutions on this project's CPUs, more
-    on GPUs), autocasts to bf16 on a GPU only (on CPUs bf16 is many times slower), evaluates in large batches
-    (256 images of 32 x 32 on a CPU, where larger ones fall out of its caches and run slower; 1024 on a GPU;
-    fewer of larger images), and trains
-    on full batches only (the last, partial batch of an epoch is dropped: one shape throughout, so no kernel
-    is planned or compiled twice). docs/benchmarks.md has the measurements.
+    on GPUs), autocasts to bf16 on a GPU only (on CPUs bf16 is many times slower), evaluates in batches of
+    1024 images of 32 x 32 on a GPU and of 64 on a CPU (larger ones fall out of a CPU's caches: 256 ran 1.45x
+    slower on the AMD EPYC, as fast on the Xeon; fewer of larger images), and trains on full batches only (the
+    last, partial batch of an epoch is dropped: one shape throughout, so no kernel is planned or compiled
+    twice). docs/benchmarks.md has the measurements.
     `reference` is the authors' execution: eager fp32 in NCHW, evaluation batch 64 (of 32 x 32 images), every
     image every epoch.
     """
@@ -93,13 +93,16 @@ class Execution:
 
     @classmethod
     def for_mode(cls, mode: str, device: torch.device, input_size: int) -> Execution:
-        """Evaluation batches of larger images hold fewer of them, as many pixels as the batch of 32 x 32
+        """Evaluation batches of larger images hold fewer of them, as many pixels as a batch of 32 x 32
         images: a batch of 256 at 1024 x 1024 is 17 GB in WRN-16-1's first layer alone (256 x 16 x 1024^2 x 4
-        bytes), and such a job ran a machine out of memory measuring its images."""
+        bytes), and such a job ran a machine out of memory measuring its images. On a CPU, as many pixels as
+        256 such images, at most 64 images: a torchvision ResNet-18 measures 224 x 224 images 1.4x faster
+        five at a time than one at a time."""
         if mode == "reference":
             return cls(eval_batch=_scaled(64, input_size))
         gpu = device.type == "cuda"
-        return cls(channels_last=True, bf16=gpu, eval_batch=_scaled(1024 if gpu else 256, input_size),
+        return cls(channels_last=True, bf16=gpu,
+                   eval_batch=_scaled(1024, input_size) if gpu else min(64, _scaled(256, input_size)),
                    static_shapes=True)
 
     def prepare(self, model: nn.Module) -> nn.Module:
