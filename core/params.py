@@ -215,8 +215,8 @@ class SanitizeParams(_Spec):
     seed: int = 0
     mode: Mode = Field(
         default="fast",
-        description="fast: the same computation laid out for speed (channels_last, bf16 autocast on a GPU, large "
-        "evaluation batches, full training batches only, but for ibau's rounds); reference: the authors' "
+        description="fast: the same computation laid out for speed (channels_last, bf16 autocast and large "
+        "evaluation batches on a GPU, full training batches only, but for ibau's rounds); reference: the authors' "
         "execution (eager fp32, evaluation batch 64, every image every epoch but a last batch of one, which batch "
         "norm cannot train on)",
     )

@@ -78,10 +78,10 @@ class Execution:
 
     `fast` keeps activations in channels_last (about 1.2x faster convolutions on this project's CPUs, more
     on GPUs), autocasts to bf16 on a GPU only (on CPUs bf16 is many times slower), evaluates in batches of
-    1024 images of 32 x 32 on a GPU and of 64 on a CPU (larger ones fall out of a CPU's caches: 256 ran 1.45x
-    slower on the AMD EPYC, as fast on the Xeon; fewer of larger images), and trains on full batches only (the
-    last, partial batch of an epoch is dropped: one shape throughout, so no kernel is planned or compiled
-    twice). docs/benchmarks.md has the measurements.
+    1024 images of 32 x 32 on a GPU and of 64 on a CPU (larger ones fall out of a CPU's caches: 256 ran 1.4x
+    slower on a Xeon; fewer of larger images), and trains on full batches only (the last, partial batch of an
+    epoch is dropped: one shape throughout, so no kernel is planned or compiled twice). docs/benchmarks.md has
+    the measurements.
     `reference` is the authors' execution: eager fp32 in NCHW, evaluation batch 64 (of 32 x 32 images), every
     image every epoch.
     """
