@@ -10,16 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-6
-P = 2.0  # the power of the attention map: the NAD paper's p, the one it uses
 
 
 def attention_map(features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """sum_c |F_c|^P, divided by its L2 norm over the spatial dimensions: N x 1 x H x W.
+    """sum_c |F_c|^p with the NAD paper's p = 2, divided by its L2 norm over the spatial dimensions: N x 1 x H x W.
+    |F|^2 is computed as F^2, one operation instead of two each way: the same values and gradients to the bit,
+    and a student's step 3 % faster on a CPU (docs/benchmarks.md).
 
     `size` pools the map to a smaller spatial size before normalising, so that teacher and student maps of
     different resolutions can still be compared.
     """
-    amap = features.float().abs().pow(P).sum(dim=1, keepdim=True)
+    amap = features.float().square().sum(dim=1, keepdim=True)
     if size is not None and tuple(amap.shape[-2:]) != size:
         amap = F.adaptive_avg_pool2d(amap, size)
     return amap / (amap.norm(dim=(2, 3), keepdim=True) + EPS)
