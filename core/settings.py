@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from kombu import Connection
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import create_engine
@@ -18,9 +19,6 @@ from sqlalchemy.exc import ArgumentError
 
 from core.database import ASYNC_DRIVERS
 from core.params import CAPPED_EPOCHS
-
-# kombu's names for its SQLAlchemy transport, as a broker URL's prefix (`sqla+sqlite:///...`).
-SQLALCHEMY_TRANSPORT = ("sqla", "sqlalchemy")
 
 
 class Settings(BaseSettings):
@@ -119,11 +117,9 @@ class Settings(BaseSettings):
         claim's own lock, so no job the sweeper took back would ever be sent."""
         database = info.data.get("database_url")  # absent when it was refused itself
         database_file = _sqlite_file(database) if database else None
-        for broker in url.split(";"):  # Celery takes a list of brokers, each tried when the one before is down
-            transport, _, rest = broker.strip().partition("+")
-            if transport in SQLALCHEMY_TRANSPORT and database_file is not None and _sqlite_file(rest) == database_file:
-                raise ValueError("kombu's SQLAlchemy transport cannot share the job database's SQLite file "
-                                 "(NAD_DATABASE_URL); give it a file of its own, e.g. sqla+sqlite:///var/broker.sqlite")
+        if database_file is not None and database_file in _broker_sqlite_files(url):
+            raise ValueError("kombu's SQLAlchemy transport cannot share the job database's SQLite file "
+                             "(NAD_DATABASE_URL); give it a file of its own, e.g. sqla+sqlite:///var/broker.sqlite")
         return url
 
     @property
@@ -132,6 +128,20 @@ class Settings(BaseSettings):
         longest a job can take (the hard limit is a minute past `job_time_limit`), or a running job would be
         delivered twice."""
         return self.job_time_limit + 600
+
+
+def _broker_sqlite_files(url: str) -> list[Path]:
+    """The SQLite files of kombu's SQLAlchemy transport among the brokers of `url` (Celery takes a list, each
+    tried when the one before is down), by kombu's own reading of it: its name for the transport (`sqla+` and
+    `sqlalchemy+` alike), as the worker's `broker_transport` asks. Connects to nothing; a transport kombu does
+    not know is Celery's to refuse."""
+    try:
+        connection = Connection(url)
+        brokers = [Connection(alternative) for alternative in connection.alt] or [connection]
+        sql = [broker.hostname for broker in brokers if broker.transport.driver_type == "sql"]
+    except KeyError:
+        return []
+    return [file for file in map(_sqlite_file, sql) if file is not None]
 
 
 def _sqlite_file(url: str) -> Path | None:
