@@ -132,6 +132,24 @@ def test_inside_the_block_the_layers_are_perturbed_and_only_the_mask_learns():
     assert all(layer.track_running_stats for layer in layers.values())
 
 
+def test_a_normalisation_layer_anp_does_not_prune_keeps_its_running_statistics():
+    """A BatchNorm without weight and bias has no neurons for ANP, but runs in training mode with the others:
+    its running statistics must not drift over ANP's noisy batches into the returned model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 10))
+    model.eval()
+    original = copy.deepcopy(model.state_dict())
+    images, labels = noise_images(8)
+    adversarial_neuron_pruning(model, images, labels, _recipe(iterations=2, batch_size=4, threshold=0.0),
+                               Normalization(), watch_of("anp"), Execution())
+    untouched = model[4]
+    assert list(batch_norms(model)) == ["1"] and untouched.track_running_stats and not model.training
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(untouched, name), original[f"4.{name}"]), name
+
+
 def test_a_model_without_batchnorm_is_refused(tmp_path):
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     assert "no BatchNorm" in unsuitable("anp", plain)

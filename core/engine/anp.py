@@ -130,17 +130,21 @@ def perturbable(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[Pert
     Parametrizations wrap each layer's weight and bias and are removed on the way out, with the original
     tensors put back, so the model keeps its modules, classes and state-dict keys. Meanwhile its own
     parameters are frozen (only the mask learns; no gradient is computed for them), it runs in training
-    mode as the authors' does, and BatchNorm normalises with batch statistics without updating its running
-    ones. All of this is undone on the way out, also when the block raises (Cancelled included)."""
+    mode as the authors' does, and every normalisation layer normalises with batch statistics without updating
+    its running ones: the perturbed layers, and those ANP does not prune (without weight and bias, say), whose
+    statistics would otherwise drift over thousands of noisy batches and stay in the returned model (the
+    authors prune a fresh load of the checkpoint). All of this is undone on the way out, also when the block
+    raises (Cancelled included)."""
     state = Perturbation(layers)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    tracking = [(layer, layer.track_running_stats) for layer in layers.values()]
+    tracking = [module for module in model.modules() if getattr(module, "track_running_stats", False)]
     training = model.training
     try:
         model.requires_grad_(False)
         model.train()
+        for module in tracking:
+            module.track_running_stats = False
         for index, layer in enumerate(layers.values()):
-            layer.track_running_stats = False
             parametrize.register_parametrization(layer, "weight", _Weight(state, index))
             parametrize.register_parametrization(layer, "bias", _Bias(state, index))
         yield state
@@ -149,8 +153,8 @@ def perturbable(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[Pert
             for name in ("weight", "bias"):
                 if parametrize.is_parametrized(layer, name):
                     parametrize.remove_parametrizations(layer, name, leave_parametrized=False)
-        for layer, tracked in tracking:
-            layer.track_running_stats = tracked
+        for module in tracking:
+            module.track_running_stats = True
         for parameter, flag in requires_grad:
             parameter.requires_grad_(flag)
         model.train(training)
