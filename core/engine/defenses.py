@@ -33,8 +33,9 @@ def feature_shift_tuning(model: nn.Module, images: torch.Tensor, labels: torch.T
     is entangled with clean features.
 
     As the authors' code (`fine_tune/ft.py`, ft_mode fst): weight and bias drawn from U(-1/sqrt(fan_in),
-    1/sqrt(fan_in)); the norm is restored after every step (here: before every step's forward, and once at
-    the end, which is the same sequence of weights)."""
+    1/sqrt(fan_in)); the norm is restored after every step. Here it is restored before every step's forward
+    and once at the end: the same rule but for the first step, which runs at the suspect's norm where the
+    authors' runs at the draw's own, so the weights differ slightly from theirs from that step on."""
     head = classifier_head(model)
     original = head.weight.detach().clone()
     norm = original.norm()
