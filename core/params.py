@@ -186,7 +186,7 @@ class SanitizeParams(_Spec):
     ibau_lr: float = Field(default=0.001, gt=0, le=1, description="ibau: Adam learning rate of the weights")
     ibau_batch_size: int = Field(default=100, ge=2, le=4096, description="ibau: images per unlearning batch")
     ibau_norm: float = Field(default=10.0, gt=0, le=1000,
-                             description="ibau: bound on the perturbation's L2 norm, in the model's input space")
+                             description="ibau: bound on the perturbation's L2 norm, in pixels in [0, 1]")
     sau_epochs: int = Field(default=10, ge=1, le=1000,
                             description="sau: passes over the clean data (the authors': 100)")
     sau_lr: float = Field(default=0.0007, gt=0, le=1,

@@ -22,7 +22,7 @@ from core.engine.ibau import (
     unlearn,
 )
 from core.engine.models import build_model
-from core.engine.training import Execution, Normalization
+from core.engine.training import Execution, Normalization, to_pixels
 from core.params import SanitizeParams
 
 RECIPE = IbauRecipe(rounds=2, lr=1e-3, batch_size=8, norm=10.0)
@@ -64,7 +64,7 @@ def test_the_hypergradient_is_the_truncated_implicit_derivative():
     delta = 0.5 * torch.randn(1, 3, 2, 2)
     perturbed = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(4, 1, 1, 1)
 
-    loss = hypergradient(model, delta, anchor, (inputs, labels), perturbed, Execution())
+    loss = hypergradient(model, delta, anchor, (inputs, labels), perturbed, Normalization(), Execution())
     got = {name: w.grad for name, w in model.named_parameters()}
 
     weights = {name: w.detach() for name, w in model.named_parameters()}
@@ -95,10 +95,10 @@ def test_the_hypergradient_is_the_truncated_implicit_derivative():
 def test_the_perturbation_stays_in_its_ball_and_leaves_the_weights_alone():
     model = _model().eval()
     images, _ = noise_images(24)
-    batches = list(Normalization()(images).split(8))
-    loose = universal_perturbation(model, batches, 1e6, Execution())
+    batches = list(to_pixels(images).split(8))
+    loose = universal_perturbation(model, batches, 1e6, Normalization(), Execution())
     bound = float(loose.norm()) / 2
-    delta = universal_perturbation(model, batches, bound, Execution())
+    delta = universal_perturbation(model, batches, bound, Normalization(), Execution())
     assert delta.shape == (1, 3, 16, 16) and not delta.requires_grad
     assert float(delta.norm()) == pytest.approx(bound)
     torch.testing.assert_close(delta, loose / 2)
@@ -120,6 +120,36 @@ def test_unlearning_keeps_batch_norm_statistics_and_the_models_mode():
     assert [e.step for e in events if e.step is not None] == [1, 2, 3] * 2
     progress = [e.progress for e in events]
     assert progress == sorted(progress) and progress[-1] == 1.0
+
+
+class _Unnormalize(nn.Module):
+    """A model's first layer that takes normalised inputs back to pixels: the normalisation folded in."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs * self.std + self.mean
+
+
+def test_the_perturbation_is_in_pixels_whatever_the_models_normalisation():
+    """A model that declares a mean and std unlearns as the same model reading pixels: delta's ball and steps
+    are in pixels, before the normalisation, as the authors' models read them. In the model's input space the
+    ball would be about four times smaller in pixels (std 0.25) and the steps would differ."""
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    images, labels = noise_images(24)
+    recipe = IbauRecipe(rounds=2, lr=1e-3, batch_size=8, norm=2.0)
+    plain = _model()
+    declaring = nn.Sequential(_Unnormalize(mean, std), copy.deepcopy(plain))
+    unlearn(plain, images, labels, recipe, Normalization(), watch_of("ibau"), Execution())
+    unlearn(declaring, images, labels, recipe, Normalization(mean, std), watch_of("ibau"), Execution())
+    moved = False
+    for name, weight in declaring[1].state_dict().items():
+        torch.testing.assert_close(weight, plain.state_dict()[name], rtol=1e-4, atol=1e-5)
+        moved |= not torch.equal(weight, _model().state_dict()[name])
+    assert moved
 
 
 def test_the_same_seed_gives_the_same_model_and_cancelling_changes_nothing():

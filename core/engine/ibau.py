@@ -21,6 +21,9 @@ from a plain reading of the paper:
   clean accuracy fell from 86 % to 20 % (docs/engine.md).
 - The clean data is shuffled once (seeded): the authors' loader read the CIFAR-10 test set, already in random
   class order, without shuffling, and the first batch defines the fixed-point map.
+- delta is added to the pixels ([0, 1]) before the model's normalisation, as `sau`'s perturbations are: the
+  authors' models read raw pixels, and so a model that declares a `mean` and `std` gets the same ball, steps and
+  result as the same model with its normalisation folded into its first layer.
 
 It runs in fp32 on every device, without the bf16 autocast of `fast` mode on a GPU: the hypergradient takes
 second derivatives, which this engine has not checked in bf16.
@@ -37,7 +40,7 @@ from torch import nn
 
 from core.engine.errors import Cancelled
 from core.engine.events import Event
-from core.engine.training import Execution, Normalization, Watch
+from core.engine.training import Execution, Normalization, Watch, logits_on_pixels, to_pixels
 
 PERTURBATION_LR = 10.0
 PERTURBATION_DECAY = 1e-3
@@ -49,7 +52,7 @@ PERTURBED_SHARE = 0.01
 @dataclass(frozen=True)
 class IbauRecipe:
     """I-BAU's settings: `rounds` of (find delta, one pass of Adam steps at `lr` over batches of `batch_size`),
-    with delta bounded to the L2 ball of radius `norm` in the model's input space."""
+    with delta bounded to the L2 ball of radius `norm` in pixels ([0, 1], before any normalisation)."""
 
     rounds: int
     lr: float
@@ -58,15 +61,17 @@ class IbauRecipe:
     seed: int = 0
 
 
-def universal_perturbation(model: nn.Module, batches: list[torch.Tensor], norm: float,
+def universal_perturbation(model: nn.Module, batches: list[torch.Tensor], norm: float, normalize: Normalization,
                            execution: Execution) -> torch.Tensor:
-    """One pass over the clean batches, one step each, towards the perturbation that most changes the model's
-    own predictions; projected onto the L2 ball of radius `norm`. The model's weights get no gradient."""
+    """One pass over the clean batches (float pixels), one step each, towards the perturbation that most changes
+    the model's own predictions; projected onto the L2 ball of radius `norm`. The model's weights get no
+    gradient."""
     delta = torch.zeros((1, *batches[0].shape[1:]), device=batches[0].device, requires_grad=True)
-    for inputs in batches:
+    for pixels in batches:
         with torch.no_grad():
-            own = model(execution.inputs(inputs)).argmax(1)
-        loss = -F.cross_entropy(model(execution.inputs(inputs + delta)), own) + PERTURBATION_DECAY * delta.pow(2).sum()
+            own = logits_on_pixels(model, pixels, normalize, execution).argmax(1)
+        loss = (-F.cross_entropy(logits_on_pixels(model, pixels + delta, normalize, execution), own)
+                + PERTURBATION_DECAY * delta.pow(2).sum())
         (gradient,) = torch.autograd.grad(loss, delta)
         delta = (delta - PERTURBATION_LR * gradient).detach().requires_grad_()
     with torch.no_grad():
@@ -74,7 +79,7 @@ def universal_perturbation(model: nn.Module, batches: list[torch.Tensor], norm: 
 
 
 def hypergradient(model: nn.Module, delta: torch.Tensor, anchor: tuple[torch.Tensor, torch.Tensor],
-                  batch: tuple[torch.Tensor, torch.Tensor], perturbed: torch.Tensor,
+                  batch: tuple[torch.Tensor, torch.Tensor], perturbed: torch.Tensor, normalize: Normalization,
                   execution: Execution) -> torch.Tensor:
     """Set every weight's `.grad` to the implicit hypergradient of the outer loss (cross-entropy of `batch`,
     delta added to the images where `perturbed` is 1) and return that loss.
@@ -86,11 +91,11 @@ def hypergradient(model: nn.Module, delta: torch.Tensor, anchor: tuple[torch.Ten
     less."""
     weights = [w for w in model.parameters() if w.requires_grad]
     delta = delta.detach().requires_grad_()
-    inputs, labels = batch
-    outer = F.cross_entropy(model(execution.inputs(inputs + perturbed * delta)), labels)
+    pixels, labels = batch
+    outer = F.cross_entropy(logits_on_pixels(model, pixels + perturbed * delta, normalize, execution), labels)
     direct_delta, *direct = torch.autograd.grad(outer, [delta, *weights], allow_unused=True)
-    anchor_inputs, anchor_labels = anchor
-    inner = (-F.cross_entropy(model(execution.inputs(anchor_inputs + delta)), anchor_labels)
+    anchor_pixels, anchor_labels = anchor
+    inner = (-F.cross_entropy(logits_on_pixels(model, anchor_pixels + delta, normalize, execution), anchor_labels)
              + PERTURBATION_DECAY * delta.pow(2).sum())
     (inner_gradient,) = torch.autograd.grad(inner, delta, create_graph=True)
     mapped = delta - FIXED_POINT_STEP * inner_gradient
@@ -113,8 +118,8 @@ def unlearn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe
     never left half-way through a round."""
     generator = torch.Generator().manual_seed(recipe.seed)
     order = torch.randperm(len(images), generator=generator).to(images.device)
-    inputs, targets = normalize(images[order]), labels[order]
-    batches = list(zip(inputs.split(recipe.batch_size), targets.split(recipe.batch_size), strict=True))
+    pixels, targets = to_pixels(images[order]), labels[order]
+    batches = list(zip(pixels.split(recipe.batch_size), targets.split(recipe.batch_size), strict=True))
     training = model.training
     model.eval()
     optimizer = torch.optim.Adam([w for w in model.parameters() if w.requires_grad], lr=recipe.lr)
@@ -123,11 +128,11 @@ def unlearn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe
         for number in range(1, recipe.rounds + 1):
             if watch.should_stop():
                 raise Cancelled(f"cancelled before {watch.stage} round {number}")
-            delta = universal_perturbation(model, [batch for batch, _ in batches], recipe.norm, execution)
+            delta = universal_perturbation(model, [batch for batch, _ in batches], recipe.norm, normalize, execution)
             total = torch.zeros((), device=images.device)
             for step, batch in enumerate(batches, start=1):
                 perturbed = _perturbed(len(batch[1]), generator).to(images.device)
-                total += hypergradient(model, delta, batches[0], batch, perturbed, execution)
+                total += hypergradient(model, delta, batches[0], batch, perturbed, normalize, execution)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 watch.on_event(Event(watch.stage, watch.at((number - 1 + step / len(batches)) / recipe.rounds),

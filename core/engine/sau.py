@@ -79,7 +79,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.engine.events import Event
-from core.engine.training import Execution, Normalization, Recipe, Watch, begin_epoch, plan_epoch
+from core.engine.training import (
+    Execution,
+    Normalization,
+    Recipe,
+    Watch,
+    begin_epoch,
+    logits_on_pixels,
+    plan_epoch,
+    to_pixels,
+)
 from core.engine.triggers import offset_grid
 
 PGD_STEPS = 5
@@ -163,7 +172,7 @@ def _shared_search(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor, l
     adversarial example or PGD_STEPS are taken. Returns the variable."""
 
     def logits_of(network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        return _logits(network, inputs, normalize, execution)
+        return logits_on_pixels(network, inputs, normalize, execution)
 
     with torch.no_grad():
         own, own_suspect = logits_of(model, pixels).argmax(1), logits_of(suspect, pixels).argmax(1)
@@ -258,7 +267,7 @@ def _unlearn(model: nn.Module, suspect: nn.Module, images: torch.Tensor, labels:
         sums: dict[str, float] = {}
         anchored = epoch < recipe.anchor_epochs
         for number, step in enumerate(steps, start=1):
-            pixels, targets = images[step.index].float().div_(255), labels[step.index]
+            pixels, targets = to_pixels(images[step.index]), labels[step.index]
             parts = _unlearning_step(model, suspect, pixels, targets, recipe, anchored, optimizer, normalize,
                                      execution)
             for name, value in parts.items():
@@ -294,10 +303,10 @@ def _unlearning_step(model: nn.Module, suspect: nn.Module, pixels: torch.Tensor,
     """One batch: find its shared adversarial examples, then one optimizer step on the unlearning loss."""
     adversarial = _adversarial_images(model, suspect, pixels, targets, recipe, normalize, execution)
     both = torch.cat([pixels, adversarial])
-    logits, adversarial_logits = _logits(model, both, normalize, execution).split(len(targets))
+    logits, adversarial_logits = logits_on_pixels(model, both, normalize, execution).split(len(targets))
     with torch.no_grad():
-        suspect_clean = _logits(suspect, pixels, normalize, execution)
-        suspect_adversarial = _logits(suspect, adversarial, normalize, execution).argmax(1)
+        suspect_clean = logits_on_pixels(suspect, pixels, normalize, execution)
+        suspect_adversarial = logits_on_pixels(suspect, adversarial, normalize, execution).argmax(1)
     parts = unlearning_loss(logits, adversarial_logits, targets, suspect_clean, suspect_adversarial, anchor)
     optimizer.zero_grad(set_to_none=True)
     parts["loss"].backward()
@@ -316,11 +325,6 @@ def _adversarial_images(model: nn.Module, suspect: nn.Module, pixels: torch.Tens
         return additive
     warped = shared_warp(model, suspect, pixels[half:], targets[half:], recipe.warp, normalize, execution)
     return torch.cat([additive, warped])
-
-
-def _logits(model: nn.Module, pixels: torch.Tensor, normalize: Normalization, execution: Execution) -> torch.Tensor:
-    """A model's logits on float pixels in [0, 1] (perturbed or not), normalised as the model expects."""
-    return model(execution.inputs(normalize.standardize(pixels)))
 
 
 def _jensen_shannon(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ class Normalization:
     std: tuple[float, float, float] | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.standardize(images.float().div_(255))
+        return self.standardize(to_pixels(images))
 
     def standardize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Float pixels in [0, 1] (an image with a perturbation added, say) to the model's input."""
@@ -70,6 +70,18 @@ class Normalization:
         mean = torch.tensor(self.mean, device=pixels.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=pixels.device).view(1, -1, 1, 1)
         return (pixels - mean) / std
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images as float pixels in [0, 1], where perturbations are measured whatever the model's
+    normalisation."""
+    return images.float().div_(255)
+
+
+def logits_on_pixels(model: nn.Module, pixels: torch.Tensor, normalize: Normalization,
+                     execution: Execution) -> torch.Tensor:
+    """A model's logits on float pixels in [0, 1] (perturbed or not), normalised as the model expects."""
+    return model(execution.inputs(normalize.standardize(pixels)))
 
 
 @dataclass(frozen=True)
