@@ -40,6 +40,21 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
+def cpu() -> dict:
+    """The CPU's name, family, model and widest vector instructions, from /proc/cpuinfo. Three kinds of 2-core
+    machine have run this benchmark, and two of them call themselves "AMD EPYC": only the family and model (Zen 3
+    or Zen 4) and AVX-512 tell them apart, and their times differ by a third (docs/benchmarks.md)."""
+    fields: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip():
+            break
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"name": fields.get("model name"), "family": fields.get("cpu family"), "model": fields.get("model"),
+            "avx512": "avx512f" in flags, "avx2": "avx2" in flags}
+
+
 def reset_peaks() -> None:
     """Reset VmHWM (writing 5 to clear_refs), and the GPU's peak counter, so each mode is measured alone."""
     Path("/proc/self/clear_refs").write_text("5")
@@ -121,7 +136,7 @@ def main() -> int:
                                 nad_sam_rho=0, nad_refit_bias=False)
         results = [run_alone(mode, files, params) for mode in args.modes.split(",")]
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu": cpu(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     print(table(results))
     if args.out:
