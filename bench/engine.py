@@ -43,7 +43,8 @@ def peak_rss_mib() -> float:
 def cpu() -> dict:
     """The CPU's name, family, model and widest vector instructions, from /proc/cpuinfo. Three kinds of 2-core
     machine have run this benchmark, and two of them call themselves "AMD EPYC": only the family and model (Zen 3
-    or Zen 4) and AVX-512 tell them apart, and their times differ by a third (docs/benchmarks.md)."""
+    or Zen 4) and AVX-512 tell them apart, and the job's time on them differs by more than half
+    (docs/benchmarks.md)."""
     fields: dict[str, str] = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         key, _, value = line.partition(":")
