@@ -776,6 +776,32 @@ def test_a_late_failure_of_a_replaced_run_leaves_its_successors_folder(worker_jo
     assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
 
 
+@pytest.mark.parametrize(("max_attempts", "became"), [(1, jobs.Status.FAILED), (3, jobs.Status.QUEUED)])
+def test_a_run_whose_folder_the_sweeper_removed_is_no_internal_error(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    max_attempts: int, became: jobs.Status,
+) -> None:
+    """A run cut off from the database goes silent; the sweeper ends the job (or sends it again) and removes
+    the run's folder. The run, alive after all, fails writing its checkpoint there: a warning that says so, not
+    an internal error with its traceback, and the job stays as the sweeper left it."""
+    import worker.tasks
+
+    def sanitize(files, params, on_event, should_stop, **kwargs) -> dict:
+        files.out.parent.mkdir(parents=True, exist_ok=True)
+        files.out.with_name(".tmpX7q2").write_bytes(b"half a checkpoint")  # safetensors' file before its rename
+        assert taken_back(worker_job.db, worker_job.id, 0, max_attempts) == became
+        worker_job.storage.remove_outputs(worker_job.id, through=0, keep=None)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(files.out))  # the rename's
+
+    monkeypatch.setattr(worker.tasks, "sanitize", sanitize)
+    _run(worker_job)
+    job = worker_job.row()
+    assert job.status == became and (job.error is None) == (became == jobs.Status.QUEUED)
+    assert [r for r in caplog.records if r.levelname == "ERROR" or "internal error" in r.getMessage()] == []
+    assert any(r.levelname == "WARNING" and "taken from it" in r.getMessage() for r in caplog.records)
+    assert _outputs(worker_job) == []
+
+
 @pytest.mark.parametrize("answered", [0, 1], ids=["out-from-the-start", "out-after-the-failure-is-written"])
 def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
     worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, worker_clock: StoodStill, answered: int

@@ -203,6 +203,11 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
             _end(db, storage, job_id, dispatch, lambda session: jobs.finish_cancelled(session, job_id, dispatch))
             log.info("job %s: cancelled (or given to another worker)", job_id)
         except Exception as error:
+            if not _still_runs(db, job_id, dispatch):  # what it hit (its folder removed, say) is no bug
+                log.warning("job %s: this run failed after the job was taken from it (ended by the sweeper, or "
+                            "sent again): %s: %s", job_id, type(error).__name__, error)
+                _end(db, storage, job_id, dispatch, lambda session: None)  # no word to write: only the tidying
+                return
             message = _failure(job_id, error, settings.job_time_limit)
             _end(db, storage, job_id, dispatch, lambda session: jobs.fail(session, job_id, dispatch, message))
 
@@ -231,6 +236,17 @@ def _end(db: Database, storage: Storage, job_id: str, dispatch: int, write: Call
 def _recorded_output(session: Session, job_id: str) -> jobs.Artifact | None:
     job = session.get(jobs.Job, job_id)
     return job.artifact(jobs.OUTPUT) if job is not None else None
+
+
+def _still_runs(db: Database, job_id: str, dispatch: int) -> bool:
+    """Whether the job is still this run's (`jobs.heartbeat`): a run the sweeper took the job from, ending it
+    or sending it again, and whose killed-run files it then removed, fails on its own folder gone. True while
+    the database cannot say: the failure is then written as ever, a write that changes nothing if it is not."""
+    try:
+        with db.session() as session:
+            return jobs.heartbeat(session, job_id, dispatch)
+    except OperationalError:
+        return True
 
 
 def _stop_requested(db: Database, job_id: str, dispatch: int) -> bool:
