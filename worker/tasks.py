@@ -205,7 +205,7 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
         except Exception as error:
             if not _still_runs(db, job_id, dispatch):  # what it hit (its folder removed, say) is no bug
                 log.warning("job %s: this run failed after the job was taken from it (ended by the sweeper, or "
-                            "sent again): %s: %s", job_id, type(error).__name__, error)
+                            "sent again)", job_id, exc_info=error)
                 _end(db, storage, job_id, dispatch, lambda session: None)  # no word to write: only the tidying
                 return
             message = _failure(job_id, error, settings.job_time_limit)
