@@ -777,13 +777,16 @@ def test_a_late_failure_of_a_replaced_run_leaves_its_successors_folder(worker_jo
 
 
 @pytest.mark.parametrize(("max_attempts", "became"), [(1, jobs.Status.FAILED), (3, jobs.Status.QUEUED)])
+@pytest.mark.parametrize("remade", [False, True], ids=["folder-gone", "folder-remade"])
 def test_a_run_whose_folder_the_sweeper_removed_is_no_internal_error(
     worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-    max_attempts: int, became: jobs.Status,
+    max_attempts: int, became: jobs.Status, remade: bool,
 ) -> None:
     """A run cut off from the database goes silent; the sweeper ends the job (or sends it again) and removes
-    the run's folder. The run, alive after all, fails writing its checkpoint there: a warning that says so, not
-    an internal error with its traceback, and the job stays as the sweeper left it."""
+    the run's folder. The run, alive after all, fails: on the rename of its checkpoint into the folder gone, or,
+    having made the folder again (`write_checkpoint` makes its parents), on a full disk. A warning says so, not
+    an internal error or a full storage at ERROR; the job stays as the sweeper left it, and what the run wrote
+    after the removal is removed too."""
     import worker.tasks
 
     def sanitize(files, params, on_event, should_stop, **kwargs) -> dict:
@@ -791,7 +794,11 @@ def test_a_run_whose_folder_the_sweeper_removed_is_no_internal_error(
         files.out.with_name(".tmpX7q2").write_bytes(b"half a checkpoint")  # safetensors' file before its rename
         assert taken_back(worker_job.db, worker_job.id, 0, max_attempts) == became
         worker_job.storage.remove_outputs(worker_job.id, through=0, keep=None)
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(files.out))  # the rename's
+        if not remade:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(files.out))  # the rename's
+        files.out.parent.mkdir(parents=True, exist_ok=True)
+        files.out.with_name(".tmpY8r3").write_bytes(b"a quarter of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device", str(files.out))
 
     monkeypatch.setattr(worker.tasks, "sanitize", sanitize)
     _run(worker_job)
