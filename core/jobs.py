@@ -127,6 +127,10 @@ class Job(Base):
         Integer, default=0, doc="which message may run the job: the sweeper's re-sends count it up, so that a "
                                 "message it replaced is dropped if it turns up after all"
     )
+    runner: Mapped[str | None] = mapped_column(
+        String(32), doc="which run of the job's message started it: a start tried again after its commit's answer "
+                        "was lost finds the job its own, where a copy of the message finds it another's"
+    )
     stage: Mapped[str | None] = mapped_column(String(32))
     epoch: Mapped[int | None] = mapped_column(Integer)
     epochs: Mapped[int | None] = mapped_column(Integer)
@@ -353,8 +357,9 @@ class Assignment:
     inputs: dict[str, str]
 
 
-def start_attempt(session: Session, job_id: str, dispatch: int) -> Assignment | None:
-    """Count one more start of the job and mark it running; None when there is nothing to run.
+def start_attempt(session: Session, job_id: str, dispatch: int, runner: str) -> Assignment | None:
+    """Count one more start of the job and mark it running by `runner`, a token its run drew; None when there
+    is nothing to run.
 
     Only a queued job starts. A message for a job that has started is a copy: a worker gives its message back
     when its pool process dies, and a broker hands a worker's unacknowledged message to another when their
@@ -365,15 +370,27 @@ def start_attempt(session: Session, job_id: str, dispatch: int) -> Assignment | 
 
     A job cancelled, deleted or finished in the meantime is not run, nor one whose message the sweeper has
     replaced (`dispatch` is not the job's): the replacement runs it.
+
+    A start found already made by `runner` itself is its own: the database committed it and the connection
+    dropped before the answer came, and the run tried again. Taken for a copy's, the job sat running with no
+    run until the sweeper took it back, an attempt spent.
     """
     job = session.get(Job, job_id, with_for_update=True)  # two copies at once: the second finds it running
-    if job is None or job.status != Status.QUEUED or job.dispatch != dispatch:
+    if job is None or job.dispatch != dispatch:
+        return None
+    if job.status in (Status.RUNNING, Status.CANCELLING) and job.runner == runner:
+        return _assignment(job)
+    if job.status != Status.QUEUED:
         return None
     job.attempts += 1
-    job.status = Status.RUNNING
+    job.status, job.runner = Status.RUNNING, runner
     job.started_at = job.updated_at = job.heartbeat_at = clock(session)  # read once the row is ours
     job.stage, job.epoch, job.epochs, job.progress = None, None, None, 0.0
-    return Assignment(job.id, dispatch, job.params, {a.role: a.path for a in job.artifacts})
+    return _assignment(job)
+
+
+def _assignment(job: Job) -> Assignment:
+    return Assignment(job.id, job.dispatch, job.params, {a.role: a.path for a in job.artifacts})
 
 
 def record_progress(session: Session, job_id: str, dispatch: int, stage: str, progress: float, epoch: int | None,

@@ -68,7 +68,7 @@ def finish(settings: Settings, job_id: str, checkpoint: bytes) -> None:
     path.write_bytes(checkpoint)
     db = Database(settings.database_url)
     with db.session() as session:
-        jobs.start_attempt(session, job_id, dispatch=0)
+        jobs.start_attempt(session, job_id, dispatch=0, runner="a run")
         jobs.succeed(
             session,
             job_id,
@@ -483,7 +483,7 @@ def test_cancelling_a_job_queued_again_after_its_worker_died_removes_what_the_ki
     job_id = submit(api, auth).json()["id"]
     storage, db = Storage(api_settings.storage_dir), Database(api_settings.database_url)
     with db.session() as session:
-        jobs.start_attempt(session, job_id, dispatch=0)
+        jobs.start_attempt(session, job_id, dispatch=0, runner="a run")
     killed = storage.output_path(job_id, 0)
     killed.parent.mkdir(parents=True)
     killed.write_bytes(b"half a checkpoint")
@@ -499,7 +499,7 @@ def test_deleting_a_job_being_cancelled_says_to_wait_not_to_cancel_it(
     job_id = submit(api, auth).json()["id"]
     db = Database(api_settings.database_url)
     with db.session() as session:
-        jobs.start_attempt(session, job_id, dispatch=0)
+        jobs.start_attempt(session, job_id, dispatch=0, runner="a run")
     db.dispose()
     assert api.post(f"/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
     detail = problem(api.delete(f"/jobs/{job_id}", headers=auth), 409)["detail"]

@@ -118,7 +118,7 @@ def started_job(settings: Settings) -> tuple[Celery, Database, str]:
     with db.session() as session:
         jobs.create_job(session, job_id, "someone", settings.queue, {}, [])
     with db.session() as session:
-        assert jobs.start_attempt(session, job_id, 0) is not None
+        assert jobs.start_attempt(session, job_id, 0, runner="a run") is not None
     return app, db, job_id
 
 
@@ -248,7 +248,7 @@ def test_a_worker_given_the_new_message_before_its_claim_commits_waits_and_runs_
 
     def start(dispatch: int) -> None:
         with worker_db.session() as session:
-            starts.append(jobs.start_attempt(session, job_id, dispatch))
+            starts.append(jobs.start_attempt(session, job_id, dispatch, runner="a run"))
 
     def send_and_take(app: Celery, job: str, dispatch: int) -> None:
         send_job(app, job, dispatch)
@@ -297,7 +297,7 @@ def test_with_a_broker_other_than_redis_the_sweeper_still_takes_back_a_dead_work
     with db.session() as session:
         session.execute(update(jobs.Job).where(jobs.Job.id == queued)
                         .values(updated_at=jobs.clock(session) - timedelta(hours=1)))
-        assert jobs.start_attempt(session, running, 0) is not None
+        assert jobs.start_attempt(session, running, 0, runner="a run") is not None
     silence(db, running)
     monkeypatch.setattr(worker.dispatch, "get_settings", lambda: settings)
     timer = SimpleNamespace(call_repeatedly=lambda *args, **kwargs: "a timer")

@@ -59,10 +59,10 @@ def status(db: Database, job_id: str) -> str | None:
         return None if job is None else job.status
 
 
-def start(db: Database, job_id: str, dispatch: int = 0) -> jobs.Assignment | None:
-    """A message of the job's `dispatch`-th sending, taken by a worker."""
+def start(db: Database, job_id: str, dispatch: int = 0, runner: str | None = None) -> jobs.Assignment | None:
+    """A message of the job's `dispatch`-th sending, taken by a worker: a run of its own unless `runner` says."""
     with db.session() as session:
-        return jobs.start_attempt(session, job_id, dispatch)
+        return jobs.start_attempt(session, job_id, dispatch, runner or uuid.uuid4().hex)
 
 
 def test_migrations_build_exactly_the_models(database: Database) -> None:
@@ -204,6 +204,31 @@ def test_a_copy_of_a_started_jobs_message_never_runs_it(database: Database) -> N
         assert session.get(jobs.Job, job_id).attempts == 2
 
 
+def test_a_start_tried_again_by_its_own_run_is_its_own_and_counts_once(database: Database) -> None:
+    """A run whose start committed but whose answer was lost tries again: it finds the job started by itself and
+    runs it, one attempt, even if a cancel came in between (its first stop check ends it). A copy of its
+    message, or the run of a message the sweeper has since replaced, still runs nothing."""
+    job_id, me = new_job(database, owner()), "this run"
+    assert start(database, job_id, runner=me) is not None
+    assert start(database, job_id, runner=me) == start(database, job_id, runner=me) is not None
+    assert start(database, job_id) is None  # a copy
+    with database.session() as session:
+        jobs.request_cancel(session, session.get(jobs.Job, job_id))
+    assert start(database, job_id, runner=me) is not None
+    with database.session() as session:
+        job = session.get(jobs.Job, job_id)
+        assert (job.status, job.attempts, job.runner) == ("cancelling", 1, me)
+    finished = new_job(database, owner())
+    assert start(database, finished, runner=me) is not None
+    with database.session() as session:
+        jobs.fail(session, finished, 0, "failed")
+    assert start(database, finished, runner=me) is None
+    taken = new_job(database, owner())
+    assert start(database, taken, runner=me) is not None
+    taken_back(database, taken, 0)
+    assert start(database, taken, runner=me) is None and start(database, taken, dispatch=1) is not None
+
+
 def test_a_cancel_while_a_worker_starts_the_job_waits_for_it_and_is_not_lost(database: Database) -> None:
     """The worker's read of the queued job and its update are one transaction that holds the row (PostgreSQL)
     or the database (SQLite, BEGIN IMMEDIATE): a cancel in between waits, then finds the job running and asks
@@ -219,7 +244,7 @@ def test_a_cancel_while_a_worker_starts_the_job_waits_for_it_and_is_not_lost(dat
 
     canceller = threading.Thread(target=cancel)
     with database.session() as session:
-        assert jobs.start_attempt(session, job_id, 0) is not None
+        assert jobs.start_attempt(session, job_id, 0, runner="a run") is not None
         canceller.start()
         canceller.join(1.0)
         assert answered == []  # held until the worker's transaction ends

@@ -100,7 +100,7 @@ def test_a_key_at_its_queue_cap_is_refused_429_before_its_body_is_read(
 
     db = Database(limited_settings.database_url)
     with db.session() as session:  # a running job still counts
-        assert jobs.start_attempt(session, first, dispatch=0) is not None
+        assert jobs.start_attempt(session, first, dispatch=0, runner="a run") is not None
     db.dispose()
     problem(submit(limited, headers), 429)
     assert limited.post(f"/jobs/{second}/cancel", headers=headers).status_code == 200
@@ -299,7 +299,7 @@ def test_a_succeeded_job_whose_checkpoint_vanished_answers_a_500_problem(
                              hashlib.sha256(checkpoint).hexdigest())
     db = Database(api_settings.database_url)
     with db.session() as session:
-        jobs.start_attempt(session, job_id, dispatch=0)
+        jobs.start_attempt(session, job_id, dispatch=0, runner="a run")
         assert jobs.succeed(session, job_id, 0, {"after": {}}, record)
     db.dispose()
     assert not Storage(api_settings.storage_dir).path(job_id, record.path).exists()
@@ -705,11 +705,25 @@ def test_a_result_recorded_by_a_write_whose_answer_was_lost_keeps_its_checkpoint
     assert len(_outputs(worker_job)) == 1 and cancelled == []  # taken for its own success, not for a cancel
 
 
+def test_a_start_whose_answer_was_lost_runs_the_job_on_its_first_attempt(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database commits the start and the connection drops before it says so: the start is tried again,
+    and found the job running. It took the start for a copy's and ran nothing, so the job sat running with no
+    run until the sweeper took it back, an attempt spent (left by 2026-12-06's fifth session's review)."""
+    _engine(monkeypatch, None)
+    start = committed_then_refused(jobs.start_attempt, worker_job.settings.database_url)
+    monkeypatch.setattr(jobs, "start_attempt", start)
+    _run(worker_job)
+    job = worker_job.row()
+    assert (job.status, job.attempts) == (jobs.Status.SUCCEEDED, 1) and len(_outputs(worker_job)) == 1
+
+
 def test_a_job_killed_at_the_hard_time_limit_leaves_no_partial_checkpoint(worker_job: WorkerJob) -> None:
     from worker.tasks import sanitize_job
 
     with worker_job.db.session() as session:
-        jobs.start_attempt(session, worker_job.id, dispatch=0)
+        jobs.start_attempt(session, worker_job.id, dispatch=0, runner="a run")
     partial = worker_job.storage.output_path(worker_job.id, 0)
     partial.parent.mkdir(parents=True)
     partial.with_name(".tmpX7q2").write_bytes(b"half a checkpoint")  # safetensors' file before its rename
@@ -733,7 +747,7 @@ def test_a_late_failure_report_keeps_the_checkpoint_the_job_recorded(
 def _sent_again(job: WorkerJob) -> None:
     """The job's run of sending 0 started and went silent (its worker killed), and the sweeper sent it again."""
     with job.db.session() as session:
-        jobs.start_attempt(session, job.id, dispatch=0)
+        jobs.start_attempt(session, job.id, dispatch=0, runner="a run")
     assert taken_back(job.db, job.id, 0) == "queued"
 
 
@@ -769,7 +783,7 @@ def test_a_late_failure_of_a_replaced_run_leaves_its_successors_folder(worker_jo
 
     _sent_again(worker_job)
     with worker_job.db.session() as session:
-        assert jobs.start_attempt(session, worker_job.id, dispatch=1) is not None
+        assert jobs.start_attempt(session, worker_job.id, dispatch=1, runner="a run") is not None
     _written(worker_job, 0)
     being_written = _written(worker_job, 1)
     sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
@@ -832,7 +846,7 @@ def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
 
     monkeypatch.setattr(worker.tasks, "Database", OutAfter)
     with worker_job.db.session() as session:
-        jobs.start_attempt(session, worker_job.id, dispatch=0)
+        jobs.start_attempt(session, worker_job.id, dispatch=0, runner="a run")
     # Raised, the error kept Celery from acknowledging the message, and with one message at a time the worker
     # took no other (the review of these mends).
     sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
@@ -861,7 +875,7 @@ def test_a_start_the_database_refuses_puts_the_message_back_and_leaves_the_job_a
     from worker.tasks import sanitize_job
 
     with worker_job.db.session() as session:
-        jobs.start_attempt(session, worker_job.id, dispatch=0)  # the live run, elsewhere
+        jobs.start_attempt(session, worker_job.id, dispatch=0, runner="a run")  # the live run, elsewhere
     being_written = _written(worker_job, 0)
     settings = worker_job.settings.model_copy(update={"job_time_limit": time_limit})
     monkeypatch.setattr(worker.tasks, "get_settings", lambda: settings)

@@ -7,6 +7,7 @@ import errno
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -175,8 +176,9 @@ def sanitize_job(job_id: str, dispatch: int) -> None:
     started = time.monotonic()  # Celery's time limits count from here
     settings = get_settings()
     db = database()
+    runner = uuid.uuid4().hex  # this run's, not the message's: a copy of the message runs under another
     try:  # within half the time limit: the soft limit, reached here, would be the task's error
-        assignment = _patiently(db, job_id, lambda session: jobs.start_attempt(session, job_id, dispatch),
+        assignment = _patiently(db, job_id, lambda session: jobs.start_attempt(session, job_id, dispatch, runner),
                                 min(FINAL_WRITE_PATIENCE, settings.job_time_limit / 2))
     except (OperationalError, SoftTimeLimitExceeded) as error:
         # Nothing of the job ran here, so nothing of it is failed or removed (`on_failure` would: this message may
