@@ -9,9 +9,11 @@ Statuses: queued -> running -> succeeded | failed | cancelling -> cancelled; que
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -128,8 +130,8 @@ class Job(Base):
                                 "message it replaced is dropped if it turns up after all"
     )
     runner: Mapped[str | None] = mapped_column(
-        String(32), doc="which run of the job's message started it: a start tried again after its commit's answer "
-                        "was lost finds the job its own, where a copy of the message finds it another's"
+        String(32), doc="which run of the job's message started it (`runner_token`): a start tried again after its "
+                        "commit's answer was lost finds the job its own, where a copy of the message finds it another's"
     )
     stage: Mapped[str | None] = mapped_column(String(32))
     epoch: Mapped[int | None] = mapped_column(Integer)
@@ -274,13 +276,16 @@ def list_jobs(
 
 
 def _transition(session: Session, job_id: str, allowed: tuple[Status, ...], dispatch: int | None = None,
-                stamped: tuple[str, ...] = (), **values: Any) -> bool:
+                stamped: tuple[str, ...] = (), place: str | None = None, **values: Any) -> bool:
     """Set `values`, and `updated_at` and the columns named in `stamped` to now (one read of the database's
     clock), if the job is in one of the `allowed` statuses (and, given `dispatch`, still run by that sending:
-    a worker whose job was taken from it changes nothing); False if not (or the job is gone)."""
+    a worker whose job was taken from it changes nothing; given `place`, by a run that lives there, as
+    `runner_place` says); False if not (or the job is gone)."""
     query = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
     if dispatch is not None:
         query = query.where(Job.dispatch == dispatch)
+    if place is not None:
+        query = query.where(Job.runner.startswith(place, autoescape=True))
     now = clock(session)
     query = query.values(updated_at=now, **dict.fromkeys(stamped, now), **values)
     return session.execute(query.execution_options(synchronize_session=False)).rowcount == 1
@@ -357,8 +362,21 @@ class Assignment:
     inputs: dict[str, str]
 
 
+def runner_place(node: str | None, pid: int) -> str:
+    """Where a run lives, as the first 20 characters of its token: its worker's node name (hashed) and its
+    pool process. The worker's main process, which writes the failure of a run it killed at the hard time
+    limit, knows these two of the run and no more."""
+    return hashlib.blake2b((node or "").encode(), digest_size=6).hexdigest() + f"{pid:08x}"
+
+
+def runner_token(node: str | None, pid: int) -> str:
+    """A token for one run of a job's message, drawn by the run (`start_attempt`): where it lives, and 48 random
+    bits that tell it from any other run there (a pool process's id comes round again)."""
+    return runner_place(node, pid) + uuid.uuid4().hex[:12]
+
+
 def start_attempt(session: Session, job_id: str, dispatch: int, runner: str) -> Assignment | None:
-    """Count one more start of the job and mark it running by `runner`, a token its run drew; None when there
+    """Count one more start of the job and mark it running by `runner`, the token its run drew; None when there
     is nothing to run.
 
     Only a queued job starts. A message for a job that has started is a copy: a worker gives its message back
@@ -431,10 +449,22 @@ def succeed(session: Session, job_id: str, dispatch: int, report: dict[str, Any]
     return done
 
 
-def fail(session: Session, job_id: str, dispatch: int, error: str) -> None:
-    """Mark the job failed with a message its owner can act on."""
-    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, status=Status.FAILED,
+def fail(session: Session, job_id: str, dispatch: int, error: str, place: str | None = None) -> None:
+    """Mark the job failed with a message its owner can act on. Given `place` (`runner_place`), only if the
+    run that started it lives there: a failure written for a run that may never have started the job (a
+    copy of the message, killed as it waited for its start) must not end another run's."""
+    _transition(session, job_id, (Status.RUNNING, Status.CANCELLING), dispatch, place=place, status=Status.FAILED,
                 error=error, stamped=("finished_at",))
+
+
+def held_elsewhere(session: Session, job_id: str, dispatch: int, place: str) -> bool:
+    """Whether a run that does not live at `place` holds the job at `dispatch`: the files of that sending are
+    then that run's."""
+    runner = session.execute(
+        select(Job.runner).where(Job.id == job_id, Job.dispatch == dispatch,
+                                 Job.status.in_((Status.RUNNING, Status.CANCELLING)))
+    ).scalar_one_or_none()
+    return runner is not None and not runner.startswith(place)
 
 
 def finish_cancelled(session: Session, job_id: str, dispatch: int) -> None:

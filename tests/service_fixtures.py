@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from http import HTTPStatus
 from pathlib import Path
@@ -274,10 +274,11 @@ def free_port() -> int:
 
 @dataclass
 class ServiceProcess:
-    """A process of the service (worker or API) started for a test, with its log."""
+    """A process of the service (worker or API) started for a test, with its log (and a worker's node name)."""
 
     process: subprocess.Popen
     log: Path
+    node: str | None = None
 
     def children(self) -> list[int]:
         """Ids of the process's children (a Celery worker's pool process)."""
@@ -319,6 +320,7 @@ def _start(
 def start_worker(settings: Settings, log: Path) -> ServiceProcess:
     """A real Celery worker process on the settings' broker, queue, database and storage."""
     before = log.stat().st_size if log.exists() else 0
+    node = f"test-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
     command = [
         sys.executable,
         "-m",
@@ -331,11 +333,12 @@ def start_worker(settings: Settings, log: Path) -> ServiceProcess:
         "--without-mingle",
         "--without-gossip",
         "--hostname",
-        f"test-{uuid.uuid4().hex[:6]}@%h",
+        node,
     ]
-    return _start(
+    started = _start(
         command, service_env(settings), log, lambda: log.exists() and b" ready." in log.read_bytes()[before:]
     )
+    return replace(started, node=node)
 
 
 def start_api(settings: Settings, port: int, log: Path) -> ServiceProcess:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import os
 import tarfile
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
@@ -654,6 +656,24 @@ def test_a_database_out_for_minutes_as_a_job_ends_keeps_its_result(
     assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
 
 
+def test_what_escapes_a_run_fails_its_job(worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What escapes the task once its run has started the job (here the heartbeat's thread, which the system
+    would not start) is Celery's failure, handled in the run's own process: the job is failed, as this run's,
+    rather than left running until the sweeper takes it."""
+    import worker.tasks
+    from worker.tasks import sanitize_job
+
+    @contextmanager
+    def no_thread(*args) -> Iterator[None]:
+        raise RuntimeError("can't start new thread")
+        yield
+
+    monkeypatch.setattr(worker.tasks, "heartbeat", no_thread)
+    result = sanitize_job.apply(args=(worker_job.id, 0))  # Celery's own handling of what the task raises
+    job = worker_job.row()
+    assert result.state == "FAILURE" and (job.status, job.error) == (jobs.Status.FAILED, jobs.INTERNAL_ERROR)
+
+
 @pytest.mark.parametrize(("error", "write", "ends"), [(None, "succeed", "succeeded"),
                                                       (Cancelled("cancelled"), "finish_cancelled", "cancelled"),
                                                       (InputError("bad"), "fail", "failed")])
@@ -719,35 +739,80 @@ def test_a_start_whose_answer_was_lost_runs_the_job_on_its_first_attempt(
     assert (job.status, job.attempts) == (jobs.Status.SUCCEEDED, 1) and len(_outputs(worker_job)) == 1
 
 
-def test_a_job_killed_at_the_hard_time_limit_leaves_no_partial_checkpoint(worker_job: WorkerJob) -> None:
+# The worker and the pool process of the runs these tests stop at the hard time limit
+NODE, POOL_PROCESS = "celery@a-worker", 4321
+
+
+def _started_by(job: WorkerJob, node: str, pid: int, dispatch: int = 0) -> None:
+    """The job's message of sending `dispatch` started in pool process `pid` of worker `node`."""
+    with job.db.session() as session:
+        assert jobs.start_attempt(session, job.id, dispatch, jobs.runner_token(node, pid)) is not None
+
+
+def _hard_limit(job: WorkerJob, dispatch: int = 0, node: str = NODE, pid: int = POOL_PROCESS) -> None:
+    """What the worker's main process does at the hard time limit of the run of sending `dispatch` in pool
+    process `pid` of worker `node`, before it kills that process: Celery's own request (the task's, with its
+    message a stand-in from Celery's testing mocks) is told that the run timed out."""
+    from celery.contrib.testing.mocks import TaskMessage
+
     from worker.tasks import sanitize_job
 
-    with worker_job.db.session() as session:
-        jobs.start_attempt(session, worker_job.id, dispatch=0, runner="a run")
+    message = TaskMessage(sanitize_job.name, args=(job.id, dispatch))
+    request = sanitize_job.Request(message, app=sanitize_job.app, task=sanitize_job, hostname=node)
+    request.on_accepted(pid, time.monotonic())
+    request.on_timeout(soft=False, timeout=660)
+    assert request.acknowledged  # the message is done with, whatever became of the job
+
+
+def test_a_job_killed_at_the_hard_time_limit_leaves_no_partial_checkpoint(worker_job: WorkerJob) -> None:
+    _started_by(worker_job, NODE, POOL_PROCESS)
     partial = worker_job.storage.output_path(worker_job.id, 0)
     partial.parent.mkdir(parents=True)
     partial.with_name(".tmpX7q2").write_bytes(b"half a checkpoint")  # safetensors' file before its rename
-    sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
+    _hard_limit(worker_job)
     job = worker_job.row()
     assert job.status == jobs.Status.FAILED and "time limit" in job.error and _outputs(worker_job) == []
+
+
+@pytest.mark.parametrize(("node", "pid"), [(NODE, 1234), ("celery@another-worker", POOL_PROCESS)],
+                         ids=["another-pool-process", "another-worker"])
+def test_a_copy_killed_at_the_hard_time_limit_leaves_the_live_run_alone(
+    worker_job: WorkerJob, node: str, pid: int
+) -> None:
+    """A copy of a live run's message (a broker restored it) whose start hung on a stalled database server
+    until the hard time limit: the worker's main process failed the live run's job and removed the checkpoint
+    it was writing, knowing only the sending (left by 2026-12-06's fifth session's review)."""
+    _started_by(worker_job, node, pid)
+    being_written = _written(worker_job, 0)
+    _hard_limit(worker_job)
+    job = worker_job.row()
+    assert (job.status, job.error) == (jobs.Status.RUNNING, None) and _outputs(worker_job) == [being_written]
+
+
+def test_a_failure_that_escapes_a_copy_leaves_the_live_run_alone(worker_job: WorkerJob) -> None:
+    """What escapes the task in its pool process (an error of the database that is no outage, as the start
+    waits) is the task's failure: this process never started the job, and another run holds it."""
+    from worker.tasks import sanitize_job
+
+    _started_by(worker_job, NODE, POOL_PROCESS)
+    being_written = _written(worker_job, 0)
+    sanitize_job.on_failure(RuntimeError("a database error"), "task", (worker_job.id, 0), {}, None)
+    assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
 
 
 def test_a_late_failure_report_keeps_the_checkpoint_the_job_recorded(
     worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.tasks import sanitize_job
-
     _engine(monkeypatch, None)
     _run(worker_job)
     assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
-    sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
+    _hard_limit(worker_job, node=None, pid=os.getpid())
     assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
 
 
 def _sent_again(job: WorkerJob) -> None:
     """The job's run of sending 0 started and went silent (its worker killed), and the sweeper sent it again."""
-    with job.db.session() as session:
-        jobs.start_attempt(session, job.id, dispatch=0, runner="a run")
+    _started_by(job, NODE, POOL_PROCESS)
     assert taken_back(job.db, job.id, 0) == "queued"
 
 
@@ -779,14 +844,11 @@ def test_a_run_that_succeeds_removes_what_a_killed_run_before_it_left(
 def test_a_late_failure_of_a_replaced_run_leaves_its_successors_folder(worker_job: WorkerJob) -> None:
     """The run of sending 0, cut off from the database and replaced, reaches its hard limit while sending 1's
     run writes its checkpoint: it removes its own output and leaves the one being written."""
-    from worker.tasks import sanitize_job
-
     _sent_again(worker_job)
-    with worker_job.db.session() as session:
-        assert jobs.start_attempt(session, worker_job.id, dispatch=1, runner="a run") is not None
+    _started_by(worker_job, "celery@another-worker", POOL_PROCESS, dispatch=1)
     _written(worker_job, 0)
     being_written = _written(worker_job, 1)
-    sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
+    _hard_limit(worker_job)
     assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
 
 
@@ -831,7 +893,6 @@ def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
     minutes, as a job's own last write does) would stall the whole worker. A job whose failure is not written
     is silent, and the sweeper's to take."""
     import worker.tasks
-    from worker.tasks import sanitize_job
 
     class OutAfter(Database):
         sessions = 0
@@ -845,11 +906,10 @@ def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
                 yield session
 
     monkeypatch.setattr(worker.tasks, "Database", OutAfter)
-    with worker_job.db.session() as session:
-        jobs.start_attempt(session, worker_job.id, dispatch=0, runner="a run")
+    _started_by(worker_job, NODE, POOL_PROCESS)
     # Raised, the error kept Celery from acknowledging the message, and with one message at a time the worker
-    # took no other (the review of these mends).
-    sanitize_job.on_failure(TimeLimitExceeded(660), "task", (worker_job.id, 0), {}, None)
+    # took no other (the review of these mends); raised now, it would keep billiard from killing the process.
+    _hard_limit(worker_job)
     assert worker_clock.now == 0 and OutAfter.sessions == 1
     assert worker_job.row().status == (jobs.Status.RUNNING, jobs.Status.FAILED)[answered]
 

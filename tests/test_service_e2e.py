@@ -25,8 +25,9 @@ from test_hostile_files import _entry, _png, _safetensors, _zip
 
 from api.app import create_app
 from core.client import Client, ServiceError
+from core.database import Database
 from core.engine.sanitize import evaluate_checkpoint
-from core.jobs import INTERNAL_ERROR, new_job_id
+from core.jobs import INTERNAL_ERROR, Job, new_job_id, runner_place
 from core.params import SanitizeParams
 from core.settings import Settings
 from core.storage import LOCK_FILE, Storage
@@ -130,6 +131,11 @@ def killed_mid_job(client: TestClient, settings: Settings, worker: ServiceProces
     job_id = submit(client, headers, backdoor, **SHORT)
     wait_for(client, job_id, headers, done=training, log=worker.log)
     (pool_process,) = worker.children()
+    db = Database(settings.database_url)
+    with db.session() as session:
+        runner = session.get(Job, job_id).runner
+    db.dispose()
+    assert runner.startswith(runner_place(worker.node, pool_process))  # where the main process looks at a hard limit
     os.kill(pool_process, signal.SIGKILL)
     return wait_for(client, job_id, headers, log=worker.log)
 

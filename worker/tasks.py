@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -16,6 +16,8 @@ from typing import TypeVar
 
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.worker import state as worker_state
+from celery.worker.request import Request
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -149,34 +151,62 @@ def job_files(storage: Storage, assignment: jobs.Assignment) -> JobFiles:
                     out=storage.output_path(assignment.job_id, assignment.dispatch))
 
 
+class SanitizeRequest(Request):
+    """A job's message as the worker's main process holds it while a pool process runs it. Unlike the task, it
+    knows that process, and so where the run drew its token (`jobs.runner_place`)."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """At the hard time limit Celery calls the task's `on_failure` here, in the main process, without saying
+        which pool process it is about to kill; the failure is written here instead, for that process's run.
+        The run may never have started the job: a copy of a live run's message, killed as its start waited on
+        a stalled database server, failed the live run and removed its checkpoint."""
+        super().on_timeout(soft, timeout)
+        if not soft and not worker_state.should_terminate:  # Celery's own condition: none at a cold shutdown
+            job_id, dispatch = self.args
+            _fail_run(job_id, dispatch, TimeLimitExceeded(timeout), self.hostname, self.worker_pid)
+
+
 class SanitizeTask(Task):
+    Request = SanitizeRequest
+
     def on_failure(self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: object) -> None:
-        """What escaped the task: the hard time limit (the pool process was killed mid-job; Celery calls
-        this in the main process) or a database that failed as the job ended. The job is failed rather than
-        left running forever. A connection of its own: the main process must not open the cached pool its
-        future children would inherit. Tried once: this process receives the worker's messages, and a job
-        whose failure a database outage keeps from being written is silent, so the sweeper takes it."""
+        """What escaped the task in its pool process: a database that failed as the job ended. The job is
+        failed, if this run started it, rather than left running forever. The hard time limit's failure, which
+        Celery also reports here, is `SanitizeRequest`'s."""
+        if isinstance(exc, TimeLimitExceeded):
+            return
         job_id, dispatch = args
-        settings = get_settings()
-        db = Database(settings.database_url)
-        try:
-            message = _failure(job_id, exc, settings.job_time_limit)
-            _end(db, Storage(settings.storage_dir), job_id, dispatch,
-                 lambda session: jobs.fail(session, job_id, dispatch, message), patience=0.0)
-        except Exception:  # raised, it would keep Celery from acknowledging the message: the worker took no more
-            log.exception("job %s: its failure could not be recorded; the sweeper takes the job once silent", job_id)
-        finally:
-            db.dispose()
+        _fail_run(job_id, dispatch, exc, self.request.hostname, os.getpid())
 
 
-@app.task(name=SANITIZE, base=SanitizeTask)
-def sanitize_job(job_id: str, dispatch: int) -> None:
+def _fail_run(job_id: str, dispatch: int, error: Exception, node: str | None, pid: int) -> None:
+    """Fail the job for `error` if the run in pool process `pid` of worker `node` holds it, and remove what the
+    job's runs left in storage unless another run holds it. A connection of its own: the main process must not
+    open the cached pool its future children would inherit. Tried once: the main process receives the worker's
+    messages, and a job whose failure a database outage keeps from being written is silent, so the sweeper takes
+    it. Never raises: raised in the main process, it would keep billiard from killing the pool process next."""
+    settings = get_settings()
+    db = Database(settings.database_url)
+    try:
+        place = jobs.runner_place(node, pid)
+        message = _failure(job_id, error, settings.job_time_limit)
+        _end(db, Storage(settings.storage_dir), job_id, dispatch,
+             lambda session: jobs.fail(session, job_id, dispatch, message, place), patience=0.0, place=place)
+    except Exception:
+        log.exception("job %s: its failure could not be recorded; the sweeper takes the job once silent", job_id)
+    finally:
+        db.dispose()
+
+
+@app.task(name=SANITIZE, base=SanitizeTask, bind=True)
+def sanitize_job(self: SanitizeTask, job_id: str, dispatch: int) -> None:
     """Run one job to its end: succeeded, failed or cancelled, as recorded in the database. `dispatch` says
     which sending of the job this message is (`worker.dispatch`)."""
     started = time.monotonic()  # Celery's time limits count from here
     settings = get_settings()
     db = database()
-    runner = uuid.uuid4().hex  # this run's, not the message's: a copy of the message runs under another
+    # This run's, not the message's: a copy of the message runs under another
+    runner = jobs.runner_token(self.request.hostname, os.getpid())
     try:  # within half the time limit: the soft limit, reached here, would be the task's error
         assignment = _patiently(db, job_id, lambda session: jobs.start_attempt(session, job_id, dispatch, runner),
                                 min(FINAL_WRITE_PATIENCE, settings.job_time_limit / 2))
@@ -221,17 +251,21 @@ def engine_time(limit: float, elapsed: float) -> float:
 
 
 def _end(db: Database, storage: Storage, job_id: str, dispatch: int, write: Callable[[Session], T],
-         patience: float = FINAL_WRITE_PATIENCE) -> T:
+         patience: float = FINAL_WRITE_PATIENCE, place: str | None = None) -> T:
     """Write the job's last word (`_patiently`), then remove what this run and the job's earlier ones left in
     storage but the output the job recorded: a checkpoint cut off by a time limit or a full disk, one whole but
     never recorded (a cancel came first), one a killed run wrote before its successor took over. The job's
-    recorded result is never taken from it, by this run or by a late one."""
+    recorded result is never taken from it, by this run or by a late one. Given the `place` of a run that may
+    not have started the job (`_fail_run`), this sending's folder stays where a run elsewhere holds the job."""
 
-    def last_word(session: Session) -> tuple[T, jobs.Artifact | None]:
-        return write(session), _recorded_output(session, job_id)
+    def last_word(session: Session) -> tuple[T, jobs.Artifact | None, bool]:
+        said = write(session)
+        held = place is not None and jobs.held_elsewhere(session, job_id, dispatch, place)
+        return said, _recorded_output(session, job_id), held
 
-    said, recorded = _patiently(db, job_id, last_word, patience)
-    storage.remove_outputs(job_id, through=dispatch, keep=recorded.path if recorded else None)
+    said, recorded, held = _patiently(db, job_id, last_word, patience)
+    storage.remove_outputs(job_id, through=dispatch - 1 if held else dispatch,
+                           keep=recorded.path if recorded else None)
     return said
 
 
