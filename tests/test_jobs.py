@@ -229,6 +229,24 @@ def test_a_start_tried_again_by_its_own_run_is_its_own_and_counts_once(database:
     assert start(database, taken, runner=me) is None and start(database, taken, dispatch=1) is not None
 
 
+def test_a_failure_for_a_place_ends_only_a_run_that_lives_there(database: Database) -> None:
+    """The worker's main process knows of a run it kills only where it lived (`runner_place`): its failure ends
+    the job if that run started it, and leaves a run elsewhere alone, of another pool process or another worker."""
+    here, there = jobs.runner_place("celery@a", 4321), jobs.runner_place("celery@b", 4321)
+    assert len(jobs.runner_token("celery@a", 4321)) == 32 and jobs.runner_token("celery@a", 4321).startswith(here)
+    assert jobs.runner_token("celery@a", 4321) != jobs.runner_token("celery@a", 4321)  # a pool process id recurs
+    for node, pid, ends in [("celery@a", 4321, True), ("celery@a", 1234, False), ("celery@b", 4321, False)]:
+        job_id = new_job(database, owner())
+        assert start(database, job_id, runner=jobs.runner_token(node, pid)) is not None
+        with database.session() as session:
+            assert jobs.held_elsewhere(session, job_id, 0, here) is not ends
+            assert jobs.held_elsewhere(session, job_id, 0, there) is ((node, pid) != ("celery@b", 4321))
+            jobs.fail(session, job_id, 0, "the time limit", here)
+        assert status(database, job_id) == ("failed" if ends else "running")
+        with database.session() as session:
+            assert not jobs.held_elsewhere(session, job_id, 1, there)  # another sending's files are not its
+
+
 def test_a_cancel_while_a_worker_starts_the_job_waits_for_it_and_is_not_lost(database: Database) -> None:
     """The worker's read of the queued job and its update are one transaction that holds the row (PostgreSQL)
     or the database (SQLite, BEGIN IMMEDIATE): a cancel in between waits, then finds the job running and asks
