@@ -459,12 +459,12 @@ def fail(session: Session, job_id: str, dispatch: int, error: str, place: str | 
 
 def held_elsewhere(session: Session, job_id: str, dispatch: int, place: str) -> bool:
     """Whether a run that does not live at `place` holds the job at `dispatch`: the files of that sending are
-    then that run's."""
-    runner = session.execute(
+    then that run's. A run started by a worker older than the token (no `runner`) lives elsewhere too."""
+    row = session.execute(
         select(Job.runner).where(Job.id == job_id, Job.dispatch == dispatch,
                                  Job.status.in_((Status.RUNNING, Status.CANCELLING)))
-    ).scalar_one_or_none()
-    return runner is not None and not runner.startswith(place)
+    ).one_or_none()
+    return row is not None and (row.runner is None or not row.runner.startswith(place))
 
 
 def finish_cancelled(session: Session, job_id: str, dispatch: int) -> None:

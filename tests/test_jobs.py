@@ -20,7 +20,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from service_fixtures import ROOT, StoodStill, refused, taken_back
-from sqlalchemy import event, text
+from sqlalchemy import event, text, update
 
 from core import jobs, keys
 from core.cli import main
@@ -245,6 +245,14 @@ def test_a_failure_for_a_place_ends_only_a_run_that_lives_there(database: Databa
         assert status(database, job_id) == ("failed" if ends else "running")
         with database.session() as session:
             assert not jobs.held_elsewhere(session, job_id, 1, there)  # another sending's files are not its
+    older = new_job(database, owner())  # started by a worker older than the token
+    assert start(database, older) is not None
+    with database.session() as session:
+        session.execute(update(jobs.Job).where(jobs.Job.id == older).values(runner=None))
+    with database.session() as session:
+        assert jobs.held_elsewhere(session, older, 0, here)
+        jobs.fail(session, older, 0, "the time limit", here)
+    assert status(database, older) == "running"
 
 
 def test_a_cancel_while_a_worker_starts_the_job_waits_for_it_and_is_not_lost(database: Database) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import os
 import tarfile
 import threading
 import time
@@ -800,14 +799,26 @@ def test_a_failure_that_escapes_a_copy_leaves_the_live_run_alone(worker_job: Wor
     assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
 
 
-def test_a_late_failure_report_keeps_the_checkpoint_the_job_recorded(
-    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _engine(monkeypatch, None)
-    _run(worker_job)
-    assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
-    _hard_limit(worker_job, node=None, pid=os.getpid())
-    assert worker_job.row().status == jobs.Status.SUCCEEDED and len(_outputs(worker_job)) == 1
+def test_a_late_failure_report_keeps_the_checkpoint_the_job_recorded(worker_job: WorkerJob) -> None:
+    """The hard limit reached just after the run recorded its result."""
+    _started_by(worker_job, NODE, POOL_PROCESS)
+    recorded = _written(worker_job, 0)
+    output = jobs.FileRecord(jobs.OUTPUT, output_name(0), recorded.stat().st_size, "c" * 64)
+    with worker_job.db.session() as session:
+        assert jobs.succeed(session, worker_job.id, 0, {"after": {}}, output)
+    _hard_limit(worker_job)
+    assert worker_job.row().status == jobs.Status.SUCCEEDED and _outputs(worker_job) == [recorded]
+
+
+def test_a_cold_shutdown_fails_no_job(worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker stopped at once ends its run through the hard time limit's path; Celery writes no failure then,
+    and neither does the task: the job is the sweeper's, to run again."""
+    from celery.worker import state
+
+    _started_by(worker_job, NODE, POOL_PROCESS)
+    monkeypatch.setattr(state, "should_terminate", True)
+    _hard_limit(worker_job)
+    assert worker_job.row().status == jobs.Status.RUNNING
 
 
 def _sent_again(job: WorkerJob) -> None:
@@ -907,8 +918,6 @@ def test_the_hard_limits_report_does_not_wait_out_a_database_outage(
 
     monkeypatch.setattr(worker.tasks, "Database", OutAfter)
     _started_by(worker_job, NODE, POOL_PROCESS)
-    # Raised, the error kept Celery from acknowledging the message, and with one message at a time the worker
-    # took no other (the review of these mends); raised now, it would keep billiard from killing the process.
     _hard_limit(worker_job)
     assert worker_clock.now == 0 and OutAfter.sessions == 1
     assert worker_job.row().status == (jobs.Status.RUNNING, jobs.Status.FAILED)[answered]

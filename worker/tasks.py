@@ -184,7 +184,7 @@ def _fail_run(job_id: str, dispatch: int, error: Exception, node: str | None, pi
     job's runs left in storage unless another run holds it. A connection of its own: the main process must not
     open the cached pool its future children would inherit. Tried once: the main process receives the worker's
     messages, and a job whose failure a database outage keeps from being written is silent, so the sweeper takes
-    it. Never raises: raised in the main process, it would keep billiard from killing the pool process next."""
+    it. Never raises: Celery, or billiard in the main process, would log the error without the job it was for."""
     settings = get_settings()
     db = Database(settings.database_url)
     try:
