@@ -33,6 +33,7 @@ from service_fixtures import (
     taken_back,
 )
 from sqlalchemy import select
+from sqlalchemy.exc import DatabaseError
 
 from api import uploads
 from api.app import create_app
@@ -788,14 +789,21 @@ def test_a_copy_killed_at_the_hard_time_limit_leaves_the_live_run_alone(
     assert (job.status, job.error) == (jobs.Status.RUNNING, None) and _outputs(worker_job) == [being_written]
 
 
-def test_a_failure_that_escapes_a_copy_leaves_the_live_run_alone(worker_job: WorkerJob) -> None:
-    """What escapes the task in its pool process (an error of the database that is no outage, as the start
-    waits) is the task's failure: this process never started the job, and another run holds it."""
+def test_a_failure_that_escapes_a_copy_leaves_the_live_run_alone(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy's start meets an error of the database that is no outage (not tried again): it escapes the task,
+    and Celery's failure handler runs in the copy's process, which never started the job another run holds."""
     from worker.tasks import sanitize_job
+
+    def broken(*args, **kwargs) -> None:
+        raise DatabaseError("SELECT jobs ...", {}, Exception("database disk image is malformed"))
 
     _started_by(worker_job, NODE, POOL_PROCESS)
     being_written = _written(worker_job, 0)
-    sanitize_job.on_failure(RuntimeError("a database error"), "task", (worker_job.id, 0), {}, None)
+    monkeypatch.setattr(jobs, "start_attempt", broken)
+    result = sanitize_job.apply(args=(worker_job.id, 0))  # Celery's own handling of what the task raises
+    assert result.state == "FAILURE"
     assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
 
 
