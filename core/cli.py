@@ -68,23 +68,27 @@ def _on_the_database(command: Callable[[argparse.Namespace], int]) -> Callable[[
 
 
 def _add_tidy_command(commands: argparse._SubParsersAction) -> None:
-    """tidy: the job folders in NAD_STORAGE_DIR whose job NAD_DATABASE_URL no longer has."""
+    """tidy: what NAD_STORAGE_DIR holds that no job of NAD_DATABASE_URL owns or will remove."""
     parser = commands.add_parser(
-        "tidy", help="list (and with --remove, remove) job folders whose job the database no longer has",
+        "tidy", help="list (and with --remove, remove) job folders whose job the database no longer has, and "
+                     "output folders their finished job did not record",
         description="A job is removed from the database before its files (DELETE /jobs/{id}, a submission "
                     "refused after it was recorded), so a process killed between the two leaves a folder "
-                    "that no job owns, as does a worker's run that outlived its deleted job. This lists "
-                    "them, with their sizes; --remove removes them. Run it with the API's NAD_DATABASE_URL "
-                    "and NAD_STORAGE_DIR: every folder is judged by that database.")
+                    "that no job owns, as does a worker's run that outlived its deleted job. A worker's "
+                    "process killed at the hard time limit while it wrote a checkpoint may leave an output "
+                    "folder that its job, finished, did not record. This lists both, with their sizes; "
+                    "--remove removes them. Run it with the API's NAD_DATABASE_URL and NAD_STORAGE_DIR: "
+                    "every folder is judged by that database.")
     parser.add_argument("--remove", action="store_true", help="remove the folders listed")
     parser.set_defaults(run=_on_the_database(_tidy))
 
 
 def _tidy(args: argparse.Namespace) -> int:
-    """List, or remove, the job folders without a job. Never against a database that cannot be the API's, where
-    every folder would be ownerless: a SQLite file that is not there (a relative path read from another folder)
-    is not made, one without the jobs table is not migrated, unlike in `nad keys`, and one without any job is
-    not believed while folders exist."""
+    """List, or remove, the job folders without a job and the output folders their finished job did not record.
+    Never against a database that cannot be the API's, where every folder would be ownerless: a SQLite file
+    that is not there (a relative path read from another folder) is not made, one without the jobs table is
+    not migrated, unlike in `nad keys`, and one without any job while folders exist is not believed."""
+    import shutil
     from pathlib import Path
 
     from sqlalchemy import func, inspect, select
@@ -94,7 +98,7 @@ def _tidy(args: argparse.Namespace) -> int:
     from core.database import Database
     from core.engine.commands import fail
     from core.settings import get_settings
-    from core.storage import Storage
+    from core.storage import Storage, size_of
 
     settings = get_settings()
     storage, parsed = Storage(settings.storage_dir), make_url(settings.database_url)
@@ -114,27 +118,29 @@ def _tidy(args: argparse.Namespace) -> int:
                 return fail(f"it has no job at all, and {len(listed)} job folders are in {storage.root / 'jobs'}: "
                             f"{wrong}")
             ownerless = jobs.unrecorded(session, listed)
+            finished = jobs.finished_outputs(session, listed)
     finally:
         database.dispose()
-    sizes = {job_id: storage.size(job_id) for job_id in ownerless}
-    left = []
-    for job_id in ownerless:
-        print(f"{job_id}  {sizes[job_id]:>15,} bytes")
+    found = [storage.job_dir(job_id) for job_id in ownerless]
+    unkept = [folder for job_id, keep in sorted(finished.items()) for folder in storage.unkept_outputs(job_id, keep)]
+    sizes = {folder: size_of(folder) for folder in found + unkept}
+    for folder in found + unkept:
+        print(f"{folder.relative_to(storage.root / 'jobs')}  {sizes[folder]:>15,} bytes")
         if args.remove:
-            storage.remove(job_id)
-            if storage.job_dir(job_id).exists():
-                left.append(job_id)
+            shutil.rmtree(folder, ignore_errors=True)
+    left = [folder for folder in found + unkept if args.remove and folder.exists()]
     where = f"{len(listed)} job folders in {storage.root / 'jobs'} read against {url}"
-    total = f"{len(ownerless)} folders, {sum(sizes.values()):,} bytes"
+    total = (f"{len(found)} folders, {sum(sizes[f] for f in found):,} bytes whose job is gone, and {len(unkept)} "
+             f"output folders, {sum(sizes[f] for f in unkept):,} bytes their finished job did not record")
     if left:
-        return fail(f"{len(left)} of the {len(ownerless)} folders whose job is gone could not be removed "
+        return fail(f"{len(left)} of the {len(found) + len(unkept)} folders listed could not be removed "
                     f"({left[0]} first): check their owner and permissions ({where})")
     if args.remove:
-        print(f"removed {total} whose job is gone ({where})")
-    elif ownerless:
-        print(f"{total} whose job is gone ({where}); `nad tidy --remove` removes them")
+        print(f"removed {total} ({where})")
+    elif found or unkept:
+        print(f"{total} ({where}); `nad tidy --remove` removes them")
     else:
-        print(f"every folder has its job ({where})")
+        print(f"every folder has its job, and every finished job only the output it recorded ({where})")
     return 0
 
 

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -335,13 +335,31 @@ def redispatch(session: Session, job_id: str, dispatch: int) -> bool:
 IDS_PER_QUERY = 500
 
 
+def _in_chunks(job_ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(job_ids), IDS_PER_QUERY):
+        yield job_ids[start:start + IDS_PER_QUERY]
+
+
 def unrecorded(session: Session, job_ids: Sequence[str]) -> list[str]:
     """Those of `job_ids` that no job of this database has: the folders of jobs deleted or withdrawn by a
     process killed before it removed their files (`nad tidy`)."""
     found: set[str] = set()
-    for start in range(0, len(job_ids), IDS_PER_QUERY):
-        found.update(session.scalars(select(Job.id).where(Job.id.in_(job_ids[start:start + IDS_PER_QUERY]))))
+    for chunk in _in_chunks(job_ids):
+        found.update(session.scalars(select(Job.id).where(Job.id.in_(chunk))))
     return [job_id for job_id in job_ids if job_id not in found]
+
+
+def finished_outputs(session: Session, job_ids: Sequence[str]) -> dict[str, str | None]:
+    """The finished jobs of `job_ids`, each with the path of the output it recorded (None: none). No run of
+    theirs writes again, so their other output folders are leftovers no run will remove (`nad tidy`): the
+    checkpoint a worker's process was writing when the hard time limit killed it, just after its failure
+    removed the folder, say."""
+    found: dict[str, str | None] = {}
+    for chunk in _in_chunks(job_ids):
+        output = (Artifact.job_id == Job.id) & (Artifact.role == OUTPUT)
+        found.update(session.execute(select(Job.id, Artifact.path).outerjoin(Artifact, output)
+                                     .where(Job.id.in_(chunk), Job.status.in_(FINISHED))).all())
+    return found
 
 
 def withdraw(session: Session, job_id: str) -> None:

@@ -36,6 +36,17 @@ def output_name(dispatch: int) -> str:
     return f"output/{dispatch}/model.safetensors"
 
 
+def size_of(folder: Path) -> int:
+    """Bytes in `folder`: its files' sizes. A folder or file removed while it is counted (the API deleting the
+    job meanwhile) counts nothing: os.walk skips a folder it cannot list."""
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(parent, name)).st_size
+    return total
+
+
 class TooLarge(Exception):
     """An upload went past the size cap; nothing past the cap was written."""
 
@@ -170,16 +181,21 @@ class Storage:
         a temporary file of safetensors' included. A later sending's folder is left alone: its run may be
         writing in it. The output folder goes too once empty; a run that makes its own folder in it at that
         moment makes the output folder again (`Path.mkdir(parents=True)` tries once more)."""
-        outputs = self.job_dir(job_id) / "output"
-        try:
-            children = list(outputs.iterdir())
-        except FileNotFoundError:  # nothing written, or the job, finished, was deleted meanwhile
-            return
-        for child in children:
-            if child.name.isdigit() and int(child.name) <= through and output_name(int(child.name)) != keep:
-                shutil.rmtree(child, ignore_errors=True)
+        for folder in self.unkept_outputs(job_id, keep):
+            if int(folder.name) <= through:
+                shutil.rmtree(folder, ignore_errors=True)
         with contextlib.suppress(OSError):  # not empty: the recorded output, or a later sending's
-            outputs.rmdir()
+            (self.job_dir(job_id) / "output").rmdir()
+
+    def unkept_outputs(self, job_id: str, keep: str | None) -> list[Path]:
+        """The job's output folders, one per sending that wrote, but the one of `keep`, in sending order."""
+        try:
+            children = list((self.job_dir(job_id) / "output").iterdir())
+        except FileNotFoundError:  # nothing written, or the job, finished, was deleted meanwhile
+            return []
+        return sorted((child for child in children
+                       if child.name.isdigit() and output_name(int(child.name)) != keep),
+                      key=lambda child: int(child.name))
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
@@ -193,16 +209,6 @@ class Storage:
             return []
         return sorted(child.name for child in children
                       if JOB_ID.fullmatch(child.name) and not child.is_symlink() and child.is_dir())
-
-    def size(self, job_id: str) -> int:
-        """Bytes in the job's folder: its files' sizes. A folder or file removed while it is counted (the API
-        deleting the job meanwhile) counts nothing: os.walk skips a folder it cannot list."""
-        total = 0
-        for folder, _, files in os.walk(self.job_dir(job_id)):
-            for name in files:
-                with contextlib.suppress(FileNotFoundError):
-                    total += os.lstat(os.path.join(folder, name)).st_size
-        return total
 
     def sweep_incoming(self) -> int:
         """Remove the instance folders under incoming/ whose process is dead (their lock is free), with the

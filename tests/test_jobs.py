@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -675,7 +676,8 @@ def test_nad_tidy_lists_then_removes_the_folders_whose_job_is_gone_and_no_other(
     code, out, _ = tidy(url, storage.root)
     assert code == 0 and [line.split()[0] for line in out.splitlines()[:-1]] == [*lost, deleted, withdrawn]
     assert out.startswith(f"{lost[0]}  ") and out.splitlines()[0].endswith(" 3 bytes")
-    assert "502 folders, 1,506 bytes whose job is gone (503 job folders in" in out
+    assert "502 folders, 1,506 bytes whose job is gone, and 0 output folders, 0 bytes their finished job did not " \
+           "record (503 job folders in" in out
     assert storage.job_ids() == sorted([*lost, deleted, withdrawn, kept])  # listing removes nothing
 
     submitted = []
@@ -693,7 +695,44 @@ def test_nad_tidy_lists_then_removes_the_folders_whose_job_is_gone_and_no_other(
     assert storage.job_ids() == sorted([kept, *submitted]) and (storage.root / "jobs" / "not-a-job").is_dir()
     assert storage.path(kept, "inputs/model").read_bytes() == b"123" and (elsewhere / "inputs").is_dir()
     code, out, _ = tidy(url, storage.root)
-    assert code == 0 and out.startswith("every folder has its job (2 job folders")
+    assert code == 0 and out.startswith("every folder has its job, and every finished job only the output it "
+                                        "recorded (2 job folders")
+
+
+def test_nad_tidy_lists_then_removes_the_output_folders_a_finished_job_did_not_record(
+    database: Database, tmp_path: Path, tidy
+) -> None:
+    """A worker's process killed at the hard time limit as it wrote a checkpoint may make its output folder again
+    after the job's failure removed it, and no run of the job removes it then. A finished job's unrecorded
+    output folders go; its recorded output, a running job's and a folder no run makes stay."""
+    storage, who, url = Storage(tmp_path / "storage"), owner(), database.engine.url.render_as_string(False)
+
+    def written(job_id: str, dispatch: int) -> None:
+        storage.output_path(job_id, dispatch).parent.mkdir(parents=True)
+        storage.output_path(job_id, dispatch).write_bytes(b"12345")
+
+    failed, succeeded, running = sorted(new_job(database, who) for _ in range(3))
+    for job_id in (failed, succeeded, running):
+        start(database, job_id)
+        written(job_id, 0)
+    written(succeeded, 1)
+    (storage.job_dir(failed) / "output" / "notes").mkdir()
+    with database.session() as session:
+        jobs.fail(session, failed, 0, "the time limit")
+        jobs.succeed(session, succeeded, 0, {"after": {}}, OUTPUT)
+    code, out, _ = tidy(url, storage.root)
+    assert code == 0 and out.splitlines()[:-1] == [f"{failed}/output/0  {5:>15,} bytes",
+                                                   f"{succeeded}/output/1  {5:>15,} bytes"]
+    assert "0 folders, 0 bytes whose job is gone, and 2 output folders, 10 bytes their finished job did not " \
+           "record (3 job folders in" in out
+    assert storage.unkept_outputs(failed, None) == [storage.job_dir(failed) / "output" / "0"]  # listing removes none
+    code, out, _ = tidy(url, storage.root, "--remove")
+    assert code == 0 and out.splitlines()[-1].startswith("removed 0 folders, 0 bytes whose job is gone, and 2 ")
+    assert storage.unkept_outputs(failed, None) == [] and (storage.job_dir(failed) / "output" / "notes").is_dir()
+    assert storage.unkept_outputs(succeeded, None) == [storage.job_dir(succeeded) / "output" / "0"]
+    assert storage.output_path(running, 0).read_bytes() == b"12345"
+    code, out, _ = tidy(url, storage.root)
+    assert code == 0 and out.startswith("every folder has its job, and every finished job only the output it ")
 
 
 def test_nad_tidy_refuses_a_database_that_cannot_be_the_apis(database: Database, tmp_path: Path, tidy) -> None:
@@ -715,7 +754,8 @@ def test_nad_tidy_refuses_a_database_that_cannot_be_the_apis(database: Database,
     assert code == 2 and "it has no jobs table: " in err and "is not the service's database" in err
     assert len(storage.job_ids()) == 1
     code, out, _ = tidy(database.engine.url.render_as_string(False), tmp_path / "no storage yet")
-    assert code == 0 and out.startswith("every folder has its job (0 job folders")
+    assert code == 0 and out.startswith("every folder has its job, and every finished job only the output it "
+                                        "recorded (0 job folders")
 
 
 def test_nad_tidy_says_which_folders_it_could_not_remove(
@@ -725,7 +765,7 @@ def test_nad_tidy_says_which_folders_it_could_not_remove(
     stuck = jobs.new_job_id()
     storage.path(stuck, "inputs/model").parent.mkdir(parents=True)
     new_job(database, owner())  # the database holds jobs
-    monkeypatch.setattr(Storage, "remove", lambda self, job_id: None)  # as rmtree does where it may not
+    monkeypatch.setattr(shutil, "rmtree", lambda folder, ignore_errors: None)  # as it does where it may not
     code, out, err = tidy(database.engine.url.render_as_string(False), storage.root, "--remove")
     assert code == 2 and out.startswith(stuck) and "removed" not in out
-    assert f"1 of the 1 folders whose job is gone could not be removed ({stuck} first)" in err
+    assert f"1 of the 1 folders listed could not be removed ({storage.job_dir(stuck)} first)" in err
