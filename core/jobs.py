@@ -519,8 +519,10 @@ def recover(session: Session, job_id: str, dispatch: int, since: datetime, max_a
          .values(status=Status.CANCELLED, finished_at=stamp, updated_at=stamp)),
         (Status.FAILED, update(Job).where(*silent_since, Job.status == Status.RUNNING, Job.attempts >= max_attempts)
          .values(status=Status.FAILED, finished_at=stamp, updated_at=stamp,
-                 error=f"the job's worker stopped before the job finished, at {starts} (out of memory, or the "
-                 "machine restarted); try smaller batch_size or fewer images, or ask the operators")),
+                 error=f"the job's worker stopped before the job finished, at {starts} (out of memory, the "
+                 "machine restarted, or the time limit reached while the database was out, which kept that "
+                 "failure from being written); try smaller batch_size, fewer images or fewer epochs, or ask the "
+                 "operators")),
         (Status.QUEUED, update(Job).where(*silent_since, Job.status == Status.RUNNING)
          .values(status=Status.QUEUED, dispatch=dispatch + 1, stage=None, epoch=None, epochs=None, progress=0.0,
                  updated_at=stamp)),

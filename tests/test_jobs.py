@@ -169,6 +169,7 @@ def test_each_start_is_an_attempt_and_a_job_that_keeps_killing_workers_fails(dat
     with database.session() as session:
         job = session.get(jobs.Job, job_id)
         assert (job.status, job.attempts, job.dispatch) == ("failed", 2, 1) and "at each of its 2 starts" in job.error
+        assert "out of memory, the machine restarted, or the time limit reached while the database was out" in job.error
         assert job.finished_at is not None and jobs.count_unfinished(session, job.owner) == 0
     assert start(database, job_id, dispatch=2) is None
 
