@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 import uuid
@@ -380,11 +381,18 @@ class Assignment:
     inputs: dict[str, str]
 
 
+# Read once, at import: a worker's pool processes, forked from its main process, agree with it on the name
+# even should the host be renamed while they run.
+HOST = socket.gethostname()
+
+
 def runner_place(node: str | None, pid: int) -> str:
-    """Where a run lives, as the first 20 characters of its token: its worker's node name (hashed) and its
-    pool process. The worker's main process, which writes the failure of a run it killed at the hard time
-    limit, knows these two of the run and no more."""
-    return hashlib.blake2b((node or "").encode(), digest_size=6).hexdigest() + f"{pid:08x}"
+    """Where a run lives, as the first 20 characters of its token: its worker's node name and host name (hashed)
+    and its pool process. The worker's main process, which writes the failure of a run it killed at the hard
+    time limit, knows these of the run and no more. The host name tells apart the containers of workers given
+    one node name by hand, whose pool processes' ids, small numbers in each container, may well be equal."""
+    where = f"{node or ''}\0{HOST}"
+    return hashlib.blake2b(where.encode(), digest_size=6).hexdigest() + f"{pid:08x}"
 
 
 def runner_token(node: str | None, pid: int) -> str:

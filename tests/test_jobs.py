@@ -231,10 +231,16 @@ def test_a_start_tried_again_by_its_own_run_is_its_own_and_counts_once(database:
     assert start(database, taken, runner=me) is None and start(database, taken, dispatch=1) is not None
 
 
-def test_a_failure_for_a_place_ends_only_a_run_that_lives_there(database: Database) -> None:
+def test_a_failure_for_a_place_ends_only_a_run_that_lives_there(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The worker's main process knows of a run it kills only where it lived (`runner_place`): its failure ends
-    the job if that run started it, and leaves a run elsewhere alone, of another pool process or another worker."""
+    the job if that run started it, and leaves a run elsewhere alone, of another pool process or another worker,
+    be it a worker of the same node name in another container."""
     here, there = jobs.runner_place("celery@a", 4321), jobs.runner_place("celery@b", 4321)
+    monkeypatch.setattr(jobs, "HOST", "another-container")
+    assert jobs.runner_place("celery@a", 4321) != here
+    monkeypatch.undo()
     assert len(jobs.runner_token("celery@a", 4321)) == 32 and jobs.runner_token("celery@a", 4321).startswith(here)
     assert jobs.runner_token("celery@a", 4321) != jobs.runner_token("celery@a", 4321)  # a pool process id recurs
     for node, pid, ends in [("celery@a", 4321, True), ("celery@a", 1234, False), ("celery@b", 4321, False)]:
