@@ -76,10 +76,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+# A parameter's schema that any value meets, once its documentation is set aside: FastAPI lists a 422 for an
+# operation with parameters whatever they are.
+ANY_STRING = ({"type": "string"}, {"anyOf": [{"type": "string"}, {"type": "null"}]})
+
+
+def _can_be_invalid(operation: dict[str, Any]) -> bool:
+    """Whether a request can fail validation: it has a body, or a parameter that not every string meets."""
+    documentation = {"title", "description"}
+    return "requestBody" in operation or any(
+        {key: value for key, value in parameter["schema"].items() if key not in documentation} not in ANY_STRING
+        for parameter in operation.get("parameters", []))
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's description, with the schemas that routes refer to by hand (the problem document, and
     SanitizeParams for the `params` field of the multipart upload) and FastAPI's own 422 shape replaced by
-    the problem that is actually sent."""
+    the problem that is actually sent, or dropped where nothing can be invalid (a job id that is not one is a
+    404)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description,
                              routes=app.routes)
@@ -89,7 +103,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         schemas.update(definitions["$defs"])
         for path in schema["paths"].values():
             for operation in path.values():
-                if "application/json" in operation["responses"].get("422", {}).get("content", {}):
+                if not _can_be_invalid(operation):
+                    operation["responses"].pop("422", None)
+                elif "application/json" in operation["responses"].get("422", {}).get("content", {}):
                     operation["responses"]["422"] = problems.responses(422)[422]
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)

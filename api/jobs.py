@@ -159,7 +159,9 @@ def _queue_full(count: int, limit: int) -> ProblemError:
     status_code=202,
     summary="Submit a checkpoint to sanitize",
     openapi_extra=UPLOAD_BODY,
-    responses=responses(400, 401, 413, 415, 422, 429, 503, 507),
+    responses={202: {"headers": {"Location": {"description": "the job's path, `/jobs/{id}`", "required": True,
+                                              "schema": {"type": "string"}}}},
+               **responses(400, 401, 413, 415, 422, 429, 503, 507)},
 )
 async def submit(request: Request, response: Response, owner: Owner, service: Service,
                  idempotency_key: IdempotencyKey = None) -> JobResource:
@@ -324,13 +326,27 @@ async def get_metrics(job_id: str, owner: Owner, session: Reading) -> Metrics:
     return Metrics(job_id=job.id, **job.report)
 
 
+def _header(description: str, required: bool = True) -> dict[str, Any]:
+    return {"description": description, "required": required, "schema": {"type": "string"}}
+
+
+# What a download answers with, whole or in part: what resuming it and checking the copy need.
+FILE_HEADERS = {
+    "ETag": _header("the checkpoint's sha256, quoted"),
+    "Last-Modified": _header("when the checkpoint was written"),
+    "Content-Disposition": _header("`attachment; filename=\"<id>.safetensors\"`"),
+    "Accept-Ranges": _header("`bytes`"),
+}
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "the cleansed checkpoint (safetensors)",
+    200: {"description": "the cleansed checkpoint (safetensors)", "headers": FILE_HEADERS,
           "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
     206: {"description": "the byte range asked for with `Range`; several ranges come as multipart/byteranges",
+          "headers": {**FILE_HEADERS, "Content-Range": _header("`bytes <first>-<last>/<size>`, for one range "
+                                                               "(several: in each part)", required=False)},
           "content": {media_type: {"schema": {"type": "string", "format": "binary"}}
                       for media_type in ("application/octet-stream", "multipart/byteranges")}},
-    304: {"description": "`If-None-Match` holds the checkpoint's ETag: the copy you have is current"},
+    304: {"description": "`If-None-Match` holds the checkpoint's ETag: the copy you have is current",
+          "headers": {"ETag": FILE_HEADERS["ETag"]}},
     **responses(400, 401, 404, 409, 412, 416, 500, 503),
 }
 

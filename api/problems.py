@@ -154,8 +154,19 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
+# The headers a problem of these statuses comes with, for the OpenAPI description.
+PROBLEM_HEADERS: dict[int, dict[str, Any]] = {
+    429: {"Retry-After": {"description": "seconds to wait before sending the job again", "required": True,
+                          "schema": {"type": "integer"}}},
+    503: {"Retry-After": {"description": "seconds to wait: sent with a job endpoint's 503 while the job database "
+                                         "is unreachable",
+                          "schema": {"type": "integer"}}},
+}
+
+
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The `responses=` of a route that may answer with these problems, for the OpenAPI description."""
     schema = {"$ref": "#/components/schemas/Problem"}
-    return {status: {"description": HTTPStatus(status).phrase, "content": {MEDIA_TYPE: {"schema": schema}}}
+    return {status: {"description": HTTPStatus(status).phrase, "content": {MEDIA_TYPE: {"schema": schema}},
+                     **({"headers": PROBLEM_HEADERS[status]} if status in PROBLEM_HEADERS else {})}
             for status in statuses}

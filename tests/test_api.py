@@ -557,6 +557,18 @@ def test_a_succeeded_job_serves_its_metrics_and_its_model_with_etag_and_ranges(
     assert headers_only.headers["etag"] == etag and headers_only.headers["content-length"] == str(len(weights))
     assert api.head(f"/jobs/{job_id}/model", headers=auth | {"If-None-Match": etag}).status_code == 304
     assert api.head(f"/jobs/{job_id}/model").status_code == 401
+    several = api.get(f"/jobs/{job_id}/model", headers=auth | {"Range": "bytes=0-9, 20-29"})
+    assert several.headers["content-type"].startswith("multipart/byteranges")
+    current = api.get(f"/jobs/{job_id}/model", headers=auth | {"If-None-Match": etag})
+    for answer in (whole, part, several, current, headers_only):  # each header the description says it has
+        assert set(required_headers(api, "/jobs/{job_id}/model", answer)) <= set(answer.headers), answer
+
+
+def required_headers(api: TestClient, path: str, answer: httpx.Response) -> list[str]:
+    """The headers that the OpenAPI description says `answer` (a response to `path`) always has, in lower case."""
+    operation = api.get("/openapi.json").json()["paths"][path][answer.request.method.lower()]
+    headers = operation["responses"][str(answer.status_code)].get("headers", {})
+    return [name.lower() for name, header in headers.items() if header.get("required")]
 
 
 def test_unknown_routes_wrong_methods_and_unexpected_errors_are_problems(
@@ -676,3 +688,10 @@ def test_the_openapi_description_documents_the_upload_and_the_problems(api: Test
         for operation in path.values():
             validation = operation["responses"].get("422", {}).get("content", {})
             assert "application/json" not in validation  # FastAPI's own shape: every error is a problem
+    # a 422 only where something can be invalid: a job id that names no job is a 404
+    assert "422" in spec["paths"]["/jobs"]["get"]["responses"]
+    for path, operations in spec["paths"].items():
+        if path.startswith("/jobs/"):
+            assert all("422" not in operation["responses"] for operation in operations.values()), path
+    assert upload["responses"]["202"]["headers"]["Location"]["required"]
+    assert upload["responses"]["429"]["headers"]["Retry-After"]["required"]
