@@ -67,6 +67,10 @@ def _on_the_database(command: Callable[[argparse.Namespace], int]) -> Callable[[
     return run
 
 
+def _folders(count: int, kind: str = "") -> str:
+    return f"{count} {kind}folder{'' if count == 1 else 's'}"
+
+
 def _add_tidy_command(commands: argparse._SubParsersAction) -> None:
     """tidy: what NAD_STORAGE_DIR holds that no job of NAD_DATABASE_URL owns or will remove."""
     parser = commands.add_parser(
@@ -115,7 +119,7 @@ def _tidy(args: argparse.Namespace) -> int:
             if not inspect(session.connection()).has_table(jobs.Job.__tablename__):
                 return fail(f"it has no jobs table: {wrong}")
             if listed and not session.scalar(select(func.count()).select_from(jobs.Job)):
-                return fail(f"it has no job at all, and {len(listed)} job folders are in {storage.root / 'jobs'}: "
+                return fail(f"it has no job at all, and {storage.root / 'jobs'} holds {_folders(len(listed), 'job ')}: "
                             f"{wrong}")
             ownerless = jobs.unrecorded(session, listed)
             finished = jobs.finished_outputs(session, listed)
@@ -129,11 +133,12 @@ def _tidy(args: argparse.Namespace) -> int:
         if args.remove:
             shutil.rmtree(folder, ignore_errors=True)
     left = [folder for folder in found + unkept if args.remove and folder.exists()]
-    where = f"{len(listed)} job folders in {storage.root / 'jobs'} read against {url}"
-    total = (f"{len(found)} folders, {sum(sizes[f] for f in found):,} bytes whose job is gone, and {len(unkept)} "
-             f"output folders, {sum(sizes[f] for f in unkept):,} bytes their finished job did not record")
+    where = f"{_folders(len(listed), 'job ')} in {storage.root / 'jobs'} read against {url}"
+    total = (f"{_folders(len(found))}, {sum(sizes[f] for f in found):,} bytes whose job is gone, and "
+             f"{_folders(len(unkept), 'output ')}, {sum(sizes[f] for f in unkept):,} bytes their finished job "
+             "did not record")
     if left:
-        return fail(f"{len(left)} of the {len(found) + len(unkept)} folders listed could not be removed "
+        return fail(f"{len(left)} of {_folders(len(found) + len(unkept))} listed could not be removed "
                     f"({left[0]} first): check their owner and permissions ({where})")
     if args.remove:
         print(f"removed {total} ({where})")

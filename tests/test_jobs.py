@@ -755,7 +755,7 @@ def test_nad_tidy_refuses_a_database_that_cannot_be_the_apis(database: Database,
     empty.migrate()
     empty.dispose()
     code, _, err = tidy(f"sqlite:///{tmp_path / 'keys.db'}", storage.root, "--remove")
-    assert code == 2 and "it has no job at all, and 1 job folders are in" in err
+    assert code == 2 and f"it has no job at all, and {storage.root / 'jobs'} holds 1 job folder: " in err
     sqlite3.connect(tmp_path / "bare.db").close()
     code, _, err = tidy(f"sqlite:///{tmp_path / 'bare.db'}", storage.root, "--remove")
     assert code == 2 and "it has no jobs table: " in err and "is not the service's database" in err
@@ -775,4 +775,4 @@ def test_nad_tidy_says_which_folders_it_could_not_remove(
     monkeypatch.setattr(shutil, "rmtree", lambda folder, ignore_errors: None)  # as it does where it may not
     code, out, err = tidy(database.engine.url.render_as_string(False), storage.root, "--remove")
     assert code == 2 and out.startswith(stuck) and "removed" not in out
-    assert f"1 of the 1 folders listed could not be removed ({storage.job_dir(stuck)} first)" in err
+    assert f"1 of 1 folder listed could not be removed ({storage.job_dir(stuck)} first)" in err
