@@ -82,10 +82,12 @@ ANY_STRING = ({"type": "string"}, {"anyOf": [{"type": "string"}, {"type": "null"
 
 
 def _can_be_invalid(operation: dict[str, Any]) -> bool:
-    """Whether a request can fail validation: it has a body, or a parameter that not every string meets."""
+    """Whether a request can fail validation: it has a body, a parameter that not every string meets, or a
+    required one that it may leave out (a path's is always there)."""
     documentation = {"title", "description"}
     return "requestBody" in operation or any(
         {key: value for key, value in parameter["schema"].items() if key not in documentation} not in ANY_STRING
+        or (parameter.get("required") and parameter["in"] != "path")
         for parameter in operation.get("parameters", []))
 
 

@@ -24,7 +24,7 @@ from service_fixtures import PARAMS, REPORT, ROOT, free_port, fresh_postgres, ne
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
-from api.app import create_app
+from api.app import _can_be_invalid, create_app
 from api.problems import _database_down
 from core import jobs, keys
 from core.database import Database
@@ -694,4 +694,7 @@ def test_the_openapi_description_documents_the_upload_and_the_problems(api: Test
         if path.startswith("/jobs/"):
             assert all("422" not in operation["responses"] for operation in operations.values()), path
     assert upload["responses"]["202"]["headers"]["Location"]["required"]
+    path_id = {"in": "path", "name": "job_id", "required": True, "schema": {"type": "string", "title": "Job Id"}}
+    assert not _can_be_invalid({"parameters": [path_id]})
+    assert _can_be_invalid({"parameters": [path_id, path_id | {"in": "header", "name": "token"}]})  # left out
     assert upload["responses"]["429"]["headers"]["Retry-After"]["required"]
