@@ -352,9 +352,9 @@ def unrecorded(session: Session, job_ids: Sequence[str]) -> list[str]:
 
 def finished_outputs(session: Session, job_ids: Sequence[str]) -> dict[str, str | None]:
     """The finished jobs of `job_ids`, each with the path of the output it recorded (None: none). No run of
-    theirs writes again, so their other output folders are leftovers no run will remove (`nad tidy`): the
-    checkpoint a worker's process was writing when the hard time limit killed it, just after its failure
-    removed the folder, say."""
+    theirs can record another, so their other output folders are leftovers (`nad tidy`): the checkpoint a
+    worker's process was writing when the hard time limit killed it, just after its failure removed the
+    folder, say. One a run taken from the job still writes is removed by that run when it ends, if not before."""
     found: dict[str, str | None] = {}
     for chunk in _in_chunks(job_ids):
         output = (Artifact.job_id == Job.id) & (Artifact.role == OUTPUT)

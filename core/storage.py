@@ -188,13 +188,16 @@ class Storage:
             (self.job_dir(job_id) / "output").rmdir()
 
     def unkept_outputs(self, job_id: str, keep: str | None) -> list[Path]:
-        """The job's output folders, one per sending that wrote, but the one of `keep`, in sending order."""
+        """The job's output folders, one per sending that wrote, but the one of `keep`, in sending order. Links
+        are none of them (this module makes none): nothing is removed through one."""
+        outputs = self.job_dir(job_id) / "output"
         try:
-            children = list((self.job_dir(job_id) / "output").iterdir())
+            children = [] if outputs.is_symlink() else list(outputs.iterdir())
         except FileNotFoundError:  # nothing written, or the job, finished, was deleted meanwhile
             return []
         return sorted((child for child in children
-                       if child.name.isdigit() and output_name(int(child.name)) != keep),
+                       if child.name.isdigit() and output_name(int(child.name)) != keep
+                       and child.is_dir() and not child.is_symlink()),
                       key=lambda child: int(child.name))
 
     def remove(self, job_id: str) -> None:

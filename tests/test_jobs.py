@@ -724,6 +724,9 @@ def test_nad_tidy_lists_then_removes_the_output_folders_a_finished_job_did_not_r
         written(job_id, 0)
     written(succeeded, 1)
     (storage.job_dir(failed) / "output" / "notes").mkdir()
+    (storage.job_dir(failed) / "output" / "7").write_bytes(b"a file")  # none of the service's: left alone,
+    (tmp_path / "elsewhere" / "8").mkdir(parents=True)  # as is a link, and what it leads to
+    (storage.job_dir(failed) / "output" / "8").symlink_to(tmp_path / "elsewhere" / "8")
     with database.session() as session:
         jobs.fail(session, failed, 0, "the time limit")
         jobs.succeed(session, succeeded, 0, {"after": {}}, OUTPUT)
@@ -736,6 +739,7 @@ def test_nad_tidy_lists_then_removes_the_output_folders_a_finished_job_did_not_r
     code, out, _ = tidy(url, storage.root, "--remove")
     assert code == 0 and out.splitlines()[-1].startswith("removed 0 folders, 0 bytes whose job is gone, and 2 ")
     assert storage.unkept_outputs(failed, None) == [] and (storage.job_dir(failed) / "output" / "notes").is_dir()
+    assert (storage.job_dir(failed) / "output" / "7").is_file() and (tmp_path / "elsewhere" / "8").is_dir()
     assert storage.unkept_outputs(succeeded, None) == [storage.job_dir(succeeded) / "output" / "0"]
     assert storage.output_path(running, 0).read_bytes() == b"12345"
     code, out, _ = tidy(url, storage.root)
