@@ -154,13 +154,17 @@ def _queue_full(count: int, limit: int) -> ProblemError:
                         headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
 
 
+def _header(description: str, required: bool = True) -> dict[str, Any]:
+    """A response header, as the OpenAPI description declares one."""
+    return {"description": description, "required": required, "schema": {"type": "string"}}
+
+
 @router.post(
     "/sanitize",
     status_code=202,
     summary="Submit a checkpoint to sanitize",
     openapi_extra=UPLOAD_BODY,
-    responses={202: {"headers": {"Location": {"description": "the job's path, `/jobs/{id}`", "required": True,
-                                              "schema": {"type": "string"}}}},
+    responses={202: {"headers": {"Location": _header("the job's path, `/jobs/{id}`")}},
                **responses(400, 401, 413, 415, 422, 429, 503, 507)},
 )
 async def submit(request: Request, response: Response, owner: Owner, service: Service,
@@ -324,10 +328,6 @@ async def get_metrics(job_id: str, owner: Owner, session: Reading) -> Metrics:
     if job.status != Status.SUCCEEDED:
         raise _not_succeeded(job, "metrics")
     return Metrics(job_id=job.id, **job.report)
-
-
-def _header(description: str, required: bool = True) -> dict[str, Any]:
-    return {"description": description, "required": required, "schema": {"type": "string"}}
 
 
 # What a download answers with, whole or in part: what resuming it and checking the copy need.
