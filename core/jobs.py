@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    ColumnElement,
     DateTime,
     Float,
     ForeignKey,
@@ -36,6 +37,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    or_,
     select,
     update,
 )
@@ -286,7 +288,7 @@ def _transition(session: Session, job_id: str, allowed: tuple[Status, ...], disp
     if dispatch is not None:
         query = query.where(Job.dispatch == dispatch)
     if place is not None:
-        query = query.where(Job.runner.startswith(place, autoescape=True))
+        query = query.where(_lives_at(place))
     now = clock(session)
     query = query.values(updated_at=now, **dict.fromkeys(stamped, now), **values)
     return session.execute(query.execution_options(synchronize_session=False)).rowcount == 1
@@ -486,11 +488,16 @@ def fail(session: Session, job_id: str, dispatch: int, error: str, place: str | 
 def held_elsewhere(session: Session, job_id: str, dispatch: int, place: str) -> bool:
     """Whether a run that does not live at `place` holds the job at `dispatch`: the files of that sending are
     then that run's. A run started by a worker older than the token (no `runner`) lives elsewhere too."""
-    row = session.execute(
-        select(Job.runner).where(Job.id == job_id, Job.dispatch == dispatch,
-                                 Job.status.in_((Status.RUNNING, Status.CANCELLING)))
-    ).one_or_none()
-    return row is not None and (row.runner is None or not row.runner.startswith(place))
+    return session.execute(
+        select(Job.id).where(Job.id == job_id, Job.dispatch == dispatch,
+                             Job.status.in_((Status.RUNNING, Status.CANCELLING)),
+                             or_(Job.runner.is_(None), ~_lives_at(place)))
+    ).first() is not None
+
+
+def _lives_at(place: str) -> ColumnElement[bool]:
+    """The job's run lives at `place` (`runner_place`): its token begins with it."""
+    return Job.runner.startswith(place, autoescape=True)
 
 
 def finish_cancelled(session: Session, job_id: str, dispatch: int) -> None:
