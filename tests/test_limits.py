@@ -780,8 +780,8 @@ def test_a_copy_killed_at_the_hard_time_limit_leaves_the_live_run_alone(
     worker_job: WorkerJob, node: str, pid: int
 ) -> None:
     """A copy of a live run's message (a broker restored it) whose start hung on a stalled database server
-    until the hard time limit: the worker's main process failed the live run's job and removed the checkpoint
-    it was writing, knowing only the sending (left by 2026-12-06's fifth session's review)."""
+    until the hard time limit: knowing only the sending, the worker's main process used to fail the live run's
+    job and remove the checkpoint it was writing. The run lives in another pool process, or another worker."""
     _started_by(worker_job, node, pid)
     being_written = _written(worker_job, 0)
     _hard_limit(worker_job)

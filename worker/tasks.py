@@ -157,9 +157,9 @@ class SanitizeRequest(Request):
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """At the hard time limit Celery calls the task's `on_failure` here, in the main process, without saying
-        which pool process it is about to kill; the failure is written here instead, for that process's run.
-        The run may never have started the job: a copy of a live run's message, killed as its start waited on
-        a stalled database server, failed the live run and removed its checkpoint."""
+        which pool process it is about to kill; the failure is written here instead, for that process's run
+        only. That run may never have started the job: a copy of a live run's message, killed as its start
+        waited on a stalled database server, must leave the live run and its checkpoint alone."""
         super().on_timeout(soft, timeout)
         if not soft and not worker_state.should_terminate:  # Celery's own condition: none at a cold shutdown
             job_id, dispatch = self.args
