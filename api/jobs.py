@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from api import uploads
 from api.auth import Owner
-from api.problems import FieldError, ProblemError, field_errors, invalid, responses
+from api.problems import FieldError, ProblemError, field_errors, invalid, response_header, responses
 from api.schemas import JobPage, JobResource, Metrics
 from api.services import Reading, Service, Services
 from core import jobs
@@ -154,17 +154,12 @@ def _queue_full(count: int, limit: int) -> ProblemError:
                         headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)})
 
 
-def _header(description: str, required: bool = True) -> dict[str, Any]:
-    """A response header, as the OpenAPI description declares one."""
-    return {"description": description, "required": required, "schema": {"type": "string"}}
-
-
 @router.post(
     "/sanitize",
     status_code=202,
     summary="Submit a checkpoint to sanitize",
     openapi_extra=UPLOAD_BODY,
-    responses={202: {"headers": {"Location": _header("the job's path, `/jobs/{id}`")}},
+    responses={202: {"headers": {"Location": response_header("the job's path, `/jobs/{id}`")}},
                **responses(400, 401, 413, 415, 422, 429, 503, 507)},
 )
 async def submit(request: Request, response: Response, owner: Owner, service: Service,
@@ -332,17 +327,18 @@ async def get_metrics(job_id: str, owner: Owner, session: Reading) -> Metrics:
 
 # What a download answers with, whole or in part: what resuming it and checking the copy need.
 FILE_HEADERS = {
-    "ETag": _header("the checkpoint's sha256, quoted"),
-    "Last-Modified": _header("when the checkpoint was written"),
-    "Content-Disposition": _header("`attachment; filename=\"<id>.safetensors\"`"),
-    "Accept-Ranges": _header("`bytes`"),
+    "ETag": response_header("the checkpoint's sha256, quoted"),
+    "Last-Modified": response_header("when the checkpoint was written"),
+    "Content-Disposition": response_header("`attachment; filename=\"<id>.safetensors\"`"),
+    "Accept-Ranges": response_header("`bytes`"),
 }
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the cleansed checkpoint (safetensors)", "headers": FILE_HEADERS,
           "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
     206: {"description": "the byte range asked for with `Range`; several ranges come as multipart/byteranges",
-          "headers": {**FILE_HEADERS, "Content-Range": _header("`bytes <first>-<last>/<size>`, for one range "
-                                                               "(several: in each part)", required=False)},
+          "headers": {**FILE_HEADERS,
+                      "Content-Range": response_header("`bytes <first>-<last>/<size>`, for one range (several: in "
+                                                       "each part)", required=False)},
           "content": {media_type: {"schema": {"type": "string", "format": "binary"}}
                       for media_type in ("application/octet-stream", "multipart/byteranges")}},
     304: {"description": "`If-None-Match` holds the checkpoint's ETag: the copy you have is current",

@@ -154,13 +154,16 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
+def response_header(description: str, required: bool = True, kind: str = "string") -> dict[str, Any]:
+    """A response header, as the OpenAPI description declares one."""
+    return {"description": description, "required": required, "schema": {"type": kind}}
+
+
 # The headers a problem of these statuses comes with, for the OpenAPI description.
 PROBLEM_HEADERS: dict[int, dict[str, Any]] = {
-    429: {"Retry-After": {"description": "seconds to wait before sending the job again", "required": True,
-                          "schema": {"type": "integer"}}},
-    503: {"Retry-After": {"description": "seconds to wait: sent with a job endpoint's 503 while the job database "
-                                         "is unreachable",
-                          "schema": {"type": "integer"}}},
+    429: {"Retry-After": response_header("seconds to wait before sending the job again", kind="integer")},
+    503: {"Retry-After": response_header("seconds to wait: sent with a job endpoint's 503 while the job "
+                                         "database is unreachable", required=False, kind="integer")},
 }
 
 
