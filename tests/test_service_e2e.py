@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -190,6 +191,35 @@ def test_a_job_past_the_time_limit_fails_saying_so(make_settings, digits_backdoo
     finally:
         worker.kill()
     assert job["status"] == "failed" and "time limit of 10 s" in job["error"]
+
+
+def test_a_run_deaf_to_the_soft_limit_is_killed_at_the_hard_one_and_the_worker_takes_the_next(
+    make_settings, digits_backdoor, tmp_path: Path
+) -> None:
+    """A pool process that never answers the soft time limit (stopped here, as one stuck in a call that never
+    returns would be) is killed at the hard limit, a minute later. The worker's main process fails the job for
+    the run it kills, and the worker goes on with a new pool process. Other tests reach this path through
+    Celery's own request with a stand-in message; this one through billiard's real timer and kill."""
+    settings = make_settings(job_time_limit=10, sweep_interval=600)  # the sweeper stays out of it
+    worker = start_worker(settings, tmp_path / "worker.log")
+    try:
+        with TestClient(create_app(settings)) as client:
+            headers = new_key(settings)
+            stuck = submit(client, headers, digits_backdoor, **LONG)
+            wait_for(client, stuck, headers, done=training, log=worker.log)
+            (pool_process,) = worker.children()
+            os.kill(pool_process, signal.SIGSTOP)
+            job = wait_for(client, stuck, headers, timeout=180, log=worker.log)
+            unusable = {"model": ("model.pt", b"this is not a checkpoint")}
+            following = wait_for(client, submit(client, headers, digits_backdoor, unusable), headers, log=worker.log)
+            (replacement,) = worker.children()
+    finally:
+        worker.kill()
+    assert job["status"] == "failed" and "time limit of 10 s" in job["error"] and job["attempts"] == 1
+    ran = datetime.fromisoformat(job["timestamps"]["failed"]) - datetime.fromisoformat(job["timestamps"]["running"])
+    assert ran.total_seconds() >= 60, "failed before the hard limit: not by the main process"
+    assert written_by_the_worker(Storage(settings.storage_dir), stuck) == []
+    assert following["status"] == "failed" and "checkpoint" in following["error"] and replacement != pool_process
 
 
 def test_restarting_the_api_while_a_job_runs_loses_nothing(
