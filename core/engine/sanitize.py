@@ -20,7 +20,7 @@ from core.engine.errors import Cancelled, InputError
 from core.engine.events import Event, EventSink, ignore
 from core.engine.methods import Run, defend, sau_recipe, stages, unsuitable
 from core.engine.metrics import attack_success_rate, clean_metrics, predict
-from core.engine.models import build_model, check_maps, check_runs, choose_distillation
+from core.engine.models import Distillation, build_model, check_maps, check_runs, choose_distillation
 from core.engine.resampling import resampling_sign
 from core.engine.training import Execution, Normalization, Watch, to_tensor
 from core.engine.triggers import poison
@@ -256,6 +256,47 @@ def _teacher_note(params: SanitizeParams, files: JobFiles) -> str | None:
     return "supplied" if files.teacher else f"fine-tuned {params.teacher_epochs} epochs"
 
 
+@dataclass(frozen=True)
+class LoadedJob:
+    """What a job's files give the engine, on its device: the suspect model, the methods that can clean it
+    (with `nad`'s layers when it is one), the training images and the sets it is measured on."""
+
+    model: nn.Module
+    methods: list[str]
+    distillation: Distillation | None
+    teacher: nn.Module | None
+    clean: ImageSet
+    train_set: ImageSet
+    evaluation: Evaluation
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def evaluation_report(self) -> dict[str, Any]:
+        """What the images are that the job trained on and was measured on, for the report."""
+        evaluation = self.evaluation
+        return {"test_source": evaluation.source, "note": evaluation.note, "n_train": len(self.train_set.labels),
+                "n_clean": len(evaluation.clean.labels),
+                "n_poison": None if evaluation.poisoned is None else len(evaluation.poisoned.labels),
+                "target_label": evaluation.target_label}
+
+
+def _load(files: JobFiles, params: SanitizeParams, execution: Execution, dev: torch.device,
+          max_images: int | None) -> LoadedJob:
+    """Every input of the job, checked before anything trains: the model first, so that one the methods
+    cannot clean is refused before its images are read."""
+    model = execution.prepare(load_model(params, files.checkpoint).to(dev))
+    methods = runnable(params, model)
+    distillation = choose_distillation(params.arch, model, params.layers, params.betas) if "nad" in methods else None
+    if distillation is not None:
+        check_maps(model, distillation.layers, params.input_size)
+    budget = ImageBudget(max_images)
+    clean = load_clean(files.clean_data, params, budget)
+    train_set, evaluation = prepare_evaluation(files, params, clean, budget)
+    teacher = execution.prepare(_load_teacher(params, files.teacher).to(dev)) if files.teacher else None
+    return LoadedJob(model, methods, distillation, teacher, clean, train_set, evaluation,
+                     to_tensor(train_set.images, dev), torch.from_numpy(train_set.labels).to(dev))
+
+
 def sanitize(
     files: JobFiles,
     params: SanitizeParams,
@@ -278,24 +319,15 @@ def sanitize(
     execution = Execution.for_mode(params.mode, dev, params.input_size)
     on_event(Event("load", 0.0))
     with clock.time("load"):
-        model = execution.prepare(load_model(params, files.checkpoint).to(dev))
-        methods = runnable(params, model)
-        distillation = (choose_distillation(params.arch, model, params.layers, params.betas)
-                        if "nad" in methods else None)
-        if distillation is not None:
-            check_maps(model, distillation.layers, params.input_size)
-        budget = ImageBudget(max_images)
-        clean = load_clean(files.clean_data, params, budget)
-        train_set, evaluation = prepare_evaluation(files, params, clean, budget)
-        teacher = execution.prepare(_load_teacher(params, files.teacher).to(dev)) if files.teacher else None
-        images, labels = to_tensor(train_set.images, dev), torch.from_numpy(train_set.labels).to(dev)
+        job = _load(files, params, execution, dev, max_images)
+    model, clean, evaluation = job.model, job.clean, job.evaluation
     _stop_if_asked(should_stop, "the first evaluation")
     on_event(Event("evaluate_before", LOAD_SHARE))
     with clock.time("evaluate_before"):
         before = measure(model, evaluation, normalize, dev, execution)
     on_event(Event("evaluate_before", LOAD_SHARE + EVALUATE_SHARE))
 
-    spans = _training_spans(stages(params.method, params, trains_teacher=teacher is None))
+    spans = _training_spans(stages(params.method, params, trains_teacher=job.teacher is None))
     history: list[dict[str, Any]] = []
 
     def watch(stage: str) -> Watch:
@@ -306,17 +338,17 @@ def sanitize(
 
     _stop_if_asked(should_stop, "the resampling sign")
     with clock.time("resampling_sign"):
-        resampling = resampling_sign(model, images, normalize, execution)
+        resampling = resampling_sign(model, job.images, normalize, execution)
     _stop_if_asked(should_stop, "training")
-    run = Run(params, teacher, distillation, resampling, normalize, execution, watch, clock,
+    run = Run(params, job.teacher, job.distillation, resampling, normalize, execution, watch, clock,
               deadline=deadline)
     if params.method == "auto":
-        chosen = choose(model, images, labels, run, lambda candidate: measure(candidate, evaluation, normalize, dev,
-                                                                               execution))
+        chosen = choose(model, job.images, job.labels, run,
+                        lambda candidate: measure(candidate, evaluation, normalize, dev, execution))
         # auto measured every candidate on the evaluation set already: the chosen one's figures are "after".
         defended, auto, after = chosen.defended, chosen.report, chosen.metrics
     else:
-        defended = defend(params.method, model, images, labels, run)
+        defended = defend(params.method, model, job.images, job.labels, run)
         auto = after = None
     result, pruning, warning = defended.model, defended.pruning, defended.warning
     _stop_if_asked(should_stop, "the final evaluation")
@@ -333,18 +365,15 @@ def sanitize(
         "params": params.model_dump(mode="json"),
         "input_sha256": sha256_file(files.checkpoint),
         "teacher": _teacher_note(params, files),
-        "layers": list(distillation.layers) if params.method == "nad" else [],
-        "betas": list(distillation.betas) if params.method == "nad" else [],
+        "layers": list(job.distillation.layers) if params.method == "nad" else [],
+        "betas": list(job.distillation.betas) if params.method == "nad" else [],
         "pruning": pruning,
         "bias_shift": defended.bias_shift,
         "auto": auto,
         "resampling": {**resampling.report(),
-                       "sau_warp": sau_recipe(params, resampling).warp if "sau" in methods else None},
+                       "sau_warp": sau_recipe(params, resampling).warp if "sau" in job.methods else None},
         "warnings": [*_missing_classes(clean, params.num_classes), *([warning] if warning else [])],
-        "evaluation": {"test_source": evaluation.source, "note": evaluation.note,
-                       "n_train": len(train_set.labels), "n_clean": len(evaluation.clean.labels),
-                       "n_poison": None if evaluation.poisoned is None else len(evaluation.poisoned.labels),
-                       "target_label": evaluation.target_label},
+        "evaluation": job.evaluation_report(),
         "before": before,
         "after": after,
         "history": history,
