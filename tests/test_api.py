@@ -248,6 +248,19 @@ def test_a_job_the_broker_cannot_take_is_not_kept(api_settings: Settings) -> Non
         assert job_ids(client, headers) == [] and leftovers(down) == []
 
 
+def test_a_503_carries_every_header_the_description_says_it_always_has(api_settings: Settings) -> None:
+    """Only the job database's outage answers 503 with Retry-After: a submit the broker refused, or a readiness
+    probe, comes without, so the description must not call it required (a generated client would reject these
+    answers, or wait for a header that never comes)."""
+    down = api_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0",
+                                           "storage_dir": api_settings.storage_dir / "down-headers"})
+    with TestClient(create_app(down)) as client:
+        headers = new_key(down)
+        for path, answer in (("/sanitize", submit(client, headers)), ("/readyz", client.get("/readyz"))):
+            problem(answer, 503)
+            assert set(required_headers(client, path, answer)) <= set(answer.headers), path
+
+
 def test_a_broker_that_accepts_connections_but_never_answers_is_down_not_waited_on(api_settings: Settings) -> None:
     """A stopped Redis on a live host, a stalled VM: connections open, no answer ever comes. Each submit and
     readiness probe once held an API thread for ever (40 probes took the whole pool); now they answer 503.
@@ -493,6 +506,24 @@ def test_cancelling_a_job_queued_again_after_its_worker_died_removes_what_the_ki
     assert not killed.parent.exists() and storage.path(job_id, "inputs/model").is_file()
 
 
+def test_cancelling_a_running_job_leaves_its_run_the_checkpoint_it_writes(
+    api: TestClient, api_settings: Settings, auth: dict[str, str]
+) -> None:
+    """A running job becomes cancelling and its run ends it: the folder it writes in is the run's to remove, at
+    its end. Removed under it, the run would fail on its rename, and the job its owner cancelled end failed, an
+    internal error."""
+    job_id = submit(api, auth).json()["id"]
+    storage, db = Storage(api_settings.storage_dir), Database(api_settings.database_url)
+    with db.session() as session:
+        jobs.start_attempt(session, job_id, dispatch=0, runner="a run")
+    db.dispose()
+    being_written = storage.output_path(job_id, 0).with_name(".tmpX7q2")  # safetensors' file before its rename
+    being_written.parent.mkdir(parents=True)
+    being_written.write_bytes(b"half a checkpoint")
+    assert api.post(f"/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
+    assert being_written.read_bytes() == b"half a checkpoint"
+
+
 def test_deleting_a_job_being_cancelled_says_to_wait_not_to_cancel_it(
     api: TestClient, api_settings: Settings, auth: dict[str, str]
 ) -> None:
@@ -698,3 +729,12 @@ def test_the_openapi_description_documents_the_upload_and_the_problems(api: Test
     assert not _can_be_invalid({"parameters": [path_id]})
     assert _can_be_invalid({"parameters": [path_id, path_id | {"in": "header", "name": "token"}]})  # left out
     assert upload["responses"]["429"]["headers"]["Retry-After"]["required"]
+
+
+def test_an_operation_with_a_body_keeps_its_422_whatever_its_parameters() -> None:
+    """A body can always be invalid: an upload route keeps its 422 with no parameter, or with a path's alone
+    (the submit's Idempotency-Key, a header of its own constraints, is what keeps it today)."""
+    path_id = {"in": "path", "name": "job_id", "required": True, "schema": {"type": "string", "title": "Job Id"}}
+    body = {"content": {"multipart/form-data": {"schema": {"type": "object"}}}, "required": True}
+    assert _can_be_invalid({"requestBody": body})
+    assert _can_be_invalid({"requestBody": body, "parameters": [path_id]})

@@ -229,6 +229,30 @@ def test_a_sending_the_broker_refuses_leaves_the_job_as_it_was_for_the_next_roun
     assert f"{job_id}-1" in broker_task_ids(app, settings.queue)
 
 
+def test_with_a_broker_whose_queue_cannot_be_read_a_job_waiting_its_turn_fails_no_round(
+    make_settings, module_postgres_url: str
+) -> None:
+    """With RabbitMQ, say, the sweeper cannot tell a lost message from one waiting, and sends none again. A job
+    queued for longer than the interval (every worker busy) must not fail the round: a failed round forgets
+    the silent jobs it found, and no dead worker's job would be taken back while any job waits its turn."""
+    settings = make_settings(database_url=module_postgres_url)
+    _, db, running = started_job(settings)
+    waiting = jobs.new_job_id()
+    with db.session() as session:
+        jobs.create_job(session, waiting, "someone", settings.queue, {}, [])
+    queued_long_ago(db, waiting)
+    silence(db, running)
+    rabbit = make_celery(settings.model_copy(update={"broker_url": "amqp://guest:guest@127.0.0.1:1//"}))
+    storage = Storage(settings.storage_dir)
+    first = sweep(rabbit, db, storage, settings.queue, grace=60, max_attempts=1)
+    assert first.sent == [] and first.silent == {(running, 0)}
+    second = sweep(rabbit, db, storage, settings.queue, grace=60, max_attempts=1, silent_before=first.silent)
+    with db.session() as session:
+        assert (session.get(jobs.Job, running).status, session.get(jobs.Job, waiting).status) == ("failed", "queued")
+    db.dispose()
+    assert second.sent == [] and dispatch_of(settings, waiting) == 0
+
+
 @pytest.mark.parametrize("lost", ["worker", "message"])
 def test_a_worker_given_the_new_message_before_its_claim_commits_waits_and_runs_the_job(
     make_settings, database: Database, monkeypatch, lost: str

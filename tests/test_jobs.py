@@ -432,6 +432,26 @@ def test_a_silent_job_is_taken_from_its_dead_worker_once(database: Database) -> 
         assert session.get(jobs.Job, running).status == "running"
 
 
+def test_a_sweeper_that_found_a_job_silent_before_it_was_sent_again_leaves_its_next_run_alone(
+    database: Database,
+) -> None:
+    """Two sweepers find the run of sending 0 silent; one sends the job again, a new run starts it and goes
+    silent too (a database outage: every heartbeat is old). The other sweeper, acting on what it found of
+    sending 0, must take nothing: queued again under dispatch 1 once more, the live run of sending 1 and the
+    message sent anew would both run it."""
+    job_id = new_job(database, owner())
+    start(database, job_id)
+    assert taken_back(database, job_id, 0) == "queued"
+    start(database, job_id, dispatch=1)
+    with database.session() as session:
+        since = jobs.clock(session) + timedelta(seconds=1)
+        for max_attempts in (3, 2):  # to be queued again, or failed out of attempts: neither
+            assert jobs.recover(session, job_id, 0, since, max_attempts) is None
+    with database.session() as session:
+        job = session.get(jobs.Job, job_id)
+        assert (job.status, job.dispatch, job.attempts, job.error) == ("running", 1, 2, None)
+
+
 def test_a_cancelled_or_finished_job_is_not_run_again(database: Database) -> None:
     me = owner()
     cancelled, cancelling = new_job(database, me), new_job(database, me)
@@ -602,6 +622,20 @@ def test_a_runs_end_removes_earlier_outputs_but_the_recorded_one_and_never_a_lat
     assert list(storage.job_dir(job_id).iterdir()) == []
 
 
+def test_a_jobs_output_folder_that_is_a_link_leads_nothing_to_be_removed(tmp_path: Path) -> None:
+    """This module makes no link: a job's output folder that is one (made by hand, or by a hostile process with
+    access to the volume) is not read through, so neither a run's end nor `nad tidy` removes what it leads to."""
+    storage, job_id = Storage(tmp_path / "storage"), jobs.new_job_id()
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "0").mkdir(parents=True)
+    (elsewhere / "0" / "precious").write_bytes(b"not the service's")
+    storage.job_dir(job_id).mkdir(parents=True)
+    (storage.job_dir(job_id) / "output").symlink_to(elsewhere)
+    assert storage.unkept_outputs(job_id, None) == []
+    storage.remove_outputs(job_id, through=3, keep=None)
+    assert (elsewhere / "0" / "precious").read_bytes() == b"not the service's"
+
+
 def test_every_file_the_api_takes_reaches_the_engine_by_its_role(tmp_path: Path) -> None:
     """The API stores each upload under its field's name and the worker maps the names to the engine's
     files: a name the two spelt differently would be stored and never read."""
@@ -744,6 +778,43 @@ def test_nad_tidy_lists_then_removes_the_output_folders_a_finished_job_did_not_r
     assert storage.output_path(running, 0).read_bytes() == b"12345"
     code, out, _ = tidy(url, storage.root)
     assert code == 0 and out.startswith("every folder has its job, and every finished job only the output it ")
+
+
+def test_nad_tidy_looks_up_every_job_however_the_folders_fall_into_queries(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folders' ids are looked up IDS_PER_QUERY at a time: one left out of every lookup would be a job's
+    folder taken for one without a job (and removed with `--remove`), or a finished job's output not judged."""
+    who, lost = owner(), jobs.new_job_id()
+    recorded = [new_job(database, who) for _ in range(5)]
+    for job_id in recorded[:3]:
+        start(database, job_id)
+        with database.session() as session:
+            jobs.fail(session, job_id, 0, "failed")
+    monkeypatch.setattr(jobs, "IDS_PER_QUERY", 2)
+    with database.session() as session:
+        assert jobs.unrecorded(session, [lost, *recorded]) == [lost]
+        assert jobs.finished_outputs(session, [lost, *recorded]) == dict.fromkeys(recorded[:3])
+
+
+def test_nad_tidy_keeps_the_output_of_a_job_whatever_inputs_it_has(database: Database, tmp_path: Path, tidy) -> None:
+    """A succeeded job's recorded output is looked up among its files by role: a job with more inputs than the
+    model and clean data (test data, a teacher, poisoned data) keeps its output as one without them does."""
+    storage, url = Storage(tmp_path / "storage"), database.engine.url.render_as_string(False)
+    roles = ("model", "clean_data", "test_data", "poison_data", "teacher")
+    job_id = jobs.new_job_id()
+    with database.session() as session:
+        jobs.create_job(session, job_id, owner(), QUEUE, {"arch": "wrn-16-1"},
+                        [FileRecord(role, f"inputs/{role}", 1, "a" * 64) for role in roles])
+    start(database, job_id)
+    storage.output_path(job_id, 0).parent.mkdir(parents=True)
+    storage.output_path(job_id, 0).write_bytes(b"12345")
+    with database.session() as session:
+        assert jobs.succeed(session, job_id, 0, {"after": {}}, OUTPUT)
+        assert jobs.finished_outputs(session, [job_id]) == {job_id: OUTPUT.path}
+    code, out, _ = tidy(url, storage.root, "--remove")
+    assert code == 0 and out.startswith("removed 0 folders, 0 bytes whose job is gone, and 0 output folders")
+    assert storage.output_path(job_id, 0).read_bytes() == b"12345"
 
 
 def test_nad_tidy_refuses_a_database_that_cannot_be_the_apis(database: Database, tmp_path: Path, tidy) -> None:

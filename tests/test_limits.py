@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker.request import Request
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
@@ -160,6 +161,16 @@ def test_epochs_past_the_operators_cap_are_422_naming_the_field(
     assert leftovers(limited_settings) == []
     at_the_cap = submit(limited, headers, params=PARAMS | {"epochs": 50, "teacher_epochs": 50})
     assert at_the_cap.status_code == 202
+
+
+def test_an_epoch_count_past_the_schemas_limit_and_the_operators_cap_is_named_once(
+    limited: TestClient, limited_settings: Settings
+) -> None:
+    """The schema's refusal and the operator's cap are listed together, each field once: epochs past both
+    limits is one error to fix, not two that contradict each other on the maximum."""
+    body = problem(submit(limited, new_key(limited_settings), params=PARAMS | {"epochs": 5000}), 422)
+    assert [error["field"] for error in body["errors"]] == ["params.epochs"]
+    assert leftovers(limited_settings) == []
 
 
 # ---- parameters that contradict each other --------------------------------------------------------------
@@ -753,6 +764,14 @@ def _hard_limit(job: WorkerJob, dispatch: int = 0, node: str = NODE, pid: int = 
     """What the worker's main process does at the hard time limit of the run of sending `dispatch` in pool
     process `pid` of worker `node`, before it kills that process: Celery's own request (the task's, with its
     message a stand-in from Celery's testing mocks) is told that the run timed out."""
+    request = _running_request(job, dispatch, node, pid)
+    request.on_timeout(soft=False, timeout=660)
+    assert request.acknowledged  # the message is done with, whatever became of the job
+
+
+def _running_request(job: WorkerJob, dispatch: int = 0, node: str = NODE, pid: int = POOL_PROCESS) -> Request:
+    """Celery's request of the job's message of sending `dispatch`, as the worker's main process holds it while
+    pool process `pid` of worker `node` runs it."""
     from celery.contrib.testing.mocks import TaskMessage
 
     from worker.tasks import sanitize_job
@@ -760,8 +779,7 @@ def _hard_limit(job: WorkerJob, dispatch: int = 0, node: str = NODE, pid: int = 
     message = TaskMessage(sanitize_job.name, args=(job.id, dispatch))
     request = sanitize_job.Request(message, app=sanitize_job.app, task=sanitize_job, hostname=node)
     request.on_accepted(pid, time.monotonic())
-    request.on_timeout(soft=False, timeout=660)
-    assert request.acknowledged  # the message is done with, whatever became of the job
+    return request
 
 
 def test_a_job_killed_at_the_hard_time_limit_leaves_no_partial_checkpoint(worker_job: WorkerJob) -> None:
@@ -816,6 +834,37 @@ def test_a_late_failure_report_keeps_the_checkpoint_the_job_recorded(worker_job:
         assert jobs.succeed(session, worker_job.id, 0, {"after": {}}, output)
     _hard_limit(worker_job)
     assert worker_job.row().status == jobs.Status.SUCCEEDED and _outputs(worker_job) == [recorded]
+
+
+def test_the_soft_time_limit_is_the_runs_to_report_not_the_main_processs(worker_job: WorkerJob) -> None:
+    """At the soft limit Celery tells the run (SoftTimeLimitExceeded in its own process), which ends the job as
+    it stands: its result being recorded, a cancel, or the time limit. The main process writes no failure then
+    and removes nothing: it would overtake the run's own end, and take the checkpoint from under it."""
+    _started_by(worker_job, NODE, POOL_PROCESS)
+    being_written = _written(worker_job, 0)
+    _running_request(worker_job).on_timeout(soft=True, timeout=600)
+    job = worker_job.row()
+    assert (job.status, job.error) == (jobs.Status.RUNNING, None) and _outputs(worker_job) == [being_written]
+
+
+@pytest.mark.parametrize("ended", [jobs.Status.FAILED, jobs.Status.CANCELLED])
+def test_a_copy_killed_at_the_hard_time_limit_after_the_job_ended_elsewhere_removes_what_was_left(
+    worker_job: WorkerJob, ended: jobs.Status
+) -> None:
+    """The live run, in another worker, ended the job while a copy's start waited on a stalled server; a file of
+    that sending written after the run's end removed its folder (its process killed as it wrote) is no run's
+    now. The copy's hard limit, which ends nothing, removes it as the job's own end would have."""
+    _started_by(worker_job, "celery@another-worker", POOL_PROCESS)
+    with worker_job.db.session() as session:
+        if ended == jobs.Status.FAILED:
+            jobs.fail(session, worker_job.id, 0, "the live run's own failure")
+        else:
+            jobs.finish_cancelled(session, worker_job.id, 0)
+    _written(worker_job, 0)
+    _hard_limit(worker_job)
+    job = worker_job.row()
+    assert job.status == ended and _outputs(worker_job) == []
+    assert job.error == ("the live run's own failure" if ended == jobs.Status.FAILED else None)
 
 
 def test_a_cold_shutdown_fails_no_job(worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -901,6 +950,20 @@ def test_a_run_whose_folder_the_sweeper_removed_is_no_internal_error(
     assert job.status == became and (job.error is None) == (became == jobs.Status.QUEUED)
     assert [r for r in caplog.records if r.levelname == "ERROR" or "internal error" in r.getMessage()] == []
     assert any(r.levelname == "WARNING" and "taken from it" in r.getMessage() for r in caplog.records)
+    assert _outputs(worker_job) == []
+
+
+def test_a_run_that_fails_while_the_database_cannot_say_whose_the_job_is_writes_its_failure(
+    worker_job: WorkerJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the sweeper took the job from a failing run is asked of the database (`_still_runs`); where it
+    cannot answer, the failure is written as ever (a write that changes nothing if the job is another's).
+    Taken for taken, the run would write nothing: the job would sit running until the sweeper ran it again."""
+    _engine(monkeypatch, InputError("the checkpoint does not fit wrn-16-1"))
+    monkeypatch.setattr(jobs, "heartbeat", refused)  # the database refuses the question
+    _run(worker_job)
+    job = worker_job.row()
+    assert (job.status, job.error) == (jobs.Status.FAILED, "the checkpoint does not fit wrn-16-1")
     assert _outputs(worker_job) == []
 
 
