@@ -36,6 +36,12 @@ def output_name(dispatch: int) -> str:
     return f"output/{dispatch}/model.safetensors"
 
 
+def _sending(name: str) -> int | None:
+    """The sending whose output folder `name` is (`output_name`'s), None for a name no run makes: `str.isdigit`
+    alone takes "²", which `int` refuses, and "007", which would pass for sending 7's."""
+    return int(name) if name.isascii() and name.isdigit() and name == str(int(name)) else None
+
+
 def size_of(folder: Path) -> int:
     """Bytes in `folder`: its files' sizes. A folder or file removed while it is counted (the API deleting the
     job meanwhile) counts nothing: os.walk skips a folder it cannot list."""
@@ -195,10 +201,11 @@ class Storage:
             children = [] if outputs.is_symlink() else list(outputs.iterdir())
         except FileNotFoundError:  # nothing written, or the job, finished, was deleted meanwhile
             return []
-        return sorted((child for child in children
-                       if child.name.isdigit() and output_name(int(child.name)) != keep
+        sendings = {child: _sending(child.name) for child in children}
+        return sorted((child for child, sending in sendings.items()
+                       if sending is not None and output_name(sending) != keep
                        and child.is_dir() and not child.is_symlink()),
-                      key=lambda child: int(child.name))
+                      key=sendings.__getitem__)
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

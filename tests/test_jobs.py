@@ -757,7 +757,8 @@ def test_nad_tidy_lists_then_removes_the_output_folders_a_finished_job_did_not_r
         start(database, job_id)
         written(job_id, 0)
     written(succeeded, 1)
-    (storage.job_dir(failed) / "output" / "notes").mkdir()
+    for named_otherwise in ("notes", "²", "007"):  # "²" is a digit to str.isdigit, "007" no run's name
+        (storage.job_dir(failed) / "output" / named_otherwise).mkdir()
     (storage.job_dir(failed) / "output" / "7").write_bytes(b"a file")  # none of the service's: left alone,
     (tmp_path / "elsewhere" / "8").mkdir(parents=True)  # as is a link, and what it leads to
     (storage.job_dir(failed) / "output" / "8").symlink_to(tmp_path / "elsewhere" / "8")
@@ -772,7 +773,8 @@ def test_nad_tidy_lists_then_removes_the_output_folders_a_finished_job_did_not_r
     assert storage.unkept_outputs(failed, None) == [storage.job_dir(failed) / "output" / "0"]  # listing removes none
     code, out, _ = tidy(url, storage.root, "--remove")
     assert code == 0 and out.splitlines()[-1].startswith("removed 0 folders, 0 bytes whose job is gone, and 2 ")
-    assert storage.unkept_outputs(failed, None) == [] and (storage.job_dir(failed) / "output" / "notes").is_dir()
+    assert storage.unkept_outputs(failed, None) == []
+    assert all((storage.job_dir(failed) / "output" / name).is_dir() for name in ("notes", "²", "007"))
     assert (storage.job_dir(failed) / "output" / "7").is_file() and (tmp_path / "elsewhere" / "8").is_dir()
     assert storage.unkept_outputs(succeeded, None) == [storage.job_dir(succeeded) / "output" / "0"]
     assert storage.output_path(running, 0).read_bytes() == b"12345"
