@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from service_fixtures import free_port
+from service_fixtures import StoodStill, free_port
 from test_hostile_files import _png, _zip
 
 from conftest import DIGITS_TRIGGER, digits_arrays
@@ -274,6 +274,20 @@ def test_an_input_that_fails_to_read_is_not_said_as_a_failed_write(tmp_path, cap
     assert err.endswith(f"\nnad: error: an input could not be read, or {out} written: Input/output error\n"), err
 
 
+def test_an_input_that_names_itself_in_its_read_error_is_said_as_unreadable(tmp_path, capsys, monkeypatch):
+    """An input the engine may not read names its file, as the checkpoint's failed write names --out: said as
+    that input unreadable, not as a write of it that failed."""
+    checkpoint, clean = _job_files(tmp_path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(checkpoint))
+
+    monkeypatch.setattr("core.engine.sanitize.sanitize", denied)
+    assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(checkpoint),
+                 "--clean-data", str(clean), "--out", str(tmp_path / "out.safetensors")]) == 2
+    assert capsys.readouterr().err == f"nad: error: cannot read {checkpoint}: Permission denied\n"
+
+
 def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(digits_npz, tmp_path, capsys):
     none = tmp_path / "none.pt"
     assert main(["sanitize", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(none),
@@ -291,6 +305,8 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
                                                      "shape": (200000, 200000, 3)})
     padded = tmp_path / "padded.json"  # a trigger, but no trigger file is this big: /dev/zero would be read forever
     padded.write_text('{"type": "badnets"' + " " * (1 << 20) + "}")
+    failing = tmp_path / "failing.png"  # a pattern file that opens, then fails to read: its error names no file
+    failing.symlink_to(UNREADABLE)
     for trigger, said in ((str(none), f"cannot read {none}: No such file or directory"),
                           ("{bad", "not a usable trigger: Expecting property name"),
                           ('{"type": "badnets", "pattern": "missing.png"}',
@@ -303,7 +319,9 @@ def test_a_missing_input_or_a_fraction_out_of_range_is_refused_with_a_message(di
                           (str(padded), f"{padded} is larger than 1,048,576 bytes"),
                           (json.dumps({"type": "blend", "alpha": 0.1, "pattern": str(huge)}),
                            f"the pattern file {huge} declares an array too large to be a pattern"),
-                          (UNREADABLE, f"cannot read {UNREADABLE}: Input/output error")):
+                          (UNREADABLE, f"cannot read {UNREADABLE}: Input/output error"),
+                          (json.dumps({"type": "badnets", "pattern": str(failing)}),
+                           f"cannot read {failing}: Input/output error")):
         with pytest.raises(SystemExit) as refused:
             main(["evaluate", "--arch", "wrn-16-1", "--num-classes", "10", "--checkpoint", str(digits_npz),
                   "--test-data", str(digits_npz), "--trigger", trigger, "--target-label", "0"])
@@ -409,7 +427,7 @@ def test_an_upload_cut_off_before_its_answer_is_sent_again_under_the_same_idempo
 ):
     """The key lets the service answer a repeated upload with the job the first one made, never a second job;
     a connection that keeps failing is given up on after UPLOAD_TRIES, and an answer, even an error, is final."""
-    monkeypatch.setattr("core.client.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("core.client.time", StoodStill())  # its waits, of minutes, take no time
     files = {"model": digits_npz, "clean_data": digits_npz}
     ScriptedService.script.extend([None, (202, {"id": "abc"})])
     assert scripted.submit(files, {}, show_progress=False) == {"id": "abc"}
@@ -431,7 +449,7 @@ def test_an_unavailable_service_is_waited_out_for_the_upload_the_metrics_and_the
     """Its database out or its queue, the service answers 503 (README): `nad submit` said so and stopped,
     before the upload and after a job that had succeeded alike. Now it asks again, the upload under the same
     Idempotency-Key."""
-    monkeypatch.setattr("core.client.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("core.client.time", StoodStill())  # its waits, of minutes, take no time
     unavailable = (503, {"title": "Service Unavailable", "status": 503, "detail": "the job database is out"})
     model = b"the checkpoint"
     ScriptedService.script.extend([unavailable, (202, {"id": "abc"}), unavailable, (200, {"after": {}}),

@@ -122,7 +122,7 @@ def test_unlearning_keeps_batch_norm_statistics_and_the_models_mode():
     assert progress == sorted(progress) and progress[-1] == 1.0
 
 
-class _Unnormalize(nn.Module):
+class Unnormalize(nn.Module):
     """A model's first layer that takes normalised inputs back to pixels: the normalisation folded in."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -142,7 +142,7 @@ def test_the_perturbation_is_in_pixels_whatever_the_models_normalisation():
     images, labels = noise_images(24)
     recipe = IbauRecipe(rounds=2, lr=1e-3, batch_size=8, norm=2.0)
     plain = _model()
-    declaring = nn.Sequential(_Unnormalize(mean, std), copy.deepcopy(plain))
+    declaring = nn.Sequential(Unnormalize(mean, std), copy.deepcopy(plain))
     unlearn(plain, images, labels, recipe, Normalization(), watch_of("ibau"), Execution())
     unlearn(declaring, images, labels, recipe, Normalization(mean, std), watch_of("ibau"), Execution())
     moved = False
@@ -150,6 +150,23 @@ def test_the_perturbation_is_in_pixels_whatever_the_models_normalisation():
         torch.testing.assert_close(weight, plain.state_dict()[name], rtol=1e-4, atol=1e-5)
         moved |= not torch.equal(weight, _model().state_dict()[name])
     assert moved
+
+
+def test_the_perturbation_is_searched_against_the_models_own_predictions_on_normalised_inputs():
+    """Every logit of the search, the model's own predictions it moves away from included, is of the
+    normalised image: a model that declares a mean and std finds the delta of that model with them folded in."""
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    images, _ = noise_images(24)
+    batches = list(to_pixels(images).split(8))
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))  # predictions that follow the pixels
+    declaring = nn.Sequential(Unnormalize(mean, std), copy.deepcopy(plain))
+    unnormalised = batches[0] * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    with torch.no_grad():  # the model's own predictions change where it reads pixels it was not meant to
+        assert not torch.equal(plain(batches[0]).argmax(1), plain(unnormalised).argmax(1))
+    expected = universal_perturbation(plain, batches, 1e6, Normalization(), Execution())
+    found = universal_perturbation(declaring, batches, 1e6, Normalization(mean, std), Execution())
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_same_seed_gives_the_same_model_and_cancelling_changes_nothing():

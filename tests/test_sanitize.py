@@ -186,6 +186,33 @@ def test_evaluation_batches_of_larger_images_hold_as_many_pixels():
     assert Execution.for_mode("reference", cpu, 64).eval_batch == 16
 
 
+def test_a_job_and_nad_evaluate_measure_in_batches_sized_for_their_images(tmp_path, monkeypatch):
+    """The batch above is the one a job and `nad evaluate` measure with: sized for the job's input_size, not
+    for 32 x 32 images (16 images of 128 x 128 on a CPU where 32 x 32 would give 64)."""
+    import numpy as np
+
+    from core.engine import sanitize as engine
+    from core.engine.checkpoints import write_checkpoint
+    from core.engine.models import build_model
+
+    class Measured(Exception):
+        pass
+
+    def measure(model, evaluation, normalize, dev, execution):
+        raise Measured(execution.eval_batch)
+
+    monkeypatch.setattr(engine, "measure", measure)
+    checkpoint, data = tmp_path / "model.safetensors", tmp_path / "data.npz"
+    write_checkpoint(build_model("wrn-16-1", 2), checkpoint, {"arch": "wrn-16-1"})
+    np.savez(data, x=np.zeros((8, 8, 8, 3), np.uint8), y=np.arange(8) % 2)
+    params = SanitizeParams(arch="wrn-16-1", num_classes=2, input_size=128, method="finetune")
+    with pytest.raises(Measured) as job:
+        sanitize(JobFiles(checkpoint=checkpoint, clean_data=data, test_data=data, out=tmp_path / "out"), params)
+    with pytest.raises(Measured) as evaluate:
+        engine.evaluate_checkpoint(checkpoint, data, params)
+    assert job.value.args == evaluate.value.args == (16,)
+
+
 def test_nad_sam_rho_makes_the_students_steps_after_its_milestone_sharpness_aware():
     """FT-SAM's radius 2 by default, from the student's first milestone on, each such epoch costing two in the
     progress bar and in auto's estimates; 0 gives the authors' plain SGD; a radius outside 0 to 10 is refused."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from test_ibau import Unnormalize
 from torch import nn
 
 from api.schemas import Metrics
@@ -369,6 +370,24 @@ def test_unlearning_keeps_batchnorm_statistics_and_mode_and_is_deterministic():
                                                  strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), _model().state_dict().values(),
                                                      strict=True))
+
+
+
+
+def test_a_model_that_declares_its_normalisation_unlearns_as_the_same_model_with_it_folded_in():
+    """Each batch reaches the search and the loss as pixels in [0, 1], normalised once, by the model's mean and
+    std: normalised twice, or searched in the model's input space, the bound and the images would differ."""
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    images, labels = noise_images(24)
+    plain = _model().train()
+    declaring = nn.Sequential(Unnormalize(mean, std), copy.deepcopy(plain)).train()
+    shared_unlearning(plain, images, labels, RECIPE, Normalization(), watch_of("sau"), EXECUTION)
+    shared_unlearning(declaring, images, labels, RECIPE, Normalization(mean, std), watch_of("sau"), EXECUTION)
+    moved = False
+    for name, weight in declaring[1].state_dict().items():
+        torch.testing.assert_close(weight, plain.state_dict()[name], rtol=1e-4, atol=1e-5)
+        moved |= not torch.equal(weight, _model().state_dict()[name])
+    assert moved
 
 
 def test_a_cancelled_unlearning_changes_nothing():
