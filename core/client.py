@@ -87,7 +87,7 @@ class Client:
             except (httpx.TransportError, ServiceError) as error:
                 if isinstance(error, ServiceError) and error.status not in UNAVAILABLE:
                     raise
-                silent_since = silent_since or time.monotonic()
+                silent_since = time.monotonic() if silent_since is None else silent_since
                 if time.monotonic() - silent_since >= patience:
                     raise ServiceError(f"no answer about {what} for {patience:.0f} s ({error}); {then}") from None
                 on_wait(error)
