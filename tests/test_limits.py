@@ -511,10 +511,17 @@ class WorkerJob:
 
 @pytest.fixture
 def worker_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WorkerJob]:
-    import worker.tasks
-
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'nad.db'}", storage_dir=tmp_path / "storage",
                         max_images=1234)
+    with _recorded_job(settings, monkeypatch) as job:
+        yield job
+
+
+@contextmanager
+def _recorded_job(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[WorkerJob]:
+    """A job recorded in the settings' database, its two inputs stored, the task's settings these."""
+    import worker.tasks
+
     db = Database(settings.database_url)
     db.migrate()
     storage, job_id = Storage(settings.storage_dir), jobs.new_job_id()
@@ -965,6 +972,29 @@ def test_a_run_that_fails_while_the_database_cannot_say_whose_the_job_is_writes_
     job = worker_job.row()
     assert (job.status, job.error) == (jobs.Status.FAILED, "the checkpoint does not fit wrn-16-1")
     assert _outputs(worker_job) == []
+
+
+def test_the_hard_limits_failure_gives_up_on_a_row_the_killed_process_holds_locked(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The main process writes the failure before billiard kills the pool process, and that process, stopped
+    or stuck between a write of the job's row and its commit, holds the row locked. PostgreSQL kept the main
+    process waiting for ever, and the worker took no message again. It gives up now; the sweeper takes the
+    job."""
+    settings = Settings(database_url=postgres_url, storage_dir=tmp_path / "storage", max_images=1234)
+    with _recorded_job(settings, monkeypatch) as job:
+        _started_by(job, NODE, POOL_PROCESS)
+        holder = Database(postgres_url)
+        with holder.session() as held:
+            held.execute(select(jobs.Job).where(jobs.Job.id == job.id).with_for_update())
+            report = threading.Thread(target=_hard_limit, args=(job,), daemon=True)
+            report.start()
+            report.join(timeout=30)
+            waited = report.is_alive()
+        report.join()
+        holder.dispose()
+        assert not waited, "the hard limit's failure waited on the locked row"
+        assert (job.row().status, job.row().error) == (jobs.Status.RUNNING, None)  # left to the sweeper
 
 
 @pytest.mark.parametrize("answered", [0, 1], ids=["out-from-the-start", "out-after-the-failure-is-written"])

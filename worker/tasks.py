@@ -18,6 +18,7 @@ from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker import state as worker_state
 from celery.worker.request import Request
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -52,6 +53,8 @@ FINISH_RESERVE_SHARE = 0.05
 # sweeper takes a finished job from its worker; after 15 s, as it once gave up, a job that had trained failed.
 FINAL_WRITE_PATIENCE = 600.0
 FINAL_WRITE_PAUSE = 15.0
+# Seconds the main process's failure of a run at the hard time limit waits for a lock on the job's row.
+MAIN_PROCESS_LOCK_WAIT = 5.0
 
 
 @cache
@@ -190,8 +193,12 @@ def _fail_run(job_id: str, dispatch: int, error: Exception, node: str | None, pi
     try:
         place = jobs.runner_place(node, pid)
         message = _failure(job_id, error, settings.job_time_limit)
-        _end(db, Storage(settings.storage_dir), job_id, dispatch,
-             lambda session: jobs.fail(session, job_id, dispatch, message, place), patience=0.0, place=place)
+
+        def failing(session: Session) -> None:
+            _bound_lock_waits(session)
+            return jobs.fail(session, job_id, dispatch, message, place)
+
+        _end(db, Storage(settings.storage_dir), job_id, dispatch, failing, patience=0.0, place=place)
     except Exception:
         log.exception("job %s: its failure could not be recorded; the sweeper takes the job once silent", job_id)
     finally:
@@ -310,6 +317,16 @@ def _patiently(db: Database, job_id: str, write: Callable[[Session], T], patienc
             log.warning("job %s: the database refused a write; trying again in %s s", job_id, pause)
             time.sleep(pause)
             pause = min(2 * pause, FINAL_WRITE_PAUSE)
+
+
+def _bound_lock_waits(session: Session) -> None:
+    """At the hard time limit the main process writes the failure before billiard kills the pool process, which
+    may hold the job's row in a transaction it will never end (stopped, or stuck in a call that keeps the GIL
+    between a write and its commit). PostgreSQL would keep the main process waiting for ever, and with it every
+    message of the worker; the failure gives up instead (the sweeper takes the job), as one written from a
+    run's own process does. SQLite's busy timeout bounds the same wait."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SET LOCAL lock_timeout = '{MAIN_PROCESS_LOCK_WAIT:g}s'"))
 
 
 def _failure(job_id: str, error: Exception, time_limit: int) -> str:
