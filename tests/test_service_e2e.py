@@ -13,14 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from service_fixtures import ROOT, ServiceProcess, free_port, new_key, start_api, start_worker, wait_for
+from service_fixtures import FINISHED, ROOT, ServiceProcess, free_port, new_key, start_api, start_worker, wait_for
 from test_checkpoints import Payload
 from test_hostile_files import _entry, _png, _safetensors, _zip
 
@@ -200,26 +199,28 @@ def test_a_run_deaf_to_the_soft_limit_is_killed_at_the_hard_one_and_the_worker_t
     returns would be) is killed at the hard limit, a minute later. The worker's main process fails the job for
     the run it kills, and the worker goes on with a new pool process. Other tests reach this path through
     Celery's own request with a stand-in message; this one through billiard's real timer and kill."""
-    settings = make_settings(job_time_limit=10, sweep_interval=600)  # the sweeper stays out of it
+    # A soft limit of 20 s leaves a loaded machine time to start training before it; the sweeper stays out.
+    settings = make_settings(job_time_limit=20, sweep_interval=600)
     worker = start_worker(settings, tmp_path / "worker.log")
     try:
         with TestClient(create_app(settings)) as client:
             headers = new_key(settings)
             stuck = submit(client, headers, digits_backdoor, **LONG)
-            wait_for(client, stuck, headers, done=training, log=worker.log)
+            started = wait_for(client, stuck, headers, done=lambda job: training(job) or job["status"] in FINISHED,
+                               log=worker.log)
+            assert training(started), started
             (pool_process,) = worker.children()
             os.kill(pool_process, signal.SIGSTOP)
             job = wait_for(client, stuck, headers, timeout=180, log=worker.log)
             unusable = {"model": ("model.pt", b"this is not a checkpoint")}
             following = wait_for(client, submit(client, headers, digits_backdoor, unusable), headers, log=worker.log)
-            (replacement,) = worker.children()
+            killed = not Path(f"/proc/{pool_process}").exists()  # and reaped, by the worker
     finally:
         worker.kill()
-    assert job["status"] == "failed" and "time limit of 10 s" in job["error"] and job["attempts"] == 1
-    ran = datetime.fromisoformat(job["timestamps"]["failed"]) - datetime.fromisoformat(job["timestamps"]["running"])
-    assert ran.total_seconds() >= 60, "failed before the hard limit: not by the main process"
+    assert job["status"] == "failed" and "time limit of 20 s" in job["error"] and job["attempts"] == 1
+    assert f"Hard time limit (80s) exceeded for nad.sanitize[{stuck}-0]" in worker.log.read_text() and killed
     assert written_by_the_worker(Storage(settings.storage_dir), stuck) == []
-    assert following["status"] == "failed" and "checkpoint" in following["error"] and replacement != pool_process
+    assert following["status"] == "failed" and "checkpoint" in following["error"]
 
 
 def test_restarting_the_api_while_a_job_runs_loses_nothing(
