@@ -256,7 +256,7 @@ def _teacher_note(params: SanitizeParams, files: JobFiles) -> str | None:
     return "supplied" if files.teacher else f"fine-tuned {params.teacher_epochs} epochs"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoadedJob:
     """What a job's files give the engine, on its device: the suspect model, the methods that can clean it
     (with `nad`'s layers when it is one), the training images and the sets it is measured on."""
@@ -266,7 +266,6 @@ class LoadedJob:
     distillation: Distillation | None
     teacher: nn.Module | None
     clean: ImageSet
-    train_set: ImageSet
     evaluation: Evaluation
     images: torch.Tensor
     labels: torch.Tensor
@@ -274,7 +273,7 @@ class LoadedJob:
     def evaluation_report(self) -> dict[str, Any]:
         """What the images are that the job trained on and was measured on, for the report."""
         evaluation = self.evaluation
-        return {"test_source": evaluation.source, "note": evaluation.note, "n_train": len(self.train_set.labels),
+        return {"test_source": evaluation.source, "note": evaluation.note, "n_train": len(self.labels),
                 "n_clean": len(evaluation.clean.labels),
                 "n_poison": None if evaluation.poisoned is None else len(evaluation.poisoned.labels),
                 "target_label": evaluation.target_label}
@@ -293,7 +292,7 @@ def _load(files: JobFiles, params: SanitizeParams, execution: Execution, dev: to
     clean = load_clean(files.clean_data, params, budget)
     train_set, evaluation = prepare_evaluation(files, params, clean, budget)
     teacher = execution.prepare(_load_teacher(params, files.teacher).to(dev)) if files.teacher else None
-    return LoadedJob(model, methods, distillation, teacher, clean, train_set, evaluation,
+    return LoadedJob(model, methods, distillation, teacher, clean, evaluation,
                      to_tensor(train_set.images, dev), torch.from_numpy(train_set.labels).to(dev))
 
 
@@ -320,11 +319,10 @@ def sanitize(
     on_event(Event("load", 0.0))
     with clock.time("load"):
         job = _load(files, params, execution, dev, max_images)
-    model, clean, evaluation = job.model, job.clean, job.evaluation
     _stop_if_asked(should_stop, "the first evaluation")
     on_event(Event("evaluate_before", LOAD_SHARE))
     with clock.time("evaluate_before"):
-        before = measure(model, evaluation, normalize, dev, execution)
+        before = measure(job.model, job.evaluation, normalize, dev, execution)
     on_event(Event("evaluate_before", LOAD_SHARE + EVALUATE_SHARE))
 
     spans = _training_spans(stages(params.method, params, trains_teacher=job.teacher is None))
@@ -338,17 +336,17 @@ def sanitize(
 
     _stop_if_asked(should_stop, "the resampling sign")
     with clock.time("resampling_sign"):
-        resampling = resampling_sign(model, job.images, normalize, execution)
+        resampling = resampling_sign(job.model, job.images, normalize, execution)
     _stop_if_asked(should_stop, "training")
     run = Run(params, job.teacher, job.distillation, resampling, normalize, execution, watch, clock,
               deadline=deadline)
     if params.method == "auto":
-        chosen = choose(model, job.images, job.labels, run,
-                        lambda candidate: measure(candidate, evaluation, normalize, dev, execution))
+        chosen = choose(job.model, job.images, job.labels, run,
+                        lambda candidate: measure(candidate, job.evaluation, normalize, dev, execution))
         # auto measured every candidate on the evaluation set already: the chosen one's figures are "after".
         defended, auto, after = chosen.defended, chosen.report, chosen.metrics
     else:
-        defended = defend(params.method, model, job.images, job.labels, run)
+        defended = defend(params.method, job.model, job.images, job.labels, run)
         auto = after = None
     result, pruning, warning = defended.model, defended.pruning, defended.warning
     _stop_if_asked(should_stop, "the final evaluation")
@@ -356,11 +354,11 @@ def sanitize(
     on_event(Event("evaluate_after", 1.0 - EVALUATE_SHARE))
     if after is None:
         with clock.time("evaluate_after"):
-            after = measure(result, evaluation, normalize, dev, execution)
+            after = measure(result, job.evaluation, normalize, dev, execution)
     report = {
         "arch": params.arch,
         "num_classes": params.num_classes,
-        "classes": clean.classes,
+        "classes": job.clean.classes,
         "method": params.method,
         "params": params.model_dump(mode="json"),
         "input_sha256": sha256_file(files.checkpoint),
@@ -372,7 +370,7 @@ def sanitize(
         "auto": auto,
         "resampling": {**resampling.report(),
                        "sau_warp": sau_recipe(params, resampling).warp if "sau" in job.methods else None},
-        "warnings": [*_missing_classes(clean, params.num_classes), *([warning] if warning else [])],
+        "warnings": [*_missing_classes(job.clean, params.num_classes), *([warning] if warning else [])],
         "evaluation": job.evaluation_report(),
         "before": before,
         "after": after,
@@ -380,7 +378,7 @@ def sanitize(
         "device": str(dev),
     }
     write_checkpoint(result, files.out, {
-        "arch": params.arch, "num_classes": params.num_classes, "classes": clean.classes,
+        "arch": params.arch, "num_classes": params.num_classes, "classes": job.clean.classes,
         "method": params.method, "params": report["params"], "input_sha256": report["input_sha256"],
     })
     clock.timings["total"] = round(sum(clock.timings.values()), 3)
