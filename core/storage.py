@@ -187,8 +187,8 @@ class Storage:
         a temporary file of safetensors' included. A later sending's folder is left alone: its run may be
         writing in it. The output folder goes too once empty; a run that makes its own folder in it at that
         moment makes the output folder again (`Path.mkdir(parents=True)` tries once more)."""
-        for folder in self.unkept_outputs(job_id, keep):
-            if int(folder.name) <= through:
+        for sending, folder in self._unkept(job_id, keep):
+            if sending <= through:
                 shutil.rmtree(folder, ignore_errors=True)
         with contextlib.suppress(OSError):  # not empty: the recorded output, or a later sending's
             (self.job_dir(job_id) / "output").rmdir()
@@ -196,16 +196,19 @@ class Storage:
     def unkept_outputs(self, job_id: str, keep: str | None) -> list[Path]:
         """The job's output folders, one per sending that wrote, but the one of `keep`, in sending order. Links
         are none of them (this module makes none): nothing is removed through one."""
+        return [folder for _, folder in self._unkept(job_id, keep)]
+
+    def _unkept(self, job_id: str, keep: str | None) -> list[tuple[int, Path]]:
+        """`unkept_outputs`, each folder with its sending."""
         outputs = self.job_dir(job_id) / "output"
         try:
             children = [] if outputs.is_symlink() else list(outputs.iterdir())
         except FileNotFoundError:  # nothing written, or the job, finished, was deleted meanwhile
             return []
-        sendings = {child: _sending(child.name) for child in children}
-        return sorted((child for child, sending in sendings.items()
-                       if sending is not None and output_name(sending) != keep
-                       and child.is_dir() and not child.is_symlink()),
-                      key=sendings.__getitem__)
+        named = [(_sending(child.name), child) for child in children]
+        return sorted((sending, child) for sending, child in named
+                      if sending is not None and output_name(sending) != keep
+                      and child.is_dir() and not child.is_symlink())
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
