@@ -352,14 +352,18 @@ def test_json_files_may_be_pipes_as_process_substitution_makes_them(digits_npz, 
     assert sent == {"method": "sau"}
 
 
-def test_a_service_that_stays_unreachable_is_given_up_on_saying_how_to_follow_the_job():
-    """`nad submit` asks again through a restart of the service (test_service_e2e.py), but not for ever."""
+def test_a_service_that_stays_unreachable_is_given_up_on_saying_how_to_follow_the_job(monkeypatch):
+    """`nad submit` asks again through a restart of the service (test_service_e2e.py), but not for ever: for
+    `patience` seconds from the first failure."""
+    clock = StoodStill()
+    monkeypatch.setattr("core.client.time", clock)
     client = Client(f"http://127.0.0.1:{free_port()}", "key")
     try:
-        with pytest.raises(ServiceError, match=r"no answer about job abc for 0 s .*ask again with GET /jobs/abc"):
-            client.wait("abc", interval=0.01, show_progress=False, patience=0.1)
+        with pytest.raises(ServiceError, match=r"no answer about job abc for 60 s .*ask again with GET /jobs/abc"):
+            client.wait("abc", interval=2, show_progress=False, patience=60)
     finally:
         client.close()
+    assert clock.now == 60
 
 
 class ScriptedService(http.server.BaseHTTPRequestHandler):
