@@ -166,7 +166,8 @@ class SanitizeRequest(Request):
         super().on_timeout(soft, timeout)
         if not soft and not worker_state.should_terminate:  # Celery's own condition: none at a cold shutdown
             job_id, dispatch = self.args
-            _fail_run(job_id, dispatch, TimeLimitExceeded(timeout), self.hostname, self.worker_pid)
+            _fail_run(job_id, dispatch, TimeLimitExceeded(timeout), self.hostname, self.worker_pid,
+                      lock_wait=MAIN_PROCESS_LOCK_WAIT)
 
 
 class SanitizeTask(Task):
@@ -182,7 +183,8 @@ class SanitizeTask(Task):
         _fail_run(job_id, dispatch, exc, self.request.hostname, os.getpid())
 
 
-def _fail_run(job_id: str, dispatch: int, error: Exception, node: str | None, pid: int) -> None:
+def _fail_run(job_id: str, dispatch: int, error: Exception, node: str | None, pid: int,
+              lock_wait: float | None = None) -> None:
     """Fail the job for `error` if the run in pool process `pid` of worker `node` holds it, and remove what the
     job's runs left in storage unless another run holds it. A connection of its own: the main process must not
     open the cached pool its future children would inherit. Tried once: the main process receives the worker's
@@ -195,8 +197,9 @@ def _fail_run(job_id: str, dispatch: int, error: Exception, node: str | None, pi
         message = _failure(job_id, error, settings.job_time_limit)
 
         def failing(session: Session) -> None:
-            _bound_lock_waits(session)
-            return jobs.fail(session, job_id, dispatch, message, place)
+            if lock_wait is not None:
+                _bound_lock_waits(session, lock_wait)
+            jobs.fail(session, job_id, dispatch, message, place)
 
         _end(db, Storage(settings.storage_dir), job_id, dispatch, failing, patience=0.0, place=place)
     except Exception:
@@ -319,14 +322,14 @@ def _patiently(db: Database, job_id: str, write: Callable[[Session], T], patienc
             pause = min(2 * pause, FINAL_WRITE_PAUSE)
 
 
-def _bound_lock_waits(session: Session) -> None:
+def _bound_lock_waits(session: Session, seconds: float) -> None:
     """At the hard time limit the main process writes the failure before billiard kills the pool process, which
     may hold the job's row in a transaction it will never end (stopped, or stuck in a call that keeps the GIL
     between a write and its commit). PostgreSQL would keep the main process waiting for ever, and with it every
-    message of the worker; the failure gives up instead (the sweeper takes the job), as one written from a
-    run's own process does. SQLite's busy timeout bounds the same wait."""
+    message of the worker; the failure gives up after `seconds` instead (the sweeper takes the job). A run's
+    own process needs no bound: the hard limit ends its waits. SQLite's busy timeout bounds the same wait."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text(f"SET LOCAL lock_timeout = '{MAIN_PROCESS_LOCK_WAIT:g}s'"))
+        session.execute(text(f"SET LOCAL lock_timeout = '{seconds:g}s'"))
 
 
 def _failure(job_id: str, error: Exception, time_limit: int) -> str:
