@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from core.engine.metrics import attack_success_rate, clean_metrics
+from core.engine.metrics import attack_success_rate, classify, clean_metrics, percent, predict
+from core.engine.training import Execution, Normalization
 
 
 def test_asr_counts_only_images_whose_true_class_is_not_the_target():
@@ -52,3 +55,29 @@ def test_a_poison_archive_measures_the_asr_the_trigger_spec_measures(digits_back
     with pytest.raises(InputError, match="poison_data needs target_label"):
         evaluate_checkpoint(digits_backdoor.checkpoint, digits_backdoor.test,
                             unknown.model_copy(update={"target_label": None}), poison)
+
+
+def test_percentages_are_given_to_the_hundredth_and_none_is_nan():
+    assert percent(np.array([True, False, False])) == 33.33
+    assert np.isnan(percent(np.array([], dtype=bool)))
+
+
+def test_classify_predicts_every_image_in_evaluation_mode_batch_by_batch():
+    """Five evaluation batches of 3 images, the last short: every image's label is the eval-mode model's argmax,
+    whatever mode the model was in, and BatchNorm's running statistics are left as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.3)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (13, 3, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = classify(model, images, Normalization(), Execution(eval_batch=3))
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        expected = model.eval()(Normalization()(images)).argmax(1)
+    assert torch.equal(labels, expected)
+    as_arrays = predict(model, images.permute(0, 2, 3, 1).numpy(), Normalization(), torch.device("cpu"),
+                        Execution(eval_batch=3))
+    assert as_arrays.tolist() == expected.tolist()
