@@ -8,7 +8,7 @@ from PIL import Image
 
 from core.engine import triggers
 from core.engine.errors import InputError
-from core.engine.triggers import NAD_GRID, apply_trigger, load_pattern, poison, warp_grid
+from core.engine.triggers import NAD_GRID, apply_trigger, load_pattern, offset_grid, poison, warp_grid
 from core.params import BadNetsTrigger, BlendTrigger, PatchTrigger, SigTrigger, WarpTrigger
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -187,10 +187,11 @@ def test_load_pattern_from_npz_npy_and_image(tmp_path):
         ("p.npz", {"a": np.zeros((2, 2), np.uint8)}, "b", r"\['a'\]"),
         ("p.npy", np.zeros((2, 2), np.float32), None, "integer"),
         ("p.npy", np.full((2, 2), 256), None, "0-255"),
+        ("p.npy", np.full((2, 2), -1), None, "0-255"),
         ("p.npy", np.zeros(4, np.uint8), None, "H x W"),
         ("p.txt", b"0 0 255", None, ".npy, .npz or an image"),
     ],
-    ids=["ambiguous-key", "missing-key", "float", "range", "one-dim", "suffix"],
+    ids=["ambiguous-key", "missing-key", "float", "range", "negative", "one-dim", "suffix"],
 )
 def test_load_pattern_errors(tmp_path, name, content, key, message):
     path = tmp_path / name
@@ -216,3 +217,12 @@ def test_dev_blend_and_patch_triggers_from_shared_patterns():
     paste = PatchTrigger(pattern=load_pattern(DEV_PATTERNS, "patch"), position=(1, 26))
     pasted = apply_trigger(images, paste)
     np.testing.assert_array_equal(pasted[:, 1:6, 26:31], np.broadcast_to(patch, (64, 5, 5, 3)))
+
+
+def test_warp_offsets_are_scaled_by_their_own_sides_on_non_square_images():
+    """x moves by strength * offset / width, y by strength * offset / height: on an 8 x 16 image a uniform
+    offset of 1 at strength 2 moves x by 2 / 16 and y by 2 / 8 of grid_sample's [-1, 1]."""
+    offsets = torch.ones(1, 2, 3, 3, dtype=torch.float64)
+    moved = offset_grid(offsets, 2.0, 8, 16) - offset_grid(offsets, 0.0, 8, 16)
+    torch.testing.assert_close(moved[0, 2:-2, 2:-2, 0], torch.full((4, 12), 2 / 16, dtype=torch.float64))
+    torch.testing.assert_close(moved[0, 2:-2, 2:-2, 1], torch.full((4, 12), 2 / 8, dtype=torch.float64))
