@@ -109,6 +109,13 @@ def test_more_folders_than_num_classes_is_an_error(tmp_path):
         load_images(_zip(tmp_path / "d.zip", TREE), 32, num_classes=1)
 
 
+def test_as_many_or_fewer_folders_than_num_classes_load(tmp_path):
+    """A model's classes may all have a folder, or some none (a test set without one class)."""
+    path = _zip(tmp_path / "d.zip", TREE)
+    assert load_images(path, 32, num_classes=2).classes == ["cat", "dog"]
+    assert load_images(path, 32, num_classes=3).labels.tolist() == [1, 0, 1, 0]
+
+
 def test_leading_folders_are_optional(tmp_path):
     members = {"cat/a.png": _encode(_pixels(0)), "some/deep/prefix/dog/b.png": _encode(_pixels(1))}
     loaded = load_images(_zip(tmp_path / "d.zip", members), 32)
@@ -360,6 +367,14 @@ def test_stratified_split_covers_every_class():
     assert sorted(np.concatenate([keep, holdout]).tolist()) == list(range(len(labels)))
     assert np.bincount(labels[holdout], minlength=4).tolist() == [10, 2, 1, 0]
     assert set(labels[keep].tolist()) == {0, 1, 2, 3}
+
+
+def test_stratified_split_keeps_an_image_of_every_class_even_at_a_large_fraction():
+    """A class of two or more images always has at least one image on each side, however large the fraction."""
+    labels = np.array([0] * 2 + [1] * 5 + [2] * 20)
+    keep, holdout = stratified_split(labels, 0.95, seed=0)
+    assert np.bincount(labels[keep], minlength=3).tolist() == [1, 1, 1]
+    assert np.bincount(labels[holdout], minlength=3).tolist() == [1, 4, 19]
 
 
 def test_stratified_split_is_deterministic_per_seed():
