@@ -47,6 +47,15 @@ def test_torch_save_wrappers_are_unwrapped(tmp_path, model, wrap):
     assert _same(read_state_dict(path), model.state_dict())
 
 
+def test_legacy_torch_save_files_load(tmp_path, model):
+    """torch.save's format before PyTorch 1.6, a bare pickle (the NAD authors' checkpoints), wrapped or not."""
+    path = tmp_path / "model.pth.tar"
+    torch.save({"state_dict": model.state_dict(), "epoch": 20}, path, _use_new_zipfile_serialization=False)
+    assert _same(read_state_dict(path), model.state_dict())
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    assert _same(read_state_dict(path), model.state_dict())
+
+
 def test_safetensors_round_trip_with_metadata(tmp_path, model):
     source = tmp_path / "in.pt"
     torch.save(model.state_dict(), source)
