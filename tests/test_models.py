@@ -110,3 +110,25 @@ def test_a_model_without_residual_groups_or_features_needs_its_layers_named():
     with pytest.raises(InputError, match="no default distillation layers for 'mine': choose them with `layers`"):
         choose_distillation("mine", model, None, None)
     assert choose_distillation("mine", model, ["0"], [1.0]).layers == ("0",)
+
+
+@torch.no_grad()
+def test_wrn_blocks_compute_as_wideresnet_pytorch():
+    """A checkpoint of the NAD authors' WideResNet gives their outputs only if the forward pass is theirs too: a
+    block whose width changes projects its activated input, relu(bn1(x)), not x, onto the shortcut."""
+    torch.manual_seed(0)
+    block = build_model("wrn-16-1", 10).eval().block2.layer[0]
+    x = torch.randn(2, 16, 8, 8)
+    activated = torch.relu(block.bn1(x))
+    expected = block.convShortcut(activated) + block.conv2(torch.relu(block.bn2(block.conv1(activated))))
+    torch.testing.assert_close(block(x.clone()), expected)
+
+
+@torch.no_grad()
+def test_preact_resnet18_pools_its_final_batch_norm_after_a_relu():
+    """BackdoorBench's PreAct-ResNet18: logits = linear(mean over space of relu(bn(layer4 output)))."""
+    torch.manual_seed(0)
+    model = build_model("preact-resnet18", 10).eval()
+    with tap(model, ["bn"]) as outputs:
+        logits = model(torch.rand(2, 3, 32, 32))
+    torch.testing.assert_close(logits, model.linear(torch.relu(outputs[0]).mean(dim=(2, 3))))
