@@ -58,6 +58,7 @@ def test_a_poison_archive_measures_the_asr_the_trigger_spec_measures(digits_back
 
 
 def test_percentages_are_given_to_the_hundredth_and_none_is_nan():
+    """Reports quote ACC and ASR to two decimals; the share of no image is NaN, not 0."""
     assert percent(np.array([True, False, False])) == 33.33
     assert np.isnan(percent(np.array([], dtype=bool)))
 
