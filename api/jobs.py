@@ -198,45 +198,65 @@ def _create(service: Services, job_id: str, owner: str, params: SanitizeParams, 
     in that order: a worker never receives an id the database does not know, and a process killed before the
     record leaves its upload in its own incoming/ folder, which the next API to start removes (moved first, a
     job folder without a job stayed for good: the chaos hunt's kill while the database was slow)."""
-    storage = service.storage
     try:
         with service.db.session() as session:
             job = jobs.create_job(session, job_id, owner, service.settings.queue, params.model_dump(mode="json"),
                                   list(upload.files.values()), idempotency_key)
     except jobs.DuplicateRequest:
-        with service.db.session() as session:
-            first = jobs.find_by_idempotency_key(session, owner, idempotency_key)
-        if first is None:  # withdrawn since (its queue place or its broker refused): the key is free again
-            storage.discard_incoming(job_id)
-            raise ProblemError(503, FIRST_NOT_KEPT) from None
-        if not _same_request(first, params, upload):
-            storage.discard_incoming(job_id)
-            raise ProblemError(422, f"the Idempotency-Key {idempotency_key!r} was used for job {first.id}, which "
-                                    "was sent with other parameters or files; send a new job under a new key") from None
-        _stand_in(service, job_id, first)
-        return first
+        return _repeat(service, job_id, owner, params, upload, idempotency_key)
     except BaseException:
-        storage.discard_incoming(job_id)
+        service.storage.discard_incoming(job_id)
         raise
+    _move_into_place(service, job_id)
+    _within_the_cap(service, owner, job_id)
+    _send(service, job)
+    return job
+
+
+def _repeat(service: Services, job_id: str, owner: str, params: SanitizeParams, upload: uploads.Upload,
+            idempotency_key: str | None) -> Job:
+    """The first job sent under `idempotency_key`, for a repeat of its request; this upload is discarded or
+    stands in for the first's files (`_stand_in`). A key whose first job was withdrawn is free again (503), one
+    used for another request is refused (422)."""
+    storage = service.storage
+    with service.db.session() as session:
+        first = jobs.find_by_idempotency_key(session, owner, idempotency_key)
+    if first is None:  # withdrawn since (its queue place or its broker refused): the key is free again
+        storage.discard_incoming(job_id)
+        raise ProblemError(503, FIRST_NOT_KEPT) from None
+    if not _same_request(first, params, upload):
+        storage.discard_incoming(job_id)
+        raise ProblemError(422, f"the Idempotency-Key {idempotency_key!r} was used for job {first.id}, which "
+                                "was sent with other parameters or files; send a new job under a new key") from None
+    _stand_in(service, job_id, first)
+    return first
+
+
+def _move_into_place(service: Services, job_id: str) -> None:
+    """Move a recorded job's upload into its folder; a move that fails withdraws the job, which no worker
+    has been sent."""
     try:
-        if not storage.adopt(job_id):
+        if not service.storage.adopt(job_id):
             log.info("job %s: a repeat of its upload was in place first; this copy is discarded", job_id)
     except BaseException:
-        storage.discard_incoming(job_id)
+        service.storage.discard_incoming(job_id)
         with service.db.session() as session:
             jobs.withdraw(session, job_id)
         raise
-    _within_the_cap(service, owner, job_id)
+
+
+def _send(service: Services, job: Job) -> None:
+    """Send a recorded job to the workers. A broker that refuses it has the job withdrawn and its files
+    removed, and the client told to send it again (503): a job the client was told nothing of is not kept."""
     try:
-        send_job(service.queue, job_id, job.dispatch)
+        send_job(service.queue, job.id, job.dispatch)
     except Exception:
-        log.exception("job %s: could not be sent to the broker", job_id)
+        log.exception("job %s: could not be sent to the broker", job.id)
         with service.db.session() as session:
-            jobs.withdraw(session, job_id)
-        storage.remove(job_id)
+            jobs.withdraw(session, job.id)
+        service.storage.remove(job.id)
         raise ProblemError(503, "the job queue is unreachable right now, so the job was not kept; send it "
                                 "again in a minute") from None
-    return job
 
 
 def _stand_in(service: Services, job_id: str, first: Job) -> None:
