@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from core.settings import Settings
 
 
@@ -92,7 +94,6 @@ def _tidy(args: argparse.Namespace) -> int:
     Never against a database that cannot be the API's, where every folder would be ownerless: a SQLite file
     that is not there (a relative path read from another folder) is not made, one without the jobs table is
     not migrated, unlike in `nad keys`, and one without any job while folders exist is not believed."""
-    import shutil
     from pathlib import Path
 
     from sqlalchemy import func, inspect, select
@@ -102,7 +103,7 @@ def _tidy(args: argparse.Namespace) -> int:
     from core.database import Database
     from core.engine.commands import fail
     from core.settings import get_settings
-    from core.storage import Storage, size_of
+    from core.storage import Storage
 
     settings = get_settings()
     storage, parsed = Storage(settings.storage_dir), make_url(settings.database_url)
@@ -127,20 +128,32 @@ def _tidy(args: argparse.Namespace) -> int:
         database.dispose()
     found = [storage.job_dir(job_id) for job_id in ownerless]
     unkept = [folder for job_id, keep in sorted(finished.items()) for folder in storage.unkept_outputs(job_id, keep)]
+    where = f"{_folders(len(listed), 'job ')} in {storage.root / 'jobs'} read against {url}"
+    return _list_and_remove(storage.root / "jobs", found, unkept, where, remove=args.remove)
+
+
+def _list_and_remove(jobs_dir: Path, found: list[Path], unkept: list[Path], where: str, *, remove: bool) -> int:
+    """Print each folder `nad tidy` found with its size, remove it when asked, and sum up: the folders whose job
+    is gone (`found`) and the output folders their finished job did not record (`unkept`). A folder still there
+    after its removal fails the command, naming it."""
+    import shutil
+
+    from core.engine.commands import fail
+    from core.storage import size_of
+
     sizes = {folder: size_of(folder) for folder in found + unkept}
     for folder in found + unkept:
-        print(f"{folder.relative_to(storage.root / 'jobs')}  {sizes[folder]:>15,} bytes")
-        if args.remove:
+        print(f"{folder.relative_to(jobs_dir)}  {sizes[folder]:>15,} bytes")
+        if remove:
             shutil.rmtree(folder, ignore_errors=True)
-    left = [folder for folder in found + unkept if args.remove and folder.exists()]
-    where = f"{_folders(len(listed), 'job ')} in {storage.root / 'jobs'} read against {url}"
+    left = [folder for folder in found + unkept if remove and folder.exists()]
     total = (f"{_folders(len(found))}, {sum(sizes[f] for f in found):,} bytes whose job is gone, and "
              f"{_folders(len(unkept), 'output ')}, {sum(sizes[f] for f in unkept):,} bytes their finished job "
              "did not record")
     if left:
         return fail(f"{len(left)} of {_folders(len(found) + len(unkept))} listed could not be removed "
                     f"({left[0]} first): check their owner and permissions ({where})")
-    if args.remove:
+    if remove:
         print(f"removed {total} ({where})")
     elif found or unkept:
         print(f"{total} ({where}); `nad tidy --remove` removes them")
