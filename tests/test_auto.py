@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from conftest import DigitsCase
 from core.engine.auto import (
@@ -22,8 +23,10 @@ from core.engine.auto import (
 from core.engine.checkpoints import write_checkpoint
 from core.engine.data import stratified_split
 from core.engine.errors import Cancelled, InputError
+from core.engine.methods import stages
 from core.engine.metrics import percent
 from core.engine.models import build_model
+from core.params import SanitizeParams
 
 
 def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_path):
@@ -175,6 +178,41 @@ def test_anp_as_a_candidate_prunes_its_own_copy_and_leaves_the_suspect_whole_for
     # from the suspect, whole: 2 to 4 points under it, by the machine (its 50 selection images are 2 points
     # each); from the suspect with every neuron pruned it reads 12.0, chance
     assert finetune["selection_acc"] >= auto["suspect_selection_acc"] - 10.0
+
+
+def test_the_reports_after_is_the_kept_candidates_measure_not_the_first_ones(digits_backdoor, tmp_path):
+    """anp at threshold 1 prunes every neuron of its copy and is left at chance; finetune, after it, is kept, and
+    the job's "after" is finetune's measure. The candidates trained on the clean images the selection set left."""
+    report = digits_backdoor.sanitize(tmp_path / "auto.safetensors", time_limit=3600, method="auto",
+                                      auto_candidates=["anp", "finetune"], anp_iterations=8, anp_threshold=1.0,
+                                      teacher_epochs=1)
+    auto = report["auto"]
+    anp, finetune = auto["candidates"]
+    assert auto["chosen"] == "finetune" and anp["measured"]["acc"] < finetune["measured"]["acc"]
+    assert finetune["measured"] == {key: report["after"][key] for key in finetune["measured"]}
+    assert auto["selection_images"] + auto["trained_on"] == report["evaluation"]["n_train"]
+
+
+def test_a_candidates_cost_counts_its_stages_by_their_weight_and_a_supplied_teacher_as_nothing():
+    """What auto estimates a candidate's time from and the progress bar is shared by: a SAU epoch counts 9 epochs
+    of fine-tuning, an I-BAU round 20, ANP 10; nad and finetune train no teacher when one is supplied."""
+    params = SanitizeParams(arch="wrn-16-1", num_classes=10, sau_epochs=3, ibau_rounds=2, teacher_epochs=4,
+                            nad_sam_rho=0.0)
+    assert stages("sau", params, trains_teacher=True) == {"sau": 27}
+    assert stages("ibau", params, trains_teacher=True) == {"ibau": 40}
+    assert stages("anp", params, trains_teacher=True) == {"anp": 10}
+    assert stages("finetune", params, trains_teacher=True) == {"teacher": 4}
+    assert stages("finetune", params, trains_teacher=False) == {}
+    assert stages("nad", params, trains_teacher=False) == {"student": 20}
+
+
+def test_auto_is_the_default_method_with_nad_then_sau_then_fst_within_2_points():
+    """The defaults docs/engine.md ("Choosing automatically") promises; an empty candidate list is refused, since
+    auto would have nothing to keep."""
+    params = SanitizeParams(arch="wrn-16-1", num_classes=10)
+    assert (params.method, params.auto_candidates, params.auto_budget) == ("auto", ["nad", "sau", "fst"], 2.0)
+    with pytest.raises(ValidationError, match="auto_candidates"):
+        SanitizeParams(arch="wrn-16-1", num_classes=10, auto_candidates=[])
 
 
 @pytest.mark.parametrize(("method", "candidates", "words"), [
@@ -364,6 +402,40 @@ def test_a_second_look_with_no_images_to_set_aside_keeps_the_choice_and_says_why
     rows = [dict(row) for row in SEED_6]
     index, reason = decide(rows, suspect_acc=88.0, budget=2.0, look=lambda i: {"reason": "none can be set aside"})
     assert index == 1 and reason.endswith("(2.49), and it got no second look: none can be set aside")
+
+
+def test_a_second_look_trains_on_every_clean_image_but_its_own_selection_set_and_is_measured_on_that(monkeypatch):
+    """Its selection set must not leak into its training, as the first one must not into the candidates': the
+    second look trains on all the others (the first selection set among them) and is measured on it alone."""
+    import torch
+    from torch import nn
+
+    from core.engine import auto
+    from core.engine.methods import Defended, Run
+    from core.engine.sanitize import Clock
+    from core.engine.training import Execution, Normalization
+
+    labels = torch.arange(200) % 10
+    images = torch.zeros(200, 3, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.arange(200)  # each image says which it is
+    trained_on = []
+
+    def defend(method, model, fit_images, fit_labels, run):
+        trained_on.append(set(fit_images[:, 0, 0, 0].tolist()))
+        return Defended(model)
+
+    monkeypatch.setattr(auto, "defend", defend)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 10))
+    params = SanitizeParams(arch="wrn-16-1", num_classes=10, auto_candidates=["fst"], seed=3)
+    run = Run(params, None, None, None, Normalization(), Execution(), None, Clock())
+    _, held = stratified_split(labels.numpy(), 0.1, seed=3)
+    first = auto.Split.of(model, images, labels, held, run)
+    right = auto.correct(model, first.images, first.labels, run)
+    ran = auto.Ran({"method": "fst"} | against_suspect(right, first.suspect_right), Defended(model), {}, right)
+    look = auto.second_look(model, images, labels, held, ran, first, run, auto.Spent())
+    aside = set(second_held(labels.numpy(), held, seed=3).tolist())
+    assert trained_on == [set(range(200)) - aside] and look["selection_images"] == len(aside) == 20
+    assert look["both"]["selection_images"] == 40
 
 
 def test_a_close_miss_is_trained_again_and_measured_on_both_sets(digits_backdoor, tmp_path):

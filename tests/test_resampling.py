@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from core.engine.data import load_images
+from core.engine.methods import sau_recipe
 from core.engine.resampling import (
     SIGN_SHARE,
     ResamplingSign,
@@ -73,6 +74,24 @@ def test_a_model_that_does_not_care_for_resampling_shows_no_sign():
     assert not ResamplingSign(SIGN_SHARE - 0.1, 3, 100).fired and ResamplingSign(SIGN_SHARE, 3, 100).fired
 
 
+def test_the_share_counts_the_moved_images_against_all_the_clean_images():
+    """Half the images move into class 7 and half do not move: 50 % of the clean images, not 100 % of the moved."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    flat = np.full((20, 8, 8, 3), 90, dtype=np.uint8)
+    sign = _sign(Sharpness(), np.concatenate([noise, flat]))
+    assert (sign.share, sign.label, sign.images) == (50.0, 7, 40)
+
+
+def test_the_users_sau_warp_is_used_as_given_even_0_and_only_unset_is_left_to_the_sign():
+    """0 is the user's "additive only", not "unset": a sign that fired must not turn it into the warp search."""
+    fired, quiet = ResamplingSign(90.0, 0, 100), ResamplingSign(5.0, 3, 100)
+    for given, sign, warp in ((0.0, fired, 0.0), (0.5, fired, 0.5), (0.5, quiet, 0.5), (None, fired, 1.0),
+                              (None, quiet, 0.0)):
+        params = SanitizeParams(arch="wrn-16-1", num_classes=10, method="sau", sau_warp=given)
+        assert sau_recipe(params, sign).warp == warp, (given, sign)
+
+
 def test_a_cleansed_model_is_warned_of_only_when_it_shows_the_sign_into_the_suspects_class():
     suspect = ResamplingSign(90.6, 0, 500)
     survived = survival_warning(suspect, ResamplingSign(89.8, 0, 450))
@@ -80,6 +99,25 @@ def test_a_cleansed_model_is_warned_of_only_when_it_shows_the_sign_into_the_susp
     assert survival_warning(suspect, ResamplingSign(53.3, 8, 450)) is None, "another class is not the backdoor"
     assert survival_warning(suspect, ResamplingSign(24.2, 0, 450)) is None
     assert survival_warning(ResamplingSign(13.9, 3, 500), ResamplingSign(60.0, 3, 500)) is None, "no sign before"
+
+
+def test_a_cleansed_model_that_shows_the_sign_keeps_its_methods_own_warning_too(monkeypatch):
+    """sau's saturated shared loss and a surviving resampling sign are two signals: the candidate's warning says
+    both, and where the suspect showed no sign, the cleansed model is not measured for it."""
+    from core.engine import methods
+    from core.engine.sanitize import Clock
+
+    monkeypatch.setattr(methods, "_defend", lambda *args: methods.Defended(nn.Identity(), warning="sau saturated"))
+    monkeypatch.setattr(methods, "resampling_sign", lambda *args: ResamplingSign(88.0, 0, 10))
+    images, labels = torch.zeros(10, 3, 8, 8, dtype=torch.uint8), torch.zeros(10, dtype=torch.int64)
+
+    def run(suspect: ResamplingSign) -> methods.Run:
+        return methods.Run(WRN, None, None, suspect, Normalization(), EXECUTION, None, Clock())
+
+    warning = methods.defend("sau", nn.Identity(), images, labels, run(ResamplingSign(90.0, 0, 10))).warning
+    assert warning.startswith("sau saturated; the cleansed model still shows the resampling sign (88.0 %")
+    assert methods.defend("sau", nn.Identity(), images, labels, run(ResamplingSign(9.0, 0, 10))).warning == \
+        "sau saturated"
 
 
 def test_a_defense_that_leaves_a_warp_backdoor_is_warned_of(digits_warp_backdoor, tmp_path):
