@@ -523,6 +523,28 @@ def test_nad_attack_refuses_numbers_out_of_range(digits_npz, tmp_path, capsys):
     assert not (tmp_path / "bd.safetensors").exists()
 
 
+def test_number_bounds_are_taken_as_documented_a_whole_poison_rate_a_fraction_above_0_a_json_file_at_the_cap(
+        tmp_path):
+    """--poison-rate may be the whole (1: every image poisoned), --fraction of `nad subset` must keep something
+    (0 would write an empty archive), and a JSON file of exactly PARAMS_LIMIT bytes is as small as the service
+    takes."""
+    import argparse
+
+    from core.engine.commands import _fraction, _rate, small_json_file
+    from core.params import PARAMS_LIMIT
+
+    assert _rate("1") == 1.0 and _fraction("0.5") == 0.5
+    for refused, text in ((_rate, "0"), (_fraction, "0"), (_fraction, "1")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            refused(text)
+    at_cap = tmp_path / "params.json"
+    at_cap.write_text("{}" + " " * (PARAMS_LIMIT - 2))
+    assert small_json_file(at_cap, "advice").startswith("{}")
+    at_cap.write_text("{}" + " " * (PARAMS_LIMIT - 1))
+    with pytest.raises(ValueError, match="larger than 1,048,576 bytes; advice"):
+        small_json_file(at_cap, "advice")
+
+
 def test_nad_attack_trains_a_one_epoch_run_at_the_lr_it_was_given(digits_npz, tmp_path, monkeypatch):
     """Milestones at half and three quarters of one epoch were both epoch 0: it trained at a hundredth of --lr."""
     recipes = []
