@@ -6,26 +6,34 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
+from torch import nn
 
 from conftest import DigitsCase
 from core.engine.auto import (
     ESTIMATE_MARGIN,
     Cutoff,
+    Ran,
     Spent,
+    Split,
     against_suspect,
     close_misses,
+    correct,
     decide,
     fits,
     pick,
     second_held,
+    second_look,
 )
 from core.engine.checkpoints import write_checkpoint
 from core.engine.data import stratified_split
 from core.engine.errors import Cancelled, InputError
-from core.engine.methods import stages
+from core.engine.methods import Defended, Run, stages
 from core.engine.metrics import percent
 from core.engine.models import build_model
+from core.engine.sanitize import Clock
+from core.engine.training import Execution, Normalization
 from core.params import SanitizeParams
 
 
@@ -407,14 +415,6 @@ def test_a_second_look_with_no_images_to_set_aside_keeps_the_choice_and_says_why
 def test_a_second_look_trains_on_every_clean_image_but_its_own_selection_set_and_is_measured_on_that(monkeypatch):
     """Its selection set must not leak into its training, as the first one must not into the candidates': the
     second look trains on all the others (the first selection set among them) and is measured on it alone."""
-    import torch
-    from torch import nn
-
-    from core.engine import auto
-    from core.engine.methods import Defended, Run
-    from core.engine.sanitize import Clock
-    from core.engine.training import Execution, Normalization
-
     labels = torch.arange(200) % 10
     images = torch.zeros(200, 3, 4, 4, dtype=torch.uint8)
     images[:, 0, 0, 0] = torch.arange(200)  # each image says which it is
@@ -424,15 +424,15 @@ def test_a_second_look_trains_on_every_clean_image_but_its_own_selection_set_and
         trained_on.append(set(fit_images[:, 0, 0, 0].tolist()))
         return Defended(model)
 
-    monkeypatch.setattr(auto, "defend", defend)
+    monkeypatch.setattr("core.engine.auto.defend", defend)
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 10))
     params = SanitizeParams(arch="wrn-16-1", num_classes=10, auto_candidates=["fst"], seed=3)
     run = Run(params, None, None, None, Normalization(), Execution(), None, Clock())
     _, held = stratified_split(labels.numpy(), 0.1, seed=3)
-    first = auto.Split.of(model, images, labels, held, run)
-    right = auto.correct(model, first.images, first.labels, run)
-    ran = auto.Ran({"method": "fst"} | against_suspect(right, first.suspect_right), Defended(model), {}, right)
-    look = auto.second_look(model, images, labels, held, ran, first, run, auto.Spent())
+    first = Split.of(model, images, labels, held, run)
+    right = correct(model, first.images, first.labels, run)
+    ran = Ran({"method": "fst"} | against_suspect(right, first.suspect_right), Defended(model), {}, right)
+    look = second_look(model, images, labels, held, ran, first, run, Spent())
     aside = set(second_held(labels.numpy(), held, seed=3).tolist())
     assert trained_on == [set(range(200)) - aside] and look["selection_images"] == len(aside) == 20
     assert look["both"]["selection_images"] == 40
