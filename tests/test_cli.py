@@ -526,8 +526,8 @@ def test_nad_attack_refuses_numbers_out_of_range(digits_npz, tmp_path, capsys):
 def test_number_bounds_are_taken_as_documented_a_whole_poison_rate_a_fraction_above_0_a_json_file_at_the_cap(
         tmp_path):
     """--poison-rate may be the whole (1: every image poisoned), --fraction of `nad subset` must keep something
-    (0 would write an empty archive), and a JSON file of exactly PARAMS_LIMIT bytes is as small as the service
-    takes."""
+    (0 would write an empty archive) and not all (1 is the archive itself), and a trigger or params file of
+    exactly PARAMS_LIMIT bytes is read, as the service takes a `params` field of that size; one byte more is not."""
     import argparse
 
     from core.engine.commands import _fraction, _rate, small_json_file
