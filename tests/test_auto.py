@@ -58,11 +58,12 @@ def test_auto_runs_each_candidate_and_reports_its_choice(digits_backdoor, tmp_pa
         gap = 100.0 * (row["selection_gained"] - row["selection_lost"]) / auto["selection_images"]
         assert abs(row["selection_acc"] - auto["suspect_selection_acc"] - gap) < 0.02
         assert row["selection_gap_se"] > 0 or row["selection_gained"] + row["selection_lost"] == 0
-    stages = {row["stage"] for row in report["history"]}
-    assert stages == {"nad/teacher", "nad/student", "sau/sau", "fst/fst"}
+    assert {row["stage"] for row in report["history"]} == {"nad/teacher", "nad/student", "sau/sau", "fst/fst"}
     progress = [event.progress for event in events]
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert report["after"]["asr"] < report["before"]["asr"]
+    # sau ran as a candidate, so the report says the warp search it ran with: none, the sign quiet on a patch.
+    assert not report["resampling"]["fired"] and report["resampling"]["sau_warp"] == 0.0
 
 
 def test_auto_runs_only_the_candidates_the_jobs_time_allows(digits_backdoor, tmp_path):
