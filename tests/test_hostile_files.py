@@ -90,6 +90,21 @@ def test_zip_checkpoint_with_compressed_members_is_refused(tmp_path, torch_load_
         read_state_dict(path)
 
 
+def test_zip_checkpoint_with_a_compressed_member_that_inflates_little_is_refused_too(tmp_path, torch_load_forbidden):
+    """The rule is torch.save's own, stored members, not a ratio: deflated random bytes, which inflate to no
+    more than the file holds, are refused as well."""
+    saved = tmp_path / "saved.pt"
+    noise = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.save({"weight": noise}, saved)
+    with zipfile.ZipFile(saved) as source:
+        members = {info.filename: source.read(info) for info in source.infolist()}
+    path = _zip(tmp_path / "deflated.pt", members)
+    with zipfile.ZipFile(path) as deflated:
+        assert sum(info.file_size for info in deflated.infolist()) <= path.stat().st_size
+    with pytest.raises(InputError, match="compressed"):
+        read_state_dict(path)
+
+
 def test_zip_checkpoint_member_larger_than_the_file_is_refused(tmp_path, torch_load_forbidden):
     """torch.load sizes a member's buffer from the zip directory: a directory that lies must not size it."""
     path = tmp_path / "lying.pt"
