@@ -41,18 +41,11 @@ def _same(a: dict, b: dict) -> bool:
     ids=["plain", "state_dict", "model", "net", "dataparallel", "wrapped-dataparallel", "pytorch-tutorial",
          "compiled-dataparallel"],
 )
-def test_torch_save_wrappers_are_unwrapped(tmp_path, model, wrap):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_torch_save_wrappers_are_unwrapped(tmp_path, model, wrap, zip_format):
+    """In torch.save's zip format and in its format before PyTorch 1.6, a bare pickle (the NAD authors')."""
     path = tmp_path / "model.pth"
-    torch.save(wrap(model.state_dict()), path)
-    assert _same(read_state_dict(path), model.state_dict())
-
-
-def test_legacy_torch_save_files_load(tmp_path, model):
-    """torch.save's format before PyTorch 1.6, a bare pickle (the NAD authors' checkpoints), wrapped or not."""
-    path = tmp_path / "model.pth.tar"
-    torch.save({"state_dict": model.state_dict(), "epoch": 20}, path, _use_new_zipfile_serialization=False)
-    assert _same(read_state_dict(path), model.state_dict())
-    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    torch.save(wrap(model.state_dict()), path, _use_new_zipfile_serialization=zip_format)
     assert _same(read_state_dict(path), model.state_dict())
 
 
