@@ -187,18 +187,9 @@ def test_anp_as_a_candidate_prunes_its_own_copy_and_leaves_the_suspect_whole_for
     # from the suspect, whole: 2 to 4 points under it, by the machine (its 50 selection images are 2 points
     # each); from the suspect with every neuron pruned it reads 12.0, chance
     assert finetune["selection_acc"] >= auto["suspect_selection_acc"] - 10.0
-
-
-def test_the_reports_after_is_the_kept_candidates_measure_not_the_first_ones(digits_backdoor, tmp_path):
-    """anp at threshold 1 prunes every neuron of its copy and is left at chance; finetune, after it, is kept, and
-    the job's "after" is finetune's measure. The candidates trained on the clean images the selection set left."""
-    report = digits_backdoor.sanitize(tmp_path / "auto.safetensors", time_limit=3600, method="auto",
-                                      auto_candidates=["anp", "finetune"], anp_iterations=8, anp_threshold=1.0,
-                                      teacher_epochs=1)
-    auto = report["auto"]
-    anp, finetune = auto["candidates"]
-    assert auto["chosen"] == "finetune" and anp["measured"]["acc"] < finetune["measured"]["acc"]
+    # The job's "after" is the kept candidate's measure, not the first's; both trained without the selection set.
     assert finetune["measured"] == {key: report["after"][key] for key in finetune["measured"]}
+    assert anp["measured"]["acc"] < finetune["measured"]["acc"]
     assert auto["selection_images"] + auto["trained_on"] == report["evaluation"]["n_train"]
 
 
