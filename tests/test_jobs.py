@@ -121,6 +121,9 @@ def test_listing_is_newest_first_with_a_cursor_and_a_status_filter(database: Dat
         seen += [job.id for job in page]
     assert cursor is None and seen == created[::-1]
     with database.session() as session:
+        page, cursor = jobs.list_jobs(session, me, 5)  # a last page that is full: no cursor to an empty one
+    assert len(page) == 5 and cursor is None
+    with database.session() as session:
         cancelled, _ = jobs.list_jobs(session, me, 10, statuses=[Status.CANCELLED])
     assert [job.id for job in cancelled] == [created[1]]
 
@@ -132,9 +135,15 @@ def test_cancel_stops_a_queued_job_at_once_and_asks_a_running_one(database: Data
     with database.session() as session:
         jobs.request_cancel(session, jobs.get_job(session, queued, me))
         jobs.request_cancel(session, jobs.get_job(session, running, me))
-        jobs.request_cancel(session, jobs.get_job(session, running, me))  # asking twice is harmless
-    assert (status(database, queued), status(database, running)) == ("cancelled", "cancelling")
+        asked = jobs.get_job(session, running, me).cancel_requested_at
     with database.session() as session:
+        jobs.request_cancel(session, jobs.get_job(session, running, me))  # asking twice is harmless
+        assert jobs.get_job(session, running, me).cancel_requested_at == asked  # and changes nothing
+    assert (status(database, queued), status(database, running)) == ("cancelled", "cancelling")
+    with database.session() as session:  # the run goes on to its epoch's end, and says how far it is
+        jobs.record_progress(session, running, 0, "student", 0.5, 3, 5)
+    with database.session() as session:
+        assert (jobs.get_job(session, running, me).epoch, jobs.get_job(session, running, me).progress) == (3, 0.5)
         assert jobs.stop_requested(session, running, 0)
         assert jobs.count_unfinished(session, me) == 1  # a cancelling job holds its worker: it counts to the cap
         job = jobs.get_job(session, running, me)
@@ -152,8 +161,10 @@ def test_a_finished_job_cannot_be_cancelled_and_an_unfinished_one_not_deleted(da
     with database.session() as session, pytest.raises(jobs.InvalidTransition) as refused:
         jobs.request_cancel(session, jobs.get_job(session, job_id, me))
     assert refused.value.status == "succeeded"
-    with database.session() as session:
+    api = Database(database.url)  # a process that did not migrate: its connections take the cascade too
+    with api.session() as session:
         jobs.delete_job(session, jobs.get_job(session, job_id, me))
+    api.dispose()
     with database.session() as session:
         assert session.get(jobs.Job, job_id) is None
         assert session.query(jobs.Artifact).filter_by(job_id=job_id).count() == 0  # cascaded
@@ -306,6 +317,18 @@ def test_a_migration_that_rebuilds_the_jobs_table_keeps_their_files(tmp_path: Pa
     db.dispose()
 
 
+def test_a_migration_that_leaves_files_of_no_job_is_rolled_back(tmp_path: Path) -> None:
+    """With foreign keys off while it runs, a migration could leave artifacts whose job is gone; the check
+    before its commit refuses it, and the database is as it was."""
+    db = Database(f"sqlite:///{tmp_path / 'nad.db'}")
+    db.migrate()
+    job_id = new_job(db, owner())
+    with pytest.raises(RuntimeError, match="foreign keys point nowhere"), migrating(db.engine) as connection:
+        connection.execute(text("DELETE FROM jobs WHERE id = :id"), {"id": job_id})
+    assert status(db, job_id) == "queued"
+    db.dispose()
+
+
 def test_processes_migrating_a_new_sqlite_file_at_once_all_succeed(tmp_path: Path) -> None:
     """An API and its workers started together: each takes the write lock to migrate, the later ones find the
     schema made (they tried to make its tables again, and failed)."""
@@ -411,6 +434,8 @@ def test_a_silent_job_is_taken_from_its_dead_worker_once(database: Database) -> 
     for job_id in (running, cancelling, lively):
         start(database, job_id)
     with database.session() as session:
+        jobs.record_progress(session, running, 0, "student", 0.5, 3, 5)
+    with database.session() as session:
         jobs.request_cancel(session, jobs.get_job(session, cancelling, me))
     since = jobs.now()
     with database.session() as session:
@@ -426,10 +451,19 @@ def test_a_silent_job_is_taken_from_its_dead_worker_once(database: Database) -> 
         assert not jobs.heartbeat(session, running, 0)
     assert (status(database, running), status(database, cancelling), status(database, lively)) == (
         "queued", "cancelled", "running")
+    with database.session() as session:  # queued again: none of the dead run's progress is shown
+        job = session.get(jobs.Job, running)
+        assert (job.stage, job.epoch, job.progress) == (None, None, 0.0)
     assert start(database, running, dispatch=1).job_id == running
+    with database.session() as session:  # the old run, alive after all, stops and changes nothing of the new one's
+        assert jobs.stop_requested(session, running, 0) and not jobs.stop_requested(session, running, 1)
+        assert not jobs.heartbeat(session, running, 0)
+        jobs.record_progress(session, running, 0, "student", 0.9, 4, 5)
+        jobs.fail(session, running, 0, "from the old run")
+        jobs.finish_cancelled(session, running, 0)
     with database.session() as session:
-        jobs.fail(session, running, 0, "from the old run")  # changes nothing
-        assert session.get(jobs.Job, running).status == "running"
+        job = session.get(jobs.Job, running)
+        assert (job.status, job.dispatch, job.progress, job.error) == ("running", 1, 0.0, None)
 
 
 def test_a_sweeper_that_found_a_job_silent_before_it_was_sent_again_leaves_its_next_run_alone(
@@ -490,6 +524,13 @@ def test_failure_keeps_the_message_for_the_owner(database: Database) -> None:
         job = session.get(jobs.Job, job_id)
         assert (job.status, job.error) == ("failed", "the checkpoint does not fit wrn-16-1")
         assert job.finished_at >= job.started_at
+    cancelling = new_job(database, owner())  # a run that fails before its next stop check: failed, not cancelled
+    start(database, cancelling)
+    with database.session() as session:
+        jobs.request_cancel(session, session.get(jobs.Job, cancelling))
+    with database.session() as session:
+        jobs.fail(session, cancelling, 0, "the checkpoint does not fit wrn-16-1")
+    assert status(database, cancelling) == "failed"
 
 
 def test_progress_is_written_at_most_once_a_second_but_always_at_epoch_ends(
