@@ -449,6 +449,8 @@ def test_a_job_and_its_files_are_invisible_to_other_keys(
         ("DELETE", ""),
     ):
         assert job_id in problem(api.request(method, f"/jobs/{job_id}{path}", headers=other), 404)["detail"]
+    for not_an_id in ("%00", f"{job_id[:-1]}%00"):  # never sent to the database (a NUL breaks it)
+        problem(api.get(f"/jobs/{not_an_id}", headers=auth), 404)
     assert job_ids(api, other) == []
     assert api.get(f"/jobs/{job_id}/model", headers=auth).content == b"cleansed weights"
 
@@ -465,7 +467,8 @@ def test_listing_is_paginated_newest_first_and_filtered_by_status(
     assert job_ids(api, auth, status="cancelled") == [created[0]]
     assert job_ids(api, auth, status="queued") == created[:0:-1]
     assert job_ids(api, auth, status=["cancelled", "queued"]) == created[::-1]  # it took the last one alone
-    assert problem(api.get("/jobs", headers=auth, params={"limit": 0}), 422)["errors"][0]["field"] == "limit"
+    for limit in (0, 101):  # at most 100 a page
+        assert problem(api.get("/jobs", headers=auth, params={"limit": limit}), 422)["errors"][0]["field"] == "limit"
     assert (
         problem(api.get("/jobs", headers=auth, params={"status": "done"}), 422)["errors"][0]["field"]
         == "status.0"  # the first of the statuses asked for

@@ -115,12 +115,16 @@ def test_uploads_sent_at_once_do_not_pass_the_cap_together(
 ) -> None:
     """Each passed the count before its body was read, when none of the others was recorded yet (as if
     `_check_queue` ran for all of them first): counted again once recorded, the one past the cap is refused."""
-    headers = new_key(limited_settings)
+    headers, broker = new_key(limited_settings), make_celery(limited_settings)
     monkeypatch.setattr("api.jobs._check_queue", lambda *args: None)
+    sent_before = broker_task_ids(broker, limited_settings.queue)
     answers = [submit(limited, headers) for _ in range(3)]
     assert [answer.status_code for answer in answers] == [202, 202, 429]
     assert "2 jobs queued or running" in problem(answers[2], 429)["detail"]
-    assert len(limited.get("/jobs", headers=headers).json()["items"]) == 2 and leftovers(limited_settings) == []
+    kept = [job["id"] for job in limited.get("/jobs", headers=headers).json()["items"]]
+    assert len(kept) == 2 and leftovers(limited_settings) == []
+    # the one refused was never sent: a worker would have been given a job withdrawn under it
+    assert broker_task_ids(broker, limited_settings.queue) - sent_before == {f"{job_id}-0" for job_id in kept}
 
 
 def test_a_retried_submission_at_the_cap_gets_its_job_back(
@@ -261,6 +265,17 @@ def test_a_retry_after_a_record_whose_answer_was_lost_brings_the_files_the_job_l
     assert storage.path(job_id, "inputs/model").read_bytes() == b"checkpoint bytes"
     assert f"{job_id}-0" in broker_task_ids(make_celery(api_settings), api_settings.queue)
     assert leftovers(api_settings) == []
+
+    # Its owner cancelled the job, seen queued in the list, before retrying: the retry gets the cancelled job
+    # back, and its upload is discarded, neither kept for a job that will never run nor sent to the workers.
+    monkeypatch.setattr(jobs, "create_job", committed_then_refused(create_job, api_settings.database_url))
+    problem(submit(api, auth, **{"Idempotency-Key": "cancelled-meanwhile"}), 503)
+    (cancelled,) = api.get("/jobs", headers=auth, params={"limit": 1}).json()["items"]
+    assert api.post(f"/jobs/{cancelled['id']}/cancel", headers=auth).status_code == 200
+    again = submit(api, auth, **{"Idempotency-Key": "cancelled-meanwhile"})
+    assert (again.status_code, again.json()["id"], again.json()["status"]) == (202, cancelled["id"], "cancelled")
+    assert not storage.job_dir(cancelled["id"]).exists() and leftovers(api_settings) == []
+    assert f"{cancelled['id']}-0" not in broker_task_ids(make_celery(api_settings), api_settings.queue)
 
     # The first's API, alive, withdraws its job just after the retry looked (its broker refused, say): the
     # retry's copy went to a folder of no job, for good, and its 202 named a job that was gone (the review).
@@ -701,10 +716,11 @@ def test_the_job_beats_while_its_last_word_is_written(worker_job: WorkerJob, mon
     be taken from its worker by the sweeper meanwhile, and run again."""
     import worker.tasks
 
-    beating, seen = [], []
+    beating, seen, intervals = [], [], []
 
     @contextmanager
-    def heartbeat(*args):
+    def heartbeat(db, job_id, dispatch, interval):
+        intervals.append(interval)
         beating.append(True)
         try:
             yield
@@ -722,6 +738,8 @@ def test_the_job_beats_while_its_last_word_is_written(worker_job: WorkerJob, mon
     monkeypatch.setattr(jobs, write, recording)
     _run(worker_job)
     assert seen == [True] and worker_job.row().status == ends
+    # a quarter of the sweeper's interval: a live job beats several times between two of its rounds
+    assert intervals == [worker_job.settings.sweep_interval / 4]
 
 
 def test_a_result_recorded_by_a_write_whose_answer_was_lost_keeps_its_checkpoint(
@@ -1052,6 +1070,7 @@ def test_a_start_the_database_refuses_puts_the_message_back_and_leaves_the_job_a
     monkeypatch.setattr(jobs, "start_attempt", refusal)
     result = sanitize_job.apply(args=(worker_job.id, 0))  # Celery's own handling of what the task raises
     assert result.state == "REJECTED" and waited[0] <= worker_clock.now <= waited[1]
+    assert result.result.requeue  # back to the queue, not dropped: the job still waits for its run
     assert worker_job.row().status == jobs.Status.RUNNING and _outputs(worker_job) == [being_written]
 
 
