@@ -163,12 +163,13 @@ except Exception as error:
 
 @pytest.mark.parametrize(("preamble", "runs"), [("import worker.app", False), ("", True)], ids=["worker", "control"])
 def test_the_worker_process_refuses_a_full_unpickle_whatever_the_call_asks(tmp_path, preamble, runs):
-    """worker.app forces weights-only loading before torch is imported; the control shows that the same load
-    without it does run the file's code."""
+    """worker.app forces weights-only loading before torch is imported, whatever setting the process inherited
+    (an inherited "0" must not turn it off); the control shows that the same load without it does run the file's
+    code."""
     marker, path = tmp_path / "ran", tmp_path / "evil.pt"
     torch.save(Payload(marker), path)
     # This process may carry the setting already (any test module importing worker.app sets it).
-    env = {name: value for name, value in os.environ.items() if name != "TORCH_FORCE_WEIGHTS_ONLY_LOAD"}
+    env = os.environ | {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "0"}
     done = subprocess.run([sys.executable, "-c", LOAD_IN_FULL.format(preamble=preamble), str(path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

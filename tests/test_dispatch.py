@@ -7,6 +7,8 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,6 +46,23 @@ def lose_messages(settings: Settings) -> list[bytes]:
         client.close()
 
 
+def take_unacknowledged(app: Celery, message: bytes) -> Callable[[], None]:
+    """Hold a message as a worker that took it and has not yet acknowledged it (its job not yet started); returns
+    what gives it up (the worker acknowledged it)."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        key, tag = channel.unacked_key, f"test-{uuid.uuid4().hex}"
+        raw = json.loads(message)
+        channel.client.hset(key, tag, json.dumps([raw, raw["properties"]["delivery_info"]["exchange"],
+                                                  raw["properties"]["delivery_info"]["routing_key"]]))
+
+    def acknowledged() -> None:
+        with app.connection_for_write() as connection:
+            connection.default_channel.client.hdel(key, tag)
+
+    return acknowledged
+
+
 def give_back(settings: Settings, message: bytes) -> None:
     """Put a message back on the settings' queue, as a Redis restored from an older snapshot would."""
     client = redis.Redis.from_url(settings.broker_url)
@@ -73,20 +92,27 @@ def test_the_sweeper_sends_again_only_jobs_whose_message_is_gone(
 
     with TestClient(create_app(settings)) as client:
         headers = new_key(settings)
-        kept, lost = (submit(client, headers, digits_backdoor, **SHORT) for _ in range(2))
-        assert broker_task_ids(queue, settings.queue) >= {f"{kept}-0", f"{lost}-0"}
-        assert sent(grace=0) == []  # both messages are there
+        kept, lost, taken = (submit(client, headers, digits_backdoor, **SHORT) for _ in range(3))
+        assert broker_task_ids(queue, settings.queue) >= {f"{kept}-0", f"{lost}-0", f"{taken}-0"}
+        assert sent(grace=0) == []  # every message is there
         elsewhere = jobs.new_job_id()  # a job of another queue sharing the database: not this sweeper's
         with db.session() as session:
             jobs.create_job(session, elsewhere, "someone", "another-queue", {}, [])
 
-        (kept_message,) = [m for m in lose_messages(settings) if kept.encode() in m]
+        messages = lose_messages(settings)
+        (kept_message,) = [m for m in messages if kept.encode() in m]
+        (taken_message,) = [m for m in messages if taken.encode() in m]
         give_back(settings, kept_message)
-        assert sent(grace=3600) == []  # not waiting long enough yet
-        assert sent(grace=0) == [lost]
-        assert sent(grace=0) == []  # sent once
+        acknowledged = take_unacknowledged(queue, taken_message)  # a worker took it, and has not started the job
+        try:
+            assert sent(grace=3600) == []  # not waiting long enough yet
+            assert sent(grace=0) == [lost]
+            assert sent(grace=0) == []  # sent once
+        finally:
+            acknowledged()
         assert broker_task_ids(queue, settings.queue) >= {f"{kept}-0", f"{lost}-1"}
-        assert (dispatch_of(settings, kept), dispatch_of(settings, lost), dispatch_of(settings, elsewhere)) == (0, 1, 0)
+        assert (dispatch_of(settings, kept), dispatch_of(settings, lost), dispatch_of(settings, taken),
+                dispatch_of(settings, elsewhere)) == (0, 1, 0, 0)
         assert client.get(f"/jobs/{lost}", headers=headers).json()["status"] == "queued"
     db.dispose()
 
@@ -347,6 +373,22 @@ def test_every_url_that_reaches_redis_gets_its_redelivery_clock_and_timeouts(url
     options = app.conf.broker_transport_options
     assert options.get("visibility_timeout") == (settings.visibility_timeout if redis_ else None)
     assert options.get("socket_timeout") == (BROKER_TIMEOUT if redis_ else None)
+
+
+def test_a_worker_takes_one_job_at_a_time_and_acknowledges_it_only_when_it_ends(tmp_path: Path) -> None:
+    """At-least-once delivery: a job's message is acknowledged when its task returns, and given back when its
+    worker process dies; one job at a time per worker, none held back in a busy one's buffer, a fresh process
+    for each; the hard time limit a minute past the soft one, for the run to record its end. And every worker
+    runs the sweeper."""
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'nad.db'}", broker_url="redis://127.0.0.1:6379/0",
+                        job_time_limit=600)
+    app = make_celery(settings)
+    assert (app.conf.task_acks_late, app.conf.task_reject_on_worker_lost) == (True, True)
+    assert (app.conf.worker_concurrency, app.conf.worker_prefetch_multiplier, app.conf.worker_max_tasks_per_child) \
+        == (1, 1, 1)
+    assert (app.conf.task_soft_time_limit, app.conf.task_time_limit) == (600, 660)
+    assert app.conf.broker_transport_options["socket_connect_timeout"] == BROKER_TIMEOUT
+    assert Sweeper in app.steps["worker"]
 
 
 def test_with_kombus_sqlalchemy_transport_the_sweeper_sends_again_only_jobs_whose_message_is_gone(
