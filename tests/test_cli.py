@@ -352,6 +352,22 @@ def test_json_files_may_be_pipes_as_process_substitution_makes_them(digits_npz, 
     assert sent == {"method": "sau"}
 
 
+def test_nad_submit_sends_key_over_nad_api_key_and_follows_a_cancelled_job_to_its_end(digits_npz, capsys, monkeypatch):
+    """`--key` overrides NAD_API_KEY (README), sent as `Authorization: Bearer`; an upload has no write timeout. A
+    job cancelled meanwhile has finished: said, exit 1, not followed for ever."""
+    sent = []
+    monkeypatch.setenv("NAD_API_KEY", "nad_env_secret")
+    monkeypatch.setattr(Client, "submit", lambda self, files, params: sent.append(self.http) or {"id": "abc"})
+    for flag in (["--key", "nad_flag_secret"], []):
+        answers = iter([{"id": "abc", "status": "cancelled", "error": None, "progress": {"percent": 40}}])
+        monkeypatch.setattr(Client, "job", lambda self, job_id, answers=answers: next(answers))
+        assert main(["submit", str(digits_npz), str(digits_npz), "--params", "{}", "--url", "http://127.0.0.1:9",
+                     *flag]) == 1
+        assert capsys.readouterr().err.endswith("\njob abc cancelled: no result\n")
+    assert [http.headers["authorization"] for http in sent] == ["Bearer nad_flag_secret", "Bearer nad_env_secret"]
+    assert sent[0].timeout.write is None and sent[0].timeout.read == sent[0].timeout.connect > 0
+
+
 def test_a_service_that_stays_unreachable_is_given_up_on_saying_how_to_follow_the_job(monkeypatch):
     """`nad submit` asks again through a restart of the service (test_service_e2e.py), but not for ever: for
     `patience` seconds from the first failure."""
@@ -431,7 +447,8 @@ def test_an_upload_cut_off_before_its_answer_is_sent_again_under_the_same_idempo
 ):
     """The key lets the service answer a repeated upload with the job the first one made, never a second job;
     a connection that keeps failing is given up on after UPLOAD_TRIES, and an answer, even an error, is final."""
-    monkeypatch.setattr("core.client.time", StoodStill())  # its waits, of minutes, take no time
+    clock = StoodStill()  # its waits, of minutes, take no time
+    monkeypatch.setattr("core.client.time", clock)
     files = {"model": digits_npz, "clean_data": digits_npz}
     ScriptedService.script.extend([None, (202, {"id": "abc"})])
     assert scripted.submit(files, {}, show_progress=False) == {"id": "abc"}
@@ -445,6 +462,7 @@ def test_an_upload_cut_off_before_its_answer_is_sent_again_under_the_same_idempo
     with pytest.raises(ServiceError, match="a bug"):
         scripted.submit(files, {}, show_progress=False)
     assert len(ScriptedService.asked) == 2 + UPLOAD_TRIES + 1 and not ScriptedService.script
+    assert clock.now == 2 + sum(2 * attempt for attempt in range(1, UPLOAD_TRIES))  # a pause before each try again
 
 
 def test_an_unavailable_service_is_waited_out_for_the_upload_the_metrics_and_the_model(
@@ -593,6 +611,7 @@ def test_nad_submit_refuses_a_service_url_it_cannot_use(digits_npz, url, capsys,
 
 @pytest.mark.parametrize(("variable", "value", "said"), [
     ("NAD_API_PORT", "abc", "NAD_API_PORT: Input should be a valid integer, unable to parse string as an integer"),
+    ("NAD_API_PORT", "65536", "NAD_API_PORT: Input should be less than or equal to 65535"),  # uvicorn: a traceback
     # empty: RabbitMQ on localhost to Celery, a queue no worker listens to, the current folder
     ("NAD_BROKER_URL", "", "NAD_BROKER_URL: String should have at least 1 character"),
     ("NAD_QUEUE", "", "NAD_QUEUE: String should have at least 1 character"),
@@ -612,6 +631,27 @@ def test_a_key_name_is_one_printable_line_the_database_can_keep(capsys):
         with pytest.raises(SystemExit) as refused:
             main(["keys", "create", "--name", name])
         assert refused.value.code == 2 and "a key's name is 1 to 100 printable characters" in capsys.readouterr().err
+
+
+def test_nad_keys_creates_revokes_and_lists_keys_on_a_new_database(tmp_path, capsys, monkeypatch):
+    """`nad keys` makes its database's tables itself; a name of 100 characters is kept, a key revoked is listed
+    as revoked, and revoking a key that is not live fails, naming it."""
+    from core.settings import get_settings
+
+    monkeypatch.setenv("NAD_DATABASE_URL", f"sqlite:///{tmp_path / 'keys.db'}")
+    get_settings.cache_clear()
+    try:
+        name = "x" * 100
+        assert main(["keys", "create", "--name", name]) == 0
+        key_id = capsys.readouterr().out.splitlines()[-1].split("_")[1]
+        assert main(["keys", "revoke", key_id]) == 0 and capsys.readouterr().out == f"revoked key {key_id}\n"
+        assert main(["keys", "revoke", key_id]) == 2
+        assert capsys.readouterr().err == f"nad: error: no live key {key_id}\n"
+        assert main(["keys", "list"]) == 0
+        (listed,) = capsys.readouterr().out.splitlines()
+        assert listed.startswith(f"{key_id}  ") and " revoked 20" in listed and listed.endswith(f"  {name}")
+    finally:
+        get_settings.cache_clear()
 
 
 @pytest.mark.parametrize(("url", "said"), [
