@@ -29,7 +29,7 @@ from core.database import MIGRATIONS, Base, Database, migrating
 from core.engine.events import Event
 from core.jobs import FileRecord, Status
 from core.settings import get_settings
-from core.storage import LOCK_FILE, Storage, TooLarge, output_name
+from core.storage import LOCK_FILE, Storage, TooLarge, output_name, size_of
 from worker.tasks import ProgressRecorder
 
 pytest_plugins = ["service_fixtures"]
@@ -588,11 +588,15 @@ def test_keys_are_stored_hashed_checked_and_revocable(database: Database) -> Non
         assert keys.authenticate(session, secret) == key.id
         assert keys.authenticate(session, secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
         assert keys.authenticate(session, "nad_nothing") is None and keys.authenticate(session, "") is None
+        assert keys.authenticate(session, "xyz" + secret.removeprefix("nad")) is None  # the id and secret alone
+        later, _ = keys.create_key(session, "bob")
+    with database.session() as session:
         assert keys.revoke_key(session, key.id)
         assert not keys.revoke_key(session, key.id)
     with database.session() as session:
         assert keys.authenticate(session, secret) is None
-        assert key.id in [k.id for k in keys.list_keys(session)]
+        # by creation, a revoked key where it was (PostgreSQL keeps an updated row's new version at the end)
+        assert [k.id for k in keys.list_keys(session) if k.id in (key.id, later.id)] == [key.id, later.id]
 
 
 # ---- storage --------------------------------------------------------------------------------------------
@@ -675,6 +679,8 @@ def test_a_jobs_output_folder_that_is_a_link_leads_nothing_to_be_removed(tmp_pat
     assert storage.unkept_outputs(job_id, None) == []
     storage.remove_outputs(job_id, through=3, keep=None)
     assert (elsewhere / "0" / "precious").read_bytes() == b"not the service's"
+    (storage.job_dir(job_id) / "model").symlink_to(elsewhere / "0" / "precious")  # nor is a file's sized through
+    assert size_of(storage.job_dir(job_id)) == (storage.job_dir(job_id) / "model").lstat().st_size
 
 
 def test_every_file_the_api_takes_reaches_the_engine_by_its_role(tmp_path: Path) -> None:
@@ -715,6 +721,32 @@ def test_sweeping_removes_only_stale_incoming_uploads(tmp_path: Path) -> None:
     assert Storage(tmp_path).sweep_incoming() == 2
     assert list((tmp_path / "incoming").iterdir()) == [live.inbox()]
     assert (live.inbox() / LOCK_FILE).exists() and receiving.close().size == 1
+
+
+def test_a_lock_won_on_a_folder_swept_meanwhile_is_not_taken_for_an_inbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweeper removes a dead process's folder while it holds its lock: a process that opened that lock file
+    just before wins the lock once it is released, on a file no longer there, and must claim another folder,
+    not receive uploads in the one removed."""
+    import fcntl
+
+    flock, swept = fcntl.flock, []
+
+    def swept_first(fd: int, operation: int) -> None:
+        if not swept:  # the sweeper's rmtree between this process's open and its lock
+            folder = next((tmp_path / "incoming").iterdir())
+            shutil.rmtree(folder)
+            swept.append(folder)
+        flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", swept_first)
+    storage = Storage(tmp_path)
+    inbox = storage.inbox()
+    assert swept and inbox != swept[0] and (inbox / LOCK_FILE).is_file()
+    writer = storage.input_writer(jobs.new_job_id(), "model", limit=10)
+    writer.write(b"1")
+    assert writer.close().size == 1
 
 
 @pytest.fixture
