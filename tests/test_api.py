@@ -22,14 +22,14 @@ import redis
 from fastapi.testclient import TestClient
 from service_fixtures import PARAMS, REPORT, ROOT, free_port, fresh_postgres, new_key, problem, submit, taken_back
 from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from api.app import _can_be_invalid, create_app
 from api.problems import _database_down
 from core import jobs, keys
 from core.database import Database
 from core.params import PARAMS_LIMIT
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from core.storage import LOCK_FILE, Storage, output_name
 from worker.broker import make_celery
 from worker.dispatch import send_job
@@ -97,6 +97,30 @@ def test_the_api_never_imports_torch(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
 
 
+def test_python_m_api_serves_where_and_with_as_many_processes_as_its_settings_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NAD_API_HOST, NAD_API_PORT and NAD_API_WORKERS reach uvicorn (the host decides who can reach the API), and
+    the database is migrated once before its processes start."""
+    import runpy
+
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append((app, options)))
+    environment = {"NAD_DATABASE_URL": f"sqlite:///{tmp_path / 'nad.db'}", "NAD_API_HOST": "10.1.2.3",
+                   "NAD_API_PORT": "8123", "NAD_API_WORKERS": "3"}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        runpy.run_module("api", run_name="__main__")
+    finally:
+        get_settings.cache_clear()
+    assert served == [("api.app:create_app", {"factory": True, "host": "10.1.2.3", "port": 8123, "workers": 3})]
+    assert (tmp_path / "nad.db").is_file()
+
+
 def test_nad_keys_creates_a_working_key_and_nad_tidy_runs_without_importing_torch(
     api: TestClient, api_settings: Settings
 ) -> None:
@@ -136,12 +160,13 @@ def test_status_reads_work_on_sqlite_too(make_settings, tmp_path: Path) -> None:
         assert "queued" in problem(client.get(f"/jobs/{job['id']}/metrics", headers=headers), 409)["detail"]
 
 
-def test_health_and_readiness(api: TestClient) -> None:
+def test_health_and_readiness(api: TestClient, api_settings: Settings) -> None:
     assert api.get("/healthz").json() == {"status": "ok"}
     assert api.get("/readyz").json() == {"status": "ready"}
+    assert list(api_settings.storage_dir.glob(".probe-*")) == []  # each probe removes the file it wrote
 
 
-def test_readiness_names_what_is_down(api_settings: Settings) -> None:
+def test_readiness_names_what_is_down(api_settings: Settings, tmp_path: Path) -> None:
     down = api_settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0"})
     app = create_app(down)
     with TestClient(app) as client:
@@ -152,6 +177,9 @@ def test_readiness_names_what_is_down(api_settings: Settings) -> None:
         )
         detail = problem(client.get("/readyz"), 503)["detail"]
         assert "database" in detail and "broker" in detail
+        (tmp_path / "a file").write_bytes(b"")  # no folder can be made under it
+        app.state.services = dataclasses.replace(services, storage=Storage(tmp_path / "a file"))
+        assert "storage" in problem(client.get("/readyz"), 503)["detail"]
         app.state.services = services
 
 
@@ -192,6 +220,16 @@ def test_a_revoked_key_works_at_most_key_cache_seconds_longer(api_settings: Sett
             assert client.get("/jobs", headers={"X-API-Key": key}).status_code == 200  # remembered
             time.sleep(seconds)
         assert "revoked" in problem(client.get("/jobs", headers={"X-API-Key": key}), 401)["detail"]
+
+
+def test_the_key_cache_keeps_digests_of_at_most_cache_size_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of keys (good ones: an operator's scripts make many) cannot grow an API process's memory."""
+    monkeypatch.setattr(keys, "CACHE_SIZE", 2)
+    cache = keys.KeyCache(60)
+    for number in range(5):
+        cache.put(f"nad_{number}_secret", str(number))
+    assert len(cache._entries) <= 2 and cache.get("nad_4_secret") == "4"
+    assert not any("secret" in digest for digest in cache._entries)
 
 
 def test_without_auth_everyone_is_one_owner(api_settings: Settings) -> None:
@@ -395,7 +433,31 @@ def test_missing_unknown_repeated_and_empty_parts_are_422(
     twice = [("model", ("m.pt", b"m")), ("model", ("m.pt", b"m")), ("clean_data", ("c.zip", b"c"))]
     response = api.post("/sanitize", headers=auth, files=twice, data={"params": json.dumps(PARAMS)})
     assert "sent twice" in problem(response, 422)["detail"]
+    files = {"model": ("m.pt", b"m"), "clean_data": ("c.zip", b"c")}
+    both = {"params": [json.dumps(PARAMS), json.dumps(PARAMS | {"epochs": 1})]}  # which would the job run?
+    body = problem(api.post("/sanitize", headers=auth, files=files, data=both), 422)
+    assert [error["field"] for error in body["errors"]] == ["params"] and "sent twice" in body["detail"]
+    body = problem(api.post("/sanitize", headers=auth, files=files), 422)
+    assert [error["field"] for error in body["errors"]] == ["params"] and "missing" in body["detail"]
     assert job_ids(api, auth) == [] and leftovers(api_settings) == []
+
+
+def test_the_clients_file_name_is_shown_printable_and_at_most_255_characters(
+    api: TestClient, auth: dict[str, str]
+) -> None:
+    """For display only: a terminal escape in it, or a name of any length, reaches no listing as sent."""
+    def part(name: str, filename: bytes, content: bytes) -> bytes:
+        return (b'--XyZ\r\nContent-Disposition: form-data; name="' + name.encode() + b'"; filename="' + filename
+                + b'"\r\n\r\n' + content + b"\r\n")
+
+    body = (part("model", b"evil\x1b[2J\x7fname.pt", b"m") + part("clean_data", b"c" * 300 + b".zip", b"c")
+            + b'--XyZ\r\nContent-Disposition: form-data; name="params"\r\n\r\n' + json.dumps(PARAMS).encode()
+            + b"\r\n--XyZ--\r\n")
+    response = api.post("/sanitize", headers=auth | {"Content-Type": "multipart/form-data; boundary=XyZ"},
+                        content=body)
+    assert response.status_code == 202, response.text
+    inputs = response.json()["inputs"]
+    assert inputs["model"]["filename"] == "evil[2Jname.pt" and inputs["clean_data"]["filename"] == "c" * 255
 
 
 def test_a_body_that_is_not_multipart_is_415(api: TestClient, auth: dict[str, str]) -> None:
@@ -417,6 +479,8 @@ def test_an_upload_past_the_size_cap_is_413_and_leaves_nothing(api_settings: Set
         assert job_ids(client, headers) == [] and leftovers(small) == []
         at_the_cap = {"model": ("m", b"x" * 1000), "clean_data": ("c", b"y")}
         assert submit(client, headers, files=at_the_cap).status_code == 202
+        params_at_their_cap = json.dumps(PARAMS).ljust(PARAMS_LIMIT)  # PARAMS_LIMIT bytes: taken, as `nad` does
+        assert submit(client, headers, params=params_at_their_cap).status_code == 202
 
 
 def test_a_body_cut_short_leaves_no_job_and_no_file(
@@ -526,7 +590,8 @@ def test_cancelling_a_running_job_leaves_its_run_the_checkpoint_it_writes(
     being_written = storage.output_path(job_id, 0).with_name(".tmpX7q2")  # safetensors' file before its rename
     being_written.parent.mkdir(parents=True)
     being_written.write_bytes(b"half a checkpoint")
-    assert api.post(f"/jobs/{job_id}/cancel", headers=auth).json()["status"] == "cancelling"
+    cancelling = api.post(f"/jobs/{job_id}/cancel", headers=auth).json()
+    assert cancelling["status"] == "cancelling" and cancelling["attempts"] == 1
     assert being_written.read_bytes() == b"half a checkpoint"
 
 
@@ -558,6 +623,7 @@ def test_a_succeeded_job_serves_its_metrics_and_its_model_with_etag_and_ranges(
     )
     # the name the download gives it, and what can be done now: no cancel, the metrics and the model
     assert job["output"]["filename"] == f"{job_id}.safetensors" and set(job["links"]) == {"self", "metrics", "model"}
+    assert set(job["inputs"]) == {"model", "clean_data"}  # the output is no upload
 
     whole = api.get(f"/jobs/{job_id}/model", headers=auth)
     etag = f'"{hashlib.sha256(weights).hexdigest()}"'
@@ -708,6 +774,43 @@ def test_a_statement_the_database_refuses_is_a_500_not_an_outage(make_settings, 
         assert "internal error" in problem(client.get("/jobs", headers=headers), 500)["detail"]
 
 
+def test_an_outage_is_told_from_a_refused_statement_by_the_drivers_error(
+    api_settings: Settings, tmp_path: Path
+) -> None:
+    """503 for a database that cannot answer now: SQLite busy (another process's write), PostgreSQL shutting down
+    or starting (57P01-57P03), a connection lost (class 08, or one SQLAlchemy invalidated), or a driver's error of
+    the connection (InterfaceError); a statement refused (a missing table) is a 500."""
+    import psycopg.errors
+
+    path = tmp_path / "nad.db"
+    holder, other = sqlite3.connect(path), sqlite3.connect(path, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError) as busy:
+        other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError) as no_table:
+        other.execute("SELECT * FROM jobs")
+    holder.close()
+    other.close()
+
+    def error(orig: Exception, invalidated: bool = False) -> DBAPIError:
+        return OperationalError("SELECT 1", {}, orig, connection_invalidated=invalidated)
+
+    lookup = psycopg.errors.lookup
+    assert all(_database_down(error(orig)) for orig in (busy.value, *(lookup(state)("down") for state in (
+        "57P01", "57P02", "57P03", "08006"))))
+    assert _database_down(error(lookup("42P01")("gone"), invalidated=True))
+    assert not any(_database_down(error(orig)) for orig in (no_table.value, lookup("42P01")("no such table")))
+    app = create_app(api_settings)
+
+    @app.get("/lost")
+    def lost() -> None:
+        raise InterfaceError("SELECT 1", {}, psycopg.errors.InterfaceError("the connection is lost"))
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/lost")
+        assert "unreachable right now" in problem(answer, 503)["detail"] and answer.headers["retry-after"] == "30"
+
+
 def test_the_openapi_description_documents_the_upload_and_the_problems(api: TestClient) -> None:
     spec = api.get("/openapi.json").json()
     upload = spec["paths"]["/sanitize"]["post"]
@@ -721,6 +824,7 @@ def test_the_openapi_description_documents_the_upload_and_the_problems(api: Test
     schemas = spec["components"]["schemas"]
     assert {"Problem", "SanitizeParams", "JobResource", "Metrics", "BadNetsTrigger"} <= set(schemas)
     assert {"HTTPBearer", "APIKeyHeader"} <= set(spec["components"]["securitySchemes"])
+    assert not {"HTTPValidationError", "ValidationError"} & set(schemas)  # FastAPI's 422 shape, never sent
     for path in spec["paths"].values():
         for operation in path.values():
             validation = operation["responses"].get("422", {}).get("content", {})
