@@ -372,6 +372,7 @@ def test_every_url_that_reaches_redis_gets_its_redelivery_clock_and_timeouts(url
     assert worker.dispatch.broker_transport(app) == ("redis" if redis_ else "sql")
     options = app.conf.broker_transport_options
     assert options.get("visibility_timeout") == (settings.visibility_timeout if redis_ else None)
+    assert settings.visibility_timeout > app.conf.task_time_limit  # no running job is handed out twice
     assert options.get("socket_timeout") == (BROKER_TIMEOUT if redis_ else None)
 
 

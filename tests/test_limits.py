@@ -82,6 +82,16 @@ def test_intervals_must_be_finite(field: str) -> None:
         Settings(**{field: float("inf")})
 
 
+@pytest.mark.parametrize(("field", "value"), [("max_upload_bytes", 0), ("max_queued_jobs", 0), ("max_epochs", 0),
+                                             ("max_images", 0), ("job_time_limit", 9), ("max_attempts", 0),
+                                             ("sweep_interval", 0), ("api_workers", 65)])
+def test_limits_out_of_their_range_are_refused(field: str, value: float) -> None:
+    """A cap of 0 refuses or fails every job (a queue cap of 0 answers each upload 429) and a job started 0
+    times is never run: a setting's mistake, said as one, not a service that takes no job."""
+    with pytest.raises(ValidationError, match=field):
+        Settings(**{field: value})
+
+
 # ---- the per-key cap on queued jobs --------------------------------------------------------------------
 
 
@@ -213,14 +223,21 @@ def _full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(FileWriter, "__init__", init)
 
 
-@pytest.mark.parametrize(
-    "content", [b"small, so the failure comes as the file is closed", b"m" * 200_000], ids=["at-close", "at-write"]
-)
+def _over_quota(self: FileWriter, chunk: bytes) -> None:
+    raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+
+@pytest.mark.parametrize("fault", ["at-close", "at-write", "quota"])
 def test_a_full_disk_while_receiving_an_upload_is_507_and_leaves_nothing(
-    api: TestClient, api_settings: Settings, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-    content: bytes,
+    api: TestClient, api_settings: Settings, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
-    _full_disk(monkeypatch)
+    """A small file fails as it is closed, a larger one as it is written; the service's quota on the volume
+    spent is a full disk to it."""
+    content = b"m" * 200_000 if fault == "at-write" else b"small, so the failure comes as the file is closed"
+    if fault == "quota":
+        monkeypatch.setattr(FileWriter, "write", _over_quota)
+    else:
+        _full_disk(monkeypatch)
     response = submit(api, auth, files={"model": ("model.pt", content), "clean_data": ("c.zip", b"c")})
     assert "disk space" in problem(response, 507)["detail"]
     assert "No space left" not in response.text
