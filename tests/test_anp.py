@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils import parametrize
@@ -28,7 +29,7 @@ from core.engine.errors import Cancelled, InputError
 from core.engine.methods import unsuitable
 from core.engine.models import build_model
 from core.engine.sanitize import JobFiles, load_model, sanitize
-from core.engine.training import Execution, Normalization
+from core.engine.training import Execution, Normalization, augment, draw_augmentation
 from core.params import SanitizeParams
 
 CPU = torch.device("cpu")
@@ -183,6 +184,85 @@ def test_masks_only_ever_take_values_in_0_to_1():
         assert (state.mask == 0).any() and (state.mask == 1).any()
 
 
+def test_a_mask_step_is_the_authors_under_noise_drawn_then_moved_up_the_loss():
+    """One iteration written out by hand on a model small enough for it: under perturbation the BatchNorm takes
+    weight * (m + delta) and bias * (1 + xi), without it weight * m and bias, normalising with the batch's
+    statistics (training mode); the noise starts uniform in [-eps, eps] and takes `steps` steps of eps / steps
+    along the sign of the gradient, up the loss; the mask takes an SGD step on alpha * natural + (1 - alpha) *
+    perturbed and is clipped to [0, 1] (docs/engine.md)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 10))
+    bn = model[1]
+    with torch.no_grad():  # a fresh layer's bias is zero and its running statistics those of no data
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1.0, 1.0)
+        bn.running_mean.fill_(5.0)
+    images, labels = noise_images(16, size=4)
+    inputs = images.float() / 255
+    recipe = _recipe(steps=2, batch_size=16)
+    with perturbable(model, batch_norms(model)) as state:
+        optimizer = torch.optim.SGD([state.mask], lr=recipe.lr, momentum=0.9)
+        parts = mask_step(model, state, optimizer, inputs, labels, recipe, torch.Generator().manual_seed(0),
+                          Execution())
+        mask = state.mask.detach().clone()
+
+    weight, bias = bn.weight.detach(), bn.bias.detach()
+
+    def loss_with(scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        features = F.batch_norm(model[0](inputs), None, None, weight * scale, bias * shift, training=True,
+                                eps=bn.eps)
+        return F.cross_entropy(model[5](model[4](model[3](model[2](features)))), labels)
+
+    noise = recipe.eps * (torch.rand(2, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    for _ in range(recipe.steps):
+        noise.requires_grad_()
+        (gradient,) = torch.autograd.grad(loss_with(1 + noise[0], 1 + noise[1]), noise)
+        noise = (noise + recipe.eps / recipe.steps * gradient.sign()).detach()
+    m = torch.ones(4, requires_grad=True)
+    perturbed, natural = loss_with(m + noise[0], 1 + noise[1]), loss_with(m, torch.ones(4))
+    loss = recipe.alpha * natural + (1 - recipe.alpha) * perturbed
+    (gradient,) = torch.autograd.grad(loss, m)
+    torch.testing.assert_close(parts["nat_loss"], natural.detach())
+    torch.testing.assert_close(parts["rob_loss"], perturbed.detach())
+    torch.testing.assert_close(parts["loss"], loss.detach())
+    torch.testing.assert_close(mask, (1 - recipe.lr * gradient).clamp(0, 1))
+    assert (mask < 1).any() and not torch.equal(perturbed, natural)
+
+
+def test_batches_are_drawn_with_replacement_and_cropped_and_flipped_when_augmenting():
+    images, labels = noise_images(8)
+    for augmenting in (True, False):
+        recipe = _recipe(batch_size=16, augment=augmenting)
+        inputs, target = draw_batch(images, labels, recipe, torch.Generator().manual_seed(0), Normalization(),
+                                    Execution())
+        generator = torch.Generator().manual_seed(0)
+        index = torch.randint(8, (16,), generator=generator)
+        expected = augment(images[index], *draw_augmentation(16, generator)) if augmenting else images[index]
+        assert torch.equal(inputs, Normalization()(expected)) and torch.equal(target, labels[index])
+        if augmenting:
+            assert not torch.equal(inputs, Normalization()(images[index])), "some images cropped or flipped"
+
+
+def test_the_masks_sgd_is_the_authors(monkeypatch):
+    """lr `anp_lr`, momentum 0.9, no weight decay, on the masks only (docs/engine.md)."""
+    made = []
+
+    class Recording(torch.optim.SGD):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    model = _model()
+    images, labels = noise_images(8)
+    optimize_masks(model, batch_norms(model), images, labels, _recipe(iterations=1, lr=0.3), Normalization(),
+                   watch_of("anp"), Execution())
+    ((group,),) = [optimizer.param_groups for optimizer in made]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.3, 0.9, 0, False)
+    assert len(group["params"]) == 1 and len(group["params"][0]) == 464
+
+
 def test_cancel_stops_between_rounds_and_leaves_the_model_untouched():
     model = _model()
     original = copy.deepcopy(model.state_dict())
@@ -198,6 +278,8 @@ def test_cancel_stops_between_rounds_and_leaves_the_model_untouched():
                        Normalization(), watch_of("anp", should_stop, events), Execution())
     assert max(e.step for e in events) == ROUND
     assert [e.step for e in events if e.loss is not None] == [ROUND]
+    steps = [e.progress for e in events if e.loss is None]  # one event an iteration, at its end
+    assert steps == pytest.approx([i / (3 * ROUND) for i in range(1, ROUND + 1)])
     assert not any(parametrize.is_parametrized(module) for module in model.modules())
     assert all(torch.equal(value, original[key]) for key, value in model.state_dict().items())
 
@@ -221,6 +303,7 @@ def test_params_have_the_authors_defaults_and_are_strict():
     params = SanitizeParams(arch="wrn-16-1", num_classes=10, method="anp")
     assert (params.anp_eps, params.anp_steps, params.anp_alpha, params.anp_iterations, params.anp_lr,
             params.anp_batch_size, params.anp_threshold) == (0.4, 1, 0.2, 2000, 0.2, 128, 0.2)
+    assert ROUND == 50, "docs/engine.md: cancellation checked, and a history row written, every 50 iterations"
     for bad in ({"anp_alpha": 1.5}, {"anp_eps": 0}, {"anp_threshold": -0.1}, {"anp_batch_size": 1},
                 {"anp_steps": 0}, {"anp_iterationz": 5}):
         with pytest.raises(ValidationError):
