@@ -90,6 +90,7 @@ def test_the_hypergradient_is_the_truncated_implicit_derivative():
         torch.testing.assert_close(got[name], direct_weights[name] + implicit, rtol=1e-4, atol=1e-6)
         assert implicit.abs().max() > 1e-4
     assert float(loss) == pytest.approx(float(outer(weights, delta)))
+    assert (FIXED_POINT_STEP, FIXED_POINT_ITERATIONS, PERTURBATION_DECAY) == (0.1, 5, 1e-3), "the authors' (docs)"
 
 
 def test_the_perturbation_stays_in_its_ball_and_leaves_the_weights_alone():
@@ -103,6 +104,69 @@ def test_the_perturbation_stays_in_its_ball_and_leaves_the_weights_alone():
     assert float(delta.norm()) == pytest.approx(bound)
     torch.testing.assert_close(delta, loose / 2)
     assert all(w.grad is None for w in model.parameters())
+
+
+def test_the_perturbation_takes_the_authors_step_per_batch_up_the_loss_on_the_models_own_predictions():
+    """Written out: delta from zero, one SGD step of lr 10 per batch on -CE(x + delta, own predictions) + 0.001 *
+    ||delta||^2, over every batch, then projected onto the ball (docs/engine.md)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    images, _ = noise_images(12, size=4)
+    batches = list(to_pixels(images).split(4))
+    found = universal_perturbation(model, batches, 1e6, Normalization(), Execution())
+    delta = torch.zeros(1, 3, 4, 4)
+    for pixels in batches:
+        delta.requires_grad_()
+        own = model(pixels).argmax(1)
+        loss = -F.cross_entropy(model(pixels + delta), own) + 0.001 * delta.pow(2).sum()
+        (gradient,) = torch.autograd.grad(loss, delta)
+        delta = (delta - 10 * gradient).detach()
+    torch.testing.assert_close(found, delta)
+    own = model(batches[0]).argmax(1)
+    with torch.no_grad():
+        assert F.cross_entropy(model(batches[0] + found), own) > F.cross_entropy(model(batches[0]), own)
+
+
+def test_each_round_steps_through_the_shuffled_batches_with_the_first_as_the_fixed_points_anchor(monkeypatch):
+    """The clean data is shuffled once (seeded) and split into batches; every step's fixed point is defined on
+    the first batch; 1 % of a batch's images, at least one, carry delta; a progress event ends every step. The
+    weights take Adam's steps at `ibau_lr`, without weight decay."""
+    from core.engine import ibau
+
+    calls, made = [], []
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+
+    def recording(model, delta, anchor, batch, perturbed, *args):
+        calls.append((anchor, batch, perturbed))
+        return hypergradient(model, delta, anchor, batch, perturbed, *args)
+
+    monkeypatch.setattr(ibau, "hypergradient", recording)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    images, labels = noise_images(24, size=4)
+    events = []
+    unlearn(model, images, labels, RECIPE, Normalization(), watch_of("ibau", events=events), Execution())
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(RECIPE.seed))
+    assert not torch.equal(order, torch.arange(24))
+    pixels, targets = to_pixels(images[order]), labels[order]
+    assert len(calls) == 2 * 3
+    for number, (anchor, (batch, batch_labels), perturbed) in enumerate(calls):
+        part = slice(8 * (number % 3), 8 * (number % 3 + 1))
+        assert torch.equal(batch, pixels[part]) and torch.equal(batch_labels, targets[part])
+        assert torch.equal(anchor[0], pixels[:8]) and torch.equal(anchor[1], targets[:8])
+        assert perturbed.shape == (8, 1, 1, 1) and float(perturbed.sum()) == 1  # 1 % of 8, at least one
+    assert [e.progress for e in events if e.step is not None] == pytest.approx(
+        [(r + s / 3) / 2 for r in range(2) for s in (1, 2, 3)])
+    ((group,),) = [optimizer.param_groups for optimizer in made]
+    assert (group["lr"], group["betas"], group["weight_decay"], len(group["params"])) == (1e-3, (0.9, 0.999), 0, 2)
+    flags = ibau._perturbed(300, torch.Generator().manual_seed(0))
+    assert flags.shape == (300, 1, 1, 1) and float(flags.sum()) == 3
 
 
 def test_unlearning_keeps_batch_norm_statistics_and_the_models_mode():
