@@ -112,11 +112,69 @@ def test_shared_perturbation_makes_two_models_err_alike():
     pixels = torch.full((6, 3, 2, 2), 0.5)
     labels = torch.arange(6) % 3
     pixels[torch.arange(6), labels] += 0.1
-    model = BrightestChannel()
+    model = Recording()
     assert torch.equal(model(pixels).argmax(1), labels)
     perturbation = shared_perturbation(model, BrightestChannel(), pixels, labels, 0.2, Normalization(), EXECUTION)
     assert float(perturbation.abs().max()) <= 0.2 + 1e-7
     assert not (model(pixels + perturbation).argmax(1) == labels).any()
+    # The search stops early, once every image is shared: the check above, the clean images, 3 steps of 5.
+    assert len(model.seen) == 1 + 1 + 3
+
+
+def test_shared_perturbation_is_the_authors_shared_pgd():
+    """Written out from the paper's code (BackdoorBench's Shared_PGD, docs/engine.md) for two different linear
+    models: per-image perturbations from +bound, 5 signed steps of 0.2 down 0.01 * L_adv + L_shared, L_adv minus
+    the halved cross-entropy of the images that fool neither model yet, L_shared the Jensen-Shannon divergence on
+    those that are not yet shared adversarial examples (both models fooled, into the same class), each step
+    clipped to the box."""
+    torch.manual_seed(0)
+    model, suspect = (nn.Sequential(nn.Flatten(), nn.Linear(12, 4)) for _ in range(2))
+    pixels, labels = torch.rand(16, 3, 2, 2), torch.arange(16) % 4
+    found = shared_perturbation(model, suspect, pixels, labels, 0.1, Normalization(), EXECUTION)
+    own, own_suspect = model(pixels).argmax(1), suspect(pixels).argmax(1)
+    delta = torch.full_like(pixels, 0.1)
+    for _ in range(5):
+        delta.requires_grad_()
+        logits, logits_suspect = model(pixels + delta), suspect(pixels + delta)
+        fooled, fooled_suspect = logits.argmax(1) != own, logits_suspect.argmax(1) != own_suspect
+        shared = fooled & fooled_suspect & (logits.argmax(1) == logits_suspect.argmax(1))
+        adversarial = -(F.cross_entropy(logits, labels, reduction="none")[~fooled].sum()
+                        + F.cross_entropy(logits_suspect, labels, reduction="none")[~fooled_suspect].sum()) / 2
+        p, q = F.softmax(logits, 1).clamp(min=1e-8), F.softmax(logits_suspect, 1).clamp(min=1e-8)
+        m = (p + q) / 2
+        divergence = (0.5 * p * (p / m).log() + 0.5 * q * (q / m).log()).sum(1)[~shared].sum()
+        (gradient,) = torch.autograd.grad((0.01 * adversarial + divergence) / 16, delta)
+        delta = (delta.detach() - 0.2 * gradient.sign()).clamp(-0.1, 0.1)
+        if shared.all():
+            break
+    assert not shared.all() and fooled.any() and not fooled.all()
+    torch.testing.assert_close(found, delta)
+
+
+def test_the_warp_search_starts_uniformly_in_its_box_and_steps_by_half_of_it(monkeypatch):
+    """WaNet's 4 x 4 control offsets, each from a uniform start in [-strength, strength], in steps of half the
+    strength, bounded by it (docs/engine.md); the start is drawn from the seeded run's generator, so the same seed
+    gives the same search whatever the global generator's state."""
+    from core.engine import sau
+
+    searched, search = [], sau._shared_search
+
+    def recording(model, suspect, pixels, labels, start, apply, step, bound, *args):
+        if apply is sau._warp:
+            searched.append((start.clone(), step, bound))
+        return search(model, suspect, pixels, labels, start, apply, step, bound, *args)
+
+    monkeypatch.setattr(sau, "_shared_search", recording)
+    images, labels = noise_images(128)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+        shared_unlearning(model, images, labels, SauRecipe(epochs=1, lr=1e-3, batch_size=128, bound=0.1, warp=2.0),
+                          Normalization(), watch_of("sau"), EXECUTION)
+    ((start, step, bound), (again, *_)) = searched
+    assert start.shape == (64, 2, 4, 4) and (step, bound) == (1.0, 2.0)
+    assert float(start.abs().max()) <= 2.0 and float(start.min()) < -1.5 and float(start.max()) > 1.5
+    assert torch.equal(start, again)
 
 
 class Recording(BrightestChannel):
@@ -127,6 +185,25 @@ class Recording(BrightestChannel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen.append(x.detach().clone())
         return super().forward(x)
+
+
+class NextChannel(BrightestChannel):
+    """Predicts the class after the brightest channel's: fooled whenever BrightestChannel is, never alike."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).roll(1, dims=1)
+
+
+def test_images_that_fool_both_models_into_different_classes_are_not_shared():
+    """Shared means both models fooled into the same class: against a suspect that never agrees, no image ever
+    is, so the search takes all its 5 steps (the clean images and 5 steps seen)."""
+    pixels = torch.full((6, 3, 2, 2), 0.5)
+    labels = torch.arange(6) % 3
+    pixels[torch.arange(6), labels] += 0.1
+    model = Recording()
+    perturbation = shared_perturbation(model, NextChannel(), pixels, labels, 0.2, Normalization(), EXECUTION)
+    assert not (model(pixels + perturbation).argmax(1) == labels).all(), "the model is fooled"
+    assert len(model.seen) == 1 + 5 + 1  # and the check above
 
 
 def test_the_models_see_normalised_inputs_while_the_bound_is_in_pixels():
@@ -244,15 +321,28 @@ def test_the_anchor_epochs_clean_term_distils_the_suspects_predictions_not_the_l
     assert torch.equal(gradient.argmin(1), target.argmax(1)), "a step should raise the suspect's class most"
 
 
-def test_only_the_first_anchor_epochs_distil():
+def test_only_the_first_anchor_epochs_distil(monkeypatch):
     """With `anchor_epochs` 1 of 2, the first epoch's clean loss is the distillation loss (near 0 on the
     suspect's own predictions at the start) and the second's the cross-entropy with labels the random model
-    does not fit; the default job anchors 2 epochs."""
+    does not fit; the default job anchors 2 epochs. Adam, without weight decay, at `sau_lr` cosine-annealed."""
+    made = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
     images, labels = noise_images(24)
-    rows = shared_unlearning(_model(), images, labels, dataclasses.replace(RECIPE, anchor_epochs=1),
+    model = _model()
+    rows = shared_unlearning(model, images, labels, dataclasses.replace(RECIPE, anchor_epochs=1),
                              Normalization(), watch_of("sau"), EXECUTION)
     assert rows[0]["clean_loss"] < 0.5 < rows[1]["clean_loss"]
     assert [row["anchored"] for row in rows] == [True, False]
+    assert [row["lr"] for row in rows] == pytest.approx([1e-3, 5e-4]), "cosine over the epochs, stepped each epoch"
+    ((group,),) = [optimizer.param_groups for optimizer in made]
+    assert (group["betas"], group["weight_decay"]) == ((0.9, 0.999), 0)
+    assert len(group["params"]) == len(list(model.parameters()))
     assert SanitizeParams(arch="wrn-16-1", num_classes=10).sau_anchor_epochs == 2
 
 
@@ -284,17 +374,29 @@ def _saturating_model(scale: float) -> tuple[nn.Module, torch.Tensor, torch.Tens
     return model, images, labels
 
 
-def test_a_saturated_epoch_stops_the_run_and_it_starts_again_from_the_suspect_in_a_sixteenth_of_the_box():
+def test_a_saturated_epoch_stops_the_run_and_it_starts_again_from_the_suspect_in_a_sixteenth_of_the_box(
+        monkeypatch):
     """The first epoch's perturbations (a box of 0.8) leave the clamped term saturated, so the run stops
     there; the retry (the suspect's weights again, a fresh optimizer, perturbations in a sixteenth of the box,
     0.05, where the margin is 6, and the suspect's predictions as its clean term in every epoch) unlearns it,
     and no warning is due. The retry's progress events spread over the rest of the stage."""
+    from core.engine import sau
+
+    starts, run = [], sau._unlearn
+
+    def recording(model, *args):
+        starts.append(copy.deepcopy(model.state_dict()))
+        return run(model, *args)
+
+    monkeypatch.setattr(sau, "_unlearn", recording)
     model, images, labels = _saturating_model(120)
+    suspect = copy.deepcopy(model.state_dict())
     events = []
     watch = Watch("sau", events.append, lambda: False, start=0.2, end=0.6)
     rows = shared_unlearning(model, images, labels, SauRecipe(epochs=2, lr=1.0, batch_size=6, bound=0.8),
                              Normalization(), watch, EXECUTION)
     assert [row["retry"] for row in rows] == [False, True, True]
+    assert len(starts) == 2 and all(torch.equal(starts[1][key], value) for key, value in suspect.items())
     assert [row["anchored"] for row in rows] == [False, True, True]
     assert [row["bound"] for row in rows] == pytest.approx([0.8, 0.05, 0.05]), "one retry was enough"
     # One step an epoch, so a row's clean loss is the one before its step: the retry starts at the suspect's
