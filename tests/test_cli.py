@@ -682,6 +682,66 @@ def test_the_console_script_is_installed():
     assert "sanitize" in result.stdout and "evaluate" in result.stdout
 
 
+def test_poisoning_stamps_the_share_asked_relabelled_as_the_target_or_clean_label_within_the_target_class():
+    """Dirty-label: `rate` of all images (rounded), drawn without repeats among those not of the target class,
+    stamped and relabelled as the target. Clean-label (the sinusoid): `rate` of the target class's images,
+    stamped, every label kept. The same seed poisons the same images; the data given is left as it was."""
+    from core.engine.attack import Poisoning, poison_training_set
+    from core.engine.data import ImageSet
+    from core.engine.triggers import apply_trigger
+
+    images = np.random.default_rng(0).integers(0, 256, (47, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(47) % 10
+    data, kept = ImageSet(images, labels, [str(c) for c in range(10)]), images.copy()
+    sinusoid = parse_trigger('{"type": "sig", "amplitude": 20, "frequency": 6}')
+    # 4.7 images of 47 make 5; the target class has 5, all of them poisoned at rate 1.
+    for trigger, rate, count in ((parse_trigger(TRIGGER), 0.1, 5), (sinusoid, 1.0, 5)):
+        poisoned, stamped = poison_training_set(data, Poisoning(trigger, 3, rate), seed=0)
+        changed = np.flatnonzero((poisoned.images != images).reshape(47, -1).any(1))
+        assert stamped == count == len(changed), (trigger.type, stamped, changed)
+        np.testing.assert_array_equal(poisoned.images[changed], apply_trigger(images[changed], trigger))
+        if trigger.type == "sig":
+            assert (labels[changed] == 3).all() and np.array_equal(poisoned.labels, labels)
+        else:
+            assert (labels[changed] != 3).all() and (poisoned.labels[changed] == 3).all()
+            assert np.array_equal(np.delete(poisoned.labels, changed), np.delete(labels, changed))
+        again, _ = poison_training_set(data, Poisoning(trigger, 3, rate), seed=0)
+        assert np.array_equal(again.images, poisoned.images)
+    assert np.array_equal(data.images, kept) and np.array_equal(data.labels, np.arange(47) % 10)
+    for rate, said in ((0.01, "gives 0 images out of 42"), (1.0, "gives 47 images out of 42")):
+        with pytest.raises(InputError, match=said):
+            poison_training_set(data, Poisoning(parse_trigger(TRIGGER), 3, rate), seed=0)
+
+
+def test_a_backdoored_model_is_the_same_for_the_same_seed(monkeypatch):
+    """The recipe's seed decides the poisoned images and the model's initial weights, whatever state the global
+    generator is in."""
+    import torch
+
+    from core.engine import attack
+    from core.engine.data import ImageSet
+    from core.engine.training import Normalization, Recipe
+
+    seeds, poison = [], attack.poison_training_set
+
+    def recording(data, poisoning, seed):
+        seeds.append(seed)
+        return poison(data, poisoning, seed)
+
+    monkeypatch.setattr(attack, "poison_training_set", recording)
+    images = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    data = ImageSet(images, np.arange(20) % 10, [str(c) for c in range(10)])
+    models = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        models.append(attack.train_backdoored("wrn-16-1", data, attack.Poisoning(parse_trigger(TRIGGER), 0, 0.1),
+                                              Recipe(epochs=1, lr=0.01, batch_size=10, seed=3), Normalization(),
+                                              torch.device("cpu")))
+    assert seeds == [3, 3]
+    first, second = (model.state_dict() for model in models)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
 def test_attack_with_the_warp_trigger_plants_a_backdoor(tmp_path):
     """WaNet's warp changes no pixel much, yet a model poisoned with it must obey it: proof that `nad attack`
     makes the warping models of docs/results.md, and that evaluation applies the same field."""
