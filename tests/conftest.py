@@ -81,6 +81,22 @@ def watch_of(stage: str, should_stop=lambda: False, events: list | None = None) 
     return Watch(stage, events.append if events is not None else lambda event: None, should_stop)
 
 
+def optimizers_made(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
+    """Every `torch.optim.<name>` made from now on in the test, to read the settings a defense made it with."""
+    import torch
+
+    made: list[Any] = []
+    base = getattr(torch.optim, name)
+
+    class Recording(base):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, name, Recording)
+    return made
+
+
 def _save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
     np.savez(path, x=x, y=y)
     return path

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils import parametrize
 
-from conftest import noise_images, read_metadata, watch_of
+from conftest import noise_images, optimizers_made, read_metadata, watch_of
 from core.engine.anp import (
     ROUND,
     AnpRecipe,
@@ -246,14 +246,7 @@ def test_batches_are_drawn_with_replacement_and_cropped_and_flipped_when_augment
 
 def test_the_masks_sgd_is_the_authors(monkeypatch):
     """lr `anp_lr`, momentum 0.9, no weight decay, on the masks only (docs/engine.md)."""
-    made = []
-
-    class Recording(torch.optim.SGD):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    made = optimizers_made(monkeypatch, "SGD")
     model = _model()
     images, labels = noise_images(8)
     optimize_masks(model, batch_norms(model), images, labels, _recipe(iterations=1, lr=0.3), Normalization(),

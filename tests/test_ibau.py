@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.func import functional_call, grad, jacrev
 
-from conftest import noise_images, read_metadata, watch_of
+from conftest import noise_images, optimizers_made, read_metadata, watch_of
 from core.engine.errors import Cancelled
 from core.engine.ibau import (
     FIXED_POINT_ITERATIONS,
@@ -133,14 +133,7 @@ def test_each_round_steps_through_the_shuffled_batches_with_the_first_as_the_fix
     weights take Adam's steps at `ibau_lr`, without weight decay."""
     from core.engine import ibau
 
-    calls, made = [], []
-
-    class RecordingAdam(torch.optim.Adam):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    calls, made = [], optimizers_made(monkeypatch, "Adam")
 
     def recording(model, delta, anchor, batch, perturbed, *args):
         calls.append((anchor, batch, perturbed))

@@ -14,7 +14,7 @@ from test_ibau import Unnormalize
 from torch import nn
 
 from api.schemas import Metrics
-from conftest import noise_images, read_metadata, watch_of
+from conftest import noise_images, optimizers_made, read_metadata, watch_of
 from core.engine.errors import Cancelled
 from core.engine.models import build_model
 from core.engine.sau import (
@@ -325,14 +325,7 @@ def test_only_the_first_anchor_epochs_distil(monkeypatch):
     """With `anchor_epochs` 1 of 2, the first epoch's clean loss is the distillation loss (near 0 on the
     suspect's own predictions at the start) and the second's the cross-entropy with labels the random model
     does not fit; the default job anchors 2 epochs. Adam, without weight decay, at `sau_lr` cosine-annealed."""
-    made = []
-
-    class RecordingAdam(torch.optim.Adam):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    made = optimizers_made(monkeypatch, "Adam")
     images, labels = noise_images(24)
     model = _model()
     rows = shared_unlearning(model, images, labels, dataclasses.replace(RECIPE, anchor_epochs=1),
