@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import watch_of
 from core.engine.errors import Cancelled
 from core.engine.training import (
     CROP_PADDING,
     Execution,
     Normalization,
     Recipe,
-    Watch,
     augment,
     cross_entropy,
     draw_augmentation,
@@ -23,7 +23,6 @@ from core.engine.training import (
 )
 
 CPU = torch.device("cpu")
-QUIET = Watch("student", lambda _event: None, lambda: False)  # no events, never asked to stop
 
 
 def sizes(n: int, static_shapes: bool, batch_size: int = 4) -> list[int]:
@@ -100,7 +99,7 @@ def _train(recipe: Recipe) -> nn.Module:
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 3, (16,), generator=generator)
     train(model, images, labels, cross_entropy(model), recipe, Normalization(),
-          QUIET, Execution())
+          watch_of("student"), Execution())
     return model
 
 
@@ -139,7 +138,7 @@ def test_the_lr_drops_tenfold_from_each_milestone_epoch_on():
     model = _tiny_model()
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     rows = train(model, images, torch.arange(16) % 3, cross_entropy(model), recipe, Normalization(),
-                 QUIET, Execution())
+                 watch_of("student"), Execution())
     assert [row["lr"] for row in rows] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
 
 
@@ -166,7 +165,7 @@ def test_the_optimizer_takes_the_recipes_weight_decay_and_nesterov(weight_decay,
 
     recipe = Recipe(epochs=1, lr=0.1, batch_size=4, augment=False, weight_decay=weight_decay, nesterov=nesterov)
     train(model, torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), no_gradient, recipe,
-          Normalization(), QUIET, Execution())
+          Normalization(), watch_of("student"), Execution())
     for p, w in zip(model.parameters(), before, strict=True):
         torch.testing.assert_close(p.detach(), w * shrink)
 
@@ -186,7 +185,7 @@ def test_an_epoch_is_plain_sgd_in_training_mode_over_the_planned_batches():
         optimizer.step()
     model = _tiny_model().eval()
     train(model, images, labels, cross_entropy(model), recipe, Normalization(),
-          QUIET, Execution())
+          watch_of("student"), Execution())
     assert int(model[1].num_batches_tracked) == 3
     for name, value in expected.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, msg=name)
@@ -203,7 +202,7 @@ def test_the_epochs_loss_is_the_mean_over_images_not_over_batches():
 
     rows = train(model, images, torch.zeros(10, dtype=torch.long), batch_loss,
                  Recipe(epochs=1, lr=0.1, batch_size=4, augment=False), Normalization(),
-                 QUIET, Execution())
+                 watch_of("student"), Execution())
     assert rows[0]["loss"] == pytest.approx(0.2)
 
 
@@ -213,5 +212,5 @@ def test_training_that_is_asked_to_stop_raises_cancelled_before_the_epoch():
     images = torch.zeros(8, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(Cancelled, match="before student epoch 1"):
         train(model, images, torch.zeros(8, dtype=torch.long), cross_entropy(model), Recipe(epochs=2, lr=0.1),
-              Normalization(), Watch("student", lambda _event: None, lambda: True), Execution())
+              Normalization(), watch_of("student", should_stop=lambda: True), Execution())
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), before, strict=True))
