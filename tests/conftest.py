@@ -4,6 +4,7 @@ handwritten digits (real data that ships inside a package), for every test that 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,21 @@ def optimizers_made(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
 
     monkeypatch.setattr(torch.optim, name, Recording)
     return made
+
+
+@pytest.fixture
+def nad_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Sets NAD_ variables for code that reads its settings from the environment (`nad`, `python -m api`), and
+    forgets the settings cached before and after, so that no other test reads them."""
+    from core.settings import get_settings
+
+    def set_variables(**variables: str) -> None:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    yield set_variables
+    get_settings.cache_clear()
 
 
 def _save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:

@@ -29,7 +29,7 @@ from api.problems import _database_down
 from core import jobs, keys
 from core.database import Database
 from core.params import PARAMS_LIMIT
-from core.settings import Settings, get_settings
+from core.settings import Settings
 from core.storage import LOCK_FILE, Storage, output_name
 from worker.broker import make_celery
 from worker.dispatch import send_job
@@ -98,7 +98,7 @@ def test_the_api_never_imports_torch(tmp_path: Path) -> None:
 
 
 def test_python_m_api_serves_where_and_with_as_many_processes_as_its_settings_say(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nad_environment
 ) -> None:
     """NAD_API_HOST, NAD_API_PORT and NAD_API_WORKERS reach uvicorn (the host decides who can reach the API), and
     the database is migrated once before its processes start."""
@@ -108,15 +108,9 @@ def test_python_m_api_serves_where_and_with_as_many_processes_as_its_settings_sa
 
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append((app, options)))
-    environment = {"NAD_DATABASE_URL": f"sqlite:///{tmp_path / 'nad.db'}", "NAD_API_HOST": "10.1.2.3",
-                   "NAD_API_PORT": "8123", "NAD_API_WORKERS": "3"}
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    try:
-        runpy.run_module("api", run_name="__main__")
-    finally:
-        get_settings.cache_clear()
+    nad_environment(NAD_DATABASE_URL=f"sqlite:///{tmp_path / 'nad.db'}", NAD_API_HOST="10.1.2.3",
+                    NAD_API_PORT="8123", NAD_API_WORKERS="3")
+    runpy.run_module("api", run_name="__main__")
     assert served == [("api.app:create_app", {"factory": True, "host": "10.1.2.3", "port": 8123, "workers": 3})]
     assert (tmp_path / "nad.db").is_file()
 

@@ -633,25 +633,19 @@ def test_a_key_name_is_one_printable_line_the_database_can_keep(capsys):
         assert refused.value.code == 2 and "a key's name is 1 to 100 printable characters" in capsys.readouterr().err
 
 
-def test_nad_keys_creates_revokes_and_lists_keys_on_a_new_database(tmp_path, capsys, monkeypatch):
+def test_nad_keys_creates_revokes_and_lists_keys_on_a_new_database(tmp_path, capsys, nad_environment):
     """`nad keys` makes its database's tables itself; a name of 100 characters is kept, a key revoked is listed
     as revoked, and revoking a key that is not live fails, naming it."""
-    from core.settings import get_settings
-
-    monkeypatch.setenv("NAD_DATABASE_URL", f"sqlite:///{tmp_path / 'keys.db'}")
-    get_settings.cache_clear()
-    try:
-        name = "x" * 100
-        assert main(["keys", "create", "--name", name]) == 0
-        key_id = capsys.readouterr().out.splitlines()[-1].split("_")[1]
-        assert main(["keys", "revoke", key_id]) == 0 and capsys.readouterr().out == f"revoked key {key_id}\n"
-        assert main(["keys", "revoke", key_id]) == 2
-        assert capsys.readouterr().err == f"nad: error: no live key {key_id}\n"
-        assert main(["keys", "list"]) == 0
-        (listed,) = capsys.readouterr().out.splitlines()
-        assert listed.startswith(f"{key_id}  ") and " revoked 20" in listed and listed.endswith(f"  {name}")
-    finally:
-        get_settings.cache_clear()
+    nad_environment(NAD_DATABASE_URL=f"sqlite:///{tmp_path / 'keys.db'}")
+    name = "x" * 100
+    assert main(["keys", "create", "--name", name]) == 0
+    key_id = capsys.readouterr().out.splitlines()[-1].split("_")[1]
+    assert main(["keys", "revoke", key_id]) == 0 and capsys.readouterr().out == f"revoked key {key_id}\n"
+    assert main(["keys", "revoke", key_id]) == 2
+    assert capsys.readouterr().err == f"nad: error: no live key {key_id}\n"
+    assert main(["keys", "list"]) == 0
+    (listed,) = capsys.readouterr().out.splitlines()
+    assert listed.startswith(f"{key_id}  ") and " revoked 20" in listed and listed.endswith(f"  {name}")
 
 
 @pytest.mark.parametrize(("url", "said"), [

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, timedelta
 from pathlib import Path
 
@@ -28,7 +28,6 @@ from core.cli import main
 from core.database import MIGRATIONS, Base, Database, migrating
 from core.engine.events import Event
 from core.jobs import FileRecord, Status
-from core.settings import get_settings
 from core.storage import LOCK_FILE, Storage, TooLarge, output_name, size_of
 from worker.tasks import ProgressRecorder
 
@@ -750,18 +749,15 @@ def test_a_lock_won_on_a_folder_swept_meanwhile_is_not_taken_for_an_inbox(
 
 
 @pytest.fixture
-def tidy(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., tuple]]:
+def tidy(nad_environment, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple]:
     """`nad tidy ARGS` against the database at `url` and the storage `root`: its exit code, stdout and stderr."""
 
     def run(url: str, root: Path, *args: str) -> tuple[int, str, str]:
-        monkeypatch.setenv("NAD_DATABASE_URL", url)
-        monkeypatch.setenv("NAD_STORAGE_DIR", str(root))
-        get_settings.cache_clear()
+        nad_environment(NAD_DATABASE_URL=url, NAD_STORAGE_DIR=str(root))
         code = main(["tidy", *args])
         return code, *capsys.readouterr()
 
-    yield run
-    get_settings.cache_clear()
+    return run
 
 
 def test_nad_tidy_lists_then_removes_the_folders_whose_job_is_gone_and_no_other(
