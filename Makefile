@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 
 .PHONY: up down test demo
 
-# The environment: made when missing, refreshed when pyproject.toml changes.
-$(BIN)/nad: pyproject.toml
+# The environment: made when missing, refreshed when pyproject.toml or constraints.txt changes. constraints.txt
+# holds every package at the version the tests last passed with (README, "Dependencies").
+$(BIN)/nad: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
 	touch $@
 
 ## up: start database, broker, worker and API in the background; prints the URL and an API key

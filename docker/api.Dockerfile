@@ -1,8 +1,8 @@
 # The API: HTTP, validation, uploads to disk. No torch in this image: the API never opens a checkpoint.
 FROM python:3.11-slim
 WORKDIR /app
-COPY docker/api-requirements.txt /tmp/api-requirements.txt
-RUN pip install --no-cache-dir -r /tmp/api-requirements.txt
+COPY docker/api-requirements.txt constraints.txt /tmp/
+RUN pip install --no-cache-dir -r /tmp/api-requirements.txt -c /tmp/constraints.txt
 COPY pyproject.toml README.md ./
 COPY core ./core
 COPY api ./api

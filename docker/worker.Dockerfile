@@ -2,11 +2,11 @@
 # and the NVIDIA container toolkit (docker-compose.yml reserves one GPU). Without a GPU it runs on the CPU.
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY core ./core
 COPY api ./api
 COPY worker ./worker
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c constraints.txt . \
     && useradd --create-home --uid 1000 nad && mkdir -p /data/storage && chown -R nad /data
 USER nad
 # Every torch.load in the image reads weights only, whatever its call asks (worker/app.py sets it as well).

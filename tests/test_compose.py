@@ -1,9 +1,11 @@
-"""docker-compose.yml and docker/: checked by structure, since no Docker engine runs here. What each image
-starts must exist in the repository, and the API image must stay torch-free."""
+"""docker-compose.yml, docker/ and constraints.txt: checked by structure, since no Docker engine runs here. What
+each image starts must exist in the repository, the API image must stay torch-free, and every install (`make`'s
+and the images') takes the versions the tests ran with."""
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
 import json
 import re
 import tomllib
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -33,6 +37,16 @@ def instruction(text: str, name: str) -> list[str]:
 
 def requirement_name(line: str) -> str:
     return re.split(r"[\[<>=!~ ]", line.strip(), maxsplit=1)[0].lower()
+
+
+def copied(text: str) -> list[str]:
+    """The sources of a Dockerfile's COPY instructions (the last word of each is where they go)."""
+    return [source for line in re.findall(r"^COPY\s+(.+)$", text, flags=re.MULTILINE)
+            for source in line.split()[:-1]]
+
+
+PINS = {canonicalize_name(name): version for name, version in
+        (line.split("==") for line in (ROOT / "constraints.txt").read_text().split())}
 
 
 def test_the_four_services_are_there() -> None:
@@ -80,7 +94,7 @@ def test_api_and_worker_share_storage_database_and_broker() -> None:
 @pytest.mark.parametrize("service", BUILT)
 def test_every_image_starts_something_the_repository_has(service: str) -> None:
     text = dockerfile(service)
-    for source in re.findall(r"^COPY\s+(\S+)\s+\S+\s*$", text, flags=re.MULTILINE):
+    for source in copied(text):
         assert (ROOT / source).exists(), f"{service}: COPY {source} names nothing"
     command = instruction(text, "CMD")
     scripts = PYPROJECT["project"]["scripts"]
@@ -119,3 +133,33 @@ def test_the_images_non_editable_install_carries_the_migrations() -> None:
     files = [p.relative_to(ROOT / "core").as_posix() for p in migrations.rglob("*")
              if p.is_file() and "__pycache__" not in p.parts]
     assert files and all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files)
+
+
+def test_constraints_pin_every_dependency_to_a_version_pyproject_allows() -> None:
+    """constraints.txt is what `make` and the images install with: a dependency it does not pin would float to
+    whatever release is newest on the day, and a pin outside pyproject's range would make pip fail."""
+    requirements = [*PYPROJECT["project"]["dependencies"], *PYPROJECT["project"]["optional-dependencies"]["dev"]]
+    for line in requirements:
+        requirement = Requirement(line)
+        pinned = PINS.get(canonicalize_name(requirement.name))
+        assert pinned, f"{requirement.name} is not in constraints.txt"
+        assert requirement.specifier.contains(pinned), f"constraints.txt pins {requirement.name} {pinned}: {line}"
+
+
+def test_the_tests_run_in_the_pinned_environment() -> None:
+    """Every pinned package that is installed here has its pinned version: what the tests pass with is what
+    constraints.txt promises. (Packages of another platform, such as the CUDA libraries on aarch64, may be
+    absent.) A failure here after a change of constraints.txt means `make` has not yet refreshed `.venv`."""
+    installed = {canonicalize_name(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()}
+    differing = {name: (pinned, installed[name]) for name, pinned in PINS.items()
+                 if name in installed and installed[name] != pinned}
+    assert not differing, f"pinned and installed versions differ: {differing}"
+
+
+@pytest.mark.parametrize("service", BUILT)
+def test_every_image_installs_with_the_constraints(service: str) -> None:
+    text = dockerfile(service)
+    installs = re.findall(r"pip install [^\\\n]*", text)
+    assert installs and "constraints.txt" in copied(text)
+    for install in installs:  # one that installs no dependency (--no-deps) has nothing to constrain
+        assert "--no-deps" in install or re.search(r"-c \S*constraints\.txt", install), f"{service}: {install}"
