@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import health, jobs, problems
 from api.services import Services
+from core import __version__
 from core.cli import settings_or_exit
 from core.database import Database
 from core.keys import KeyCache
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await services.db.dispose_reader()
         services.db.dispose()
 
-    app = FastAPI(title="NAD sanitization service", version="0.1.0", description=DESCRIPTION,
+    app = FastAPI(title="NAD sanitization service", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan)
     app.state.services = services
     problems.install(app)

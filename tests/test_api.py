@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from worker.broker import make_celery
 from worker.dispatch import send_job
 
 pytest_plugins = ["service_fixtures"]
+
+PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
 def queue_length(settings: Settings) -> int:
@@ -807,6 +810,7 @@ def test_an_outage_is_told_from_a_refused_statement_by_the_drivers_error(
 
 def test_the_openapi_description_documents_the_upload_and_the_problems(api: TestClient) -> None:
     spec = api.get("/openapi.json").json()
+    assert spec["info"]["version"] == PROJECT_VERSION  # pyproject.toml's, not a copy of it
     upload = spec["paths"]["/sanitize"]["post"]
     form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["required"] == ["model", "clean_data", "params"]

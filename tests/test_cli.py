@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from service_fixtures import StoodStill, free_port
+from service_fixtures import ROOT, StoodStill, free_port
 from test_hostile_files import _png, _zip
 
 from conftest import DIGITS_TRIGGER, digits_arrays
@@ -25,6 +26,14 @@ from core.engine.events import Event
 TRIGGER = json.dumps(DIGITS_TRIGGER)
 UNREADABLE = "/proc/self/mem"  # opens, then fails to read (EIO): an OSError that names no file
 UNWRITABLE = "/proc/report.json"  # its folder exists, yet takes no new file, even from root (tests run as root)
+
+
+def test_version_is_the_projects(capsys):
+    """`nad --version` says pyproject.toml's version, as the API's OpenAPI description does (test_api)."""
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--version"])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert exit_code.value.code == 0 and capsys.readouterr().out == f"nad {project}\n"
 
 
 def _as_terminal(monkeypatch) -> None:
