@@ -128,6 +128,9 @@ class Metrics(BaseModel):
     classes: list[str] | None = Field(default=None, description="the class names, in label order, as the clean "
                                       "data gave them", examples=[["airplane", "automobile"]])
     input_sha256: str = Field(description="sha256 of the uploaded checkpoint")
+    nad_version: str | None = Field(default=None, description="the version of nad-service that ran the job, as "
+                                    "the cleansed checkpoint's metadata says too (null for jobs run before it was "
+                                    "recorded)", examples=["0.1.0"])
     teacher: str | None = Field(
         default=None, description="methods nad and finetune, and auto with either as a candidate: where the "
         "teacher came from (supplied, or fine-tuned for how many epochs); null for the other methods",

@@ -1,5 +1,6 @@
 import collections
 import errno
+import importlib.metadata
 import os
 import pickle
 import subprocess
@@ -58,6 +59,7 @@ def test_safetensors_round_trip_with_metadata(tmp_path, model):
     meta = read_metadata(out)
     assert meta["arch"] == "wrn-16-1" and meta["num_classes"] == "10"
     assert meta["input_sha256"] == sha256_file(source) and meta["format"] == "nad-service/1"
+    assert meta["nad_version"] == importlib.metadata.version("nad-service")
     fresh = build_model("wrn-16-1", 10)
     load_weights(fresh, read_state_dict(out), "wrn-16-1")
     assert _same(fresh.state_dict(), model.state_dict())

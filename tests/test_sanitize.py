@@ -1,5 +1,6 @@
 """The engine end to end on real data: a backdoored digits model is sanitized; ASR falls and ACC holds."""
 
+import importlib.metadata
 import json
 
 import pytest
@@ -39,6 +40,7 @@ def test_nad_removes_the_digits_backdoor_and_keeps_accuracy(digits_backdoor, tmp
     assert progress == sorted(progress) and progress[-1] == 1.0
     meta = read_metadata(tmp_path / "clean.safetensors")
     assert meta["method"] == "nad" and meta["input_sha256"] == sha256_file(digits_backdoor.checkpoint)
+    assert report["nad_version"] == meta["nad_version"] == importlib.metadata.version("nad-service")
     json.dumps(report)  # the report must be storable as it is
     assert set(report) <= set(Metrics.model_fields), "document the report's new keys in api/schemas.py's Metrics"
 

@@ -5,6 +5,7 @@ API in-process or as a uvicorn process, sanitizing the real backdoored model of 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import signal
@@ -105,6 +106,7 @@ def test_a_backdoored_model_comes_back_cleansed(
     params = digits_backdoor.params
     assert len(metrics["history"]) == params["teacher_epochs"] + params["epochs"]
     assert metrics["input_sha256"] == hashlib.sha256(digits_backdoor.checkpoint.read_bytes()).hexdigest()
+    assert metrics["nad_version"] == importlib.metadata.version("nad-service")
     assert metrics["evaluation"]["test_source"] == "test_data"
 
 

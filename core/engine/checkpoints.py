@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core import __version__
 from core.engine.errors import InputError
 
 SAVE_HINT = (
@@ -276,12 +277,13 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str)
 
 
 def write_checkpoint(model: nn.Module, path: Path, metadata: Mapping[str, Any]) -> None:
-    """Save as safetensors; metadata values that are not strings are stored as JSON."""
+    """Save as safetensors; metadata values that are not strings are stored as JSON. The file also says its
+    format and which version of nad-service wrote it."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        save_file(tensors, path, metadata={"format": FORMAT, **text})
+        save_file(tensors, path, metadata={"format": FORMAT, "nad_version": __version__, **text})
     except SafetensorError as error:  # the OS's errors in safetensors' own type: a full disk is an OSError
         code = re.search(r"\(os error (\d+)\)", str(error))
         if code is None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core import __version__
 from core.engine.auto import SECOND_LOOK, choose
 from core.engine.checkpoints import load_weights, read_state_dict, sha256_file, write_checkpoint
 from core.engine.data import ImageSet, TooManyImages, load_images, stratified_split
@@ -362,6 +363,7 @@ def sanitize(
         "method": params.method,
         "params": params.model_dump(mode="json"),
         "input_sha256": sha256_file(files.checkpoint),
+        "nad_version": __version__,
         "teacher": _teacher_note(params, files),
         "layers": list(job.distillation.layers) if params.method == "nad" else [],
         "betas": list(job.distillation.betas) if params.method == "nad" else [],
