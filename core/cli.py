@@ -13,6 +13,7 @@ from core import __version__
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from core.database import Database
     from core.settings import Settings
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_engine_commands(commands)
     _add_keys_command(commands)
     _add_tidy_command(commands)
+    _add_expire_command(commands)
     _add_submit_command(commands)
     args = parser.parse_args(argv)
     return args.run(args)
@@ -97,34 +99,27 @@ def _tidy(args: argparse.Namespace) -> int:
     Never against a database that cannot be the API's, where every folder would be ownerless: a SQLite file
     that is not there (a relative path read from another folder) is not made, one without the jobs table is
     not migrated, unlike in `nad keys`, and one without any job while folders exist is not believed."""
-    from pathlib import Path
-
-    from sqlalchemy import func, inspect, select
-    from sqlalchemy.engine import make_url
+    from sqlalchemy import func, select
 
     from core import jobs
-    from core.database import Database
     from core.engine.commands import fail
     from core.settings import get_settings
     from core.storage import Storage
 
     settings = get_settings()
-    storage, parsed = Storage(settings.storage_dir), make_url(settings.database_url)
-    url = parsed.render_as_string(hide_password=True)
-    wrong = f"{url} is not the service's database (NAD_DATABASE_URL must be the API's); nothing was removed"
-    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or ":memory:").is_file():
-        return fail(f"there is no SQLite file at {parsed.database!r}: {wrong}")
+    storage = Storage(settings.storage_dir)
     # Listed before the jobs are read: a job's folder is made only once its job is recorded, so a listed folder
     # whose job is not found has lost it, and is never the folder of a job being submitted.
     listed = storage.job_ids()
-    database = Database(settings.database_url)
+    try:
+        database, url = _services_database(settings.database_url)
+    except NotTheServices as error:
+        return fail(str(error))
     try:
         with database.session() as session:
-            if not inspect(session.connection()).has_table(jobs.Job.__tablename__):
-                return fail(f"it has no jobs table: {wrong}")
             if listed and not session.scalar(select(func.count()).select_from(jobs.Job)):
                 return fail(f"it has no job at all, and {storage.root / 'jobs'} holds {_folders(len(listed), 'job ')}: "
-                            f"{wrong}")
+                            f"{_not_the_services(url)}")
             ownerless = jobs.unrecorded(session, listed)
             finished = jobs.finished_outputs(session, listed)
     finally:
@@ -133,6 +128,111 @@ def _tidy(args: argparse.Namespace) -> int:
     unkept = [folder for job_id, keep in sorted(finished.items()) for folder in storage.unkept_outputs(job_id, keep)]
     where = f"{_folders(len(listed), 'job ')} in {storage.root / 'jobs'} read against {url}"
     return _list_and_remove(storage.root / "jobs", found, unkept, where, remove=args.remove)
+
+
+class NotTheServices(Exception):
+    """NAD_DATABASE_URL names a database that cannot be the API's (`nad tidy`, `nad expire`)."""
+
+
+def _not_the_services(url: str) -> str:
+    return f"{url} is not the service's database (NAD_DATABASE_URL must be the API's); nothing was removed"
+
+
+def _services_database(database_url: str) -> tuple[Database, str]:
+    """The database of NAD_DATABASE_URL and its URL with the password hidden, for `nad tidy` and `nad expire`,
+    which judge job folders by it. Raises NotTheServices, saying why, where it cannot be the API's: a SQLite
+    file that is not there (a relative path read from another folder) is not made, and one without the jobs
+    table is not migrated, unlike in `nad keys`."""
+    from pathlib import Path
+
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+
+    from core import jobs
+    from core.database import Database
+
+    parsed = make_url(database_url)
+    url = parsed.render_as_string(hide_password=True)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or ":memory:").is_file():
+        raise NotTheServices(f"there is no SQLite file at {parsed.database!r}: {_not_the_services(url)}")
+    database = Database(database_url)
+    with database.session() as session:
+        if inspect(session.connection()).has_table(jobs.Job.__tablename__):
+            return database, url
+    database.dispose()
+    raise NotTheServices(f"it has no jobs table: {_not_the_services(url)}")
+
+
+def _add_expire_command(commands: argparse._SubParsersAction) -> None:
+    """expire: delete every key's jobs that finished long enough ago, with their files."""
+    parser = commands.add_parser(
+        "expire", help="list (and with --remove, delete) every key's jobs that finished more than --days days "
+                       "ago, with their files",
+        description="A finished job keeps its uploads and its checkpoint until its owner deletes it (DELETE "
+                    "/jobs/{id}). This lists the jobs of every key that succeeded, failed or were cancelled "
+                    "more than --days days ago by the database's clock, oldest first, with the size of their "
+                    "files; --remove deletes each as DELETE /jobs/{id} does, its record and then its files. "
+                    "Queued and running jobs are never touched. Run it with the API's NAD_DATABASE_URL and "
+                    "NAD_STORAGE_DIR, by hand or from cron.")
+    parser.add_argument("--days", required=True, type=_days, help="how long ago a job must have finished")
+    parser.add_argument("--remove", action="store_true", help="delete the jobs listed")
+    parser.set_defaults(run=_on_the_database(_expire))
+
+
+def _days(text: str) -> float:
+    """A positive number of days (a fraction is part of a day)."""
+    try:
+        days = float(text)
+    except ValueError:
+        days = float("nan")
+    if not 0 < days < 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days above 0")
+    return days
+
+
+def _expire(args: argparse.Namespace) -> int:
+    """List, or delete, the jobs that finished before `--days` days ago, as their owners' DELETE would."""
+    from datetime import timedelta
+
+    from core import jobs
+    from core.engine.commands import fail
+    from core.settings import get_settings
+    from core.storage import Storage, size_of
+
+    settings = get_settings()
+    storage = Storage(settings.storage_dir)
+    try:
+        database, url = _services_database(settings.database_url)
+    except NotTheServices as error:
+        return fail(str(error))
+    try:
+        with database.session() as session:
+            cutoff = jobs.clock(session) - timedelta(days=args.days)
+            found = jobs.finished_before(session, cutoff)
+        total = 0
+        for job_id, status, finished in found:
+            size = size_of(storage.job_dir(job_id))
+            total += size
+            print(f"{job_id}  {status:<9}  finished {finished:%Y-%m-%d %H:%M} UTC  {size:>15,} bytes")
+            if args.remove:
+                with database.session() as session:
+                    jobs.forget_finished(session, job_id)  # False: its owner deleted it meanwhile, files and all
+                storage.remove(job_id)
+    finally:
+        database.dispose()
+    left = [job_id for job_id, _, _ in found if args.remove and storage.job_dir(job_id).exists()]
+    jobs_found = f"{len(found)} job{'' if len(found) == 1 else 's'} finished before {cutoff:%Y-%m-%d %H:%M} UTC"
+    where = f"{url}, files in {storage.root / 'jobs'}"
+    if left:
+        return fail(f"{len(left)} of the {jobs_found} kept files after their job was deleted ({left[0]} first): "
+                    f"check their owner and permissions, then `nad tidy --remove` ({where})")
+    if args.remove:
+        print(f"deleted {jobs_found}, {total:,} bytes ({where})")
+    elif found:
+        print(f"{jobs_found}, {total:,} bytes ({where}); `nad expire --days {args.days:g} --remove` deletes them")
+    else:
+        print(f"no job finished before {cutoff:%Y-%m-%d %H:%M} UTC ({where})")
+    return 0
 
 
 def _list_and_remove(jobs_dir: Path, found: list[Path], unkept: list[Path], where: str, *, remove: bool) -> int:

@@ -308,10 +308,23 @@ def request_cancel(session: Session, job: Job) -> None:
 
 def delete_job(session: Session, job: Job) -> None:
     """Forget a finished job (its files are the caller's to remove). Raises InvalidTransition otherwise."""
-    result = session.execute(delete(Job).where(Job.id == job.id, Job.status.in_(FINISHED)))
-    if result.rowcount != 1:
+    if not forget_finished(session, job.id):
         session.refresh(job)
         raise InvalidTransition(job.status)
+
+
+def forget_finished(session: Session, job_id: str) -> bool:
+    """Forget the job if it has finished (its files are the caller's to remove): False when it has not, or is
+    gone already."""
+    return session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(FINISHED))).rowcount == 1
+
+
+def finished_before(session: Session, cutoff: datetime) -> list[tuple[str, str, datetime]]:
+    """(id, status, finished_at) of every job, whoever's, that succeeded, failed or was cancelled before
+    `cutoff`, oldest first: what `nad expire` deletes."""
+    query = (select(Job.id, Job.status, Job.finished_at).where(Job.status.in_(FINISHED), Job.finished_at < cutoff)
+             .order_by(Job.finished_at, Job.id))
+    return [tuple(row) for row in session.execute(query)]
 
 
 def waiting(session: Session, queue: str, since: datetime) -> list[tuple[str, int]]:

@@ -118,19 +118,21 @@ def test_python_m_api_serves_where_and_with_as_many_processes_as_its_settings_sa
     assert (tmp_path / "nad.db").is_file()
 
 
-def test_nad_keys_creates_a_working_key_and_nad_tidy_runs_without_importing_torch(
+def test_nad_keys_creates_a_working_key_and_nad_tidy_and_expire_run_without_importing_torch(
     api: TestClient, api_settings: Settings
 ) -> None:
-    """Both run in the API's image, which has no torch."""
-    create = "from core.cli import main; code = main(['keys', 'create', '--name', 'ci']) or main(['tidy'])"
+    """All three run in the API's image, which has no torch."""
+    create = ("from core.cli import main; code = main(['keys', 'create', '--name', 'ci']) or main(['tidy']) "
+              "or main(['expire', '--days', '36500'])")
     code = f"{create}; {CHECK_IMPORTS} exit(code)"
     env = {"NAD_DATABASE_URL": api_settings.database_url, "NAD_STORAGE_DIR": str(api_settings.storage_dir),
            "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
     )
-    key = done.stdout.strip().splitlines()[-2]
-    assert f"job folders in {api_settings.storage_dir / 'jobs'} read against" in done.stdout.splitlines()[-1]
+    *_, key, tidied, expired = done.stdout.splitlines()
+    assert f"job folders in {api_settings.storage_dir / 'jobs'} read against" in tidied
+    assert expired.startswith("no job finished before ")
     assert api.get("/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     listed = subprocess.run(
         [sys.executable, "-m", "core.cli", "keys", "list"],

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, timedelta
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from service_fixtures import ROOT, StoodStill, refused, taken_back
-from sqlalchemy import event, text, update
+from sqlalchemy import event, select, text, update
 
 from core import jobs, keys
 from core.cli import main
@@ -922,3 +922,126 @@ def test_nad_tidy_says_which_folders_it_could_not_remove(
     code, out, err = tidy(database.engine.url.render_as_string(False), storage.root, "--remove")
     assert code == 2 and out.startswith(stuck) and "removed" not in out
     assert f"1 of 1 folder listed could not be removed ({storage.job_dir(stuck)} first)" in err
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def own_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated job database of the test's own, on each backend: `nad expire` acts on every key's jobs, and
+    the session's PostgreSQL database holds other tests'."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'own.db'}"
+        db = Database(url)
+        db.migrate()
+        yield db
+        db.dispose()
+        return
+    from service_fixtures import fresh_postgres
+
+    databases = fresh_postgres()
+    db = Database(next(databases))
+    db.migrate()
+    yield db
+    db.dispose()
+    databases.close()
+
+
+@pytest.fixture
+def expire(nad_environment, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple]:
+    """`nad expire ARGS` against the database at `url` and the storage `root`: its exit code, stdout and stderr."""
+
+    def run(url: str, root: Path, *args: str) -> tuple[int, str, str]:
+        nad_environment(NAD_DATABASE_URL=url, NAD_STORAGE_DIR=str(root))
+        code = main(["expire", *args])
+        return code, *capsys.readouterr()
+
+    return run
+
+
+def test_nad_expire_lists_then_deletes_every_keys_jobs_finished_before_its_days_and_no_other(
+    own_database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expire
+) -> None:
+    """Jobs of two keys that succeeded, failed and were cancelled ten days ago go, row and files, oldest first;
+    one that finished two days ago, one running since then and one queued stay. One its owner deletes while the
+    command runs is no failure."""
+    db, storage = own_database, Storage(tmp_path / "storage")
+    url = db.engine.url.render_as_string(False)
+    first, second = owner(), owner()
+    succeeded, failed, cancelled, deleted, recent, running, queued = (
+        new_job(db, who) for who in (first, second, first, second, first, second, first))
+    for job_id in (succeeded, failed, deleted, recent, running):
+        start(db, job_id)
+    with db.session() as session:
+        jobs.succeed(session, succeeded, 0, {"after": {}}, OUTPUT)
+        jobs.fail(session, failed, 0, "an input error")
+        jobs.request_cancel(session, session.get(jobs.Job, cancelled))
+        jobs.succeed(session, deleted, 0, {"after": {}}, OUTPUT)
+        jobs.succeed(session, recent, 0, {"after": {}}, OUTPUT)
+    long_ago = jobs.now() - timedelta(days=10)
+    with db.session() as session:
+        for hours, job_id in enumerate((failed, cancelled, succeeded, deleted)):  # the order they finished in
+            session.execute(update(jobs.Job).where(jobs.Job.id == job_id)
+                            .values(finished_at=long_ago + timedelta(hours=hours)))
+        session.execute(update(jobs.Job).where(jobs.Job.id == recent)
+                        .values(finished_at=jobs.now() - timedelta(days=2)))
+        session.execute(update(jobs.Job).values(created_at=long_ago - timedelta(days=1)))
+    every = (succeeded, failed, cancelled, deleted, recent, running, queued)
+    for size, job_id in enumerate(every, start=1):
+        storage.path(job_id, "inputs/model").parent.mkdir(parents=True)
+        storage.path(job_id, "inputs/model").write_bytes(b"x" * size)
+
+    code, out, _ = expire(url, storage.root, "--days", "7")
+    lines = out.splitlines()
+    assert code == 0 and [line.split()[:2] for line in lines[:-1]] == [
+        [failed, "failed"], [cancelled, "cancelled"], [succeeded, "succeeded"], [deleted, "succeeded"]]
+    assert lines[0] == f"{failed}  failed     finished {long_ago:%Y-%m-%d %H:%M} UTC  {2:>15,} bytes"
+    assert lines[-1].startswith("4 jobs finished before ") and ", 10 bytes (" in lines[-1]
+    assert lines[-1].endswith("; `nad expire --days 7 --remove` deletes them")
+    assert storage.job_ids() == sorted(every)  # listing deletes nothing
+
+    forget_finished, forgotten = jobs.forget_finished, []
+
+    def its_owner_deletes_one_meanwhile(session, job_id: str) -> bool:
+        if job_id == deleted:  # DELETE /jobs/{id} (jobs.delete_job calls this), between the listing and this
+            with db.session() as other:
+                assert forget_finished(other, deleted)
+            storage.remove(deleted)
+        forgotten.append(forget_finished(session, job_id))
+        return forgotten[-1]
+
+    monkeypatch.setattr(jobs, "forget_finished", its_owner_deletes_one_meanwhile)
+    code, out, err = expire(url, storage.root, "--days", "7", "--remove")
+    assert code == 0 and err == "" and out.splitlines()[-1].startswith("deleted 4 jobs finished before ")
+    assert forgotten == [True, True, True, False]
+    assert storage.job_ids() == sorted([recent, running, queued])
+    with db.session() as session:
+        assert sorted(session.scalars(select(jobs.Job.id))) == sorted([recent, running, queued])
+        assert set(session.scalars(select(jobs.Artifact.job_id))) == {recent, running, queued}  # no orphans
+    code, out, _ = expire(url, storage.root, "--days", "1.5")
+    assert code == 0 and [line.split()[:2] for line in out.splitlines()[:-1]] == [[recent, "succeeded"]]
+    code, out, _ = expire(url, storage.root, "--days", "2.5")
+    assert code == 0 and out.startswith("no job finished before ")
+
+
+def test_nad_expire_says_which_files_it_could_not_remove_and_refuses_what_cannot_be_the_apis(
+    own_database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expire
+) -> None:
+    db, storage = own_database, Storage(tmp_path / "storage")
+    job_id = new_job(db, owner())
+    with db.session() as session:
+        jobs.request_cancel(session, session.get(jobs.Job, job_id))
+        session.execute(update(jobs.Job).values(finished_at=jobs.now() - timedelta(days=2)))
+    storage.path(job_id, "inputs/model").parent.mkdir(parents=True)
+    monkeypatch.setattr(Storage, "remove", lambda self, job_id: None)  # as a folder of another owner's would
+    code, _, err = expire(db.engine.url.render_as_string(False), storage.root, "--days", "1", "--remove")
+    assert code == 2 and "1 of the 1 job finished before " in err and f"kept files after their job was deleted " \
+        f"({job_id} first): check their owner and permissions, then `nad tidy --remove`" in err
+    missing = tmp_path / "elsewhere" / "nad.db"
+    code, _, err = expire(f"sqlite:///{missing}", storage.root, "--days", "1")
+    assert code == 2 and f"there is no SQLite file at '{missing}'" in err and not missing.parent.exists()
+
+
+@pytest.mark.parametrize("days", ["0", "-1", "soon", "nan", "1e9"])
+def test_nad_expire_takes_only_a_number_of_days_above_0(days: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_code:
+        main(["expire", "--days", days])
+    assert exit_code.value.code == 2 and f"{days!r} is not a number of days above 0" in capsys.readouterr().err
