@@ -216,8 +216,9 @@ def _expire(args: argparse.Namespace) -> int:
             print(f"{job_id}  {status:<9}  finished {finished:%Y-%m-%d %H:%M} UTC  {size:>15,} bytes")
             if args.remove:
                 with database.session() as session:
-                    jobs.forget_finished(session, job_id)  # False: its owner deleted it meanwhile, files and all
-                storage.remove(job_id)
+                    forgotten = jobs.forget_finished(session, job_id)
+                if forgotten:  # else its owner deleted it meanwhile, and removes its files so too
+                    storage.remove(job_id)
     finally:
         database.dispose()
     left = [job_id for job_id, _, _ in found if args.remove and storage.job_dir(job_id).exists()]
