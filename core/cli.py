@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from core.database import Database
     from core.settings import Settings
+    from core.storage import Storage
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,6 +71,8 @@ def _on_the_database(command: Callable[[argparse.Namespace], int]) -> Callable[[
             return command(args)
         except (ValidationError, SQLAlchemyError) as error:
             return fail(setup_refused(error))
+        except NotTheServices as error:
+            return fail(str(error))
 
     return run
 
@@ -111,10 +114,7 @@ def _tidy(args: argparse.Namespace) -> int:
     # Listed before the jobs are read: a job's folder is made only once its job is recorded, so a listed folder
     # whose job is not found has lost it, and is never the folder of a job being submitted.
     listed = storage.job_ids()
-    try:
-        database, url = _services_database(settings.database_url)
-    except NotTheServices as error:
-        return fail(str(error))
+    database, url = _services_database(settings.database_url)
     try:
         with database.session() as session:
             if listed and not session.scalar(select(func.count()).select_from(jobs.Job)):
@@ -131,7 +131,8 @@ def _tidy(args: argparse.Namespace) -> int:
 
 
 class NotTheServices(Exception):
-    """NAD_DATABASE_URL names a database that cannot be the API's (`nad tidy`, `nad expire`)."""
+    """NAD_DATABASE_URL names a database that cannot be the API's (`nad tidy`, `nad expire`): said in one line,
+    as `_on_the_database` says a setting it cannot use."""
 
 
 def _not_the_services(url: str) -> str:
@@ -139,10 +140,10 @@ def _not_the_services(url: str) -> str:
 
 
 def _services_database(database_url: str) -> tuple[Database, str]:
-    """The database of NAD_DATABASE_URL and its URL with the password hidden, for `nad tidy` and `nad expire`,
-    which judge job folders by it. Raises NotTheServices, saying why, where it cannot be the API's: a SQLite
-    file that is not there (a relative path read from another folder) is not made, and one without the jobs
-    table is not migrated, unlike in `nad keys`."""
+    """The database of NAD_DATABASE_URL and its URL with the password hidden, for the commands that remove
+    files by what it records. Raises NotTheServices, saying why, where it cannot be the API's: a SQLite file
+    that is not there (a relative path read from another folder) is not made, and one without the jobs table
+    is not migrated, unlike in `nad keys`."""
     from pathlib import Path
 
     from sqlalchemy import inspect
@@ -156,9 +157,13 @@ def _services_database(database_url: str) -> tuple[Database, str]:
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or ":memory:").is_file():
         raise NotTheServices(f"there is no SQLite file at {parsed.database!r}: {_not_the_services(url)}")
     database = Database(database_url)
-    with database.session() as session:
-        if inspect(session.connection()).has_table(jobs.Job.__tablename__):
-            return database, url
+    try:
+        with database.session() as session:
+            if inspect(session.connection()).has_table(jobs.Job.__tablename__):
+                return database, url
+    except BaseException:
+        database.dispose()
+        raise
     database.dispose()
     raise NotTheServices(f"it has no jobs table: {_not_the_services(url)}")
 
@@ -186,7 +191,7 @@ def _days(text: str) -> float:
     except ValueError:
         days = float("nan")
     if not 0 < days < 100_000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days above 0")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days above 0 and below 100000")
     return days
 
 
@@ -201,39 +206,51 @@ def _expire(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     storage = Storage(settings.storage_dir)
-    try:
-        database, url = _services_database(settings.database_url)
-    except NotTheServices as error:
-        return fail(str(error))
+    database, url = _services_database(settings.database_url)
     try:
         with database.session() as session:
             cutoff = jobs.clock(session) - timedelta(days=args.days)
             found = jobs.finished_before(session, cutoff)
-        total = 0
+        sizes = {job_id: size_of(storage.job_dir(job_id)) for job_id, _, _ in found}
         for job_id, status, finished in found:
-            size = size_of(storage.job_dir(job_id))
-            total += size
-            print(f"{job_id}  {status:<9}  finished {finished:%Y-%m-%d %H:%M} UTC  {size:>15,} bytes")
-            if args.remove:
-                with database.session() as session:
-                    forgotten = jobs.forget_finished(session, job_id)
-                if forgotten:  # else its owner deleted it meanwhile, and removes its files so too
-                    storage.remove(job_id)
+            print(f"{job_id}  {status:<9}  finished {finished:%Y-%m-%d %H:%M} UTC  {sizes[job_id]:>15,} bytes")
+        deleted = _delete_finished(database, storage, [job_id for job_id, _, _ in found]) if args.remove else []
     finally:
         database.dispose()
-    left = [job_id for job_id, _, _ in found if args.remove and storage.job_dir(job_id).exists()]
-    jobs_found = f"{len(found)} job{'' if len(found) == 1 else 's'} finished before {cutoff:%Y-%m-%d %H:%M} UTC"
     where = f"{url}, files in {storage.root / 'jobs'}"
+    before = f"finished before {cutoff:%Y-%m-%d %H:%M} UTC"
+    left = [job_id for job_id in deleted if storage.job_dir(job_id).exists()]
     if left:
-        return fail(f"{len(left)} of the {jobs_found} kept files after their job was deleted ({left[0]} first): "
-                    f"check their owner and permissions, then `nad tidy --remove` ({where})")
+        return fail(f"{len(left)} of the {_jobs(len(deleted))} deleted kept their files ({left[0]} first): check "
+                    f"their owner and permissions, then `nad tidy --remove` ({where})")
     if args.remove:
-        print(f"deleted {jobs_found}, {total:,} bytes ({where})")
+        print(f"deleted {_jobs(len(deleted))} {before}, {sum(sizes[job_id] for job_id in deleted):,} bytes "
+              f"({where})")
     elif found:
-        print(f"{jobs_found}, {total:,} bytes ({where}); `nad expire --days {args.days:g} --remove` deletes them")
+        print(f"{_jobs(len(found))} {before}, {sum(sizes.values()):,} bytes ({where}); `nad expire --days "
+              f"{args.days:g} --remove` deletes them")
     else:
-        print(f"no job finished before {cutoff:%Y-%m-%d %H:%M} UTC ({where})")
+        print(f"no job {before} ({where})")
     return 0
+
+
+def _jobs(count: int) -> str:
+    return f"{count} job{'' if count == 1 else 's'}"
+
+
+def _delete_finished(database: Database, storage: Storage, job_ids: list[str]) -> list[str]:
+    """Delete each job as DELETE /jobs/{id} does, its record and then its files: the ids of those this deleted.
+    One its owner deleted meanwhile is left to the owner's DELETE, which removes its files too."""
+    from core import jobs
+
+    deleted = []
+    for job_id in job_ids:
+        with database.session() as session:
+            if not jobs.forget_finished(session, job_id):
+                continue
+        storage.remove(job_id)
+        deleted.append(job_id)
+    return deleted
 
 
 def _list_and_remove(jobs_dir: Path, found: list[Path], unkept: list[Path], where: str, *, remove: bool) -> int:

@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -942,7 +942,7 @@ def own_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Dat
     db.migrate()
     yield db
     db.dispose()
-    databases.close()
+    next(databases, None)  # its DROP DATABASE: close() would skip it
 
 
 @pytest.fixture
@@ -1010,7 +1010,8 @@ def test_nad_expire_lists_then_deletes_every_keys_jobs_finished_before_its_days_
 
     monkeypatch.setattr(jobs, "forget_finished", its_owner_deletes_one_meanwhile)
     code, out, err = expire(url, storage.root, "--days", "7", "--remove")
-    assert code == 0 and err == "" and out.splitlines()[-1].startswith("deleted 4 jobs finished before ")
+    assert code == 0 and err == "" and out.splitlines()[-1].startswith("deleted 3 jobs finished before ")
+    assert ", 6 bytes (" in out.splitlines()[-1]  # not the 4 bytes of the job its owner deleted
     assert forgotten == [True, True, True, False]
     assert storage.job_ids() == sorted([recent, running, queued])
     with db.session() as session:
@@ -1033,8 +1034,8 @@ def test_nad_expire_says_which_files_it_could_not_remove_and_refuses_what_cannot
     storage.path(job_id, "inputs/model").parent.mkdir(parents=True)
     monkeypatch.setattr(Storage, "remove", lambda self, job_id: None)  # as a folder of another owner's would
     code, _, err = expire(db.engine.url.render_as_string(False), storage.root, "--days", "1", "--remove")
-    assert code == 2 and "1 of the 1 job finished before " in err and f"kept files after their job was deleted " \
-        f"({job_id} first): check their owner and permissions, then `nad tidy --remove`" in err
+    assert code == 2 and f"1 of the 1 job deleted kept their files ({job_id} first): check their owner and " \
+        "permissions, then `nad tidy --remove`" in err
     missing = tmp_path / "elsewhere" / "nad.db"
     code, _, err = expire(f"sqlite:///{missing}", storage.root, "--days", "1")
     assert code == 2 and f"there is no SQLite file at '{missing}'" in err and not missing.parent.exists()
@@ -1044,4 +1045,22 @@ def test_nad_expire_says_which_files_it_could_not_remove_and_refuses_what_cannot
 def test_nad_expire_takes_only_a_number_of_days_above_0(days: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_code:
         main(["expire", "--days", days])
-    assert exit_code.value.code == 2 and f"{days!r} is not a number of days above 0" in capsys.readouterr().err
+    assert exit_code.value.code == 2
+    assert f"{days!r} is not a number of days above 0 and below 100000" in capsys.readouterr().err
+
+
+def test_a_time_in_another_zone_is_stored_and_compared_as_the_same_instant(database: Database) -> None:
+    """SQLite keeps a time's digits without its zone: 12:00+05:30 written as such would read back as 12:00 UTC,
+    five and a half hours late, and compare so too (`nad expire`'s cutoff, the sweeper's heartbeat checks)."""
+    job_id = new_job(database, owner())
+    kolkata = timezone(timedelta(hours=5, minutes=30))
+    finished = datetime(2026, 1, 1, 12, 0, tzinfo=kolkata)
+    with database.session() as session:
+        jobs.request_cancel(session, session.get(jobs.Job, job_id))
+        session.execute(update(jobs.Job).where(jobs.Job.id == job_id).values(finished_at=finished))
+    with database.session() as session:
+        assert session.get(jobs.Job, job_id).finished_at == finished
+        assert session.get(jobs.Job, job_id).finished_at.tzinfo == UTC
+        just_after, just_before = (finished + timedelta(minutes=sign) for sign in (1, -1))
+        assert job_id in [row[0] for row in jobs.finished_before(session, just_after.astimezone(UTC))]
+        assert job_id not in [row[0] for row in jobs.finished_before(session, just_before.astimezone(UTC))]
