@@ -45,8 +45,9 @@ def copied(text: str) -> list[str]:
             for source in line.split()[:-1]]
 
 
-PINS = {canonicalize_name(name): version for name, version in
-        (line.split("==") for line in (ROOT / "constraints.txt").read_text().split())}
+PINS = {canonicalize_name(requirement.name): str(requirement.specifier).removeprefix("==")
+        for requirement in (Requirement(line) for line in (ROOT / "constraints.txt").read_text().splitlines()
+                            if line.strip() and not line.startswith("#"))}
 
 
 def test_the_four_services_are_there() -> None:
