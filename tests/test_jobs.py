@@ -748,16 +748,20 @@ def test_a_lock_won_on_a_folder_swept_meanwhile_is_not_taken_for_an_inbox(
     assert writer.close().size == 1
 
 
-@pytest.fixture
-def tidy(nad_environment, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple]:
-    """`nad tidy ARGS` against the database at `url` and the storage `root`: its exit code, stdout and stderr."""
+def storage_command(name: str, nad_environment, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple]:
+    """`nad NAME ARGS` against the database at `url` and the storage `root`: its exit code, stdout and stderr."""
 
     def run(url: str, root: Path, *args: str) -> tuple[int, str, str]:
         nad_environment(NAD_DATABASE_URL=url, NAD_STORAGE_DIR=str(root))
-        code = main(["tidy", *args])
+        code = main([name, *args])
         return code, *capsys.readouterr()
 
     return run
+
+
+@pytest.fixture
+def tidy(nad_environment, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple]:
+    return storage_command("tidy", nad_environment, capsys)
 
 
 def test_nad_tidy_lists_then_removes_the_folders_whose_job_is_gone_and_no_other(
@@ -947,14 +951,7 @@ def own_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Dat
 
 @pytest.fixture
 def expire(nad_environment, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple]:
-    """`nad expire ARGS` against the database at `url` and the storage `root`: its exit code, stdout and stderr."""
-
-    def run(url: str, root: Path, *args: str) -> tuple[int, str, str]:
-        nad_environment(NAD_DATABASE_URL=url, NAD_STORAGE_DIR=str(root))
-        code = main(["expire", *args])
-        return code, *capsys.readouterr()
-
-    return run
+    return storage_command("expire", nad_environment, capsys)
 
 
 def test_nad_expire_lists_then_deletes_every_keys_jobs_finished_before_its_days_and_no_other(
