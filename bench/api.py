@@ -36,6 +36,7 @@ from sqlalchemy.engine import make_url
 
 from core import keys
 from core.database import Database
+from machine import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ADMIN_URL = os.environ.get("NAD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -218,7 +219,8 @@ def driver_main(args: argparse.Namespace) -> int:
                 client.close()
     finally:
         drop()
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": cpu(),
+               "python": platform.python_version()}
     report = {"machine": machine, "api_workers": args.api_workers, "jobs": args.jobs,
               "concurrency": args.concurrency, "seconds": args.seconds, **results}
     print(json.dumps(report, indent=2))

@@ -25,6 +25,7 @@ from core.engine.data import load_images, stratified_split
 from core.engine.sanitize import JobFiles, sanitize
 from core.engine.triggers import NAD_GRID
 from core.params import SanitizeParams
+from machine import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -38,22 +39,6 @@ def peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu() -> dict:
-    """The CPU's name, family, model and widest vector instructions, from /proc/cpuinfo. Three kinds of 2-core
-    machine have run this benchmark, and two of them call themselves "AMD EPYC": only the family and model (Zen 3
-    or Zen 4) and AVX-512 tell them apart, and the job's time on them differs by more than half
-    (docs/benchmarks.md)."""
-    fields: dict[str, str] = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if not key.strip():
-            break
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    return {"name": fields.get("model name"), "family": fields.get("cpu family"), "model": fields.get("model"),
-            "avx512": "avx512f" in flags, "avx2": "avx2" in flags}
 
 
 def reset_peaks() -> None:
