@@ -211,6 +211,11 @@ def _expire(args: argparse.Namespace) -> int:
         with database.session() as session:
             cutoff = jobs.clock(session) - timedelta(days=args.days)
             found = jobs.finished_before(session, cutoff)
+        before = f"finished before {cutoff:%Y-%m-%d %H:%M} UTC"
+        if found and not any(storage.job_dir(job_id).is_dir() for job_id, _, _ in found):
+            # Every job has its folder from its submission on: none there is another storage than the API's.
+            return fail(f"none of the {_jobs(len(found))} {before} has its folder in {storage.root / 'jobs'}: "
+                        f"NAD_STORAGE_DIR must be the API's; nothing was deleted")
         sizes = {job_id: size_of(storage.job_dir(job_id)) for job_id, _, _ in found}
         for job_id, status, finished in found:
             print(f"{job_id}  {status:<9}  finished {finished:%Y-%m-%d %H:%M} UTC  {sizes[job_id]:>15,} bytes")
@@ -218,7 +223,6 @@ def _expire(args: argparse.Namespace) -> int:
     finally:
         database.dispose()
     where = f"{url}, files in {storage.root / 'jobs'}"
-    before = f"finished before {cutoff:%Y-%m-%d %H:%M} UTC"
     left = [job_id for job_id in deleted if storage.job_dir(job_id).exists()]
     if left:
         return fail(f"{len(left)} of the {_jobs(len(deleted))} deleted kept their files ({left[0]} first): check "

@@ -1023,12 +1023,20 @@ def test_nad_expire_lists_then_deletes_every_keys_jobs_finished_before_its_days_
 def test_nad_expire_says_which_files_it_could_not_remove_and_refuses_what_cannot_be_the_apis(
     own_database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expire
 ) -> None:
+    """A storage folder that holds none of the jobs' folders is not the API's: deleting their records there would
+    leave their files with no record, which `nad tidy` then cannot judge."""
     db, storage = own_database, Storage(tmp_path / "storage")
     job_id = new_job(db, owner())
     with db.session() as session:
         jobs.request_cancel(session, session.get(jobs.Job, job_id))
         session.execute(update(jobs.Job).values(finished_at=jobs.now() - timedelta(days=2)))
     storage.path(job_id, "inputs/model").parent.mkdir(parents=True)
+    code, _, err = expire(db.engine.url.render_as_string(False), tmp_path / "another storage", "--days", "1",
+                          "--remove")
+    assert code == 2 and "none of the 1 job finished before " in err and f"has its folder in " \
+        f"{tmp_path / 'another storage' / 'jobs'}: NAD_STORAGE_DIR must be the API's; nothing was deleted" in err
+    with db.session() as session:
+        assert session.get(jobs.Job, job_id)  # its record kept, with the files it names
     monkeypatch.setattr(Storage, "remove", lambda self, job_id: None)  # as a folder of another owner's would
     code, _, err = expire(db.engine.url.render_as_string(False), storage.root, "--days", "1", "--remove")
     assert code == 2 and f"1 of the 1 job deleted kept their files ({job_id} first): check their owner and " \
