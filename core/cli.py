@@ -154,8 +154,10 @@ def _services_database(database_url: str) -> tuple[Database, str]:
 
     parsed = make_url(database_url)
     url = parsed.render_as_string(hide_password=True)
-    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or ":memory:").is_file():
-        raise NotTheServices(f"there is no SQLite file at {parsed.database!r}: {_not_the_services(url)}")
+    path = Path(parsed.database or ":memory:")
+    if parsed.get_backend_name() == "sqlite" and not path.is_file():
+        looked = "" if path.is_absolute() else f" (read from {Path.cwd()}, as a relative path is)"
+        raise NotTheServices(f"there is no SQLite file at {parsed.database!r}{looked}: {_not_the_services(url)}")
     database = Database(database_url)
     try:
         with database.session() as session:
@@ -227,14 +229,14 @@ def _expire(args: argparse.Namespace) -> int:
     if left:
         return fail(f"{len(left)} of the {_jobs(len(deleted))} deleted kept their files ({left[0]} first): check "
                     f"their owner and permissions, then `nad tidy --remove` ({where})")
-    if args.remove:
+    if not found:
+        print(f"no job {before} ({where})")
+    elif args.remove:
         print(f"deleted {_jobs(len(deleted))} {before}, {sum(sizes[job_id] for job_id in deleted):,} bytes "
               f"({where})")
-    elif found:
+    else:
         print(f"{_jobs(len(found))} {before}, {sum(sizes.values()):,} bytes ({where}); `nad expire --days "
               f"{args.days:g} --remove` deletes them")
-    else:
-        print(f"no job {before} ({where})")
     return 0
 
 

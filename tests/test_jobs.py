@@ -1016,8 +1016,9 @@ def test_nad_expire_lists_then_deletes_every_keys_jobs_finished_before_its_days_
         assert set(session.scalars(select(jobs.Artifact.job_id))) == {recent, running, queued}  # no orphans
     code, out, _ = expire(url, storage.root, "--days", "1.5")
     assert code == 0 and [line.split()[:2] for line in out.splitlines()[:-1]] == [[recent, "succeeded"]]
-    code, out, _ = expire(url, storage.root, "--days", "2.5")
-    assert code == 0 and out.startswith("no job finished before ")
+    for remove in ((), ("--remove",)):
+        code, out, _ = expire(url, storage.root, "--days", "2.5", *remove)
+        assert code == 0 and out.startswith("no job finished before ")
 
 
 def test_nad_expire_says_which_files_it_could_not_remove_and_refuses_what_cannot_be_the_apis(
@@ -1043,7 +1044,11 @@ def test_nad_expire_says_which_files_it_could_not_remove_and_refuses_what_cannot
         "permissions, then `nad tidy --remove`" in err
     missing = tmp_path / "elsewhere" / "nad.db"
     code, _, err = expire(f"sqlite:///{missing}", storage.root, "--days", "1")
-    assert code == 2 and f"there is no SQLite file at '{missing}'" in err and not missing.parent.exists()
+    assert code == 2 and f"there is no SQLite file at '{missing}': " in err and not missing.parent.exists()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = expire("sqlite:///var/nad.db", storage.root, "--days", "1")
+    assert code == 2 and f"there is no SQLite file at 'var/nad.db' (read from {tmp_path}, as a relative path is): " \
+        in err and not (tmp_path / "var").exists()
 
 
 @pytest.mark.parametrize("days", ["0", "-1", "soon", "nan", "1e9"])
